@@ -1,0 +1,87 @@
+"""Backend selection: which implementation runs an op for a given device, and why.
+
+Backends share one signature per op (see `reference.py`, the oracle):
+- ``reference``: pure PyTorch, any device; the fallback when nothing native is built.
+- ``cpu``: the C++/OpenMP extension ``trace_kernels._C``, CPU tensors.
+
+``TRACE_KERNELS_BACKEND`` (or an explicit ``backend=`` argument) forces one; asking for a
+backend that cannot run here is an error, never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+from .. import _native
+
+BACKENDS = ("reference", "cpu")
+ENV_VAR = "TRACE_KERNELS_BACKEND"
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was requested that cannot run on this build or device."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    name: str
+    reason: str
+
+
+def _unavailable_reason(name: str, device_type: str) -> str | None:
+    """None if `name` can run tensors of `device_type` here, else why not."""
+    if name == "reference":
+        return None
+    if name == "cpu":
+        if device_type != "cpu":
+            return f"the cpu backend runs CPU tensors only, not {device_type}"
+        err = _native.error("_C")
+        if err is not None:
+            return f"the CPU extension trace_kernels._C is not built or failed to load ({err})"
+        return None
+    return f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}"
+
+
+def choose(device: torch.device | str, requested: str | None = None) -> Choice:
+    """Pick the backend for tensors on `device`: explicit request, then env var, then best built."""
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return _choose(device_type, requested or None, os.environ.get(ENV_VAR, ""))
+
+
+@functools.lru_cache(maxsize=64)
+def _choose(device_type: str, requested: str | None, env_value: str) -> Choice:
+    # Cached per (device type, request, env value): the answer only changes with those.
+    source = "backend argument"
+    if not requested:
+        requested = env_value.strip() or None
+        source = f"{ENV_VAR}={requested}"
+    if requested:
+        requested = requested.lower()
+        why_not = _unavailable_reason(requested, device_type)
+        if why_not is not None:
+            raise BackendUnavailableError(f"backend {requested!r} requested by {source}: {why_not}")
+        return Choice(requested, f"forced by {source}")
+    if device_type == "cpu":
+        why_not = _unavailable_reason("cpu", "cpu")
+        if why_not is None:
+            return Choice("cpu", "native CPU extension built and loaded")
+        return Choice("reference", f"reference only: {why_not}")
+    return Choice("reference", f"no native backend for {device_type} in this build")
+
+
+def module(name: str) -> ModuleType:
+    """The Python module implementing backend `name`."""
+    if name == "reference":
+        from . import reference
+
+        return reference
+    if name == "cpu":
+        from . import cpu
+
+        return cpu
+    raise BackendUnavailableError(f"unknown backend {name!r}")

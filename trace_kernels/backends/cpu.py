@@ -1,0 +1,51 @@
+"""The C++/OpenMP CPU backend (trace_kernels._C). Inputs are already validated by `ops`."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _native
+from ._common import advance_steps, inf_found, resolve_lr
+
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _ext():
+    ext = _native.load("_C")
+    if ext is None:  # backends.choose() refuses this case first; keep a clear message anyway
+        raise RuntimeError(f"trace_kernels._C is not available: {_native.error('_C')}")
+    return ext
+
+
+def check_block_indices(indices: torch.Tensor, limit: int) -> tuple[int, str] | None:
+    return _ext().check_block_indices(
+        indices.data_ptr(), indices.dtype == torch.int64, indices.numel(), limit,
+        torch.get_num_threads(),
+    )
+
+
+def masked_adamw_(
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices, block_sizes, steps,
+    *, lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale, found_inf,
+):
+    ext = _ext()
+    if inf_found(found_inf):
+        return
+    # fp32 CPU step counters (what MaskedAdamW keeps) are incremented natively; any
+    # other kind is advanced here and passed by value.
+    native_steps = all(s.dtype == torch.float32 and s.device.type == "cpu" for s in steps)
+    step_values = [0.0] * len(steps) if native_steps else advance_steps(steps)
+    table: list[int] = []
+    for i, p in enumerate(params):
+        idx = block_indices[i]
+        table += [
+            p.data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(), exp_avg_sqs[i].data_ptr(),
+            max_exp_avg_sqs[i].data_ptr() if amsgrad else 0, idx.data_ptr(),
+            int(idx.dtype == torch.int64), idx.numel(), block_sizes[i], DTYPE_CODES[p.dtype],
+            steps[i].data_ptr() if native_steps else 0,
+        ]
+    ext.masked_adamw(
+        table, step_values, resolve_lr(lr, lr_tensor), beta1, beta2, eps, weight_decay, amsgrad,
+        maximize, float(grad_scale.item()) if grad_scale is not None else None,
+        torch.get_num_threads(),
+    )

@@ -1,0 +1,91 @@
+"""Pure-PyTorch implementations: the oracle every backend is tested against, and the
+fallback where no native kernel is built. Inputs are already validated by `ops`.
+
+The masked AdamW step gathers the selected elements, applies the update formula of
+`csrc/include/trace_kernels/adamw_math.h` one rounding at a time, and scatters the result
+back, so the native kernels (compiled without FMA contraction) match it bit for bit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ._common import advance_steps, inf_found, resolve_lr
+
+
+def _f32(x: float) -> float:
+    """Round a Python float to fp32, as ATen does with a scalar meeting an fp32 tensor."""
+    return float(np.float32(x))
+
+
+def element_indices(block_indices: torch.Tensor, block_size: int) -> torch.Tensor:
+    base = block_indices.to(torch.int64).unsqueeze(1) * block_size
+    offs = torch.arange(block_size, dtype=torch.int64, device=block_indices.device)
+    return (base + offs).reshape(-1)
+
+
+def check_block_indices(indices: torch.Tensor, limit: int) -> tuple[int, str] | None:
+    """None if strictly increasing and in [0, limit), else (first bad position, reason)."""
+    if indices.numel() == 0:
+        return None
+    idx = indices.to(torch.int64)
+    bad_range = torch.nonzero((idx < 0) | (idx >= limit))
+    bad_order = torch.nonzero(idx[1:] <= idx[:-1]) + 1
+    first_range = int(bad_range[0, 0]) if bad_range.numel() else None
+    first_order = int(bad_order[0, 0]) if bad_order.numel() else None
+    if first_range is None and first_order is None:
+        return None
+    if first_order is None or (first_range is not None and first_range <= first_order):
+        return first_range, "out of range"
+    return first_order, "not strictly increasing"
+
+
+def adamw_update_(p, g, m, v, vmax, *, lr, beta1, beta2, eps, weight_decay, step):
+    """One AdamW update of fp32 vectors in place (the formula of adamw_math.h)."""
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    if weight_decay != 0:
+        p.mul_(1 - lr * weight_decay)
+    w = _f32(1 - beta1)
+    if abs(w) < 0.5:
+        m.add_((g - m).mul_(w))
+    else:
+        m.copy_(g - (g - m).mul_(_f32(1 - w)))
+    v.mul_(beta2).add_(g.mul(1 - beta2).mul_(g))
+    second = v
+    if vmax is not None:
+        torch.maximum(vmax, v, out=vmax)
+        second = vmax
+    # torch.sqrt on CPU may go through MKL's vector math (not always correctly rounded);
+    # sqrt in fp64 rounded to fp32 is the correctly rounded fp32 sqrt the kernels compute.
+    denom = second.double().sqrt_().float().div_(bias_correction2**0.5).add_(eps)
+    p.add_(m.mul(-(lr / bias_correction1)).div_(denom))
+
+
+def masked_adamw_(
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices, block_sizes, steps,
+    *, lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale, found_inf,
+):
+    if inf_found(found_inf):
+        return
+    step_values = advance_steps(steps)
+    lr = resolve_lr(lr, lr_tensor)
+    for i, p in enumerate(params):
+        idx = block_indices[i]
+        if idx.numel() == 0:
+            continue
+        ei = element_indices(idx, block_sizes[i])
+        flat_p = p.view(-1)
+        pv = flat_p[ei].to(torch.float32)
+        g = grads[i].view(-1)[ei].to(torch.float32)
+        if grad_scale is not None:
+            g = g / grad_scale.to(g.device, torch.float32)
+        if maximize:
+            g = g.neg()
+        adamw_update_(
+            pv, g, exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i] if amsgrad else None,
+            lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+            step=step_values[i],
+        )
+        flat_p[ei] = pv.to(p.dtype)

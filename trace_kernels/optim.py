@@ -1,0 +1,412 @@
+"""MaskedAdamW: a drop-in torch.optim.AdamW that trains only the selected (core) elements.
+
+A selected element gets exactly AdamW's update (decoupled weight decay, bias correction,
+torch's order of operations, fp32 math). An element outside the mask is bit-for-bit
+unchanged, gets no weight decay and has no optimizer state: ``exp_avg``/``exp_avg_sq``
+(and ``max_exp_avg_sq``) hold ``k*B`` fp32 values in mask order, so state memory scales
+with the mask, not the model.
+
+Masks are set at construction or with `set_masks`. Changing a parameter's mask resets that
+parameter's state (moments and step), because compact moments of one selection mean
+nothing for another; parameters whose mask is unchanged keep their state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from itertools import chain
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import backends, ops
+from .masks import CoreMask, MaskEntry, index_dtype
+
+_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+_UNMASKED = ("freeze", "dense")
+_BUCKET_KEYS = ("params", "grads", "m", "v", "vmax", "idx", "sizes", "steps")
+
+
+@dataclass(frozen=True)
+class _Layout:
+    entry: MaskEntry
+    indices: Tensor  # entry.indices on the parameter's device
+    block_size: int
+    numel_selected: int
+
+    @classmethod
+    def of(cls, entry: MaskEntry, device: torch.device) -> _Layout:
+        return cls(entry, entry.indices.to(device), entry.block_size, entry.numel_selected)
+
+
+def _named_groups(params: Any) -> list[dict[str, Any]]:
+    """Normalise params into groups, splitting (name, tensor) pairs into 'param_names'."""
+    if isinstance(params, Tensor):
+        raise TypeError("params must be an iterable of tensors, (name, tensor) pairs or dicts")
+    items = list(params)
+    if not items:
+        raise ValueError("MaskedAdamW got an empty parameter list")
+    groups = items if isinstance(items[0], dict) else [{"params": items}]
+    out = []
+    for group in groups:
+        if not isinstance(group, dict):
+            raise TypeError("param groups must all be dicts once one is")
+        group = dict(group)
+        ps = group["params"]
+        ps = [ps] if isinstance(ps, Tensor) else list(ps)
+        if ps and all(isinstance(p, tuple) and len(p) == 2 for p in ps):
+            group["param_names"] = [str(n) for n, _ in ps]
+            ps = [p for _, p in ps]
+        group["params"] = ps
+        out.append(group)
+    return out
+
+
+class MaskedAdamW(Optimizer):
+    """AdamW over core elements only. Arguments are torch.optim.AdamW's, plus:
+
+    masks: a `CoreMask` keyed by parameter names (pass ``model.named_parameters()`` as
+        params so names are known), or a dict ``{parameter: bool tensor | element-index
+        tensor | MaskEntry}``.
+    unmasked: "freeze" (default): parameters without a mask are never updated;
+        "dense": they get plain AdamW.
+    backend: force a backend ("cpu", "reference"); default picks the best per device
+        (see ``python -m trace_kernels``).
+
+    ``foreach`` and ``fused`` are accepted for drop-in compatibility (the step is always one
+    fused multi-tensor call); ``capturable``, ``differentiable`` and sparse gradients are
+    rejected.
+    """
+
+    _step_supports_amp_scaling = True  # GradScaler passes grad_scale/found_inf to the kernel
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        masks: CoreMask | Mapping[Tensor, Any],
+        unmasked: str = "freeze",
+        backend: str | None = None,
+    ) -> None:
+        if isinstance(lr, Tensor):
+            if lr.numel() != 1:
+                raise ValueError("lr as a Tensor must have one element")
+        elif not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"Invalid betas: {betas}; each must be in [0, 1)")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if capturable:
+            raise ValueError("MaskedAdamW does not support capturable=True (CUDA graph capture)")
+        if differentiable:
+            raise ValueError("MaskedAdamW does not support differentiable=True")
+        if unmasked not in _UNMASKED:
+            raise ValueError(f"unmasked must be one of {_UNMASKED}, got {unmasked!r}")
+        if backend is not None and backend not in backends.BACKENDS:
+            raise ValueError(f"backend must be one of {backends.BACKENDS} or None, got {backend!r}")
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+            maximize=maximize, foreach=foreach, capturable=False, differentiable=False,
+            fused=fused,
+        )
+        super().__init__(_named_groups(params), defaults)
+        self._unmasked = unmasked
+        self._backend = backend
+        self._layout: dict[Tensor, _Layout] = self._resolve(masks)
+        for device in {p.device for p in self._layout}:
+            backends.choose(device, backend)  # fail now, not at the first step
+
+    # ---- masks --------------------------------------------------------------------
+    def _param_names(self) -> dict[Tensor, str]:
+        names = {}
+        for group in self.param_groups:
+            for i, p in enumerate(group["params"]):
+                names[p] = group["param_names"][i] if "param_names" in group else None
+        return names
+
+    def _describe(self, p: Tensor) -> str:
+        name = self._param_names().get(p)
+        if name is not None:
+            return repr(name)
+        flat = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        return f"params[{next(i for i, q in enumerate(flat) if q is p)}]"
+
+    def _resolve(self, masks: Any) -> dict[Tensor, _Layout]:
+        names = self._param_names()
+        entries: dict[Tensor, MaskEntry] = {}
+        if isinstance(masks, CoreMask):
+            if any(n is None for n in names.values()):
+                raise ValueError(
+                    "masks is a CoreMask keyed by parameter names: pass model.named_parameters() "
+                    "(or (name, tensor) pairs) as params so MaskedAdamW knows the names"
+                )
+            by_name = {n: p for p, n in names.items()}
+            unknown = [n for n in masks if n not in by_name]
+            if unknown:
+                shown = ", ".join(repr(n) for n in unknown[:5])
+                raise ValueError(
+                    f"masks names {len(unknown)} parameter(s) not in this optimizer: {shown}"
+                )
+            for n, e in masks.items():
+                entries[by_name[n]] = e
+        elif isinstance(masks, Mapping):
+            for p, m in masks.items():
+                if not isinstance(p, Tensor) or p not in names:
+                    raise ValueError("masks dict keys must be parameters given to this optimizer")
+                entries[p] = self._entry_from_value(p, m)
+        else:
+            raise TypeError(
+                f"masks must be a CoreMask or a dict {{parameter: mask}}, got {type(masks).__name__}"
+            )
+        layout = {}
+        for p in names:
+            e = entries.get(p)
+            if e is None and self._unmasked == "dense":
+                n = p.numel()
+                e = MaskEntry(tuple(p.shape), max(n, 1), torch.arange(1 if n else 0, dtype=torch.int32))
+            if e is None:
+                continue
+            if e.shape != tuple(p.shape):
+                raise ValueError(
+                    f"mask for {self._describe(p)} has shape {e.shape}, parameter has {tuple(p.shape)}"
+                )
+            if not p.is_contiguous():
+                raise ValueError(f"parameter {self._describe(p)} is not contiguous; masks need flat storage")
+            if p.dtype not in ops.PARAM_DTYPES:
+                raise TypeError(f"parameter {self._describe(p)} has unsupported dtype {p.dtype}")
+            layout[p] = _Layout.of(e, p.device)
+        return layout
+
+    def _entry_from_value(self, p: Tensor, m: Any) -> MaskEntry:
+        if isinstance(m, MaskEntry):
+            return m
+        if isinstance(m, Tensor) and m.dtype == torch.bool:
+            if m.shape != p.shape:
+                raise ValueError(
+                    f"bool mask for {self._describe(p)} has shape {tuple(m.shape)}, "
+                    f"parameter has {tuple(p.shape)}"
+                )
+            idx = torch.nonzero(m.reshape(-1).cpu()).reshape(-1)
+            return MaskEntry(tuple(p.shape), 1, idx.to(index_dtype(p.numel())))
+        if isinstance(m, Tensor) and m.dtype in ops.INDEX_DTYPES:
+            try:
+                return MaskEntry(tuple(p.shape), 1, m.cpu())
+            except ValueError as exc:
+                raise ValueError(f"mask for {self._describe(p)}: {exc}") from None
+        raise TypeError(
+            f"mask for {self._describe(p)} must be a bool tensor, an index tensor or a MaskEntry"
+        )
+
+    def set_masks(self, masks: CoreMask | Mapping[Tensor, Any]) -> None:
+        """Switch to new masks (a new task). Parameters whose selection changed lose their
+        state (moments and step); unchanged ones keep it."""
+        new = self._resolve(masks)
+        for device in {p.device for p in new}:
+            backends.choose(device, self._backend)
+        for p in self._param_names():
+            old, cur = self._layout.get(p), new.get(p)
+            if old is None or cur is None or not old.entry.same_selection(cur.entry):
+                self.state.pop(p, None)
+        self._layout = new
+
+    def mask_entry(self, p: Tensor) -> MaskEntry | None:
+        """The selection that this optimizer trains in `p` (None: frozen)."""
+        lay = self._layout.get(p)
+        return lay.entry if lay is not None else None
+
+    @property
+    def trainable_elements(self) -> int:
+        return sum(lay.numel_selected for lay in self._layout.values())
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes of optimizer state now held: moments and the mask indices."""
+        moments = sum(
+            st[k].numel() * st[k].element_size()
+            for st in self.state.values() for k in _MOMENTS if k in st
+        )
+        indices = sum(lay.indices.numel() * lay.indices.element_size()
+                      for p, lay in self._layout.items() if p in self.state)
+        return {"moments": moments, "indices": indices, "total": moments + indices}
+
+    # ---- step ---------------------------------------------------------------------
+    def _init_state(self, p: Tensor, lay: _Layout, amsgrad: bool) -> dict[str, Any]:
+        state = self.state[p]
+        n = lay.numel_selected
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        for key in _MOMENTS[: 3 if amsgrad else 2]:
+            state[key] = torch.zeros(n, dtype=torch.float32, device=p.device)
+        state["block_indices"] = lay.indices
+        state["block_size"] = lay.block_size
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One AdamW step over the core elements. GradScaler's grad_scale/found_inf are
+        honoured (set on the optimizer by torch.amp.GradScaler.step)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            amsgrad = group["amsgrad"]
+            buckets: dict[torch.device, dict[str, list]] = {}
+            for p in group["params"]:
+                lay = self._layout.get(p)
+                if lay is None or lay.numel_selected == 0 or p.grad is None:
+                    continue
+                g = p.grad
+                if g.is_sparse:
+                    raise ValueError(f"MaskedAdamW does not support sparse gradients ({self._describe(p)})")
+                state = self.state[p] if p in self.state else self._init_state(p, lay, amsgrad)
+                if amsgrad and "max_exp_avg_sq" not in state:
+                    state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"])
+                b = buckets.get(p.device)
+                if b is None:
+                    b = buckets[p.device] = {k: [] for k in _BUCKET_KEYS}
+                b["params"].append(p)
+                b["grads"].append(g if g.is_contiguous() else g.contiguous())
+                b["m"].append(state["exp_avg"])
+                b["v"].append(state["exp_avg_sq"])
+                if amsgrad:
+                    b["vmax"].append(state["max_exp_avg_sq"])
+                b["idx"].append(lay.indices)
+                b["sizes"].append(lay.block_size)
+                b["steps"].append(state["step"])
+            for device, b in buckets.items():
+                ops.masked_adamw_trusted_(
+                    b["params"], b["grads"], b["m"], b["v"], b["vmax"], b["idx"], b["sizes"],
+                    b["steps"], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                    weight_decay=group["weight_decay"], amsgrad=amsgrad,
+                    maximize=group["maximize"],
+                    grad_scale=grad_scale.to(device) if grad_scale is not None else None,
+                    found_inf=found_inf.to(device) if found_inf is not None else None,
+                    backend=self._backend,
+                )
+        return loss
+
+    # ---- checkpoints --------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state_dict saved by a MaskedAdamW with the same masks.
+
+        Moments stay fp32 and indices keep their integer dtype (torch's default loader
+        would cast both to the parameter dtype). A saved state whose mask differs from
+        this optimizer's raises ValueError before anything is loaded.
+        """
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups) or any(
+            len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups)
+        ):
+            raise ValueError("loaded state dict has different parameter groups than this optimizer")
+        id_map = dict(zip(chain.from_iterable(g["params"] for g in saved_groups),
+                          chain.from_iterable(g["params"] for g in self.param_groups)))
+        kept: dict[Tensor, dict[str, Tensor]] = {}
+        state = {}
+        for pid, st in state_dict["state"].items():
+            p = id_map.get(pid)
+            if p is None:
+                state[pid] = st
+                continue
+            st = dict(st)
+            moved = {k: st.pop(k) for k in (*_MOMENTS, "block_indices") if k in st}
+            lay = self._layout.get(p)
+            saved_idx = moved.get("block_indices")
+            if lay is None or saved_idx is None or st.get("block_size") != lay.block_size or not (
+                torch.equal(saved_idx.cpu().to(torch.int64), lay.entry.indices.to(torch.int64))
+            ):
+                raise ValueError(
+                    f"load_state_dict: state for {self._describe(p)} was saved with a different "
+                    "mask than this optimizer has; construct it (or call set_masks) with the "
+                    "checkpoint's masks first"
+                )
+            for k in _MOMENTS:
+                if k in moved and moved[k].numel() != lay.numel_selected:
+                    raise ValueError(
+                        f"load_state_dict: {k} of {self._describe(p)} has {moved[k].numel()} "
+                        f"values, the mask selects {lay.numel_selected}"
+                    )
+            kept[p] = moved
+            state[pid] = st
+        super().load_state_dict({**state_dict, "state": state})
+        for p, moved in kept.items():
+            st = self.state[p]
+            for k in _MOMENTS:
+                if k in moved:
+                    st[k] = moved[k].to(device=p.device, dtype=torch.float32, copy=True)
+            st["block_indices"] = self._layout[p].indices
+
+
+def swap_optimizer(
+    optimizer: torch.optim.AdamW,
+    masks: CoreMask | Mapping[Tensor, Any],
+    *,
+    model: torch.nn.Module | None = None,
+    unmasked: str = "freeze",
+    backend: str | None = None,
+) -> MaskedAdamW:
+    """A MaskedAdamW with `optimizer`'s groups and hyperparameters, its state compacted onto
+    the masks (moments gathered at the selected elements, steps kept).
+
+    For a CoreMask, parameter names come from `model` or from the optimizer's own
+    ``param_names`` (torch >= 2.6 records them when built from named_parameters()).
+    An LR scheduler holds the old optimizer: create schedulers after swapping.
+    """
+    if not isinstance(optimizer, torch.optim.AdamW):
+        raise TypeError(f"swap_optimizer expects a torch.optim.AdamW, got {type(optimizer).__name__}")
+    name_of = {p: n for n, p in model.named_parameters()} if model is not None else {}
+    groups = []
+    for g in optimizer.param_groups:
+        if g.get("capturable") or g.get("differentiable"):
+            raise ValueError("swap_optimizer: capturable/differentiable AdamW cannot be swapped")
+        new = {k: v for k, v in g.items() if k not in ("params", "param_names")}
+        ps = list(g["params"])
+        names = g.get("param_names") or [name_of.get(p) for p in ps]
+        if isinstance(masks, CoreMask):
+            missing = [i for i, n in enumerate(names) if n is None]
+            if missing:
+                raise ValueError(
+                    "swap_optimizer: a CoreMask needs parameter names; pass model= or build the "
+                    "AdamW from model.named_parameters()"
+                )
+            new["params"] = list(zip(names, ps))
+        else:
+            new["params"] = ps
+        groups.append(new)
+    d = optimizer.defaults
+    out = MaskedAdamW(
+        groups, lr=d["lr"], betas=d["betas"], eps=d["eps"], weight_decay=d["weight_decay"],
+        amsgrad=d["amsgrad"], maximize=d.get("maximize", False), masks=masks,
+        unmasked=unmasked, backend=backend,
+    )
+    amsgrad_of = {p: g["amsgrad"] for g in out.param_groups for p in g["params"]}
+    for p, st in optimizer.state.items():
+        lay = out._layout.get(p)
+        if lay is None or lay.numel_selected == 0 or "exp_avg" not in st:
+            continue
+        ns = out._init_state(p, lay, amsgrad_of[p])
+        step = st["step"]
+        ns["step"] = (step.detach().to("cpu", torch.float32).clone() if isinstance(step, Tensor)
+                      else torch.tensor(float(step), dtype=torch.float32))
+        ei = lay.entry.element_indices().to(p.device)
+        for k in _MOMENTS:
+            if k in ns and k in st:
+                ns[k] = st[k].reshape(-1)[ei].to(torch.float32).contiguous()
+    return out
