@@ -1,0 +1,44 @@
+"""Shared fixtures. Every run draws fresh random inputs: the seed is printed in the header
+and can be replayed with TRACE_TEST_SEED=<seed>."""
+
+import os
+import zlib
+
+import pytest
+import torch
+
+from trace_kernels import _native
+
+SEED = int(os.environ.get("TRACE_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
+
+
+def pytest_report_header(config):
+    ext = "built" if _native.load("_C") is not None else f"missing ({_native.error('_C')})"
+    return [f"trace_kernels test seed: {SEED} (replay: TRACE_TEST_SEED={SEED})",
+            f"trace_kernels._C: {ext}"]
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run `pytest -m gpu` on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def gen(request):
+    """A generator seeded from the run seed and the test's name: fresh per run, replayable."""
+    g = torch.Generator()
+    g.manual_seed((SEED * 1_000_003 + zlib.crc32(request.node.nodeid.encode())) % 2**63)
+    return g
+
+
+NATIVE_BACKENDS = ["cpu"] if _native.load("_C") is not None else []
+
+
+@pytest.fixture(params=NATIVE_BACKENDS or [pytest.param("cpu", marks=pytest.mark.skip(
+    reason="trace_kernels._C not built"))])
+def native_backend(request):
+    return request.param

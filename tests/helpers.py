@@ -1,0 +1,75 @@
+"""Builders of random masked-AdamW problems and bitwise comparisons for the tests."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from trace_kernels.masks import index_dtype
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits of a float tensor, so NaNs compare equal to themselves."""
+    view = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+    return t.detach().contiguous().view(view[t.dtype]) if t.dtype in view else t
+
+
+def assert_bits_equal(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    if not torch.equal(bits(a), bits(b)):
+        diff = (a.float() - b.float()).abs()
+        rel = (diff / b.float().abs().clamp_min(1e-30)).nan_to_num(0).max().item()
+        n = int((bits(a) != bits(b)).sum())
+        raise AssertionError(f"{what}: {n} elements differ (max rel {rel:.3e})")
+
+
+def random_selection(num_blocks: int, density: float, gen: torch.Generator) -> torch.Tensor:
+    """Sorted unique block indices, about `density` of `num_blocks` (0 and 1 exact)."""
+    if density >= 1.0:
+        idx = torch.arange(num_blocks)
+    elif density <= 0.0:
+        idx = torch.arange(0)
+    else:
+        idx = torch.nonzero(torch.rand(num_blocks, generator=gen) < density).reshape(-1)
+    return idx.to(index_dtype(num_blocks))
+
+
+def make_problem(shapes, block_sizes, density, dtype, gen, *, amsgrad=False, nan_frozen=True):
+    """Params, grads, compact state and indices for a masked AdamW call.
+
+    Frozen elements of params hold NaN/inf sentinels and their grads NaN, so any touch of
+    them shows up bitwise, and state starts from random values (not zeros) so moments of
+    later steps are exercised from the first call.
+    """
+    prob = {k: [] for k in ("params", "grads", "m", "v", "vmax", "idx", "sizes", "steps")}
+    for shape, b in zip(shapes, block_sizes):
+        numel = math.prod(shape)
+        b = numel if b == "tensor" else (shape[-1] if b == "row" else b)
+        b = max(b, 1)
+        idx = random_selection(numel // b, density, gen)
+        p = torch.randn(shape, generator=gen).to(dtype)
+        g = torch.randn(shape, generator=gen).to(dtype)
+        sel = torch.zeros(numel, dtype=torch.bool)
+        if idx.numel():
+            sel.view(-1, b)[idx.long()] = True
+        if nan_frozen and numel:
+            frozen = ~sel.view(shape)
+            sentinel = torch.tensor([float("nan"), float("inf"), -0.0, 1e-3]).to(dtype)
+            p[frozen] = sentinel[torch.randint(0, 4, (int(frozen.sum()),), generator=gen)]
+            g[frozen] = float("nan")
+        k = idx.numel() * b
+        prob["params"].append(p)
+        prob["grads"].append(g)
+        prob["m"].append(torch.randn(k, generator=gen) * 0.1)
+        prob["v"].append(torch.rand(k, generator=gen) * 0.01)
+        prob["vmax"].append(prob["v"][-1] + torch.rand(k, generator=gen) * 0.01)
+        prob["idx"].append(idx)
+        prob["sizes"].append(b)
+        prob["steps"].append(torch.tensor(float(torch.randint(0, 5, (1,), generator=gen))))
+    if not amsgrad:
+        prob["vmax"] = []
+    return prob
+
+
+def clone_problem(prob):
+    return {k: [t.clone() if isinstance(t, torch.Tensor) else t for t in v] for k, v in prob.items()}

@@ -1,0 +1,69 @@
+"""The native build, the fallback without it, the report, and torch.library registration."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from trace_kernels import _native, backends, ops
+
+
+def test_cpu_extension_built_when_required():
+    # CI sets TRACE_KERNELS_REQUIRE_CPU=1: a silently failed native build must fail the suite.
+    if os.environ.get("TRACE_KERNELS_REQUIRE_CPU") == "1":
+        assert _native.load("_C") is not None, _native.error("_C")
+        assert backends.choose("cpu").name == "cpu"
+    ext = _native.load("_C")
+    if ext is not None:
+        assert ext.MASKED_ADAMW_FIELDS == 11
+        assert ext.isa_levels()[-1] == "default"
+
+
+def test_report_runs():
+    out = subprocess.run([sys.executable, "-m", "trace_kernels"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "trace_kernels" in out and "backend for cpu" in out
+
+
+def test_fallback_without_native_build(monkeypatch):
+    """A checkout whose build failed still imports and says only reference is available."""
+    monkeypatch.setitem(_native._modules, "_C", None)
+    monkeypatch.setitem(_native._errors, "_C", "ImportError: simulated")
+    backends._choose.cache_clear()
+    try:
+        choice = backends.choose("cpu")
+        assert choice.name == "reference" and "simulated" in choice.reason
+        with pytest.raises(backends.BackendUnavailableError, match="not built"):
+            backends.choose("cpu", "cpu")
+        from trace_kernels import report
+
+        assert "only the pure-PyTorch reference backend" in report()
+    finally:
+        backends._choose.cache_clear()
+
+
+def test_registered_with_torch_library():
+    op = torch.ops.trace_kernels.masked_adamw_.default
+    schema = str(op._schema)
+    assert "Tensor(a0!)[] params" in schema or "Tensor(a!)[] params" in schema
+
+
+def test_works_under_torch_compile(gen):
+    """The fake implementation lets torch.compile trace a step that calls the op."""
+    p = torch.randn(6, 8, generator=gen)
+    g = torch.randn(6, 8, generator=gen)
+    idx = torch.tensor([1, 4], dtype=torch.int32)
+    m, v, step = torch.zeros(16), torch.zeros(16), torch.tensor(0.0)
+    expected = [t.clone() for t in (p, m, v, step)]
+    ops.masked_adamw_([expected[0]], [g], [expected[1]], [expected[2]], [], [idx], [8],
+                      [expected[3]], lr=1e-2)
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def step_fn(p, g, m, v, step):
+        ops.masked_adamw_([p], [g], [m], [v], [], [idx], [8], [step], lr=1e-2)
+
+    step_fn(p, g, m, v, step)
+    for a, b in zip((p, m, v, step), expected):
+        assert torch.equal(a, b)
