@@ -77,12 +77,43 @@ def interleaved_medians(cases: dict[str, Callable[[], None]], rounds: int, warmu
     }
 
 
-def copy_bandwidth(numel: int, rounds: int = 9) -> float:
-    """Measured bytes/s of a large fp32 copy (read + write counted): the memory ceiling."""
-    src = torch.randn(numel)
-    dst = torch.empty_like(src)
-    t = interleaved_medians({"copy": lambda: dst.copy_(src)}, rounds)["copy"]["median_s"]
-    return 2 * 4 * numel / t
+def paired_ratios(baseline: Callable[[], None], cases: dict[str, Callable[[], None]], rounds: int,
+                  warmup: int = 2) -> dict:
+    """Time each case right after a run of `baseline`, every round, and report per case the
+    median of those per-pair ratios (plus median times). On a machine whose speed drifts
+    from one second to the next, a ratio of two adjacent runs is far steadier than a ratio
+    of two medians taken at different moments."""
+    for fn in (baseline, *cases.values()):
+        for _ in range(warmup):
+            fn()
+    out = {}
+    pairs: dict[str, list[tuple[float, float]]] = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, fn in cases.items():
+            t0 = time.perf_counter()
+            baseline()
+            t1 = time.perf_counter()
+            fn()
+            t2 = time.perf_counter()
+            pairs[name].append((t1 - t0, t2 - t1))
+    for name, ps in pairs.items():
+        base = [b for b, _ in ps]
+        mine = [m for _, m in ps]
+        out[name] = {
+            "median_s": statistics.median(mine), "min_s": min(mine), "max_s": max(mine),
+            "baseline_median_s": statistics.median(base),
+            "ratio": statistics.median(m / b for b, m in ps), "rounds": len(ps),
+        }
+    return out
+
+
+def stream_bandwidth(numel: int, rounds: int = 9) -> float:
+    """Measured bytes/s of a large parallel fp32 stream ``c = a + b`` (two reads and one
+    write counted, as STREAM's add): the memory ceiling of an elementwise step."""
+    a, b = torch.randn(numel), torch.randn(numel)
+    c = torch.empty_like(a)
+    t = interleaved_medians({"add": lambda: torch.add(a, b, out=c)}, rounds)["add"]["median_s"]
+    return 3 * 4 * numel / t
 
 
 def write_report(stem: str, payload: dict, table: list[str]) -> None:

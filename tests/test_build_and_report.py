@@ -17,7 +17,10 @@ def test_cpu_extension_built_when_required():
         assert backends.choose("cpu").name == "cpu"
     ext = _native.load("_C")
     if ext is not None:
-        assert ext.MASKED_ADAMW_FIELDS == 11
+        from trace_kernels.backends import cpu
+
+        assert ext.MASKED_ADAMW_FIELDS == cpu.MASKED_FIELDS
+        assert ext.DELTA_STATS_FIELDS == cpu.STATS_FIELDS
         assert ext.isa_levels()[-1] == "default"
 
 

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "../cpu/delta_stats.h"
 #include "../cpu/masked_adamw.h"
 
 #ifndef TRACE_KERNELS_VERSION
@@ -24,7 +25,7 @@ namespace {
 // Field order of one row of the masked-AdamW table built by backends/cpu.py.
 enum MaskedField {
   kParam, kGrad, kExpAvg, kExpAvgSq, kMaxExpAvgSq, kIndices, kIndicesInt64, kNumBlocks,
-  kBlockSize, kDType, kStep, kMaskedFields
+  kBlockSize, kDType, kStep, kFisher, kMaskedFields
 };
 
 template <typename T>
@@ -41,7 +42,8 @@ DType parse_dtype(int64_t code) {
 // otherwise kStep points to the parameter's fp32 step counter, incremented here as torch does.
 void masked_adamw(const std::vector<int64_t>& table, const std::vector<double>& steps, double lr,
                   double beta1, double beta2, double eps, double weight_decay, bool amsgrad,
-                  bool maximize, std::optional<double> grad_scale, int num_threads) {
+                  bool maximize, std::optional<double> grad_scale, double fisher_scale,
+                  int num_threads) {
   if (table.size() != steps.size() * kMaskedFields) {
     throw std::invalid_argument("masked_adamw: table has " + std::to_string(table.size()) +
                                 " fields for " + std::to_string(steps.size()) + " tensors");
@@ -61,6 +63,7 @@ void masked_adamw(const std::vector<int64_t>& table, const std::vector<double>& 
     m.num_blocks = row[kNumBlocks];
     m.block_size = row[kBlockSize];
     m.dtype = parse_dtype(row[kDType]);
+    m.fisher = as_ptr<float>(row[kFisher]);
     if (m.num_blocks < 0 || m.block_size < 1) {
       throw std::invalid_argument("masked_adamw: bad block layout in tensor " + std::to_string(t));
     }
@@ -91,7 +94,48 @@ void masked_adamw(const std::vector<int64_t>& table, const std::vector<double>& 
   double divisor = grad_scale.value_or(1.0);
   if (maximize) divisor = -divisor;
   py::gil_scoped_release release;
-  tkc::masked_adamw(work, static_cast<float>(divisor), num_threads);
+  tkc::masked_adamw(work, static_cast<float>(divisor), static_cast<float>(fisher_scale),
+                    num_threads);
+}
+
+// Field order of one row of the delta-stats table (backends/cpu.py), followed by R
+// reference addresses and R reference dtype codes.
+enum StatsField { kPost, kPre, kStatsDType, kFisherIn, kNumel, kStatsBlockSize, kFirstRow, kStatsFields };
+
+void delta_stats(const std::vector<int64_t>& table, int num_tensors, int num_refs,
+                 int64_t sum_sq, int64_t fisher_sum, int64_t dots, int64_t ref_sq,
+                 int num_threads) {
+  if (num_refs < 0 || num_refs > tkc::kMaxRefs) {
+    throw std::invalid_argument("delta_stats: at most " + std::to_string(tkc::kMaxRefs) +
+                                " references, got " + std::to_string(num_refs));
+  }
+  const size_t width = kStatsFields + 2 * static_cast<size_t>(num_refs);
+  if (table.size() != width * num_tensors) {
+    throw std::invalid_argument("delta_stats: table size does not match the tensor count");
+  }
+  std::vector<tkc::DeltaStatsTensor> tensors;
+  for (int t = 0; t < num_tensors; ++t) {
+    const int64_t* row = table.data() + t * width;
+    tkc::DeltaStatsTensor d{};
+    d.post = as_ptr<const void>(row[kPost]);
+    d.pre = as_ptr<const void>(row[kPre]);
+    d.dtype = parse_dtype(row[kStatsDType]);
+    d.fisher = as_ptr<const float>(row[kFisherIn]);
+    d.numel = row[kNumel];
+    d.block_size = row[kStatsBlockSize];
+    d.first_row = row[kFirstRow];
+    if (d.numel < 0 || d.block_size < 1 || d.numel % d.block_size) {
+      throw std::invalid_argument("delta_stats: bad block layout in tensor " + std::to_string(t));
+    }
+    for (int r = 0; r < num_refs; ++r) {
+      d.refs[r] = as_ptr<const void>(row[kStatsFields + r]);
+      d.ref_dtypes[r] = parse_dtype(row[kStatsFields + num_refs + r]);
+    }
+    if (d.numel > 0) tensors.push_back(d);
+  }
+  py::gil_scoped_release release;
+  tkc::delta_stats(tensors, num_refs, as_ptr<float>(sum_sq), as_ptr<float>(fisher_sum),
+                   as_ptr<float>(dots), as_ptr<float>(ref_sq), num_threads);
 }
 
 // Returns None when the indices are valid, else (position, reason).
@@ -123,7 +167,16 @@ PYBIND11_MODULE(_C, m) {
   m.attr("MASKED_ADAMW_FIELDS") = static_cast<int>(kMaskedFields);
   m.def("masked_adamw", &masked_adamw, py::arg("table"), py::arg("steps"), py::arg("lr"),
         py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
-        py::arg("amsgrad"), py::arg("maximize"), py::arg("grad_scale"), py::arg("num_threads"));
+        py::arg("amsgrad"), py::arg("maximize"), py::arg("grad_scale"), py::arg("fisher_scale"),
+        py::arg("num_threads"),
+        "AdamW over selected blocks; rows with a fisher address also accumulate "
+        "fisher_scale * g^2 (adamw_fisher_ passes one block spanning each tensor).");
+  m.attr("DELTA_STATS_FIELDS") = static_cast<int>(kStatsFields);
+  m.attr("MAX_REFS") = tkc::kMaxRefs;
+  m.def("delta_stats", &delta_stats, py::arg("table"), py::arg("num_tensors"),
+        py::arg("num_refs"), py::arg("sum_sq"), py::arg("fisher_sum"), py::arg("dots"),
+        py::arg("ref_sq"), py::arg("num_threads"),
+        "Per-block sums of d^2, fisher, d*ref and ref^2 (fp64 accumulation, fp32 out).");
   m.def("check_block_indices", &check_block_indices, py::arg("address"), py::arg("int64"),
         py::arg("count"), py::arg("limit"), py::arg("num_threads"));
   m.def("openmp_enabled", &openmp_enabled);

@@ -23,13 +23,23 @@ constexpr int64_t kMinContiguousRun = 16;
 // Bytes of the next block's parameter and gradient prefetched when a block starts.
 constexpr int64_t kBlockPrefetchBytes = 512;
 
-template <typename P, bool kAmsgrad>
+// Per-call constants of the element loop.
+struct StepArgs {
+  float grad_divisor;
+  float fisher_scale;
+};
+
+TK_HD void accumulate_fisher(float* f, float g, float scale) { *f = *f + (scale * g) * g; }
+
+template <typename P, bool kAmsgrad, bool kFisher>
 TK_HD void update_contiguous(P* __restrict param, const P* __restrict grad,
                              float* __restrict m, float* __restrict v, float* __restrict vmax,
-                             int64_t n, float grad_divisor, const AdamWCoeffs& c) {
+                             float* __restrict fisher, int64_t n, const StepArgs& a,
+                             const AdamWCoeffs& c) {
   for (int64_t i = 0; i < n; ++i) {
     float p = load_as_float(param + i);
-    const float g = load_as_float(grad + i) / grad_divisor;
+    const float g = load_as_float(grad + i) / a.grad_divisor;
+    if (kFisher) accumulate_fisher(fisher + i, g, a.fisher_scale);
     adamw_update(p, g, m[i], v[i], kAmsgrad ? vmax + i : nullptr, c);
     store_from_float(param + i, p);
   }
@@ -39,18 +49,23 @@ TK_HD void update_contiguous(P* __restrict param, const P* __restrict grad,
 // index. Runs of consecutive indices (dense stretches of a mask) take the vectorised
 // contiguous path; isolated elements are updated one by one, with the parameter and
 // gradient lines of later indices prefetched since the hardware cannot predict them.
-template <typename P, typename I, bool kAmsgrad>
+template <typename P, typename I, bool kAmsgrad, bool kFisher>
 TK_HD void update_gather(P* __restrict param, const P* __restrict grad, const I* __restrict idx,
                          float* __restrict m, float* __restrict v, float* __restrict vmax,
-                         int64_t begin, int64_t end, float grad_divisor, const AdamWCoeffs& c) {
+                         float* __restrict fisher, int64_t begin, int64_t end,
+                         const StepArgs& a, const AdamWCoeffs& c) {
   int64_t j = begin;
   while (j < end) {
     const int64_t e0 = static_cast<int64_t>(idx[j]);
+    // Indices are strictly increasing, so idx[j+r+15] == e0+r+15 means all 16 between are
+    // consecutive too: dense stretches are measured 16 at a time.
     int64_t run = 1;
+    while (j + run + 16 <= end && static_cast<int64_t>(idx[j + run + 15]) == e0 + run + 15) run += 16;
     while (j + run < end && static_cast<int64_t>(idx[j + run]) == e0 + run) ++run;
     if (run >= kMinContiguousRun) {
-      update_contiguous<P, kAmsgrad>(param + e0, grad + e0, m + j, v + j,
-                                     kAmsgrad ? vmax + j : nullptr, run, grad_divisor, c);
+      update_contiguous<P, kAmsgrad, kFisher>(param + e0, grad + e0, m + j, v + j,
+                                              kAmsgrad ? vmax + j : nullptr,
+                                              kFisher ? fisher + j : nullptr, run, a, c);
       j += run;
       continue;
     }
@@ -61,22 +76,23 @@ TK_HD void update_gather(P* __restrict param, const P* __restrict grad, const I*
       }
       const int64_t e = static_cast<int64_t>(idx[j]);
       float p = load_as_float(param + e);
-      const float g = load_as_float(grad + e) / grad_divisor;
+      const float g = load_as_float(grad + e) / a.grad_divisor;
+      if (kFisher) accumulate_fisher(fisher + j, g, a.fisher_scale);
       adamw_update(p, g, m[j], v[j], kAmsgrad ? vmax + j : nullptr, c);
       store_from_float(param + e, p);
     }
   }
 }
 
-template <typename P, typename I, bool kAmsgrad>
-TK_HD void update_chunk(const MaskedTensor& t, int64_t begin, int64_t end, float grad_divisor) {
+template <typename P, typename I, bool kAmsgrad, bool kFisher>
+TK_HD void update_chunk(const MaskedTensor& t, int64_t begin, int64_t end, const StepArgs& a) {
   P* param = static_cast<P*>(t.param);
   const P* grad = static_cast<const P*>(t.grad);
   const I* idx = static_cast<const I*>(t.indices);
   const int64_t B = t.block_size;
   if (B == 1) {
-    update_gather<P, I, kAmsgrad>(param, grad, idx, t.exp_avg, t.exp_avg_sq, t.max_exp_avg_sq,
-                                  begin, end, grad_divisor, t.coeffs);
+    update_gather<P, I, kAmsgrad, kFisher>(param, grad, idx, t.exp_avg, t.exp_avg_sq,
+                                           t.max_exp_avg_sq, t.fisher, begin, end, a, t.coeffs);
     return;
   }
   // [begin, end) are compact positions; walk them block by block, each a contiguous run.
@@ -87,7 +103,7 @@ TK_HD void update_chunk(const MaskedTensor& t, int64_t begin, int64_t end, float
     const int64_t offset = pos - block * B;
     const int64_t run = std::min(B - offset, end - pos);
     const int64_t base = static_cast<int64_t>(idx[block]) * B + offset;
-    if (block < last_block) {
+    if (block < last_block && idx[block + 1] != idx[block] + 1) {
       // The next block starts at an unpredictable address: warm its first lines now.
       const int64_t next = static_cast<int64_t>(idx[block + 1]) * B;
       for (int64_t k = 0; k < kBlockPrefetchBytes && k < B * static_cast<int64_t>(sizeof(P));
@@ -96,36 +112,45 @@ TK_HD void update_chunk(const MaskedTensor& t, int64_t begin, int64_t end, float
         __builtin_prefetch(reinterpret_cast<const char*>(grad + next) + k, 0);
       }
     }
-    update_contiguous<P, kAmsgrad>(param + base, grad + base, t.exp_avg + pos,
-                                   t.exp_avg_sq + pos,
-                                   kAmsgrad ? t.max_exp_avg_sq + pos : nullptr, run,
-                                   grad_divisor, t.coeffs);
+    update_contiguous<P, kAmsgrad, kFisher>(param + base, grad + base, t.exp_avg + pos,
+                                            t.exp_avg_sq + pos,
+                                            kAmsgrad ? t.max_exp_avg_sq + pos : nullptr,
+                                            kFisher ? t.fisher + pos : nullptr, run, a, t.coeffs);
     pos += run;
   }
 }
 
-template <typename P>
-TK_HD void dispatch_chunk(const MaskedTensor& t, int64_t begin, int64_t end, float gd) {
+template <typename P, typename I>
+TK_HD void dispatch_flags(const MaskedTensor& t, int64_t begin, int64_t end, const StepArgs& a) {
   const bool ams = t.max_exp_avg_sq != nullptr;
-  if (t.indices_int64) {
-    ams ? update_chunk<P, int64_t, true>(t, begin, end, gd)
-        : update_chunk<P, int64_t, false>(t, begin, end, gd);
+  if (t.fisher != nullptr) {
+    ams ? update_chunk<P, I, true, true>(t, begin, end, a)
+        : update_chunk<P, I, false, true>(t, begin, end, a);
   } else {
-    ams ? update_chunk<P, int32_t, true>(t, begin, end, gd)
-        : update_chunk<P, int32_t, false>(t, begin, end, gd);
+    ams ? update_chunk<P, I, true, false>(t, begin, end, a)
+        : update_chunk<P, I, false, false>(t, begin, end, a);
+  }
+}
+
+template <typename P>
+TK_HD void dispatch_chunk(const MaskedTensor& t, int64_t begin, int64_t end, const StepArgs& a) {
+  if (t.indices_int64) {
+    dispatch_flags<P, int64_t>(t, begin, end, a);
+  } else {
+    dispatch_flags<P, int32_t>(t, begin, end, a);
   }
 }
 
 TK_CPU_CLONES
 void run_chunks(const MaskedTensor* tensors, const Chunk* chunks, int64_t first, int64_t last,
-                float grad_divisor) {
+                const StepArgs& a) {
   for (int64_t i = first; i < last; ++i) {
     const Chunk& ch = chunks[i];
     const MaskedTensor& t = tensors[ch.tensor];
     switch (t.dtype) {
-      case DType::kFloat32: dispatch_chunk<float>(t, ch.begin, ch.end, grad_divisor); break;
-      case DType::kBFloat16: dispatch_chunk<bf16_t>(t, ch.begin, ch.end, grad_divisor); break;
-      case DType::kFloat16: dispatch_chunk<fp16_t>(t, ch.begin, ch.end, grad_divisor); break;
+      case DType::kFloat32: dispatch_chunk<float>(t, ch.begin, ch.end, a); break;
+      case DType::kBFloat16: dispatch_chunk<bf16_t>(t, ch.begin, ch.end, a); break;
+      case DType::kFloat16: dispatch_chunk<fp16_t>(t, ch.begin, ch.end, a); break;
     }
   }
 }
@@ -158,7 +183,9 @@ IndexError check_indices_typed(const I* idx, int64_t count, int64_t limit, int n
 
 }  // namespace
 
-void masked_adamw(const std::vector<MaskedTensor>& tensors, float grad_divisor, int num_threads) {
+void masked_adamw(const std::vector<MaskedTensor>& tensors, float grad_divisor, float fisher_scale,
+                  int num_threads) {
+  const StepArgs args{grad_divisor, fisher_scale};
   std::vector<int64_t> sizes;
   sizes.reserve(tensors.size());
   int64_t total = 0;
@@ -169,7 +196,7 @@ void masked_adamw(const std::vector<MaskedTensor>& tensors, float grad_divisor, 
   const std::vector<Chunk> chunks = make_chunks(sizes, kChunkItems);
   parallel_chunks(static_cast<int64_t>(chunks.size()), total, num_threads,
                   [&](int64_t first, int64_t last) {
-                    run_chunks(tensors.data(), chunks.data(), first, last, grad_divisor);
+                    run_chunks(tensors.data(), chunks.data(), first, last, args);
                   });
 }
 

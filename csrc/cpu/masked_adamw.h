@@ -23,10 +23,14 @@ struct MaskedTensor {
   int64_t block_size;
   DType dtype;            // of param and grad
   AdamWCoeffs coeffs;
+  float* fisher;          // null, or fp32 accumulators in state order: fisher += scale * g^2
 };
 
 // `grad_divisor` folds grad_scale and maximize: g / grad_divisor (±1 when unscaled).
-void masked_adamw(const std::vector<MaskedTensor>& tensors, float grad_divisor, int num_threads);
+// With `fisher` set on a tensor, the same pass also accumulates fisher_scale * g^2 there
+// (the probe's fused step, `adamw_fisher_`: one block covering the whole tensor).
+void masked_adamw(const std::vector<MaskedTensor>& tensors, float grad_divisor, float fisher_scale,
+                  int num_threads);
 
 // Checks that indices are strictly increasing and below `limit`.
 // Returns -1 when valid, else the first offending position.

@@ -8,6 +8,11 @@ from .. import _native
 from ._common import advance_steps, inf_found, resolve_lr
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# Row widths of the tables passed to _C (field order in csrc/bindings/cpu_module.cpp).
+MASKED_FIELDS = 12
+STATS_FIELDS = 7
+# adamw_fisher_ runs the masked kernel with one block spanning each tensor: block 0.
+_BLOCK_ZERO = torch.zeros(1, dtype=torch.int32)
 
 
 def _ext():
@@ -24,14 +29,13 @@ def check_block_indices(indices: torch.Tensor, limit: int) -> tuple[int, str] | 
     )
 
 
-def masked_adamw_(
-    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices, block_sizes, steps,
-    *, lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale, found_inf,
-):
+def _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices, block_sizes,
+           steps, fishers, fisher_scale, *, lr, lr_tensor, beta1, beta2, eps, weight_decay,
+           amsgrad, maximize, grad_scale, found_inf):
     ext = _ext()
     if inf_found(found_inf):
         return
-    # fp32 CPU step counters (what MaskedAdamW keeps) are incremented natively; any
+    # fp32 CPU step counters (what the optimizers keep) are incremented natively; any
     # other kind is advanced here and passed by value.
     native_steps = all(s.dtype == torch.float32 and s.device.type == "cpu" for s in steps)
     step_values = [0.0] * len(steps) if native_steps else advance_steps(steps)
@@ -43,9 +47,41 @@ def masked_adamw_(
             max_exp_avg_sqs[i].data_ptr() if amsgrad else 0, idx.data_ptr(),
             int(idx.dtype == torch.int64), idx.numel(), block_sizes[i], DTYPE_CODES[p.dtype],
             steps[i].data_ptr() if native_steps else 0,
+            fishers[i].data_ptr() if fishers else 0,
         ]
     ext.masked_adamw(
         table, step_values, resolve_lr(lr, lr_tensor), beta1, beta2, eps, weight_decay, amsgrad,
-        maximize, float(grad_scale.item()) if grad_scale is not None else None,
+        maximize, float(grad_scale.item()) if grad_scale is not None else None, fisher_scale,
         torch.get_num_threads(),
     )
+
+
+def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices,
+                  block_sizes, steps, **hyper):
+    _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices, block_sizes,
+           steps, None, 0.0, **hyper)
+
+
+def adamw_fisher_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, steps, *,
+                  fisher_scale, **hyper):
+    indices = [_BLOCK_ZERO if p.numel() else _BLOCK_ZERO[:0] for p in params]
+    sizes = [max(p.numel(), 1) for p in params]
+    _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, indices, sizes, steps,
+           fishers, fisher_scale, **hyper)
+
+
+def delta_stats(post, pre, fishers, refs, block_sizes, num_refs, outputs):
+    ext = _ext()
+    sum_sq, fisher_sum, dots, ref_sq = outputs
+    table: list[int] = []
+    row = 0
+    for i, t in enumerate(post):
+        rs = refs[i * num_refs:(i + 1) * num_refs]
+        table += [
+            t.data_ptr(), pre[i].data_ptr() if pre else 0, DTYPE_CODES[t.dtype],
+            fishers[i].data_ptr() if fishers else 0, t.numel(), block_sizes[i], row,
+            *[r.data_ptr() for r in rs], *[DTYPE_CODES[r.dtype] for r in rs],
+        ]
+        row += t.numel() // block_sizes[i]
+    ext.delta_stats(table, len(post), num_refs, sum_sq.data_ptr(), fisher_sum.data_ptr(),
+                    dots.data_ptr(), ref_sq.data_ptr(), torch.get_num_threads())

@@ -63,6 +63,13 @@ def adamw_update_(p, g, m, v, vmax, *, lr, beta1, beta2, eps, weight_decay, step
     p.add_(m.mul(-(lr / bias_correction1)).div_(denom))
 
 
+def _unscaled(g, grad_scale, maximize):
+    g = g.to(torch.float32)
+    if grad_scale is not None:
+        g = g / grad_scale.to(g.device, torch.float32)
+    return g.neg() if maximize else g
+
+
 def masked_adamw_(
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices, block_sizes, steps,
     *, lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale, found_inf,
@@ -78,14 +85,63 @@ def masked_adamw_(
         ei = element_indices(idx, block_sizes[i])
         flat_p = p.view(-1)
         pv = flat_p[ei].to(torch.float32)
-        g = grads[i].view(-1)[ei].to(torch.float32)
-        if grad_scale is not None:
-            g = g / grad_scale.to(g.device, torch.float32)
-        if maximize:
-            g = g.neg()
+        g = _unscaled(grads[i].view(-1)[ei], grad_scale, maximize)
         adamw_update_(
             pv, g, exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i] if amsgrad else None,
             lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
             step=step_values[i],
         )
         flat_p[ei] = pv.to(p.dtype)
+
+
+def adamw_fisher_(
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, steps, *, fisher_scale,
+    lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale, found_inf,
+):
+    """Dense AdamW step that also accumulates fisher += fisher_scale * g^2 (g unscaled)."""
+    if inf_found(found_inf):
+        return
+    step_values = advance_steps(steps)
+    lr = resolve_lr(lr, lr_tensor)
+    for i, p in enumerate(params):
+        if p.numel() == 0:
+            continue
+        flat_p = p.view(-1)
+        pv = flat_p.to(torch.float32, copy=True)
+        g = _unscaled(grads[i].view(-1), grad_scale, maximize)
+        fishers[i].view(-1).add_(g.mul(fisher_scale).mul_(g))
+        adamw_update_(
+            pv, g, exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i] if amsgrad else None,
+            lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+            step=step_values[i],
+        )
+        flat_p.copy_(pv.to(p.dtype))
+
+
+def delta_stats(post, pre, fishers, refs, block_sizes, num_refs, outputs):
+    """Per-block sums of d^2, fisher, d*ref, ref^2 (d = post - pre in fp32; sums in fp64)."""
+    sum_sq, fisher_sum, dots, ref_sq = outputs
+    row = 0
+    for i, t in enumerate(post):
+        b = block_sizes[i]
+        nb = t.numel() // b
+        rows = slice(row, row + nb)
+        row += nb
+        if nb == 0:
+            continue
+        d = t.reshape(-1).to(torch.float32)
+        if pre:
+            d = d - pre[i].reshape(-1).to(torch.float32)
+
+        def block_sum(x):
+            # B = 1: the single fp32 product, as the kernels store it
+            return x.view(nb, b).sum(1).to(torch.float32) if b > 1 else x.to(torch.float32)
+
+        dd = d.double() if b > 1 else d
+        sum_sq[rows] = block_sum(dd * dd)
+        fisher_sum[rows] = block_sum(fishers[i].reshape(-1).double()) if fishers else 0.0
+        for r in range(num_refs):
+            ref = refs[i * num_refs + r].reshape(-1).to(torch.float32)
+            rr = ref.double() if b > 1 else ref
+            dots[rows, r] = block_sum(dd * rr)
+            ref_sq[rows, r] = block_sum(rr * rr)

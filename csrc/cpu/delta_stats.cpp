@@ -1,0 +1,204 @@
+#include "delta_stats.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "parallel.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define TK_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define TK_CPU_CLONES
+#endif
+
+namespace trace_kernels::cpu {
+namespace {
+
+// Elements per segment: a block longer than this is split into segments whose partial sums
+// are added in order afterwards; shorter blocks are grouped whole into one segment.
+constexpr int64_t kSegment = 1 << 14;
+// Elements converted to fp32 at a time (fits L1 with a few references).
+constexpr int64_t kTile = 512;
+// Independent fp64 accumulators per sum: wide enough to vectorise, fixed for determinism.
+constexpr int kLanes = 8;
+
+struct Segment {
+  int64_t tensor;
+  int64_t begin;        // element range [begin, end) inside the tensor
+  int64_t end;
+  int64_t partial;      // -1: whole blocks, results go straight to the outputs
+};
+
+TK_HD void load_tile(const void* src, DType dtype, int64_t offset, int64_t n, float* out) {
+  switch (dtype) {
+    case DType::kFloat32:
+      std::memcpy(out, static_cast<const float*>(src) + offset, n * sizeof(float));
+      break;
+    case DType::kBFloat16: {
+      const bf16_t* s = static_cast<const bf16_t*>(src) + offset;
+      for (int64_t i = 0; i < n; ++i) out[i] = load_as_float(s + i);
+      break;
+    }
+    case DType::kFloat16: {
+      const fp16_t* s = static_cast<const fp16_t*>(src) + offset;
+      for (int64_t i = 0; i < n; ++i) out[i] = load_as_float(s + i);
+      break;
+    }
+  }
+}
+
+// acc[lane] += x[i]*y[i] with lane = i % kLanes (n is a multiple of kLanes or the range end).
+TK_HD void lane_dot(double* __restrict acc, const float* __restrict x, const float* __restrict y,
+                    int64_t n) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) acc[l] += static_cast<double>(x[i + l]) * y[i + l];
+  }
+  for (int l = 0; i < n; ++i, ++l) acc[l] += static_cast<double>(x[i]) * y[i];
+}
+
+TK_HD void lane_sum(double* __restrict acc, const float* __restrict x, int64_t n) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) acc[l] += x[i + l];
+  }
+  for (int l = 0; i < n; ++i, ++l) acc[l] += x[i];
+}
+
+TK_HD double fold_lanes(const double* acc) {
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+// Sums over elements [begin, end) of one tensor (all in one block) into out[0..2+2R).
+// Layout of out: sum_sq, fisher, dots[R], ref_sq[R].
+TK_HD void block_sums(const DeltaStatsTensor& t, int R, int64_t begin, int64_t end, double* out) {
+  alignas(64) float d[kTile];
+  alignas(64) float buf[kTile];
+  double acc[2 + 2 * kMaxRefs][kLanes] = {};
+  for (int64_t off = begin; off < end; off += kTile) {
+    // Tiles are whole multiples of kLanes, so each element's lane is (i - begin) % kLanes.
+    const int64_t n = std::min(kTile, end - off);
+    load_tile(t.post, t.dtype, off, n, d);
+    if (t.pre != nullptr) {
+      load_tile(t.pre, t.dtype, off, n, buf);
+      for (int64_t i = 0; i < n; ++i) d[i] = d[i] - buf[i];
+    }
+    lane_dot(acc[0], d, d, n);
+    if (t.fisher != nullptr) lane_sum(acc[1], t.fisher + off, n);
+    for (int r = 0; r < R; ++r) {
+      load_tile(t.refs[r], t.ref_dtypes[r], off, n, buf);
+      lane_dot(acc[2 + r], d, buf, n);
+      lane_dot(acc[2 + R + r], buf, buf, n);
+    }
+  }
+  for (int k = 0; k < 2 + 2 * R; ++k) out[k] = fold_lanes(acc[k]);
+}
+
+// Element-level blocks (B = 1): every sum is a single product, computed in fp32 directly.
+TK_HD void element_sums(const DeltaStatsTensor& t, int R, int64_t begin, int64_t end,
+                        float* sum_sq, float* fisher_sum, float* dots, float* ref_sq) {
+  alignas(64) float d[kTile];
+  alignas(64) float buf[kTile];
+  for (int64_t off = begin; off < end; off += kTile) {
+    const int64_t n = std::min(kTile, end - off);
+    const int64_t row = t.first_row + off;
+    load_tile(t.post, t.dtype, off, n, d);
+    if (t.pre != nullptr) {
+      load_tile(t.pre, t.dtype, off, n, buf);
+      for (int64_t i = 0; i < n; ++i) d[i] = d[i] - buf[i];
+    }
+    for (int64_t i = 0; i < n; ++i) sum_sq[row + i] = d[i] * d[i];
+    for (int64_t i = 0; i < n; ++i) fisher_sum[row + i] = t.fisher ? t.fisher[off + i] : 0.0f;
+    for (int r = 0; r < R; ++r) {
+      load_tile(t.refs[r], t.ref_dtypes[r], off, n, buf);
+      for (int64_t i = 0; i < n; ++i) dots[(row + i) * R + r] = d[i] * buf[i];
+      for (int64_t i = 0; i < n; ++i) ref_sq[(row + i) * R + r] = buf[i] * buf[i];
+    }
+  }
+}
+
+struct Outputs {
+  float* sum_sq;
+  float* fisher_sum;
+  float* dots;
+  float* ref_sq;
+  double* partials;
+};
+
+TK_HD void store_row(const Outputs& o, int R, int64_t row, const double* s) {
+  o.sum_sq[row] = static_cast<float>(s[0]);
+  o.fisher_sum[row] = static_cast<float>(s[1]);
+  for (int r = 0; r < R; ++r) {
+    o.dots[row * R + r] = static_cast<float>(s[2 + r]);
+    o.ref_sq[row * R + r] = static_cast<float>(s[2 + R + r]);
+  }
+}
+
+TK_CPU_CLONES
+void run_segments(const DeltaStatsTensor* tensors, const Segment* segs, int64_t first,
+                  int64_t last, int R, const Outputs& o) {
+  double sums[2 + 2 * kMaxRefs];
+  for (int64_t i = first; i < last; ++i) {
+    const Segment& s = segs[i];
+    const DeltaStatsTensor& t = tensors[s.tensor];
+    const int64_t B = t.block_size;
+    if (s.partial >= 0) {
+      block_sums(t, R, s.begin, s.end, o.partials + s.partial * (2 + 2 * R));
+    } else if (B == 1) {
+      element_sums(t, R, s.begin, s.end, o.sum_sq, o.fisher_sum, o.dots, o.ref_sq);
+    } else {
+      for (int64_t b0 = s.begin; b0 < s.end; b0 += B) {
+        block_sums(t, R, b0, b0 + B, sums);
+        store_row(o, R, t.first_row + b0 / B, sums);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void delta_stats(const std::vector<DeltaStatsTensor>& tensors, int R, float* sum_sq,
+                 float* fisher_sum, float* dots, float* ref_sq, int num_threads) {
+  // Fixed segmentation (independent of threads): whole blocks grouped up to kSegment
+  // elements, or a long block cut into kSegment pieces with partial sums.
+  std::vector<Segment> segs;
+  struct Split { int64_t row; int64_t first_partial; int64_t count; };
+  std::vector<Split> splits;
+  int64_t num_partials = 0;
+  int64_t total = 0;
+  for (int64_t ti = 0; ti < static_cast<int64_t>(tensors.size()); ++ti) {
+    const DeltaStatsTensor& t = tensors[ti];
+    const int64_t B = t.block_size;
+    total += t.numel;
+    if (B <= kSegment) {
+      const int64_t step = (kSegment / B) * B;
+      for (int64_t b = 0; b < t.numel; b += step) segs.push_back({ti, b, std::min(b + step, t.numel), -1});
+    } else {
+      const int64_t pieces = (B + kSegment - 1) / kSegment;
+      for (int64_t b = 0; b < t.numel; b += B) {
+        splits.push_back({t.first_row + b / B, num_partials, pieces});
+        for (int64_t p = 0; p < pieces; ++p) {
+          segs.push_back({ti, b + p * kSegment, std::min(b + (p + 1) * kSegment, b + B), num_partials++});
+        }
+      }
+    }
+  }
+  std::vector<double> partials(static_cast<size_t>(num_partials) * (2 + 2 * R));
+  const Outputs out{sum_sq, fisher_sum, dots, ref_sq, partials.data()};
+  parallel_chunks(static_cast<int64_t>(segs.size()), total, num_threads,
+                  [&](int64_t first, int64_t last) {
+                    run_segments(tensors.data(), segs.data(), first, last, R, out);
+                  });
+  // Stage two: each split block adds its pieces in order.
+  const int width = 2 + 2 * R;
+  for (const Split& s : splits) {
+    double sums[2 + 2 * kMaxRefs] = {};
+    for (int64_t p = 0; p < s.count; ++p) {
+      const double* part = partials.data() + (s.first_partial + p) * width;
+      for (int k = 0; k < width; ++k) sums[k] += part[k];
+    }
+    store_row(out, R, s.row, sums);
+  }
+}
+
+}  // namespace trace_kernels::cpu
