@@ -1,0 +1,18 @@
+"""trace_ft: the TRACE method on top of trace_kernels.
+
+- `probe`: short warm-start fine-tune that returns each parameter's update and Fisher
+  diagonal, leaving the model exactly as it was.
+- `select_core`: importance and specificity scores per block, and the core set under a
+  budget, as a `trace_kernels.CoreMask`.
+- `sketch_update`: fixed-size random-projection sketches of earlier tasks' updates.
+"""
+
+from .probe import DEFAULT_EXCLUDE, ProbeResult, eligible_parameters, probe
+from .select import EarlierTask, Selection, SelectConfig, select_core
+from .sketch import BlockSketch, sketch_update
+
+__all__ = [
+    "DEFAULT_EXCLUDE", "ProbeResult", "eligible_parameters", "probe",
+    "EarlierTask", "Selection", "SelectConfig", "select_core",
+    "BlockSketch", "sketch_update",
+]

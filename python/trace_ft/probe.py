@@ -1,0 +1,162 @@
+"""The warm-start probe: a short fine-tune that reveals which parameters a task moves.
+
+`probe` trains the eligible parameters in place for a few steps with the fused
+`adamw_fisher_` step, which accumulates the empirical Fisher diagonal (mean of g² over the
+steps) in the same pass as the update. It then records the adaptation trace
+Δ = θ_probe − θ⁰ and restores θ⁰ bit for bit, together with every parameter's
+``requires_grad`` flag, its ``.grad`` and the module's train/eval mode.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from trace_kernels import ops
+
+# Embeddings, output heads, norms and biases are left out by default (METHOD.md: the
+# weight matrices of attention and MLP layers are eligible).
+DEFAULT_EXCLUDE: tuple[str, ...] = (
+    r"embed", r"(^|\.)wte\.", r"(^|\.)wpe\.", r"lm_head", r"norm", r"(^|\.)ln_?\w*\.", r"\.bias$",
+)
+
+
+@dataclass
+class ProbeResult:
+    """Per eligible parameter: the update Δ and the mean squared gradient (Fisher)."""
+
+    deltas: dict[str, Tensor]
+    fisher: dict[str, Tensor]
+    steps: int
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.deltas)
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {n: tuple(d.shape) for n, d in self.deltas.items()}
+
+    @property
+    def numel(self) -> int:
+        return sum(d.numel() for d in self.deltas.values())
+
+
+def eligible_parameters(
+    model: nn.Module,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] = DEFAULT_EXCLUDE,
+) -> list[tuple[str, nn.Parameter]]:
+    """Trainable parameters whose name matches any `include` pattern (all if None) and no
+    `exclude` pattern (regular expressions, searched anywhere in the name)."""
+    inc = [re.compile(p) for p in include] if include is not None else None
+    exc = [re.compile(p) for p in exclude]
+    out = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if inc is not None and not any(r.search(name) for r in inc):
+            continue
+        if any(r.search(name) for r in exc):
+            continue
+        out.append((name, p))
+    return out
+
+
+def default_loss(model: nn.Module, batch) -> Tensor:
+    """``model(**batch).loss`` for dict batches (Hugging Face style), else ``model(batch)``."""
+    out = model(**batch) if isinstance(batch, dict) else model(batch)
+    loss = getattr(out, "loss", out)
+    if not isinstance(loss, Tensor) or loss.dim() != 0:
+        raise TypeError("the model did not return a scalar loss; pass loss_fn=")
+    return loss
+
+
+def probe(
+    model: nn.Module,
+    batches: Iterable,
+    steps: int,
+    lr: float,
+    *,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] = DEFAULT_EXCLUDE,
+    loss_fn: Callable[[nn.Module, object], Tensor] = default_loss,
+    offload_device: torch.device | str | None = None,
+    delta_dtype: torch.dtype = torch.float32,
+    max_grad_norm: float | None = None,
+    backend: str | None = None,
+) -> ProbeResult:
+    """Warm-start probe of `steps` AdamW steps on the eligible parameters.
+
+    batches: an iterable of batches, cycled if shorter than `steps`.
+    offload_device: where the pre-probe copy, Δ and Fisher live (e.g. "cpu" for a model
+        that does not fit twice on its accelerator); default: each parameter's device.
+    delta_dtype: dtype of the stored Δ (bf16 halves its memory).
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    named = eligible_parameters(model, include, exclude)
+    if not named:
+        raise ValueError("no eligible parameters: check include/exclude patterns and requires_grad")
+    eligible = {id(p) for _, p in named}
+    params = [p for _, p in named]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    grads = [(p, p.grad) for p in model.parameters()]
+    was_training = model.training
+    home = [offload_device or p.device for p in params]
+    with torch.no_grad():
+        saved = [p.detach().to(d, copy=True) for p, d in zip(params, home)]
+    exp_avgs = [torch.zeros(p.numel(), dtype=torch.float32, device=p.device) for p in params]
+    exp_avg_sqs = [torch.zeros_like(m) for m in exp_avgs]
+    fishers = [torch.zeros_like(m) for m in exp_avgs]
+    step_counts = [torch.tensor(0.0) for _ in params]
+    losses: list[float] = []
+    try:
+        for p, _ in flags:
+            p.requires_grad_(id(p) in eligible)  # backward skips everything else
+            p.grad = None
+        model.train()
+        for _, batch in zip(range(steps), itertools.cycle(batches)):
+            loss = loss_fn(model, batch)
+            loss.backward()
+            losses.append(float(loss.detach()))
+            if max_grad_norm is not None:
+                nn.utils.clip_grad_norm_(params, max_grad_norm)
+            live = [i for i, p in enumerate(params) if p.grad is not None]
+            ops.adamw_fisher_(
+                [params[i] for i in live], [params[i].grad.contiguous() for i in live],
+                [exp_avgs[i] for i in live], [exp_avg_sqs[i] for i in live], [],
+                [fishers[i] for i in live], [step_counts[i] for i in live],
+                lr=lr, beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=weight_decay,
+                fisher_scale=1.0 / steps, backend=backend,
+            )
+            for p in params:
+                p.grad = None
+        if len(losses) < steps:
+            raise ValueError(f"batches ran out after {len(losses)} of {steps} probe steps")
+        deltas, fisher = {}, {}
+        with torch.no_grad():
+            for (name, p), pre, d, f in zip(named, saved, home, fishers):
+                deltas[name] = (p.detach().to(d, torch.float32) - pre.float()).to(delta_dtype)
+                fisher[name] = f.view(p.shape).to(d)
+    finally:
+        with torch.no_grad():
+            for p, pre in zip(params, saved):
+                p.copy_(pre)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for p, g in grads:
+            p.grad = g
+        model.train(was_training)
+    return ProbeResult(deltas=deltas, fisher=fisher, steps=steps, losses=losses)

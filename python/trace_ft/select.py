@@ -1,0 +1,329 @@
+"""Core-parameter selection: importance and specificity per block, then a budget.
+
+The default ("trace", METHOD.md):
+- importance per block b: L2 = ‖Δ_b‖₂ and Fisher = Σ_{e∈b} F_e, combined scale-free as the
+  mean of the two scores' percentile ranks over all eligible blocks (options: product or
+  weighted sum of max-normalised scores, either score alone; ranks/maxima over all blocks
+  or within each tensor);
+- specificity: s_b = max over earlier tasks τ of cos(Δ_t,b, Δ_τ,b), from exact earlier
+  updates or their sketches;
+- the core: among blocks with s_b below `specificity_threshold` (rule "exclude"; or rule
+  "downweight": importance × (1 − max(s_b, 0))) and not core for an earlier task (unless
+  `share_earlier_cores`), the most important blocks up to `budget` of the eligible elements,
+  globally or per tensor.
+
+The "paper" method reproduces the authors' released selection: whole tensors, score
+0.5·minmax(RMS of Δ) + 0.5·minmax(mean Fisher), the top `budget` (default 10 %) of tensors
+ranked globally. "paper_specificity" is their separate specificity selector: tensors
+ranked by mean cosine with earlier tasks' updates, least similar first.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor
+
+from trace_kernels import CoreMask, ops
+from trace_kernels.masks import block_size_for
+
+from .probe import ProbeResult
+from .sketch import BlockSketch, sketch_cosine
+
+IMPORTANCE = ("rank", "product", "weighted", "l2", "fisher")
+METHODS = ("trace", "paper", "paper_specificity")
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    method: str = "trace"
+    budget: float = 0.05              # fraction of eligible elements (paper: of tensors)
+    granularity: str | int = "row"    # "element", "row", "tensor" or a block size
+    scope: str = "global"             # budget over all tensors, or "per_tensor"
+    importance: str = "rank"
+    weights: tuple[float, float] = (0.5, 0.5)   # (L2, Fisher) for "weighted"
+    normalize: str = "global"         # ranks/maxima over all blocks, or "per_tensor"
+    specificity_threshold: float = 0.5
+    shared_rule: str = "exclude"      # or "downweight"
+    share_earlier_cores: bool = False
+
+    @classmethod
+    def paper(cls, budget: float = 0.10, specificity: bool = False) -> SelectConfig:
+        return cls(method="paper_specificity" if specificity else "paper", budget=budget,
+                   granularity="tensor")
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if not 0.0 <= self.budget <= 1.0:
+            raise ValueError(f"budget must be a fraction in [0, 1], got {self.budget}")
+        if self.importance not in IMPORTANCE:
+            raise ValueError(f"importance must be one of {IMPORTANCE}, got {self.importance!r}")
+        if self.scope not in ("global", "per_tensor"):
+            raise ValueError(f"scope must be 'global' or 'per_tensor', got {self.scope!r}")
+        if self.normalize not in ("global", "per_tensor"):
+            raise ValueError(f"normalize must be 'global' or 'per_tensor', got {self.normalize!r}")
+        if self.shared_rule not in ("exclude", "downweight"):
+            raise ValueError(f"shared_rule must be 'exclude' or 'downweight', got {self.shared_rule!r}")
+
+
+@dataclass
+class EarlierTask:
+    """What selection needs of an earlier task: its updates (exact tensors or sketches, by
+    parameter name) and its core mask."""
+
+    updates: Mapping[str, Tensor | BlockSketch] = field(default_factory=dict)
+    core: CoreMask | None = None
+
+
+@dataclass
+class Selection:
+    mask: CoreMask
+    report: list[dict]                 # one row per tensor
+    scores: dict[str, Tensor]          # final per-block score per tensor (-inf: excluded)
+
+    def summary(self) -> str:
+        lines = [f"{'tensor':40s} {'chosen':>8s} {'blocks':>8s} {'mean L2':>10s} "
+                 f"{'mean F':>10s} {'spec':>6s} {'shared':>6s} {'earlier':>7s}"]
+        for r in self.report:
+            lines.append(
+                f"{r['name'][:40]:40s} {r['chosen']:8d} {r['blocks']:8d} {r['mean_l2']:10.3e} "
+                f"{r['mean_fisher']:10.3e} {r['mean_specificity']:6.2f} {r['excluded_shared']:6d} "
+                f"{r['excluded_earlier_core']:7d}")
+        lines.append(f"core: {self.mask.numel_selected:,} of {self.mask.numel:,} elements "
+                     f"({self.mask.density:.2%})")
+        return "\n".join(lines)
+
+
+def _percentile_rank(x: Tensor) -> Tensor:
+    """Rank of each value in [0, 1] (ties share their mean rank)."""
+    n = x.numel()
+    if n <= 1:
+        return torch.ones_like(x)
+    order = torch.argsort(x, stable=True)
+    ranks = torch.empty(n, dtype=torch.float64)
+    ranks[order] = torch.arange(n, dtype=torch.float64)
+    # average ranks over ties so equal scores score equally
+    uniq, inv = torch.unique(x, return_inverse=True)
+    if uniq.numel() < n:
+        sums = torch.zeros(uniq.numel(), dtype=torch.float64).index_add_(0, inv, ranks)
+        counts = torch.zeros(uniq.numel(), dtype=torch.float64).index_add_(0, inv, torch.ones(n, dtype=torch.float64))
+        ranks = (sums / counts)[inv]
+    return ranks / (n - 1)
+
+
+def _normalised(x: Tensor, how: str) -> Tensor:
+    if how == "rank":
+        return _percentile_rank(x)
+    m = x.max() if x.numel() else x.new_tensor(0.0)
+    return x / m if m > 0 else torch.zeros_like(x)
+
+
+def _combine(l2: Tensor, fisher: Tensor, cfg: SelectConfig) -> Tensor:
+    if cfg.importance == "l2":
+        return _normalised(l2, "max")
+    if cfg.importance == "fisher":
+        return _normalised(fisher, "max")
+    if cfg.importance == "rank":
+        return 0.5 * (_percentile_rank(l2) + _percentile_rank(fisher))
+    a, b = _normalised(l2, "max"), _normalised(fisher, "max")
+    if cfg.importance == "product":
+        return a * b
+    return cfg.weights[0] * a + cfg.weights[1] * b
+
+
+def _block_stats(probe: ProbeResult, sizes: dict[str, int], earlier: Sequence[EarlierTask]):
+    """Per tensor: (sum_sq, fisher_sum, cos (blocks, tasks)) using delta_stats for exact
+    earlier updates (16 at a time) and sketch space for sketched ones."""
+    names = probe.names
+    deltas = [probe.deltas[n].contiguous() for n in names]
+    fishers = [probe.fisher[n].reshape(-1).float().contiguous() for n in names]
+    exact_tasks = [t for t in earlier if any(isinstance(u, Tensor) for u in t.updates.values())]
+    cos_cols: dict[str, list[Tensor]] = {n: [] for n in names}
+    zeros: dict[str, Tensor] = {}
+
+    def ref_for(task: EarlierTask, i: int) -> Tensor:
+        u = task.updates.get(names[i])
+        if isinstance(u, Tensor):
+            if u.numel() != deltas[i].numel():
+                raise ValueError(f"earlier update of {names[i]!r} has {u.numel()} elements, "
+                                 f"the parameter has {deltas[i].numel()}")
+            return u.reshape(-1).to(deltas[i].device).contiguous()
+        if names[i] not in zeros:  # no exact update of this tensor: no similarity
+            zeros[names[i]] = torch.zeros(deltas[i].numel(), dtype=deltas[i].dtype, device=deltas[i].device)
+        return zeros[names[i]]
+
+    block_sizes = [sizes[n] for n in names]
+    stats = ops.delta_stats(deltas, None, fishers, None, block_sizes)
+    for g0 in range(0, len(exact_tasks), ops.MAX_REFS):
+        group = exact_tasks[g0:g0 + ops.MAX_REFS]
+        refs = [[ref_for(t, i) for t in group] for i in range(len(names))]
+        part = ops.delta_stats(deltas, None, None, refs, block_sizes)
+        for i, n in enumerate(names):
+            rows = slice(stats.row_offsets[i], stats.row_offsets[i + 1])
+            ss = stats.sum_sq[rows].double().unsqueeze(1)
+            denom = (ss * part.ref_sq[rows].double()).sqrt()
+            cos = torch.where(denom > 0, part.dots[rows].double() / denom.clamp_min(1e-300),
+                              torch.zeros_like(denom))
+            cos_cols[n].append(cos)
+    for task in earlier:
+        for i, n in enumerate(names):
+            u = task.updates.get(n)
+            if isinstance(u, BlockSketch):
+                if u.block_size != sizes[n]:
+                    raise ValueError(f"sketch of {n!r} has block size {u.block_size}, selection "
+                                     f"uses {sizes[n]}")
+                cos_cols[n].append(sketch_cosine(deltas[i], n, u).double().unsqueeze(1))
+    out = {}
+    for i, n in enumerate(names):
+        rows = slice(stats.row_offsets[i], stats.row_offsets[i + 1])
+        nb = rows.stop - rows.start
+        cos = torch.cat(cos_cols[n], 1) if cos_cols[n] else torch.zeros(nb, 0, dtype=torch.float64)
+        out[n] = (stats.sum_sq[rows].double(), stats.fisher_sum[rows].double(), cos)
+    return out
+
+
+def _take_budget(scores: Tensor, block_elems: Tensor, budget_elems: float) -> Tensor:
+    """Bool per block: highest scores first while the element budget lasts (finite only)."""
+    chosen = torch.zeros(scores.numel(), dtype=torch.bool)
+    finite = torch.isfinite(scores)
+    if not finite.any() or budget_elems <= 0:
+        return chosen
+    cand = torch.nonzero(finite).reshape(-1)
+    order = cand[torch.argsort(scores[cand], descending=True, stable=True)]
+    used = torch.cumsum(block_elems[order], 0)
+    chosen[order[used <= budget_elems]] = True
+    return chosen
+
+
+def select_core(
+    probe: ProbeResult,
+    earlier: Sequence[EarlierTask] = (),
+    config: SelectConfig | None = None,
+    **overrides,
+) -> Selection:
+    """Choose the task's core blocks from a probe (see the module doc for the rules).
+
+    `earlier` lists the earlier tasks (updates for specificity, cores for exclusion).
+    Keyword overrides replace fields of `config`, e.g. ``select_core(r, budget=0.01)``.
+    """
+    cfg = replace(config or SelectConfig(), **overrides)
+    cfg.validate()
+    shapes = probe.shapes
+    if not shapes:
+        raise ValueError("the probe result has no parameters")
+    gran = "tensor" if cfg.method != "trace" else cfg.granularity
+    sizes = {n: block_size_for(s, gran) for n, s in shapes.items()}
+    for n, b in sizes.items():
+        if math.prod(shapes[n]) % b:
+            raise ValueError(f"block size {b} does not divide {n!r} of shape {shapes[n]}")
+    stats = _block_stats(probe, sizes, earlier)
+    if cfg.method == "trace":
+        scores, info = _trace_scores(stats, sizes, shapes, earlier, cfg)
+    else:
+        scores, info = _paper_scores(stats, shapes, cfg)
+    names = list(shapes)
+    elems = {n: torch.full((scores[n].numel(),), sizes[n], dtype=torch.float64) for n in names}
+    if cfg.method != "trace":  # the paper's budget counts tensors
+        flat = torch.cat([scores[n] for n in names])
+        k = max(1, round(cfg.budget * len(names))) if cfg.budget > 0 else 0
+        chosen_flat = _take_budget(flat, torch.ones(len(names), dtype=torch.float64), k)
+        chosen = {n: chosen_flat[i:i + 1] for i, n in enumerate(names)}
+    elif cfg.scope == "global":
+        flat = torch.cat([scores[n] for n in names])
+        total = sum(math.prod(s) for s in shapes.values())
+        chosen_flat = _take_budget(flat, torch.cat([elems[n] for n in names]), cfg.budget * total)
+        chosen, start = {}, 0
+        for n in names:
+            chosen[n] = chosen_flat[start:start + scores[n].numel()]
+            start += scores[n].numel()
+    else:
+        chosen = {n: _take_budget(scores[n], elems[n], cfg.budget * math.prod(shapes[n])) for n in names}
+    mask = CoreMask.from_blocks({n: (shapes[n], sizes[n], chosen[n]) for n in names})
+    report = []
+    for n in names:
+        sum_sq, fisher, cos = stats[n]
+        spec = cos.max(1).values if cos.shape[1] else torch.zeros_like(sum_sq)
+        c = chosen[n]
+        report.append({
+            "name": n, "block_size": sizes[n], "blocks": int(c.numel()), "chosen": int(c.sum()),
+            "mean_l2": float(sum_sq.sqrt().mean()) if c.numel() else 0.0,
+            "mean_fisher": float(fisher.mean()) if c.numel() else 0.0,
+            "mean_score_chosen": float(scores[n][c].mean()) if c.any() else float("nan"),
+            "mean_specificity": float(spec.mean()) if c.numel() else 0.0,
+            "excluded_shared": int(info[n]["shared"]),
+            "excluded_earlier_core": int(info[n]["earlier_core"]),
+        })
+    return Selection(mask=mask, report=report, scores=scores)
+
+
+def _earlier_core_blocks(earlier: Sequence[EarlierTask], name: str, shape, block_size: int) -> Tensor | None:
+    hit = None
+    for task in earlier:
+        if task.core is None or name not in task.core:
+            continue
+        dense = task.core.to_dense(name).reshape(-1, block_size).any(1)
+        hit = dense if hit is None else hit | dense
+    return hit
+
+
+def _trace_scores(stats, sizes, shapes, earlier, cfg: SelectConfig):
+    names = list(shapes)
+    l2 = {n: stats[n][0].sqrt() for n in names}
+    fisher = {n: stats[n][1] for n in names}
+    if cfg.normalize == "global":
+        flat = _combine(torch.cat([l2[n] for n in names]), torch.cat([fisher[n] for n in names]), cfg)
+        imp, start = {}, 0
+        for n in names:
+            imp[n] = flat[start:start + l2[n].numel()]
+            start += l2[n].numel()
+    else:
+        imp = {n: _combine(l2[n], fisher[n], cfg) for n in names}
+    scores, info = {}, {}
+    for n in names:
+        s = imp[n].clone()
+        cos = stats[n][2]
+        shared = torch.zeros(s.numel(), dtype=torch.bool)
+        if cos.shape[1]:
+            spec = cos.max(1).values
+            shared = spec >= cfg.specificity_threshold
+            if cfg.shared_rule == "exclude":
+                s[shared] = -math.inf
+            else:
+                s = s * (1 - spec.clamp_min(0))
+        core_hit = torch.zeros(s.numel(), dtype=torch.bool)
+        if not cfg.share_earlier_cores:
+            hit = _earlier_core_blocks(earlier, n, shapes[n], sizes[n])
+            if hit is not None:
+                core_hit = hit
+                s[hit] = -math.inf
+        scores[n] = s
+        info[n] = {"shared": int((shared & ~core_hit).sum()) if cfg.shared_rule == "exclude" else 0,
+                   "earlier_core": int(core_hit.sum())}
+    return scores, info
+
+
+def _paper_scores(stats, shapes, cfg: SelectConfig):
+    """Whole tensors: minmax(RMS Δ) and minmax(mean Fisher), 0.5 each; or, for the
+    specificity selector, minus the mean cosine with earlier tasks (least similar first)."""
+    names = list(shapes)
+    numel = torch.tensor([max(math.prod(shapes[n]), 1) for n in names], dtype=torch.float64)
+    if cfg.method == "paper_specificity":
+        cos = [stats[n][2] for n in names]
+        if not any(c.numel() for c in cos):
+            raise ValueError("paper_specificity needs earlier tasks' updates")
+        flat = -torch.stack([c.mean() if c.numel() else torch.tensor(0.0, dtype=torch.float64) for c in cos])
+    else:
+        rms = torch.stack([stats[n][0].sum() for n in names]).div(numel).sqrt()
+        mean_f = torch.stack([stats[n][1].sum() for n in names]).div(numel)
+
+        def minmax(x):
+            span = x.max() - x.min()
+            return (x - x.min()) / span if span > 0 else torch.zeros_like(x)
+
+        flat = 0.5 * minmax(rms) + 0.5 * minmax(mean_f)
+    scores = {n: flat[i:i + 1] for i, n in enumerate(names)}
+    return scores, {n: {"shared": 0, "earlier_core": 0} for n in names}

@@ -1,0 +1,241 @@
+"""trace_ft.probe and trace_ft.select_core: the model is left as it was, and selection finds
+planted core parameters and honours specificity."""
+
+import copy
+import math
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import bits
+from trace_kernels import CoreMask
+from trace_ft import (EarlierTask, ProbeResult, SelectConfig, eligible_parameters, probe,
+                      select_core, sketch_update)
+from trace_ft.sketch import sketch_cosine
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(11, 16)
+        self.proj = nn.Linear(16, 24)
+        self.norm = nn.LayerNorm(24)
+        self.out = nn.Linear(24, 5, bias=False)
+
+    def forward(self, x, y):
+        logits = self.out(self.norm(self.proj(self.embed(x)).relu())).mean(1)
+        return nn.functional.cross_entropy(logits, y)
+
+
+def tiny_batches(gen, n=4):
+    return [{"x": torch.randint(0, 11, (8, 6), generator=gen), "y": torch.randint(0, 5, (8,), generator=gen)}
+            for _ in range(n)]
+
+
+def loss_fn(model, batch):
+    return model(batch["x"], batch["y"])
+
+
+def test_eligibility_defaults_and_patterns():
+    names = [n for n, _ in eligible_parameters(Tiny())]
+    assert names == ["proj.weight", "out.weight"]  # no embedding, norm or bias
+    names = [n for n, _ in eligible_parameters(Tiny(), include=[r"proj"], exclude=())]
+    assert names == ["proj.weight", "proj.bias"]
+
+
+def test_probe_restores_the_model_exactly(gen):
+    model = Tiny()
+    model.eval()
+    model.norm.weight.requires_grad_(False)
+    model.out.weight.grad = torch.randn(5, 24, generator=gen)
+    before = copy.deepcopy(model.state_dict())
+    grad_before = model.out.weight.grad.clone()
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    result = probe(model, tiny_batches(gen), steps=7, lr=1e-2, loss_fn=loss_fn)
+    for n, t in model.state_dict().items():
+        assert torch.equal(bits(t), bits(before[n])), n
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert torch.equal(model.out.weight.grad, grad_before)
+    assert model.proj.weight.grad is None and not model.training
+    assert set(result.deltas) == {"proj.weight", "out.weight"}
+    assert result.steps == 7 and len(result.losses) == 7
+    assert all(d.abs().sum() > 0 for d in result.deltas.values())
+
+
+def test_probe_matches_torch_adamw_and_mean_squared_grads(gen):
+    model = Tiny()
+    twin = copy.deepcopy(model)
+    batches = tiny_batches(gen, 3)
+    result = probe(model, batches, steps=5, lr=3e-3, weight_decay=0.0, loss_fn=loss_fn)
+    params = dict(twin.named_parameters())
+    chosen = [params["proj.weight"], params["out.weight"]]
+    for n, p in twin.named_parameters():
+        p.requires_grad_(n in ("proj.weight", "out.weight"))
+    start = [p.detach().clone() for p in chosen]
+    opt = torch.optim.AdamW(chosen, lr=3e-3, weight_decay=0.0)
+    sq = [torch.zeros_like(p) for p in chosen]
+    for step in range(5):
+        opt.zero_grad()
+        loss_fn(twin, batches[step % 3]).backward()
+        for s, p in zip(sq, chosen):
+            s += p.grad.square()
+        opt.step()
+    for name, p, p0, s in zip(("proj.weight", "out.weight"), chosen, start, sq):
+        delta = p.detach() - p0
+        assert (result.deltas[name] - delta).norm() / delta.norm() < 1e-5
+        torch.testing.assert_close(result.fisher[name], s / 5, rtol=1e-5, atol=1e-12)
+
+
+def test_probe_offload_and_bf16_deltas(gen):
+    model = Tiny()
+    r32 = probe(copy.deepcopy(model), tiny_batches(gen), steps=3, lr=1e-2, loss_fn=loss_fn)
+    r16 = probe(model, tiny_batches(gen), steps=3, lr=1e-2, loss_fn=loss_fn,
+                offload_device="cpu", delta_dtype=torch.bfloat16)
+    assert r16.deltas["proj.weight"].dtype == torch.bfloat16
+    assert r16.fisher["proj.weight"].dtype == torch.float32
+
+
+def test_probe_errors(gen):
+    with pytest.raises(ValueError, match="no eligible parameters"):
+        probe(Tiny(), tiny_batches(gen), steps=2, lr=1e-2, loss_fn=loss_fn, include=[r"nothing"])
+    model = Tiny()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="ran out"):
+        probe(model, [], steps=2, lr=1e-2, loss_fn=loss_fn)
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
+
+
+def planted_problem(gen, rows=48, cols=64, core_rows=12, noise=1e-3):
+    """A linear map whose target differs from its start only on `core_rows` rows."""
+    layer = nn.Linear(cols, rows, bias=False)
+    target = layer.weight.detach().clone()
+    core = torch.randperm(rows, generator=gen)[:core_rows]
+    target[core] += torch.randn(core_rows, cols, generator=gen) * 0.5
+    batches = []
+    for _ in range(8):
+        x = torch.randn(32, cols, generator=gen)
+        y = x @ target.T + noise * torch.randn(32, rows, generator=gen)
+        batches.append((x, y))
+    return layer, core, batches
+
+
+def mse(model, batch):
+    x, y = batch
+    return ((model(x) - y) ** 2).mean()
+
+
+@pytest.mark.parametrize("importance", ["rank", "product", "weighted"])
+def test_selection_finds_planted_rows(gen, importance):
+    layer, core, batches = planted_problem(gen)
+    result = probe(layer, batches, steps=20, lr=1e-2, loss_fn=mse, exclude=())
+    sel = select_core(result, budget=12 / 48, granularity="row", importance=importance)
+    chosen = set(sel.mask["weight"].indices.tolist())
+    recall = len(chosen & set(core.tolist())) / len(core)
+    assert recall >= 0.9, (importance, sorted(chosen), sorted(core.tolist()))
+    assert sel.mask.numel_selected <= 12 * 64
+    assert "weight" in sel.summary()
+
+
+def test_specificity_excludes_blocks_shared_with_an_earlier_task(gen):
+    layer, core, batches = planted_problem(gen)
+    result = probe(layer, batches, steps=20, lr=1e-2, loss_fn=mse, exclude=())
+    shared_rows = core[:4]
+    earlier = torch.zeros_like(result.deltas["weight"])
+    earlier[shared_rows] = result.deltas["weight"][shared_rows] * 3.0  # same direction
+    other = torch.randn(earlier.shape, generator=gen)
+    earlier[core[4:]] = other[core[4:]]  # unrelated direction elsewhere
+    sel = select_core(result, [EarlierTask(updates={"weight": earlier})], budget=12 / 48)
+    chosen = set(sel.mask["weight"].indices.tolist())
+    assert not chosen & set(shared_rows.tolist())
+    assert len(chosen & set(core[4:].tolist())) >= 7
+    assert sel.report[0]["excluded_shared"] >= 4
+    # "downweight" keeps them possible but lower; with a full budget they come back
+    sel2 = select_core(result, [EarlierTask(updates={"weight": earlier})], budget=1.0,
+                       shared_rule="downweight")
+    assert set(shared_rows.tolist()) <= set(sel2.mask["weight"].indices.tolist())
+
+
+def test_earlier_cores_are_excluded_unless_shared(gen):
+    layer, core, batches = planted_problem(gen)
+    result = probe(layer, batches, steps=20, lr=1e-2, loss_fn=mse, exclude=())
+    taken = CoreMask.from_blocks({"weight": ((48, 64), 64, torch.isin(torch.arange(48), core[:6]))})
+    sel = select_core(result, [EarlierTask(core=taken)], budget=12 / 48)
+    assert not set(sel.mask["weight"].indices.tolist()) & set(core[:6].tolist())
+    assert sel.report[0]["excluded_earlier_core"] == 6
+    sel = select_core(result, [EarlierTask(core=taken)], budget=12 / 48, share_earlier_cores=True)
+    assert set(core[:6].tolist()) <= set(sel.mask["weight"].indices.tolist())
+
+
+def synthetic_result(gen, shapes):
+    deltas = {n: torch.randn(s, generator=gen) * torch.rand(1, generator=gen) for n, s in shapes.items()}
+    fisher = {n: torch.rand(s, generator=gen) * torch.rand(1, generator=gen) for n, s in shapes.items()}
+    return ProbeResult(deltas=deltas, fisher=fisher, steps=1)
+
+
+def test_paper_preset_reproduces_the_released_rule(gen):
+    shapes = {f"layer{i}.w": (8 + i, 16) for i in range(20)}
+    result = synthetic_result(gen, shapes)
+    sel = select_core(result, config=SelectConfig.paper())
+    rms = torch.tensor([d.double().square().mean().sqrt() for d in result.deltas.values()])
+    mf = torch.tensor([f.double().mean() for f in result.fisher.values()])
+    score = 0.5 * (rms - rms.min()) / (rms.max() - rms.min()) + 0.5 * (mf - mf.min()) / (mf.max() - mf.min())
+    expected = {list(shapes)[i] for i in torch.argsort(score, descending=True)[:2].tolist()}
+    chosen = {n for n, e in sel.mask.items() if e.num_selected}
+    assert chosen == expected
+    assert all(e.block_size == math.prod(shapes[n]) for n, e in sel.mask.items())
+
+
+def test_paper_specificity_selector(gen):
+    shapes = {f"t{i}": (4, 8) for i in range(10)}
+    result = synthetic_result(gen, shapes)
+    # earlier update: same direction for t0..t8 (scaled), opposite-ish for t9
+    earlier = {n: d * (1.0 if n != "t9" else -1.0) for n, d in result.deltas.items()}
+    sel = select_core(result, [EarlierTask(updates=earlier)], SelectConfig.paper(specificity=True))
+    assert {n for n, e in sel.mask.items() if e.num_selected} == {"t9"}
+
+
+def test_per_tensor_budget(gen):
+    shapes = {"a": (40, 10), "b": (20, 10)}
+    result = synthetic_result(gen, shapes)
+    result.deltas["a"] *= 100  # global would favour a
+    sel = select_core(result, budget=0.25, scope="per_tensor")
+    assert sel.mask["a"].num_selected == 10 and sel.mask["b"].num_selected == 5
+    sel = select_core(result, budget=0.25, granularity="element")
+    assert sel.mask.numel_selected == 150
+
+
+def test_sketch_cosine_close_to_exact(gen):
+    block, nb = 65536, 8
+    base = torch.randn(nb * block, generator=gen)
+    noise = torch.randn(nb * block, generator=gen)
+    mix = torch.linspace(0, 1, nb).repeat_interleave(block)
+    other = mix * base + (1 - mix) * noise  # cosines spread from ~0 to 1
+    sk = sketch_update(other, "w", block, dim=8192, seed=3)
+    approx = sketch_cosine(base, "w", sk)
+    a, b = base.view(nb, block).double(), other.view(nb, block).double()
+    exact = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+    assert (approx.double() - exact).abs().max() < 0.05
+    # the sketch is 8x smaller than the update
+    assert sk.values.numel() * 8 == other.numel()
+
+
+def test_selection_with_sketched_history(gen):
+    layer, core, batches = planted_problem(gen, rows=8, cols=8192, core_rows=4)
+    result = probe(layer, batches, steps=10, lr=1e-2, loss_fn=mse, exclude=())
+    earlier = result.deltas["weight"].clone()
+    sk = sketch_update(earlier, "weight", 8192, dim=1024)
+    sel = select_core(result, [EarlierTask(updates={"weight": sk})], budget=0.5)
+    assert sel.report[0]["excluded_shared"] >= 4  # same direction everywhere: all shared
+
+
+def test_probe_of_a_10m_parameter_model_is_fast(gen):
+    model = nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(10)])
+    assert sum(p.numel() for p in model.parameters()) > 10_000_000
+    x = torch.randn(16, 1024, generator=gen)
+    t0 = time.perf_counter()
+    result = probe(model, [x], steps=20, lr=1e-4, loss_fn=lambda m, b: m(b).square().mean())
+    elapsed = time.perf_counter() - t0
+    assert result.numel == 10 * 1024 * 1024
+    assert elapsed < 30, f"20-step probe of 10M parameters took {elapsed:.1f} s"
