@@ -19,8 +19,9 @@ namespace {
 constexpr int64_t kSegment = 1 << 14;
 // Elements converted to fp32 at a time (fits L1 with a few references).
 constexpr int64_t kTile = 512;
-// Independent fp64 accumulators per sum: wide enough to vectorise, fixed for determinism.
-constexpr int kLanes = 8;
+// Independent fp64 accumulators per sum: four 8-wide vectors, enough to hide the add
+// latency; the number is fixed, so the summation order (and the bits) never change.
+constexpr int kLanes = 32;
 
 struct Segment {
   int64_t tensor;
@@ -29,90 +30,118 @@ struct Segment {
   int64_t partial;      // -1: whole blocks, results go straight to the outputs
 };
 
-TK_HD void load_tile(const void* src, DType dtype, int64_t offset, int64_t n, float* out) {
+// A tile of `src` as fp32: fp32 data is used in place, 16-bit data converted into `buf`.
+TK_HD const float* tile_as_float(const void* src, DType dtype, int64_t offset, int64_t n,
+                                 float* buf) {
   switch (dtype) {
     case DType::kFloat32:
-      std::memcpy(out, static_cast<const float*>(src) + offset, n * sizeof(float));
-      break;
+      return static_cast<const float*>(src) + offset;
     case DType::kBFloat16: {
       const bf16_t* s = static_cast<const bf16_t*>(src) + offset;
-      for (int64_t i = 0; i < n; ++i) out[i] = load_as_float(s + i);
-      break;
+      for (int64_t i = 0; i < n; ++i) buf[i] = load_as_float(s + i);
+      return buf;
     }
     case DType::kFloat16: {
       const fp16_t* s = static_cast<const fp16_t*>(src) + offset;
-      for (int64_t i = 0; i < n; ++i) out[i] = load_as_float(s + i);
-      break;
+      for (int64_t i = 0; i < n; ++i) buf[i] = load_as_float(s + i);
+      return buf;
     }
   }
+  return buf;
 }
 
-// acc[lane] += x[i]*y[i] with lane = i % kLanes (n is a multiple of kLanes or the range end).
-TK_HD void lane_dot(double* __restrict acc, const float* __restrict x, const float* __restrict y,
-                    int64_t n) {
+// a + x*y in fp64. The product of two floats is exact in fp64, so a fused multiply-add
+// rounds exactly like multiply-then-add: the bits are the same on every ISA clone, and
+// the clones with FMA save an instruction.
+TK_HD double fma_exact(float x, float y, double a) {
+  return __builtin_fma(static_cast<double>(x), static_cast<double>(y), a);
+}
+
+// acc[lane] += x[i]*y[i] with lane = i % kLanes (n is a multiple of kLanes or the range
+// end). The accumulators are copied to locals so they stay in registers.
+TK_HD void lane_dot(double* acc, const float* __restrict x, const float* __restrict y, int64_t n) {
+  double a[kLanes];
+  std::memcpy(a, acc, sizeof a);
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) acc[l] += static_cast<double>(x[i + l]) * y[i + l];
+    for (int l = 0; l < kLanes; ++l) a[l] = fma_exact(x[i + l], y[i + l], a[l]);
   }
-  for (int l = 0; i < n; ++i, ++l) acc[l] += static_cast<double>(x[i]) * y[i];
+  for (int l = 0; i < n; ++i, ++l) a[l] = fma_exact(x[i], y[i], a[l]);
+  std::memcpy(acc, a, sizeof a);
 }
 
-TK_HD void lane_sum(double* __restrict acc, const float* __restrict x, int64_t n) {
+TK_HD void lane_sum(double* acc, const float* __restrict x, int64_t n) {
+  double a[kLanes];
+  std::memcpy(a, acc, sizeof a);
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) acc[l] += x[i + l];
+    for (int l = 0; l < kLanes; ++l) a[l] += x[i + l];
   }
-  for (int l = 0; i < n; ++i, ++l) acc[l] += x[i];
+  for (int l = 0; i < n; ++i, ++l) a[l] += x[i];
+  std::memcpy(acc, a, sizeof a);
 }
 
+// Pairwise, in a fixed order.
 TK_HD double fold_lanes(const double* acc) {
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  double t[kLanes];
+  std::memcpy(t, acc, sizeof t);
+  for (int width = kLanes / 2; width >= 1; width /= 2) {
+    for (int l = 0; l < width; ++l) t[l] = t[l] + t[l + width];
+  }
+  return t[0];
+}
+
+// d = post - pre (or post) for one tile, in fp32.
+TK_HD void tile_delta(const DeltaStatsTensor& t, int64_t off, int64_t n, float* d, float* pre_buf) {
+  const float* post = tile_as_float(t.post, t.dtype, off, n, d);
+  if (t.pre == nullptr) {
+    if (post != d) std::memcpy(d, post, n * sizeof(float));
+    return;
+  }
+  const float* pre = tile_as_float(t.pre, t.dtype, off, n, pre_buf);
+  for (int64_t i = 0; i < n; ++i) d[i] = post[i] - pre[i];
 }
 
 // Sums over elements [begin, end) of one tensor (all in one block) into out[0..2+2R).
 // Layout of out: sum_sq, fisher, dots[R], ref_sq[R].
 TK_HD void block_sums(const DeltaStatsTensor& t, int R, int64_t begin, int64_t end, double* out) {
   alignas(64) float d[kTile];
+  alignas(64) float pre_buf[kTile];
   alignas(64) float buf[kTile];
-  double acc[2 + 2 * kMaxRefs][kLanes] = {};
+  double acc[2 + 2 * kMaxRefs][kLanes];
+  const int used = 2 + 2 * R;
+  for (int k = 0; k < used; ++k) std::memset(acc[k], 0, sizeof acc[k]);
   for (int64_t off = begin; off < end; off += kTile) {
     // Tiles are whole multiples of kLanes, so each element's lane is (i - begin) % kLanes.
     const int64_t n = std::min(kTile, end - off);
-    load_tile(t.post, t.dtype, off, n, d);
-    if (t.pre != nullptr) {
-      load_tile(t.pre, t.dtype, off, n, buf);
-      for (int64_t i = 0; i < n; ++i) d[i] = d[i] - buf[i];
-    }
+    tile_delta(t, off, n, d, pre_buf);
     lane_dot(acc[0], d, d, n);
     if (t.fisher != nullptr) lane_sum(acc[1], t.fisher + off, n);
     for (int r = 0; r < R; ++r) {
-      load_tile(t.refs[r], t.ref_dtypes[r], off, n, buf);
-      lane_dot(acc[2 + r], d, buf, n);
-      lane_dot(acc[2 + R + r], buf, buf, n);
+      const float* ref = tile_as_float(t.refs[r], t.ref_dtypes[r], off, n, buf);
+      lane_dot(acc[2 + r], d, ref, n);
+      lane_dot(acc[2 + R + r], ref, ref, n);
     }
   }
-  for (int k = 0; k < 2 + 2 * R; ++k) out[k] = fold_lanes(acc[k]);
+  for (int k = 0; k < used; ++k) out[k] = fold_lanes(acc[k]);
 }
 
 // Element-level blocks (B = 1): every sum is a single product, computed in fp32 directly.
 TK_HD void element_sums(const DeltaStatsTensor& t, int R, int64_t begin, int64_t end,
                         float* sum_sq, float* fisher_sum, float* dots, float* ref_sq) {
   alignas(64) float d[kTile];
+  alignas(64) float pre_buf[kTile];
   alignas(64) float buf[kTile];
   for (int64_t off = begin; off < end; off += kTile) {
     const int64_t n = std::min(kTile, end - off);
     const int64_t row = t.first_row + off;
-    load_tile(t.post, t.dtype, off, n, d);
-    if (t.pre != nullptr) {
-      load_tile(t.pre, t.dtype, off, n, buf);
-      for (int64_t i = 0; i < n; ++i) d[i] = d[i] - buf[i];
-    }
+    tile_delta(t, off, n, d, pre_buf);
     for (int64_t i = 0; i < n; ++i) sum_sq[row + i] = d[i] * d[i];
     for (int64_t i = 0; i < n; ++i) fisher_sum[row + i] = t.fisher ? t.fisher[off + i] : 0.0f;
     for (int r = 0; r < R; ++r) {
-      load_tile(t.refs[r], t.ref_dtypes[r], off, n, buf);
-      for (int64_t i = 0; i < n; ++i) dots[(row + i) * R + r] = d[i] * buf[i];
-      for (int64_t i = 0; i < n; ++i) ref_sq[(row + i) * R + r] = buf[i] * buf[i];
+      const float* ref = tile_as_float(t.refs[r], t.ref_dtypes[r], off, n, buf);
+      for (int64_t i = 0; i < n; ++i) dots[(row + i) * R + r] = d[i] * ref[i];
+      for (int64_t i = 0; i < n; ++i) ref_sq[(row + i) * R + r] = ref[i] * ref[i];
     }
   }
 }
