@@ -3,13 +3,9 @@
 #include <algorithm>
 #include <cstring>
 
+#include "isa_dispatch.h"
 #include "parallel.h"
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define TK_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define TK_CPU_CLONES
-#endif
 
 namespace trace_kernels::cpu {
 namespace {

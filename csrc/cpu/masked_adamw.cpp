@@ -2,14 +2,9 @@
 
 #include <algorithm>
 
+#include "isa_dispatch.h"
 #include "parallel.h"
 
-#if defined(__x86_64__) && defined(__GNUC__)
-// One build serves every x86-64: the loader picks the widest clone the CPU supports.
-#define TK_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define TK_CPU_CLONES
-#endif
 
 namespace trace_kernels::cpu {
 namespace {
@@ -31,6 +26,18 @@ struct StepArgs {
 
 TK_HD void accumulate_fisher(float* f, float g, float scale) { *f = *f + (scale * g) * g; }
 
+// One element: parameter and gradient at `param`/`grad`, state at position `s`.
+template <typename P, bool kAmsgrad, bool kFisher>
+TK_HD void update_element(P* param, const P* grad, int64_t s, float* m, float* v, float* vmax,
+                          float* fisher, float grad_divisor, float fisher_scale,
+                          const AdamWCoeffs& c) {
+  float p = load_as_float(param);
+  const float g = load_as_float(grad) / grad_divisor;
+  if (kFisher) accumulate_fisher(fisher + s, g, fisher_scale);
+  adamw_update(p, g, m[s], v[s], kAmsgrad ? vmax + s : nullptr, c);
+  store_from_float(param, p);
+}
+
 template <typename P, bool kAmsgrad, bool kFisher>
 TK_HD void update_contiguous(P* __restrict param, const P* __restrict grad,
                              float* __restrict m, float* __restrict v, float* __restrict vmax,
@@ -41,11 +48,8 @@ TK_HD void update_contiguous(P* __restrict param, const P* __restrict grad,
   const float grad_divisor = a.grad_divisor;
   const float fisher_scale = a.fisher_scale;
   for (int64_t i = 0; i < n; ++i) {
-    float p = load_as_float(param + i);
-    const float g = load_as_float(grad + i) / grad_divisor;
-    if (kFisher) accumulate_fisher(fisher + i, g, fisher_scale);
-    adamw_update(p, g, m[i], v[i], kAmsgrad ? vmax + i : nullptr, c);
-    store_from_float(param + i, p);
+    update_element<P, kAmsgrad, kFisher>(param + i, grad + i, i, m, v, vmax, fisher, grad_divisor,
+                                         fisher_scale, c);
   }
 }
 
@@ -71,11 +75,8 @@ TK_HD void update_scattered(P* __restrict param, const P* __restrict grad,
 #pragma GCC ivdep
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t e = static_cast<int64_t>(idx[j]);
-      float p = load_as_float(param + e);
-      const float g = load_as_float(grad + e) / grad_divisor;
-      if (kFisher) accumulate_fisher(fisher + j, g, fisher_scale);
-      adamw_update(p, g, m[j], v[j], kAmsgrad ? vmax + j : nullptr, c);
-      store_from_float(param + e, p);
+      update_element<P, kAmsgrad, kFisher>(param + e, grad + e, j, m, v, vmax, fisher,
+                                           grad_divisor, fisher_scale, c);
     }
   }
 }
