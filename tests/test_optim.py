@@ -319,3 +319,19 @@ def test_grad_scaler(backend, gen):
     scaler.step(opt)
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
     assert [float(opt.state[p]["step"]) for p in model.parameters()] == steps
+
+
+def test_add_param_group_after_construction(gen):
+    model = make_model(gen)
+    first, rest = list(model.named_parameters())[:2], list(model.named_parameters())[2:]
+    for unmasked, trains in (("freeze", False), ("dense", True)):
+        m = copy.deepcopy(model)
+        named = dict(m.named_parameters())
+        opt = MaskedAdamW([(n, named[n]) for n, _ in first], lr=1e-2, unmasked=unmasked,
+                          masks=CoreMask.full({n: tuple(p.shape) for n, p in first}))
+        opt.add_param_group({"params": [(n, named[n]) for n, _ in rest], "lr": 1e-3})
+        before = named["2.weight"].detach().clone()
+        set_grads(m, grads_for(m, gen, 1)[0])
+        opt.step()
+        assert (not torch.equal(named["2.weight"], before)) == trains
+        assert opt.param_groups[1]["param_names"] == [n for n, _ in rest]

@@ -193,6 +193,15 @@ class MaskedAdamW(Optimizer):
             layout[p] = _Layout.of(e, p.device)
         return layout
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group (as torch's optimizers do). Its parameters have no mask yet: they are
+        frozen with unmasked="freeze", trained densely with "dense"; `set_masks` assigns
+        masks to them."""
+        super().add_param_group(_named_groups([param_group])[0])
+        if hasattr(self, "_layout"):  # after construction: extend the layout
+            for p, lay in self._resolve({}).items():
+                self._layout.setdefault(p, lay)
+
     def _entry_from_value(self, p: Tensor, m: Any) -> MaskEntry:
         if isinstance(m, MaskEntry):
             return m
