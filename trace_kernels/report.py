@@ -32,6 +32,10 @@ def report() -> str:
     else:
         lines.append(f"CPU extension trace_kernels._C: NOT available ({_native.error('_C')})")
         lines.append("  -> only the pure-PyTorch reference backend is available")
+    from .backends import triton as triton_backend
+
+    why_not = triton_backend.available()
+    lines.append("Triton kernels: " + ("available" if why_not is None else f"not available ({why_not})"))
     env = backends.ENV_VAR
     for device in _devices():
         try:
@@ -39,5 +43,5 @@ def report() -> str:
             lines.append(f"backend for {device}: {choice.name} ({choice.reason})")
         except backends.BackendUnavailableError as exc:
             lines.append(f"backend for {device}: ERROR {exc}")
-    lines.append(f"(set {env}=reference|cpu to force one)")
+    lines.append(f"(set {env}={'|'.join(backends.BACKENDS)} to force one)")
     return "\n".join(lines)

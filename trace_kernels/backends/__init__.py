@@ -3,6 +3,8 @@
 Backends share one signature per op (see `reference.py`, the oracle):
 - ``reference``: pure PyTorch, any device; the fallback when nothing native is built.
 - ``cpu``: the C++/OpenMP extension ``trace_kernels._C``, CPU tensors.
+- ``triton``: Triton kernels for GPU tensors (CPU tensors too under TRITON_INTERPRET=1,
+  which is how they are tested without a GPU).
 
 ``TRACE_KERNELS_BACKEND`` (or an explicit ``backend=`` argument) forces one; asking for a
 backend that cannot run here is an error, never a silent fallback.
@@ -19,7 +21,8 @@ import torch
 
 from .. import _native
 
-BACKENDS = ("reference", "cpu")
+BACKENDS = ("reference", "cpu", "triton")
+GPU_DEVICES = ("cuda", "xpu")
 ENV_VAR = "TRACE_KERNELS_BACKEND"
 
 
@@ -44,18 +47,30 @@ def _unavailable_reason(name: str, device_type: str) -> str | None:
         if err is not None:
             return f"the CPU extension trace_kernels._C is not built or failed to load ({err})"
         return None
+    if name == "triton":
+        from . import triton as triton_backend
+
+        why_not = triton_backend.available()
+        if why_not is not None:
+            return why_not
+        if device_type not in GPU_DEVICES and not (
+            device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+        ):
+            return f"Triton kernels run on GPU tensors ({device_type} given; CPU only with TRITON_INTERPRET=1)"
+        return None
     return f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}"
 
 
 def choose(device: torch.device | str, requested: str | None = None) -> Choice:
     """Pick the backend for tensors on `device`: explicit request, then env var, then best built."""
     device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
-    return _choose(device_type, requested or None, os.environ.get(ENV_VAR, ""))
+    return _choose(device_type, requested or None, os.environ.get(ENV_VAR, ""),
+                   os.environ.get("TRITON_INTERPRET", ""))
 
 
 @functools.lru_cache(maxsize=64)
-def _choose(device_type: str, requested: str | None, env_value: str) -> Choice:
-    # Cached per (device type, request, env value): the answer only changes with those.
+def _choose(device_type: str, requested: str | None, env_value: str, interpret: str) -> Choice:
+    # Cached per (device type, request, environment): the answer only changes with those.
     source = "backend argument"
     if not requested:
         requested = env_value.strip() or None
@@ -71,6 +86,11 @@ def _choose(device_type: str, requested: str | None, env_value: str) -> Choice:
         if why_not is None:
             return Choice("cpu", "native CPU extension built and loaded")
         return Choice("reference", f"reference only: {why_not}")
+    if device_type in GPU_DEVICES:
+        why_not = _unavailable_reason("triton", device_type)
+        if why_not is None:
+            return Choice("triton", "Triton available (the CUDA extension is not built)")
+        return Choice("reference", f"reference only: {why_not}")
     return Choice("reference", f"no native backend for {device_type} in this build")
 
 
@@ -84,4 +104,8 @@ def module(name: str) -> ModuleType:
         from . import cpu
 
         return cpu
+    if name == "triton":
+        from . import triton as triton_backend
+
+        return triton_backend
     raise BackendUnavailableError(f"unknown backend {name!r}")

@@ -1,0 +1,218 @@
+"""The Triton backend: masked_adamw_, adamw_fisher_ and delta_stats as Triton kernels.
+
+Optional: importing trace_kernels works without Triton; `available()` says why not.
+Launch tables (addresses, block sizes, tile lists) are built once per distinct set of
+tensors and reused while the addresses stay the same (rebuilt when grads are reallocated).
+Per-step scalars (bias corrections from each parameter's step) go in a small table each
+call. Block sizes are chosen by rule, never by autotuning (the kernels update in place).
+Under TRITON_INTERPRET=1 the kernels run on CPU tensors, which is how the test suite
+checks them on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from .._common import advance_steps, inf_found, resolve_lr
+from ..reference import check_block_indices  # noqa: F401  (same checks as the reference)
+
+_IMPORT_ERROR: str | None = None
+try:
+    import triton
+    import triton.language as tl
+
+    from . import kernels
+except Exception as exc:  # noqa: BLE001 - any failure means the backend is unavailable
+    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+INSTALL_HINT = "install it with `pip install triton` (or the `triton` extra of trace-kernels)"
+TILE = 1024            # compact elements per masked-AdamW program
+STATS_COLS_MAX = 2048  # longest block segment one delta_stats program sums
+STATS_TILE = 4096      # elements per delta_stats program when blocks are short
+
+
+def available() -> str | None:
+    """None if Triton kernels can run, else why not."""
+    if _IMPORT_ERROR is not None:
+        return f"Triton is not importable ({_IMPORT_ERROR}); {INSTALL_HINT}"
+    return None
+
+
+def _tl_dtype(dtype: torch.dtype):
+    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
+            torch.int32: tl.int32, torch.int64: tl.int64}[dtype]
+
+
+def _launch_opts() -> dict:
+    # No fused multiply-add: the same rounding as the reference and the C++ kernels.
+    return {} if os.environ.get("TRITON_INTERPRET") == "1" else {"enable_fp_fusion": False}
+
+
+_cache: dict[tuple, dict] = {}
+
+
+def _cached(key: tuple, build):
+    hit = _cache.get(key)
+    if hit is None:
+        if len(_cache) > 64:
+            _cache.clear()
+        hit = _cache[key] = build()
+    return hit
+
+
+def _coeffs(lr, beta1, beta2, eps, weight_decay, steps: list[float], device) -> torch.Tensor:
+    """Per-tensor AdamW scalars, in double then rounded to fp32 (as adamw_math.h does)."""
+    rows = []
+    w = float(torch.tensor(1.0 - beta1, dtype=torch.float32))
+    wc = float(torch.tensor(1.0, dtype=torch.float32) - torch.tensor(w, dtype=torch.float32))
+    for step in steps:
+        bc1 = 1.0 - beta1**step
+        bc2 = 1.0 - beta2**step
+        rows.append([1.0 - lr * weight_decay, w, wc, beta2, 1.0 - beta2, bc2**0.5, eps, -(lr / bc1)])
+    return torch.tensor(rows, dtype=torch.float32).reshape(-1, kernels.NUM_COEFFS).to(device)
+
+
+def _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices, block_sizes,
+           steps, fishers, fisher_scale, *, lr, lr_tensor, beta1, beta2, eps, weight_decay,
+           amsgrad, maximize, grad_scale, found_inf):
+    if inf_found(found_inf):
+        return
+    step_values = advance_steps(steps)
+    lr = resolve_lr(lr, lr_tensor)
+    device = params[0].device
+    coeffs = _coeffs(lr, beta1, beta2, eps, weight_decay, step_values, device)
+    divisor = float(grad_scale.item()) if grad_scale is not None else 1.0
+    if maximize:
+        divisor = -divisor
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(params):
+        if block_indices[i].numel() == 0:
+            continue
+        gather = block_sizes[i] < TILE
+        groups.setdefault((p.dtype, block_indices[i].dtype, gather), []).append(i)
+    for (pdt, idt, gather), members in groups.items():
+        addr = [(params[i].data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(),
+                 exp_avg_sqs[i].data_ptr(), max_exp_avg_sqs[i].data_ptr() if amsgrad else 0,
+                 fishers[i].data_ptr() if fishers else 0, block_indices[i].data_ptr(),
+                 block_sizes[i], block_indices[i].numel()) for i in members]
+        plan = _cached(("adamw", device, gather, tuple(addr)), lambda: _adamw_plan(addr, gather, device))
+        kernels.masked_adamw_kernel[(plan["programs"],)](
+            plan["tile_tensor"], plan["tile_start"], *plan["tables"], plan["bsize"], plan["nsel"],
+            coeffs[members].contiguous(), divisor, float(fisher_scale),
+            PDT=_tl_dtype(pdt), IDT=_tl_dtype(idt), TILE=TILE, GATHER=gather, AMSGRAD=amsgrad,
+            FISHER=bool(fishers), LERP_LOW=abs(1.0 - beta1) < 0.5, **_launch_opts(),
+        )
+
+
+def _adamw_plan(addr, gather: bool, device) -> dict:
+    cols = list(zip(*addr))
+    tables = [torch.tensor(c, dtype=torch.int64, device=device) for c in cols[:7]]
+    bsize = torch.tensor(cols[7], dtype=torch.int64, device=device)
+    k = torch.tensor(cols[8], dtype=torch.int64)
+    nsel = (k * bsize.cpu()).to(device)
+    tile_tensor, tile_start = [], []
+    for t, (b, kk) in enumerate(zip(cols[7], cols[8])):
+        if gather:  # tiles over compact positions
+            starts = torch.arange(0, kk * b, TILE, dtype=torch.int64)
+        else:  # tiles never cross a block: contiguous parameter runs
+            per_block = torch.arange(0, b, TILE, dtype=torch.int64)
+            starts = (torch.arange(kk, dtype=torch.int64)[:, None] * b + per_block[None, :]).reshape(-1)
+        tile_start.append(starts)
+        tile_tensor.append(torch.full((starts.numel(),), t, dtype=torch.int32))
+    tile_start = torch.cat(tile_start)
+    return {"tables": tables, "bsize": bsize, "nsel": nsel, "programs": tile_start.numel(),
+            "tile_start": tile_start.to(device), "tile_tensor": torch.cat(tile_tensor).to(device)}
+
+
+def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices,
+                  block_sizes, steps, **hyper):
+    _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices, block_sizes,
+           steps, None, 0.0, **hyper)
+
+
+def adamw_fisher_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, steps, *,
+                  fisher_scale, **hyper):
+    zero = torch.zeros(1, dtype=torch.int32, device=params[0].device) if params else None
+    indices = [zero if p.numel() else zero[:0] for p in params]
+    sizes = [max(p.numel(), 1) for p in params]
+    _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, indices, sizes, steps,
+           fishers, fisher_scale, **hyper)
+
+
+def delta_stats(post, pre, fishers, refs, block_sizes, num_refs, outputs):
+    sum_sq, fisher_sum, dots, ref_sq = outputs
+    device = post[0].device
+    R = num_refs
+    width = 2 + 2 * R
+    final = torch.zeros(sum_sq.numel(), width, dtype=torch.float64, device=device)
+    row0, groups, splits = 0, {}, []
+    for i, t in enumerate(post):
+        b = block_sizes[i]
+        nb = t.numel() // b
+        if nb == 0:
+            continue
+        rdts = tuple(refs[i * R + r].dtype for r in range(R))
+        if len(set(rdts)) > 1:
+            raise ValueError(f"delta_stats (triton): the references of post[{i}] must share one dtype")
+        if b <= STATS_COLS_MAX:
+            cols_ = triton.next_power_of_2(b)
+            rows_ = max(1, STATS_TILE // cols_)
+            starts = torch.arange(0, nb, rows_, dtype=torch.int64)
+            key = (t.dtype, rdts, rows_, cols_)
+            groups.setdefault(key, []).append((i, starts * b, row0 + starts, None))
+        else:
+            pieces = math.ceil(b / STATS_COLS_MAX)
+            blocks = torch.arange(nb, dtype=torch.int64)
+            starts = (blocks[:, None] * b + torch.arange(pieces)[None, :] * STATS_COLS_MAX).reshape(-1)
+            key = (t.dtype, rdts, 1, STATS_COLS_MAX)
+            groups.setdefault(key, []).append((i, starts, None, (row0, nb, pieces)))
+        row0 += nb
+    partial_rows = sum(e[3][1] * e[3][2] for g in groups.values() for e in g if e[3] is not None)
+    partials = torch.zeros(max(partial_rows, 1), width, dtype=torch.float64, device=device)
+    next_partial = 0
+    for (pdt, rdts, rows_, cols_), members in groups.items():
+        for split in (False, True):
+            part = [m for m in members if (m[3] is not None) == split]
+            if not part:
+                continue
+            tensors = [m[0] for m in part]
+            tt, ts, to = [], [], []
+            for slot, (i, starts, out_rows, sp) in enumerate(part):
+                tt.append(torch.full((starts.numel(),), slot, dtype=torch.int32))
+                ts.append(starts)
+                if split:
+                    row, nb, pieces = sp
+                    first = next_partial
+                    to.append(torch.arange(first, first + nb * pieces, dtype=torch.int64))
+                    splits.append((torch.arange(row, row + nb, dtype=torch.int64),
+                                   first + torch.arange(nb, dtype=torch.int64) * pieces, pieces))
+                    next_partial += nb * pieces
+                else:
+                    to.append(out_rows)
+            ref_addr = [refs[i * R + r].data_ptr() for i in tensors for r in range(R)] or [0]
+            kernels.delta_stats_kernel[(sum(x.numel() for x in ts),)](
+                torch.cat(tt).to(device), torch.cat(ts).to(device), torch.cat(to).to(device),
+                torch.tensor([post[i].data_ptr() for i in tensors], dtype=torch.int64, device=device),
+                torch.tensor([pre[i].data_ptr() if pre else 0 for i in tensors], dtype=torch.int64, device=device),
+                torch.tensor([fishers[i].data_ptr() if fishers else 0 for i in tensors], dtype=torch.int64, device=device),
+                torch.tensor(ref_addr, dtype=torch.int64, device=device),
+                torch.tensor([block_sizes[i] for i in tensors], dtype=torch.int64, device=device),
+                torch.tensor([post[i].numel() for i in tensors], dtype=torch.int64, device=device),
+                partials if split else final,
+                PDT=_tl_dtype(pdt), RDT=_tl_dtype(rdts[0]) if R else tl.float32, R=R, ROWS=rows_,
+                COLS=cols_, HAS_PRE=bool(pre), HAS_FISHER=bool(fishers), **_launch_opts(),
+            )
+    if splits:
+        dest = torch.cat([s[0] for s in splits]).to(device)
+        first = torch.cat([s[1] for s in splits]).to(device)
+        count = torch.cat([torch.full((s[0].numel(),), s[2], dtype=torch.int64) for s in splits]).to(device)
+        kernels.sum_partials_kernel[(dest.numel(),)](
+            partials, first, count, dest, final, WIDTH=width, WP=triton.next_power_of_2(width),
+            **_launch_opts())
+    sum_sq.copy_(final[:, 0])
+    fisher_sum.copy_(final[:, 1])
+    dots.copy_(final[:, 2:2 + R])
+    ref_sq.copy_(final[:, 2 + R:])
