@@ -136,3 +136,19 @@ def test_triton_backend_errors(monkeypatch):
             backends.choose(DEVICE, "triton")
     finally:
         backends._choose.cache_clear()
+
+
+def test_gpu_benchmark_script_smoke():
+    """bench/bench_gpu.py (run by bench/gpu_check.sh on GPU machines) works end to end."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if DEVICE == "cuda":
+        pytest.skip("the real run happens in bench/gpu_check.sh")
+    script = Path(__file__).parents[1] / "bench" / "bench_gpu.py"
+    out = subprocess.run([sys.executable, str(script), "--smoke"], capture_output=True, text=True,
+                         env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "triton_masked_row_0.05" in out.stdout and "triton_delta_stats_R2_row" in out.stdout
