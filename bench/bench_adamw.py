@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
     fmt_bytes,
+    naive_masked_step,
     paired_ratios,
     stream_bandwidth,
     machine,
@@ -80,23 +81,11 @@ def main() -> None:
             masked[(gran, d)] = (mask, opt)
             cases[f"masked_{gran}_{d:g}"] = opt.step
 
-    # The naive way, given its best shot: buffers preallocated, torch.where writing in place.
-    saved = [torch.empty_like(p) for p in params.values()]
-
-    def naive_step(opt, dense_masks):
-        with torch.no_grad():
-            for buf, p in zip(saved, params.values()):
-                buf.copy_(p)
-        opt.step()
-        with torch.no_grad():
-            for p, old, m in zip(params.values(), saved, dense_masks):
-                torch.where(m, p, old, out=p)
-
     for gran in GRANULARITIES:
         mask = masked[(gran, 0.05)][0]
-        dm = [mask.to_dense(n) for n in params]
         naive_opt = torch.optim.AdamW(list(params.values()), lr=1e-4, weight_decay=0.01, fused=True)
-        cases[f"naive_where_{gran}_0.05"] = (lambda o=naive_opt, m=dm: naive_step(o, m))
+        cases[f"naive_where_{gran}_0.05"] = naive_masked_step(
+            list(params.values()), naive_opt, [mask.to_dense(n) for n in params])
     try:  # optional comparison, only where deepspeed is installed
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_adamw import DENSE_BYTES_PER_ELEMENT, DENSITIES, GRANULARITIES, random_mask  # noqa: E402
 from bench_scores import NUM_REFS, eager_stats  # noqa: E402
-from common import machine, numel_of, scaled_shapes, write_report  # noqa: E402
+from common import machine, naive_masked_step, numel_of, scaled_shapes, write_report  # noqa: E402
 
 from trace_kernels import MaskedAdamW, backends, ops  # noqa: E402
 
@@ -112,19 +112,9 @@ def main() -> None:
         for (g, d), mask in masks.items():
             cases[f"{b}_masked_{g}_{d:g}"] = MaskedAdamW(named, lr=1e-4, weight_decay=0.01, masks=mask,
                                                         backend=b).step
-    saved = [torch.empty_like(p) for p in params.values()]
-    dm = [masks[("row", 0.05)].to_dense(n).to(DEVICE) for n in params]
     naive_opt = torch.optim.AdamW(list(params.values()), lr=1e-4, weight_decay=0.01, fused=True)
-
-    def naive():
-        with torch.no_grad():
-            for s, p in zip(saved, params.values()):
-                s.copy_(p)
-        naive_opt.step()
-        with torch.no_grad():
-            for p, s, m in zip(params.values(), saved, dm):
-                torch.where(m, p, s, out=p)
-
+    naive = naive_masked_step(list(params.values()), naive_opt,
+                              [masks[("row", 0.05)].to_dense(n).to(DEVICE) for n in params])
     cases["naive_where_row_0.05"] = naive
     t = paired(dense.step, cases, rounds)
     base = statistics.median(v["baseline_median_s"] for v in t.values())

@@ -132,3 +132,22 @@ def fmt_bytes(n: float) -> str:
 
 def numel_of(shapes: dict[str, tuple[int, ...]]) -> int:
     return sum(math.prod(s) for s in shapes.values())
+
+
+def naive_masked_step(params: list[torch.Tensor], opt: torch.optim.Optimizer,
+                      dense_masks: list[torch.Tensor]) -> Callable[[], None]:
+    """The usual workaround for training a subset, given its best shot: save the weights
+    into preallocated buffers, take a full optimizer step, put the frozen elements back
+    with torch.where in place."""
+    saved = [torch.empty_like(p) for p in params]
+
+    def step() -> None:
+        with torch.no_grad():
+            for buf, p in zip(saved, params):
+                buf.copy_(p)
+        opt.step()
+        with torch.no_grad():
+            for p, old, m in zip(params, saved, dense_masks):
+                torch.where(m, p, old, out=p)
+
+    return step

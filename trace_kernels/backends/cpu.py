@@ -5,14 +5,12 @@ from __future__ import annotations
 import torch
 
 from .. import _native
-from ._common import advance_steps, inf_found, resolve_lr
+from ._common import advance_steps, inf_found, resolve_lr, whole_tensor_blocks
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # Row widths of the tables passed to _C (field order in csrc/bindings/cpu_module.cpp).
 MASKED_FIELDS = 12
 STATS_FIELDS = 7
-# adamw_fisher_ runs the masked kernel with one block spanning each tensor: block 0.
-_BLOCK_ZERO = torch.zeros(1, dtype=torch.int32)
 
 
 def _ext():
@@ -64,8 +62,7 @@ def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_i
 
 def adamw_fisher_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, steps, *,
                   fisher_scale, **hyper):
-    indices = [_BLOCK_ZERO if p.numel() else _BLOCK_ZERO[:0] for p in params]
-    sizes = [max(p.numel(), 1) for p in params]
+    indices, sizes = whole_tensor_blocks(params)
     _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, indices, sizes, steps,
            fishers, fisher_scale, **hyper)
 

@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from .._common import advance_steps, inf_found, resolve_lr
+from .._common import advance_steps, inf_found, resolve_lr, whole_tensor_blocks
 from ..reference import check_block_indices  # noqa: F401  (same checks as the reference)
 
 _IMPORT_ERROR: str | None = None
@@ -135,9 +135,7 @@ def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_i
 
 def adamw_fisher_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, steps, *,
                   fisher_scale, **hyper):
-    zero = torch.zeros(1, dtype=torch.int32, device=params[0].device) if params else None
-    indices = [zero if p.numel() else zero[:0] for p in params]
-    sizes = [max(p.numel(), 1) for p in params]
+    indices, sizes = whole_tensor_blocks(params)
     _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, indices, sizes, steps,
            fishers, fisher_scale, **hyper)
 
