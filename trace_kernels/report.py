@@ -32,6 +32,14 @@ def report() -> str:
     else:
         lines.append(f"CPU extension trace_kernels._C: NOT available ({_native.error('_C')})")
         lines.append("  -> only the pure-PyTorch reference backend is available")
+    cuda_ext = _native.load("_cuda")
+    if cuda_ext is not None:
+        v = cuda_ext.CUDA_VERSION
+        runnable = "runs here" if cuda_ext.device_count() > 0 else "cannot run here: no CUDA device"
+        lines.append(f"CUDA extension trace_kernels._cuda: built for sm {cuda_ext.ARCHS.replace(';', ', ')} "
+                     f"(+PTX), CUDA runtime {v // 1000}.{v % 1000 // 10}, {runnable}")
+    else:
+        lines.append(f"CUDA extension trace_kernels._cuda: not built ({_native.error('_cuda')})")
     from .backends import triton as triton_backend
 
     why_not = triton_backend.available()

@@ -3,6 +3,7 @@
 Backends share one signature per op (see `reference.py`, the oracle):
 - ``reference``: pure PyTorch, any device; the fallback when nothing native is built.
 - ``cpu``: the C++/OpenMP extension ``trace_kernels._C``, CPU tensors.
+- ``cuda``: the CUDA extension ``trace_kernels._cuda``, CUDA tensors.
 - ``triton``: Triton kernels for GPU tensors (CPU tensors too under TRITON_INTERPRET=1,
   which is how they are tested without a GPU).
 
@@ -21,7 +22,7 @@ import torch
 
 from .. import _native
 
-BACKENDS = ("reference", "cpu", "triton")
+BACKENDS = ("reference", "cpu", "cuda", "triton")
 GPU_DEVICES = ("cuda", "xpu")
 ENV_VAR = "TRACE_KERNELS_BACKEND"
 
@@ -47,6 +48,12 @@ def _unavailable_reason(name: str, device_type: str) -> str | None:
         if err is not None:
             return f"the CPU extension trace_kernels._C is not built or failed to load ({err})"
         return None
+    if name == "cuda":
+        if device_type != "cuda":
+            return f"the cuda backend runs CUDA tensors only, not {device_type}"
+        from . import cuda as cuda_backend
+
+        return cuda_backend.unavailable_reason()
     if name == "triton":
         from . import triton as triton_backend
 
@@ -87,10 +94,13 @@ def _choose(device_type: str, requested: str | None, env_value: str, interpret: 
             return Choice("cpu", "native CPU extension built and loaded")
         return Choice("reference", f"reference only: {why_not}")
     if device_type in GPU_DEVICES:
+        cuda_why_not = _unavailable_reason("cuda", device_type)
+        if cuda_why_not is None:
+            return Choice("cuda", "CUDA extension built and a device is visible")
         why_not = _unavailable_reason("triton", device_type)
         if why_not is None:
-            return Choice("triton", "Triton available (the CUDA extension is not built)")
-        return Choice("reference", f"reference only: {why_not}")
+            return Choice("triton", f"Triton available ({cuda_why_not})")
+        return Choice("reference", f"reference only: {cuda_why_not}; {why_not}")
     return Choice("reference", f"no native backend for {device_type} in this build")
 
 
@@ -104,6 +114,10 @@ def module(name: str) -> ModuleType:
         from . import cpu
 
         return cpu
+    if name == "cuda":
+        from . import cuda as cuda_backend
+
+        return cuda_backend
     if name == "triton":
         from . import triton as triton_backend
 

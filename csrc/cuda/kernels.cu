@@ -1,0 +1,165 @@
+// CUDA kernels: masked AdamW (+ Fisher) and delta_stats, sharing the per-element math of
+// the CPU kernels (trace_kernels/adamw_math.h). Built with -fmad=false and IEEE division
+// and square root (nvcc's defaults), so results round exactly like the CPU kernels.
+#include <cuda_runtime.h>
+
+#include "kernels.h"
+
+namespace trace_kernels::cuda {
+namespace {
+
+template <typename P, bool kAmsgrad, bool kFisher>
+__device__ __forceinline__ void update_one(const MaskedTensor& t, int64_t c, int64_t e,
+                                           float divisor, float fisher_scale) {
+  P* param = static_cast<P*>(t.param);
+  const P* grad = static_cast<const P*>(t.grad);
+  float p = load_as_float(param + e);
+  const float g = load_as_float(grad + e) / divisor;
+  if (kFisher) t.fisher[c] = t.fisher[c] + (fisher_scale * g) * g;
+  adamw_update(p, g, t.exp_avg[c], t.exp_avg_sq[c], kAmsgrad ? t.max_exp_avg_sq + c : nullptr,
+               t.coeffs);
+  store_from_float(param + e, p);
+}
+
+template <typename I>
+__device__ __forceinline__ int64_t block_index(const MaskedTensor& t, int64_t j) {
+  return static_cast<int64_t>(static_cast<const I*>(t.indices)[j]);
+}
+
+template <typename P, bool kAmsgrad, bool kFisher>
+__device__ void tile_update(const MaskedTensor& t, const Tile& tile, float divisor,
+                            float fisher_scale) {
+  const int64_t B = t.block_size;
+  const int64_t end = min(tile.start + static_cast<int64_t>(kTile), t.num_selected);
+  if (tile.contiguous) {
+    // the tile lies in one block: consecutive threads touch consecutive elements
+    const int64_t j = tile.start / B;
+    const int64_t blk = t.indices_int64 ? block_index<int64_t>(t, j) : block_index<int32_t>(t, j);
+    const int64_t base = blk * B - j * B;
+    for (int64_t c = tile.start + threadIdx.x; c < end; c += blockDim.x) {
+      update_one<P, kAmsgrad, kFisher>(t, c, base + c, divisor, fisher_scale);
+    }
+  } else {
+    for (int64_t c = tile.start + threadIdx.x; c < end; c += blockDim.x) {
+      const int64_t j = B == 1 ? c : c / B;
+      const int64_t blk = t.indices_int64 ? block_index<int64_t>(t, j) : block_index<int32_t>(t, j);
+      update_one<P, kAmsgrad, kFisher>(t, c, blk * B + (c - j * B), divisor, fisher_scale);
+    }
+  }
+}
+
+template <bool kAmsgrad, bool kFisher>
+__global__ void masked_adamw_kernel(const MaskedTensor* tensors, const Tile* tiles,
+                                    float grad_sign, const float* grad_scale,
+                                    const float* found_inf, float fisher_scale) {
+  if (found_inf != nullptr && *found_inf != 0.0f) return;  // read on the device: no host sync
+  const Tile tile = tiles[blockIdx.x];
+  const MaskedTensor& t = tensors[tile.tensor];
+  const float divisor = grad_scale != nullptr ? grad_sign * *grad_scale : grad_sign;
+  switch (static_cast<DType>(t.dtype)) {
+    case DType::kFloat32: tile_update<float, kAmsgrad, kFisher>(t, tile, divisor, fisher_scale); break;
+    case DType::kBFloat16: tile_update<bf16_t, kAmsgrad, kFisher>(t, tile, divisor, fisher_scale); break;
+    case DType::kFloat16: tile_update<fp16_t, kAmsgrad, kFisher>(t, tile, divisor, fisher_scale); break;
+  }
+}
+
+__device__ __forceinline__ float load_any(const void* base, int32_t dtype, int64_t i) {
+  switch (static_cast<DType>(dtype)) {
+    case DType::kBFloat16: return load_as_float(static_cast<const bf16_t*>(base) + i);
+    case DType::kFloat16: return load_as_float(static_cast<const fp16_t*>(base) + i);
+    default: return static_cast<const float*>(base)[i];
+  }
+}
+
+constexpr int kMaxWidth = 2 + 2 * 16;
+
+// Sums of one element into acc (layout: d², fisher, d·ref[R], ref²[R]).
+__device__ __forceinline__ void accumulate(const StatsTensor& t, int R, int64_t e, double* acc) {
+  float d = load_any(t.post, t.dtype, e);
+  if (t.pre != nullptr) d = d - load_any(t.pre, t.dtype, e);
+  const double dd = d;
+  acc[0] += dd * dd;
+  if (t.fisher != nullptr) acc[1] += t.fisher[e];
+  for (int r = 0; r < R; ++r) {
+    const double x = load_any(t.refs[r], t.ref_dtypes[r], e);
+    acc[2 + r] += dd * x;
+    acc[2 + R + r] += x * x;
+  }
+}
+
+__global__ void delta_stats_kernel(const StatsTensor* tensors, const StatsItem* items, int R,
+                                   double* partials, double* out) {
+  const StatsItem item = items[blockIdx.x];
+  const StatsTensor& t = tensors[item.tensor];
+  const int width = 2 + 2 * R;
+  double acc[kMaxWidth];
+  for (int k = 0; k < width; ++k) acc[k] = 0.0;
+  if (item.partial < 0) {
+    // whole short blocks: thread i sums block (begin / B + i) in element order
+    const int64_t B = t.block_size;
+    const int64_t b = item.begin / B + threadIdx.x;
+    if (b * B >= item.end) return;
+    for (int64_t e = b * B; e < b * B + B; ++e) accumulate(t, R, e, acc);
+    double* row = out + (t.first_row + b) * width;
+    for (int k = 0; k < width; ++k) row[k] = acc[k];
+    return;
+  }
+  // a segment of a long block: strided per thread, then a fixed-order tree in shared memory
+  for (int64_t e = item.begin + threadIdx.x; e < item.end; e += blockDim.x) accumulate(t, R, e, acc);
+  __shared__ double shared[kThreads];
+  for (int k = 0; k < width; ++k) {
+    shared[threadIdx.x] = acc[k];
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s /= 2) {
+      if (threadIdx.x < s) shared[threadIdx.x] += shared[threadIdx.x + s];
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) partials[item.partial * width + k] = shared[0];
+    __syncthreads();
+  }
+}
+
+__global__ void sum_partials_kernel(const double* partials, const StatsSplit* splits,
+                                    int64_t num_splits, int width, double* out) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= num_splits) return;
+  const StatsSplit s = splits[i];
+  for (int k = 0; k < width; ++k) {
+    double acc = 0.0;
+    for (int64_t p = 0; p < s.count; ++p) acc += partials[(s.first_partial + p) * width + k];
+    out[s.row * width + k] = acc;
+  }
+}
+
+}  // namespace
+
+int launch_masked_adamw(const MaskedTensor* tensors, const Tile* tiles, int64_t num_tiles,
+                        float grad_sign, const float* grad_scale, const float* found_inf,
+                        float fisher_scale, bool amsgrad, bool fisher, void* stream) {
+  if (num_tiles == 0) return 0;
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const dim3 grid(static_cast<unsigned>(num_tiles));
+  if (amsgrad && fisher) masked_adamw_kernel<true, true><<<grid, kThreads, 0, s>>>(tensors, tiles, grad_sign, grad_scale, found_inf, fisher_scale);
+  else if (amsgrad) masked_adamw_kernel<true, false><<<grid, kThreads, 0, s>>>(tensors, tiles, grad_sign, grad_scale, found_inf, fisher_scale);
+  else if (fisher) masked_adamw_kernel<false, true><<<grid, kThreads, 0, s>>>(tensors, tiles, grad_sign, grad_scale, found_inf, fisher_scale);
+  else masked_adamw_kernel<false, false><<<grid, kThreads, 0, s>>>(tensors, tiles, grad_sign, grad_scale, found_inf, fisher_scale);
+  return static_cast<int>(cudaGetLastError());
+}
+
+int launch_delta_stats(const StatsTensor* tensors, const StatsItem* items, int64_t num_items,
+                       int num_refs, double* partials, const StatsSplit* splits,
+                       int64_t num_splits, double* out, void* stream) {
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (num_items > 0) {
+    delta_stats_kernel<<<static_cast<unsigned>(num_items), kThreads, 0, s>>>(
+        tensors, items, num_refs, partials, out);
+    if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return static_cast<int>(e);
+  }
+  if (num_splits > 0) {
+    const unsigned blocks = static_cast<unsigned>((num_splits + kThreads - 1) / kThreads);
+    sum_partials_kernel<<<blocks, kThreads, 0, s>>>(partials, splits, num_splits, 2 + 2 * num_refs, out);
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+}  // namespace trace_kernels::cuda

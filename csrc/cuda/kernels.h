@@ -1,0 +1,76 @@
+// CUDA kernels of trace_kernels: launchers callable from host code without CUDA headers
+// leaking beyond the types below. Every launcher returns the CUDA error of its launch.
+#pragma once
+
+#include <cstdint>
+
+#include "trace_kernels/adamw_math.h"
+#include "trace_kernels/float_convert.h"
+
+namespace trace_kernels::cuda {
+
+// One tensor of a masked (or dense, with fisher) AdamW launch; lives in device memory.
+struct MaskedTensor {
+  void* param;
+  const void* grad;
+  float* exp_avg;
+  float* exp_avg_sq;
+  float* max_exp_avg_sq;  // null unless amsgrad
+  float* fisher;          // null unless adamw_fisher_
+  const void* indices;
+  int64_t block_size;
+  int64_t num_selected;   // selected elements (blocks * block_size)
+  int32_t indices_int64;
+  int32_t dtype;          // DType
+  AdamWCoeffs coeffs;
+};
+
+// A tile of kTile compact positions of one tensor. `contiguous`: it lies inside one block.
+struct Tile {
+  int32_t tensor;
+  int32_t contiguous;
+  int64_t start;
+};
+
+constexpr int kThreads = 256;
+constexpr int kItemsPerThread = 4;
+constexpr int kTile = kThreads * kItemsPerThread;
+
+// grad_scale / found_inf: device pointers to one fp32 value, or null. The divisor of the
+// gradient is grad_sign * (*grad_scale) (or grad_sign when null), as in the CPU kernel.
+int launch_masked_adamw(const MaskedTensor* tensors, const Tile* tiles, int64_t num_tiles,
+                        float grad_sign, const float* grad_scale, const float* found_inf,
+                        float fisher_scale, bool amsgrad, bool fisher, void* stream);
+
+// delta_stats: work items over (tensor, element range). Items with partial >= 0 write a
+// partial row for stage two; others hold whole blocks and write output rows directly.
+struct StatsTensor {
+  const void* post;
+  const void* pre;        // may be null
+  const float* fisher;    // may be null
+  const void* refs[16];
+  int32_t ref_dtypes[16];
+  int32_t dtype;
+  int64_t numel;
+  int64_t block_size;
+  int64_t first_row;
+};
+
+struct StatsItem {
+  int32_t tensor;
+  int64_t begin;          // first element
+  int64_t end;            // one past the last element
+  int64_t partial;        // -1: whole blocks [begin, end) written to their rows
+};
+
+struct StatsSplit {
+  int64_t row;            // output row
+  int64_t first_partial;
+  int64_t count;
+};
+
+int launch_delta_stats(const StatsTensor* tensors, const StatsItem* items, int64_t num_items,
+                       int num_refs, double* partials, const StatsSplit* splits,
+                       int64_t num_splits, double* out, void* stream);
+
+}  // namespace trace_kernels::cuda
