@@ -90,6 +90,27 @@ def peak_extra(case: str, scale: float) -> int:
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_extra_bytes"]
 
 
+def bench_delta_stats(shapes, gen, rounds: int, scale: float) -> list[dict]:
+    """delta_stats vs the eager composition, row blocks and whole tensors."""
+    numel = numel_of(shapes)
+    post, pre, fisher, refs = stats_inputs(shapes, gen)
+    input_bytes = 4 * numel * (3 + NUM_REFS)
+    rows = []
+    for gran in ("row", "tensor"):
+        sizes = block_sizes(shapes, gran)
+        t = paired_ratios(lambda s=sizes: eager_stats(post, pre, fisher, refs, s),
+                          {"fused": lambda s=sizes: fused_stats(post, pre, fisher, refs, s)}, rounds)["fused"]
+        rows.append({
+            "case": f"delta_stats R={NUM_REFS} {gran} blocks", "ours_median_s": t["median_s"],
+            "baseline": "eager torch composition", "baseline_median_s": t["baseline_median_s"],
+            "ratio": t["ratio"], "speedup": 1 / t["ratio"],
+            "ours_GBps": input_bytes / t["median_s"] / 1e9,
+            "ours_peak_extra_bytes": peak_extra(f"fused:{gran}", scale),
+            "baseline_peak_extra_bytes": peak_extra(f"eager:{gran}", scale),
+        })
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="1/16 of the size, 3 rounds")
@@ -108,21 +129,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     rows = []
 
-    post, pre, fisher, refs = stats_inputs(shapes, gen)
-    input_bytes = 4 * numel * (3 + NUM_REFS)
-    for gran in ("row", "tensor"):
-        sizes = block_sizes(shapes, gran)
-        t = paired_ratios(lambda s=sizes: eager_stats(post, pre, fisher, refs, s),
-                          {"fused": lambda s=sizes: fused_stats(post, pre, fisher, refs, s)}, rounds)["fused"]
-        rows.append({
-            "case": f"delta_stats R={NUM_REFS} {gran} blocks", "ours_median_s": t["median_s"],
-            "baseline": "eager torch composition", "baseline_median_s": t["baseline_median_s"],
-            "ratio": t["ratio"], "speedup": 1 / t["ratio"],
-            "ours_GBps": input_bytes / t["median_s"] / 1e9,
-            "ours_peak_extra_bytes": peak_extra(f"fused:{gran}", scale),
-            "baseline_peak_extra_bytes": peak_extra(f"eager:{gran}", scale),
-        })
-    del post, pre, fisher, refs
+    rows += bench_delta_stats(shapes, gen, rounds, scale)
 
     params = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02) for s in shapes.values()]
     for p in params:

@@ -73,3 +73,14 @@ def make_problem(shapes, block_sizes, density, dtype, gen, *, amsgrad=False, nan
 
 def clone_problem(prob):
     return {k: [t.clone() if isinstance(t, torch.Tensor) else t for t in v] for k, v in prob.items()}
+
+
+def block_sizes_for(shapes, granularity) -> list[int]:
+    """Block size per shape for a granularity (1, an int, "row", "tensor"); 1 where an int
+    does not divide the tensor."""
+    sizes = []
+    for s in shapes:
+        n = math.prod(s)
+        b = {"row": s[-1], "tensor": max(n, 1)}.get(granularity, granularity)
+        sizes.append(b if n % b == 0 else 1)
+    return sizes

@@ -3,12 +3,10 @@ backend against the reference and against each other, and MaskedAdamW with a ful
 against torch.optim.AdamW(fused=True)."""
 
 import copy
-import math
-
 import pytest
 import torch
 
-from helpers import assert_bits_equal, clone_problem, make_problem
+from helpers import assert_bits_equal, block_sizes_for, clone_problem, make_problem
 from test_scoring_ops import assert_stats_close, fisher_problem, stats_problem
 from trace_kernels import CoreMask, MaskedAdamW, backends, ops
 
@@ -97,11 +95,7 @@ def test_adamw_fisher_matches_reference(backend, gen):
 def test_delta_stats_matches_reference(backend, gen, num_refs, granularity):
     shapes = [(37, 129), (0, 8), (3, 40000), (7,)]
     post, pre, fishers, refs = stats_problem(gen, shapes, num_refs)
-    sizes = []
-    for s in shapes:
-        n = math.prod(s)
-        b = {"row": s[-1], "tensor": max(n, 1)}.get(granularity, granularity)
-        sizes.append(b if n % b == 0 else 1)
+    sizes = block_sizes_for(shapes, granularity)
     ref = ops.delta_stats(post, pre, fishers, refs, sizes, backend="reference")
     g = [[x.cuda() for x in xs] for xs in (post, pre, fishers)]
     mine = ops.delta_stats(*g, [[r.cuda() for r in rs] for rs in refs], sizes, backend=backend)

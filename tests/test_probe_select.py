@@ -90,11 +90,15 @@ def test_probe_matches_torch_adamw_and_mean_squared_grads(gen):
 
 def test_probe_offload_and_bf16_deltas(gen):
     model = Tiny()
-    r32 = probe(copy.deepcopy(model), tiny_batches(gen), steps=3, lr=1e-2, loss_fn=loss_fn)
-    r16 = probe(model, tiny_batches(gen), steps=3, lr=1e-2, loss_fn=loss_fn,
+    batches = tiny_batches(gen)
+    r32 = probe(copy.deepcopy(model), batches, steps=3, lr=1e-2, loss_fn=loss_fn)
+    r16 = probe(model, batches, steps=3, lr=1e-2, loss_fn=loss_fn,
                 offload_device="cpu", delta_dtype=torch.bfloat16)
     assert r16.deltas["proj.weight"].dtype == torch.bfloat16
     assert r16.fisher["proj.weight"].dtype == torch.float32
+    torch.testing.assert_close(r16.deltas["proj.weight"].float(), r32.deltas["proj.weight"],
+                               rtol=1e-2, atol=1e-6)
+    assert torch.equal(r16.fisher["proj.weight"], r32.fisher["proj.weight"])
 
 
 def test_probe_errors(gen):

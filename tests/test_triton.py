@@ -1,13 +1,11 @@
 """Triton kernels against the reference (under TRITON_INTERPRET=1 on CPU, small sizes)."""
 
-import math
-
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-from helpers import assert_bits_equal, bits, clone_problem, make_problem  # noqa: E402
+from helpers import assert_bits_equal, block_sizes_for, bits, clone_problem, make_problem  # noqa: E402
 from test_scoring_ops import assert_stats_close, fisher_problem, stats_problem  # noqa: E402
 from trace_kernels import CoreMask, MaskedAdamW, backends, ops  # noqa: E402
 
@@ -80,11 +78,7 @@ def test_adamw_fisher_matches_reference(gen, dtype):
 def test_delta_stats_matches_reference(gen, num_refs, granularity):
     shapes = [(37, 129), (0, 8), (3, 5000), (7,)]
     post, pre, fishers, refs = stats_problem(gen, shapes, num_refs)
-    sizes = []
-    for s in shapes:
-        n = math.prod(s)
-        b = {"row": s[-1], "tensor": max(n, 1)}.get(granularity, granularity)
-        sizes.append(b if n % b == 0 else 1)
+    sizes = block_sizes_for(shapes, granularity)
     mv = lambda xs: [x.to(DEVICE) for x in xs]  # noqa: E731
     ref = ops.delta_stats(post, pre, fishers, refs, sizes, backend="reference")
     tri = ops.delta_stats(mv(post), mv(pre), mv(fishers), [mv(r) for r in refs], sizes,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import _native
-from ._common import advance_steps, inf_found, resolve_lr, whole_tensor_blocks
+from ._common import adamw_entry_points, advance_steps, inf_found, resolve_lr
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # Row widths of the tables passed to _C (field order in csrc/bindings/cpu_module.cpp).
@@ -54,17 +54,7 @@ def _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices,
     )
 
 
-def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices,
-                  block_sizes, steps, **hyper):
-    _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices, block_sizes,
-           steps, None, 0.0, **hyper)
-
-
-def adamw_fisher_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, steps, *,
-                  fisher_scale, **hyper):
-    indices, sizes = whole_tensor_blocks(params)
-    _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, indices, sizes, steps,
-           fishers, fisher_scale, **hyper)
+masked_adamw_, adamw_fisher_ = adamw_entry_points(_adamw)
 
 
 def delta_stats(post, pre, fishers, refs, block_sizes, num_refs, outputs):

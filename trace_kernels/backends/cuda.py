@@ -13,7 +13,7 @@ import math
 import torch
 
 from .. import _native
-from ._common import advance_steps, resolve_lr, whole_tensor_blocks
+from ._common import adamw_entry_points, advance_steps, resolve_lr
 from .cpu import DTYPE_CODES
 from .reference import check_block_indices  # noqa: F401  (index checks run as torch ops)
 
@@ -95,17 +95,7 @@ def _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices,
         torch._foreach_sub_(steps, [found.to(s.device) for s in steps])
 
 
-def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices,
-                  block_sizes, steps, **hyper):
-    _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices, block_sizes,
-           steps, None, 0.0, **hyper)
-
-
-def adamw_fisher_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, steps, *,
-                  fisher_scale, **hyper):
-    indices, sizes = whole_tensor_blocks(params)
-    _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, indices, sizes, steps,
-           fishers, fisher_scale, **hyper)
+masked_adamw_, adamw_fisher_ = adamw_entry_points(_adamw)
 
 
 def delta_stats(post, pre, fishers, refs, block_sizes, num_refs, outputs):

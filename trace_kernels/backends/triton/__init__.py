@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from .._common import advance_steps, inf_found, resolve_lr, whole_tensor_blocks
+from .._common import adamw_entry_points, advance_steps, inf_found, resolve_lr
 from ..reference import check_block_indices  # noqa: F401  (same checks as the reference)
 
 _IMPORT_ERROR: str | None = None
@@ -127,17 +127,7 @@ def _adamw_plan(addr, gather: bool, device) -> dict:
             "tile_start": tile_start.to(device), "tile_tensor": torch.cat(tile_tensor).to(device)}
 
 
-def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices,
-                  block_sizes, steps, **hyper):
-    _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices, block_sizes,
-           steps, None, 0.0, **hyper)
-
-
-def adamw_fisher_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, steps, *,
-                  fisher_scale, **hyper):
-    indices, sizes = whole_tensor_blocks(params)
-    _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, indices, sizes, steps,
-           fishers, fisher_scale, **hyper)
+masked_adamw_, adamw_fisher_ = adamw_entry_points(_adamw)
 
 
 def delta_stats(post, pre, fishers, refs, block_sizes, num_refs, outputs):
