@@ -30,6 +30,13 @@ def index_dtype(num_blocks: int) -> torch.dtype:
     return torch.int32 if num_blocks <= _INT32_LIMIT else torch.int64
 
 
+def expand_blocks(indices: torch.Tensor, factor: int) -> torch.Tensor:
+    """int64 indices of the `factor` consecutive sub-items of each index, in order:
+    block i of `factor` elements covers i*factor .. i*factor + factor - 1."""
+    base = indices.to(torch.int64).unsqueeze(1) * factor
+    return (base + torch.arange(factor, dtype=torch.int64, device=indices.device)).reshape(-1)
+
+
 def check_indices(indices: torch.Tensor, num_blocks: int, what: str) -> None:
     """Raise ValueError unless `indices` are 1-D integers, strictly increasing, in range."""
     if not isinstance(indices, torch.Tensor):
@@ -104,8 +111,7 @@ class MaskEntry:
 
     def element_indices(self) -> torch.Tensor:
         """Flat int64 element indices of the selected blocks, in mask order."""
-        base = self.indices.to(torch.int64).unsqueeze(1) * self.block_size
-        return (base + torch.arange(self.block_size, dtype=torch.int64)).reshape(-1)
+        return expand_blocks(self.indices, self.block_size)
 
     def block_mask(self) -> torch.Tensor:
         """Bool per block."""
@@ -121,10 +127,7 @@ class MaskEntry:
         """The same selection at a finer block size that divides this one."""
         if self.block_size % block_size:
             raise ValueError(f"block size {block_size} does not divide {self.block_size}")
-        ratio = self.block_size // block_size
-        base = self.indices.to(torch.int64).unsqueeze(1) * ratio
-        idx = (base + torch.arange(ratio, dtype=torch.int64)).reshape(-1)
-        return MaskEntry(self.shape, block_size, idx)
+        return MaskEntry(self.shape, block_size, expand_blocks(self.indices, self.block_size // block_size))
 
     def same_selection(self, other: MaskEntry) -> bool:
         return (

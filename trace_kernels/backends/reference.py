@@ -11,18 +11,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..masks import expand_blocks
 from ._common import advance_steps, inf_found, resolve_lr
 
 
 def _f32(x: float) -> float:
     """Round a Python float to fp32, as ATen does with a scalar meeting an fp32 tensor."""
     return float(np.float32(x))
-
-
-def element_indices(block_indices: torch.Tensor, block_size: int) -> torch.Tensor:
-    base = block_indices.to(torch.int64).unsqueeze(1) * block_size
-    offs = torch.arange(block_size, dtype=torch.int64, device=block_indices.device)
-    return (base + offs).reshape(-1)
 
 
 def check_block_indices(indices: torch.Tensor, limit: int) -> tuple[int, str] | None:
@@ -82,7 +77,7 @@ def masked_adamw_(
         idx = block_indices[i]
         if idx.numel() == 0:
             continue
-        ei = element_indices(idx, block_sizes[i])
+        ei = expand_blocks(idx, block_sizes[i])
         flat_p = p.view(-1)
         pv = flat_p[ei].to(torch.float32)
         g = _unscaled(grads[i].view(-1)[ei], grad_scale, maximize)
