@@ -1,0 +1,158 @@
+"""Models for the runner: the built-in tiny Llama (pretrained on the base mixture on first
+use and cached) or any local Hugging Face causal-LM directory."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .data import EncodedSet, sample_batches
+from .tasks import BASE, builtin_task
+from .text import CHAR_TOKENIZER_FILE, CharTokenizer, Codec, HFCodec
+from .train import TrainConfig, train_loop
+
+# Bumped whenever the suite, the tokenizer or the pretraining recipe changes, so a stale
+# cached base is never reused.
+RECIPE_VERSION = 2
+
+
+@dataclass(frozen=True)
+class BuiltinSpec:
+    hidden: int = 128
+    layers: int = 2
+    heads: int = 4
+    intermediate: int = 384
+    max_positions: int = 64
+    pretrain_steps: int = 3000
+    pretrain_lr: float = 3e-3
+    pretrain_batch: int = 64
+    seed: int = 0
+
+    def key(self) -> str:
+        blob = json.dumps({**asdict(self), "recipe": RECIPE_VERSION}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+SIZES = {
+    "tiny": BuiltinSpec(hidden=64, layers=2, heads=2, intermediate=128, pretrain_steps=300),
+    "small": BuiltinSpec(),
+    "medium": BuiltinSpec(hidden=192, layers=6, heads=6, intermediate=512, pretrain_steps=2000),
+}
+
+
+def quiet_transformers() -> None:
+    """No load/save progress bars or advisory warnings from transformers in our output."""
+    import warnings
+
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("TRACE_FT_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "trace-ft"
+
+
+def builtin_config(spec: BuiltinSpec, vocab_size: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
+        num_key_value_heads=spec.heads, max_position_embeddings=spec.max_positions,
+        tie_word_embeddings=False, bos_token_id=CharTokenizer().bos_id,
+        eos_token_id=CharTokenizer().eos_id, pad_token_id=CharTokenizer().pad_id,
+    )
+
+
+def pretrain_builtin(spec: BuiltinSpec, progress: bool = True) -> tuple[nn.Module, CharTokenizer]:
+    """A fresh tiny Llama trained on the base mixture (`tasks.BASE`), deterministically."""
+    from transformers import LlamaForCausalLM
+
+    quiet_transformers()
+    tok = CharTokenizer()
+    torch.manual_seed(spec.seed)
+    model = LlamaForCausalLM(builtin_config(spec, tok.vocab_size))
+    base = builtin_task(BASE, seed=spec.seed, n_train=40000)
+    cfg = TrainConfig(steps=spec.pretrain_steps, batch_size=spec.pretrain_batch,
+                      lr=spec.pretrain_lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    batches = sample_batches([EncodedSet(base.train, tok)], cfg.batch_size, cfg.steps, spec.seed)
+    train_loop(model, opt, batches, cfg, desc="pretraining the built-in base", progress=progress)
+    return model.eval(), tok
+
+
+def _atomic_save(model: nn.Module, tok: CharTokenizer, spec: BuiltinSpec, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save(tmp)
+        (tmp / "builtin_spec.json").write_text(json.dumps(asdict(spec), indent=1))
+        try:
+            os.rename(tmp, target)          # atomic; loses only to a concurrent writer
+        except OSError:
+            if not (target / "model.safetensors").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def builtin_model(size: str | BuiltinSpec = "small", cache_dir: str | Path | None = None,
+                  progress: bool = True) -> tuple[nn.Module, Codec, Path]:
+    """The built-in model: loaded from the cache, or pretrained and cached on first use.
+    Returns (model, codec, directory)."""
+    spec = SIZES[size] if isinstance(size, str) else size
+    if isinstance(size, str) and size not in SIZES:
+        raise ValueError(f"unknown built-in size {size!r}; choose from {sorted(SIZES)}")
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    target = cache / f"builtin-{spec.key()}"
+    if not (target / "model.safetensors").exists():
+        model, tok = pretrain_builtin(spec, progress=progress)
+        _atomic_save(model, tok, spec, target)
+    model, codec = load_model(target)
+    return model, codec, target
+
+
+def load_model(path: str | Path, dtype: str | torch.dtype = "float32",
+               device: str | torch.device = "cpu") -> tuple[nn.Module, Codec]:
+    """A local Hugging Face causal-LM directory (AutoModelForCausalLM + AutoTokenizer, or
+    the built-in character tokenizer when the directory holds one)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quiet_transformers()
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"--model {path}: not a Hugging Face model directory (no config.json)")
+    if isinstance(dtype, str):
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+        dtype = getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    if (path / CHAR_TOKENIZER_FILE).is_file():
+        codec: Codec = CharTokenizer.load(path)
+    else:
+        codec = HFCodec(AutoTokenizer.from_pretrained(path))
+    return model.eval(), codec
+
+
+def save_model(model: nn.Module, codec: Codec, path: str | Path) -> None:
+    """``save_pretrained`` (safetensors) plus the tokenizer, so `load_model` reads it back."""
+    path = Path(path)
+    model.save_pretrained(path, safe_serialization=True)
+    if isinstance(codec, CharTokenizer):
+        codec.save(path)
+    elif isinstance(codec, HFCodec):
+        codec.tok.save_pretrained(path)

@@ -1,0 +1,73 @@
+"""EWC (online, diagonal): full fine-tuning plus (λ/2)·Σ F·(θ − θ*)², where F sums the
+empirical Fisher diagonals of the earlier tasks and θ* are the weights after the last one."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..train import train_loop
+from .base import Context, Strategy, TaskCost, adamw_for, optimizer_state_bytes
+
+
+class EWCPenalty:
+    """(λ/2)·Σ_p Σ F_p (θ_p − θ*_p)² over the parameters with a Fisher estimate."""
+
+    def __init__(self, model: nn.Module, fisher: dict[str, Tensor], anchor: dict[str, Tensor],
+                 lam: float) -> None:
+        named = dict(model.named_parameters())
+        self.terms = [(named[n], fisher[n], anchor[n]) for n in fisher]
+        self.lam = lam
+
+    def __call__(self) -> Tensor:
+        total = sum(((p - a).square() * f).sum() for p, f, a in self.terms)
+        return 0.5 * self.lam * total
+
+
+def empirical_fisher(model: nn.Module, batches, steps: int) -> dict[str, Tensor]:
+    """Mean over `steps` batches of the squared gradient of the batch loss."""
+    fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in model.named_parameters()
+              if p.requires_grad}
+    model.train()
+    for _, batch in zip(range(steps), batches):
+        device = next(model.parameters()).device
+        model.zero_grad(set_to_none=True)
+        model(**{k: v.to(device) for k, v in batch.items()}).loss.backward()
+        for n, p in model.named_parameters():
+            if p.grad is not None:
+                fisher[n] += p.grad.detach().float().square() / steps
+    model.zero_grad(set_to_none=True)
+    return fisher
+
+
+class EWC(Strategy):
+    name = "ewc"
+
+    def __init__(self, lr: float | None = None, lam: float = 1e4, fisher_batches: int = 20) -> None:
+        super().__init__(lr)
+        if lam < 0:
+            raise ValueError(f"ewc lambda must be >= 0, got {lam}")
+        self.lam, self.fisher_batches = lam, fisher_batches
+        self.fisher: dict[str, Tensor] | None = None
+
+    def config(self) -> dict:
+        return {"lr": self.lr, "lambda": self.lam, "fisher_batches": self.fisher_batches}
+
+    def learn(self, ctx: Context, index, task, seen) -> TaskCost:
+        cfg = self.train_config(ctx)
+        model = ctx.model
+        penalty = None
+        if self.fisher is not None:
+            anchor = {n: p.detach().clone() for n, p in model.named_parameters() if n in self.fisher}
+            penalty = EWCPenalty(model, self.fisher, anchor, self.lam)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = adamw_for(ctx, params, cfg.lr)
+        train_loop(model, opt, ctx.batches([task], cfg.steps, salt=index), cfg, penalty=penalty,
+                   desc=self.desc(ctx, index, task), progress=ctx.progress)
+        f = empirical_fisher(model, ctx.batches([task], self.fisher_batches, salt=20_000 + index),
+                             self.fisher_batches)
+        self.fisher = f if self.fisher is None else {n: self.fisher[n] + f[n] for n in f}
+        extra_state = 2 * sum(t.numel() * t.element_size() for t in self.fisher.values())
+        return TaskCost(trainable=sum(p.numel() for p in params),
+                        state_bytes=optimizer_state_bytes(opt) + extra_state,
+                        extra={"ewc_bytes": extra_state})

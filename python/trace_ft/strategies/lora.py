@@ -1,0 +1,42 @@
+"""Sequential LoRA (peft): a fresh adapter per task on the attention and MLP projections,
+merged into the weights after the task."""
+
+from __future__ import annotations
+
+from ..train import train_loop
+from .base import Context, Strategy, TaskCost, adamw_for, optimizer_state_bytes
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRA(Strategy):
+    name = "lora"
+
+    def __init__(self, lr: float | None = None, rank: int = 8, alpha: float = 16.0,
+                 targets=TARGETS) -> None:
+        super().__init__(lr)
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        self.rank, self.alpha, self.targets = rank, alpha, list(targets)
+
+    def config(self) -> dict:
+        return {"lr": self.lr, "rank": self.rank, "alpha": self.alpha, "targets": self.targets}
+
+    def learn(self, ctx: Context, index, task, seen) -> TaskCost:
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError as e:
+            raise RuntimeError("the lora strategy needs peft: pip install 'trace-kernels[hf]'") from e
+        cfg = self.train_config(ctx)
+        lcfg = LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=0.0,
+                          target_modules=self.targets, bias="none")
+        peft_model = get_peft_model(ctx.model, lcfg)
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        opt = adamw_for(ctx, params, cfg.lr)
+        train_loop(peft_model, opt, ctx.batches([task], cfg.steps, salt=index), cfg,
+                   desc=self.desc(ctx, index, task), progress=ctx.progress)
+        cost = TaskCost(trainable=sum(p.numel() for p in params), state_bytes=optimizer_state_bytes(opt))
+        ctx.model = peft_model.merge_and_unload()
+        for p in ctx.model.parameters():
+            p.requires_grad_(True)
+        return cost

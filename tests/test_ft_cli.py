@@ -1,0 +1,95 @@
+"""`trace-ft run` end to end through the command line, on a very small built-in model."""
+
+import json
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+pytest.importorskip("matplotlib")
+
+from trace_ft import metrics
+from trace_ft.cli import main
+
+ALL = "trace,trace_paper,trace_element,seqft,lora,ewc,replay,mtl"
+
+
+def _args(cache, out, *extra):
+    return ["run", "--size", "tiny", "--cache-dir", str(cache), "--out", str(out), "--quiet",
+            "--tasks", "rev,sub", "--steps", "8", "--probe-steps", "3", "--n-train", "64",
+            "--n-test", "16", "--batch-size", "8", "--threads", "1", *extra]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("trace-ft-cache")
+
+
+@pytest.mark.slow
+def test_every_strategy_through_the_cli(cache, tmp_path):
+    out = tmp_path / "run"
+    assert main(_args(cache, out, "--strategies", ALL)) == 0
+    for f in ("results.json", "report.md", "accuracy.png"):
+        assert (out / f).stat().st_size > 0
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["strategies"]) == ALL.split(",")
+    assert res["columns"] == ["base", "rev", "sub"] and res["first_task_column"] == 1
+    report = (out / "report.md").read_text()
+    for name, r in res["strategies"].items():
+        a = r["matrix"]
+        assert len(a) == 3 and all(len(row) == 3 for row in a)
+        m = r["metrics"]
+        # by hand, from the saved matrix
+        assert m["AP"] == pytest.approx((a[2][1] + a[2][2]) / 2)
+        assert m["base_change"] == pytest.approx(a[2][0] - a[0][0])
+        if name != "mtl":
+            assert m["plasticity"] == pytest.approx((a[1][1] + a[2][2]) / 2)
+            assert m["BWT"] == pytest.approx(a[2][1] - a[1][1])
+            assert m["FWT"] == pytest.approx(a[1][2] - a[0][2])
+            assert m["forgetting"] == pytest.approx(a[1][1] - a[2][1])
+        else:
+            assert a[1] == [None, None, None] and m["BWT"] is None
+        assert m == metrics.summarize(a, 1)
+        assert f"| {name} |" in report
+        assert r["costs"]["trainable_per_task"] and r["costs"]["seconds"] > 0
+    assert res["strategies"]["trace"]["costs"]["trainable_fraction"] < 0.1
+    assert res["strategies"]["seqft"]["costs"]["trainable_fraction"] == 1.0
+
+
+@pytest.mark.slow
+def test_same_seed_same_numbers(cache, tmp_path):
+    mats = []
+    for k in range(2):
+        out = tmp_path / f"r{k}"
+        assert main(_args(cache, out, "--strategies", "trace,seqft", "--seed", "5")) == 0
+        res = json.loads((out / "results.json").read_text())
+        mats.append({n: r["matrix"] for n, r in res["strategies"].items()})
+    assert mats[0] == mats[1]
+
+
+def test_config_file_and_flag_precedence(cache, tmp_path):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('strategies = ["seqft"]\nsteps = 3\n[trace]\nbudget = 0.2\n')
+    out = tmp_path / "run"
+    assert main(_args(cache, out, "--config", str(cfg), "--steps", "2", "--tasks", "rev")) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["steps"] == 2 and res["config"]["trace_budget"] == 0.2
+    assert list(res["strategies"]) == ["seqft"]
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--strategies", "seqft,bogus"], "unknown strategy 'bogus'"),
+    (["--tasks", "nonexistent_dir"], "neither a built-in skill"),
+    (["--budget", "1.5"], "budget must be a fraction"),
+    (["--steps", "0"], "steps must be >= 1"),
+])
+def test_bad_input_is_a_clear_error(cache, tmp_path, capsys, extra, needle):
+    assert main(_args(cache, tmp_path / "x", *extra)) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_bad_config_file(cache, tmp_path, capsys):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("steps = 3\nbogus_key = 1\n")
+    assert main(_args(cache, tmp_path / "x", "--config", str(cfg))) == 2
+    assert "unknown configuration keys: bogus_key" in capsys.readouterr().err
