@@ -94,3 +94,16 @@ def test_ewc_penalty_is_zero_at_the_anchor_and_grows_with_drift():
     assert ewc.fisher is not None
     cost = ewc.learn(ctx, 2, TASKS[1], TASKS[:1])
     assert cost.extra["ewc_bytes"] > 0
+
+
+def test_trace_guard_records_fisher_and_protects_the_general_task():
+    ctx = _ctx()
+    general = builtin_task("base", n_train=64, n_test=8)
+    strat = Trace(SelectConfig(budget=0.1, granularity="element", protect=5.0), probe_steps=2,
+                  fisher_batches=2, general=general)
+    strat.learn(ctx, 1, TASKS[0], [])
+    assert len(strat.history) == 2                 # the general task's Fisher, then task 1
+    assert strat.history[0].core is None and strat.history[0].fisher
+    assert all(float(f.float().sum()) >= 0 for f in strat.history[1].fisher.values())
+    assert sum(float(f.float().sum()) for f in strat.history[1].fisher.values()) > 0
+    assert strat.config()["protect_general"] == "base"

@@ -160,3 +160,36 @@ def probe(
             p.grad = g
         model.train(was_training)
     return ProbeResult(deltas=deltas, fisher=fisher, steps=steps, losses=losses)
+
+
+def empirical_fisher(model: nn.Module, batches: Iterable, steps: int,
+                     loss_fn: Callable[[nn.Module, object], Tensor] = default_loss,
+                     names: Sequence[str] | None = None) -> dict[str, Tensor]:
+    """Mean over `steps` batches of the squared gradient of the batch loss, per trainable
+    parameter (or those in `names`), in fp32. Leaves parameters and their grads untouched."""
+    wanted = None if names is None else set(names)
+    fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in model.named_parameters()
+              if p.requires_grad and (wanted is None or n in wanted)}
+    grads = [(p, p.grad) for p in model.parameters()]
+    was_training = model.training
+    device = next(model.parameters()).device
+    done = 0
+    try:
+        model.train()
+        for _, batch in zip(range(steps), batches):
+            for p, _ in grads:
+                p.grad = None
+            if isinstance(batch, dict):
+                batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+            loss_fn(model, batch).backward()
+            for n, p in model.named_parameters():
+                if n in fisher and p.grad is not None:
+                    fisher[n] += p.grad.detach().float().square()
+            done += 1
+    finally:
+        for p, g in grads:
+            p.grad = g
+        model.train(was_training)
+    if done == 0:
+        raise ValueError("no batches for the Fisher estimate")
+    return {n: f / done for n, f in fisher.items()}

@@ -96,7 +96,8 @@ def heatmaps(results: dict, path: Path) -> None:
     n = len(names)
     ncol = min(3, n)
     nrow = math.ceil(n / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol + 0.6, 2.9 * nrow), squeeze=False)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.4 * ncol + 0.8, 3.2 * nrow), squeeze=False,
+                             constrained_layout=True)
     for ax, name in zip(axes.flat, names):
         m = np.array([[np.nan if v is None else v for v in row]
                       for row in results["strategies"][name]["matrix"]], dtype=float)

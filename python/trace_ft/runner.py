@@ -52,18 +52,20 @@ class RunConfig:
     threads: int | None = None
     # trace
     trace_budget: float = 0.05
-    trace_granularity: str = "row"
+    trace_granularity: str = "element"
     trace_probe_steps: int = 50
     trace_probe_lr: float | None = None
-    trace_lr: float | None = None
+    trace_lr: float | None = 1e-2     # the core is small: it takes a larger step (see README)
     trace_scope: str = "global"
     trace_importance: str = "rank"
     trace_threshold: float = 0.5
     trace_shared_rule: str = "exclude"
     trace_share_cores: bool = False
     trace_sketch_dim: int | None = None
+    trace_protect: float = 0.0        # interference guard strength (0: off)
+    trace_protect_base: bool = False  # guard the base skill too (a Fisher probe of its data)
     # baselines
-    lora_lr: float | None = None
+    lora_lr: float | None = 3e-3
     lora_rank: int = 8
     lora_alpha: float = 16.0
     ewc_lambda: float = 1e4
@@ -101,7 +103,8 @@ class RunConfig:
                             scope=self.trace_scope, importance=self.trace_importance,
                             specificity_threshold=self.trace_threshold,
                             shared_rule=self.trace_shared_rule,
-                            share_earlier_cores=self.trace_share_cores)
+                            share_earlier_cores=self.trace_share_cores,
+                            protect=self.trace_protect)
         return dataclasses.replace(base, **over)
 
     @classmethod
@@ -129,9 +132,11 @@ def strategy_names_ok(name: str) -> None:
                      f"or trace_<{'|'.join(GRANULARITIES)}>")
 
 
-def build_strategy(name: str, cfg: RunConfig) -> Strategy:
+def build_strategy(name: str, cfg: RunConfig, general: Task | None = None) -> Strategy:
+    """`general`: the base skill's task, protected by trace when `trace_protect_base`."""
     trace_kw = dict(probe_steps=cfg.trace_probe_steps, probe_lr=cfg.trace_probe_lr,
-                    lr=cfg.trace_lr, sketch_dim=cfg.trace_sketch_dim)
+                    lr=cfg.trace_lr, sketch_dim=cfg.trace_sketch_dim,
+                    general=general if cfg.trace_protect_base else None)
     if name == "trace":
         return Trace(cfg.select_config(), name="trace", **trace_kw)
     if name == "trace_paper":
@@ -152,13 +157,14 @@ def build_strategy(name: str, cfg: RunConfig) -> Strategy:
     raise AssertionError(name)
 
 
-def sweep_strategies(cfg: RunConfig) -> list[Strategy]:
+def sweep_strategies(cfg: RunConfig, general: Task | None = None) -> list[Strategy]:
     out = []
     for g in cfg.sweep_granularity:
         for b in cfg.sweep_budget:
             for ps in cfg.sweep_probe_steps:
                 out.append(Trace(cfg.select_config(granularity=g, budget=b), probe_steps=ps,
                                  probe_lr=cfg.trace_probe_lr, lr=cfg.trace_lr,
+                                 general=general if cfg.trace_protect_base else None,
                                  name=f"trace[{g},{b:g},p{ps}]"))
     return out
 
@@ -204,14 +210,19 @@ def run(cfg: RunConfig, out: str | Path | None = None, sweep: bool = False,
     out = Path(out) if out is not None else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     t_start = time.perf_counter()
     tasks = resolve_tasks(cfg.tasks, cfg.seed, cfg.n_train, cfg.n_test)  # bad tasks fail first
-    strategies = sweep_strategies(cfg) if sweep else [build_strategy(s, cfg) for s in cfg.strategies]
+    # task 0: the built-in base skill (its training split only feeds trace's Fisher guard)
+    general = builtin_task(BASE, seed=0, n_train=cfg.n_train, n_test=cfg.n_test) if cfg.model == "builtin" else None
+    if cfg.trace_protect_base and general is None:
+        raise ValueError("trace_protect_base needs the built-in model's base skill")
+    strategies = (sweep_strategies(cfg, general) if sweep
+                  else [build_strategy(s, cfg, general) for s in cfg.strategies])
     if cfg.model == "builtin":
         base, codec, model_dir = builtin_model(cfg.size, cfg.cache_dir, progress=progress)
         base = base.to(cfg.device)
     else:
         base, codec = load_model(cfg.model, cfg.dtype, cfg.device)
         model_dir = Path(cfg.model)
-    eval_tasks = ([builtin_task(BASE, seed=0, n_test=cfg.n_test)] if cfg.model == "builtin" else []) + tasks
+    eval_tasks = ([general] if general is not None else []) + tasks
     first = len(eval_tasks) - len(tasks)
     evaluator = Evaluator(eval_tasks, codec)
     row0 = evaluator(base)

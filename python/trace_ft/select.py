@@ -49,6 +49,10 @@ class SelectConfig:
     specificity_threshold: float = 0.5
     shared_rule: str = "exclude"      # or "downweight"
     share_earlier_cores: bool = False
+    # Interference guard: weight importance by the share of each block's (normalised)
+    # Fisher mass that belongs to the new task, F_t / (F_t + protect·Σ_τ F_τ), using the
+    # earlier tasks' Fisher diagonals (EarlierTask.fisher). 0 turns it off.
+    protect: float = 0.0
 
     @classmethod
     def paper(cls, budget: float = 0.10, specificity: bool = False) -> SelectConfig:
@@ -68,15 +72,19 @@ class SelectConfig:
             raise ValueError(f"normalize must be 'global' or 'per_tensor', got {self.normalize!r}")
         if self.shared_rule not in ("exclude", "downweight"):
             raise ValueError(f"shared_rule must be 'exclude' or 'downweight', got {self.shared_rule!r}")
+        if not self.protect >= 0:
+            raise ValueError(f"protect must be >= 0, got {self.protect}")
 
 
 @dataclass
 class EarlierTask:
     """What selection needs of an earlier task: its updates (exact tensors or sketches, by
-    parameter name) and its core mask."""
+    parameter name), its core mask, and optionally its Fisher diagonal (by parameter name,
+    any float dtype) for the interference guard (`SelectConfig.protect`)."""
 
     updates: Mapping[str, Tensor | BlockSketch] = field(default_factory=dict)
     core: CoreMask | None = None
+    fisher: Mapping[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -282,9 +290,12 @@ def _trace_scores(stats, sizes, shapes, earlier, cfg: SelectConfig):
             start += l2[n].numel()
     else:
         imp = {n: _combine(l2[n], fisher[n], cfg) for n in names}
+    guard = _protection(stats, sizes, earlier, cfg) if cfg.protect > 0 else {}
     scores, info = {}, {}
     for n in names:
         s = imp[n].clone()
+        if n in guard:
+            s = s * guard[n]
         cos = stats[n][2]
         shared = torch.zeros(s.numel(), dtype=torch.bool)
         if cos.shape[1]:
@@ -304,6 +315,37 @@ def _trace_scores(stats, sizes, shapes, earlier, cfg: SelectConfig):
         info[n] = {"shared": int((shared & ~core_hit).sum()) if cfg.shared_rule == "exclude" else 0,
                    "earlier_core": int(core_hit.sum())}
     return scores, info
+
+
+def _protection(stats, sizes, earlier: Sequence[EarlierTask], cfg: SelectConfig) -> dict[str, Tensor]:
+    """Per block, the share of Fisher mass that is the new task's: F_t / (F_t + protect·F_old),
+    each task's Fisher normalised to unit total so tasks with larger losses do not dominate.
+    At first order a converged earlier task loses ½·Δᵀ F_τ Δ, so blocks where earlier tasks
+    are sensitive are the ones whose training makes them forget."""
+    names = list(sizes)
+    new_total = sum(float(stats[n][1].sum()) for n in names) or 1.0
+    old = {n: torch.zeros_like(stats[n][1]) for n in names}
+    for task in earlier:
+        if not task.fisher:
+            continue
+        sums = {}
+        for n in names:
+            f = task.fisher.get(n)
+            if f is None:
+                continue
+            if f.numel() != stats[n][1].numel() * sizes[n]:
+                raise ValueError(f"earlier Fisher of {n!r} has {f.numel()} elements, the parameter "
+                                 f"has {stats[n][1].numel() * sizes[n]}")
+            sums[n] = f.detach().reshape(-1, sizes[n]).double().sum(1).cpu()
+        total = sum(float(v.sum()) for v in sums.values()) or 1.0
+        for n, v in sums.items():
+            old[n] += v / total
+    out = {}
+    for n in names:
+        mine = stats[n][1] / new_total
+        denom = mine + cfg.protect * old[n]
+        out[n] = torch.where(denom > 0, mine / denom.clamp_min(1e-300), torch.ones_like(mine))
+    return out
 
 
 def _paper_scores(stats, shapes, cfg: SelectConfig):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..probe import empirical_fisher
 from ..train import train_loop
 from .base import Context, Strategy, TaskCost, adamw_for, optimizer_state_bytes
 
@@ -22,22 +23,6 @@ class EWCPenalty:
     def __call__(self) -> Tensor:
         total = sum(((p - a).square() * f).sum() for p, f, a in self.terms)
         return 0.5 * self.lam * total
-
-
-def empirical_fisher(model: nn.Module, batches, steps: int) -> dict[str, Tensor]:
-    """Mean over `steps` batches of the squared gradient of the batch loss."""
-    fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in model.named_parameters()
-              if p.requires_grad}
-    model.train()
-    for _, batch in zip(range(steps), batches):
-        device = next(model.parameters()).device
-        model.zero_grad(set_to_none=True)
-        model(**{k: v.to(device) for k, v in batch.items()}).loss.backward()
-        for n, p in model.named_parameters():
-            if p.grad is not None:
-                fisher[n] += p.grad.detach().float().square() / steps
-    model.zero_grad(set_to_none=True)
-    return fisher
 
 
 class EWC(Strategy):

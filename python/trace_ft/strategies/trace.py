@@ -12,9 +12,11 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
+import torch
+
 from trace_kernels import CoreMask, MaskedAdamW
 
-from ..probe import DEFAULT_EXCLUDE, probe
+from ..probe import DEFAULT_EXCLUDE, eligible_parameters, empirical_fisher, probe
 from ..select import EarlierTask, SelectConfig, select_core
 from ..sketch import sketch_update
 from ..train import train_loop
@@ -27,7 +29,7 @@ class Trace(Strategy):
     def __init__(self, select: SelectConfig | None = None, probe_steps: int = 50,
                  probe_lr: float | None = None, lr: float | None = None,
                  sketch_dim: int | None = None, exclude=DEFAULT_EXCLUDE,
-                 name: str = "trace") -> None:
+                 fisher_batches: int = 20, general=None, name: str = "trace") -> None:
         super().__init__(lr)
         self.select = select or SelectConfig()
         self.select.validate()
@@ -37,17 +39,32 @@ class Trace(Strategy):
         self.probe_lr = probe_lr
         self.sketch_dim = sketch_dim
         self.exclude = tuple(exclude)
+        self.fisher_batches = fisher_batches
+        self.general = general   # a Task of general ability whose Fisher is protected too
         self.name = name
         self.history: list[EarlierTask] = []
         self.selections: list[dict] = []
 
     def config(self) -> dict:
         return {"lr": self.lr, "probe_steps": self.probe_steps, "probe_lr": self.probe_lr,
-                "sketch_dim": self.sketch_dim, "select": asdict(self.select)}
+                "sketch_dim": self.sketch_dim, "fisher_batches": self.fisher_batches,
+                "protect_general": None if self.general is None else self.general.name,
+                "select": asdict(self.select)}
+
+    def _fisher(self, ctx: Context, task, salt: int) -> dict:
+        """The task's Fisher diagonal at the current weights, over the eligible tensors:
+        what the interference guard of later tasks protects."""
+        names = [n for n, _ in eligible_parameters(ctx.model, exclude=self.exclude)]
+        return {n: f.to(torch.bfloat16) for n, f in empirical_fisher(
+            ctx.model, ctx.batches([task], self.fisher_batches, salt=salt),
+            self.fisher_batches, names=names).items()}
 
     def learn(self, ctx: Context, index, task, seen) -> TaskCost:
         cfg = self.train_config(ctx)
         model = ctx.model
+        guard = self.select.method == "trace" and self.select.protect > 0
+        if guard and index == 1 and self.general is not None:
+            self.history.append(EarlierTask(fisher=self._fisher(ctx, self.general, salt=30_000)))
         result = probe(model, ctx.batches([task], self.probe_steps, salt=10_000 + index),
                        self.probe_steps, self.probe_lr or cfg.lr, betas=cfg.betas,
                        weight_decay=cfg.weight_decay, exclude=self.exclude,
@@ -72,7 +89,9 @@ class Trace(Strategy):
         finally:
             for p, flag in flags:
                 p.requires_grad_(flag)
-        self.history.append(EarlierTask(updates=self._record(result.deltas, sel.mask), core=sel.mask))
+        fisher = self._fisher(ctx, task, salt=20_000 + index) if guard else {}
+        self.history.append(EarlierTask(updates=self._record(result.deltas, sel.mask),
+                                        core=sel.mask, fisher=fisher))
         self.selections.append({"task": task.name, "core_elements": mask.numel_selected,
                                 "eligible_elements": sel.mask.numel,
                                 "tensors": len(mask), "probe_loss": result.losses[-1]})
