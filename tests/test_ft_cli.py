@@ -93,3 +93,33 @@ def test_bad_config_file(cache, tmp_path, capsys):
     cfg.write_text("steps = 3\nbogus_key = 1\n")
     assert main(_args(cache, tmp_path / "x", "--config", str(cfg))) == 2
     assert "unknown configuration keys: bogus_key" in capsys.readouterr().err
+
+
+def test_local_model_directory_and_task_directories(tmp_path):
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from trace_ft.model import BuiltinSpec, builtin_config, load_model, save_model
+    from trace_ft.text import CharTokenizer
+
+    tok = CharTokenizer()
+    torch.manual_seed(0)
+    model_dir = tmp_path / "model"
+    save_model(LlamaForCausalLM(builtin_config(BuiltinSpec(hidden=32, layers=1, heads=2,
+                                                           intermediate=64), tok.vocab_size)),
+               tok, model_dir)
+    model, codec = load_model(model_dir)
+    assert isinstance(codec, CharTokenizer) and sum(p.numel() for p in model.parameters()) > 0
+    task = tmp_path / "echo"
+    task.mkdir()
+    rows = [json.dumps({"input": f"e:{i}=", "output": str(i)}) for i in range(40)]
+    (task / "train.jsonl").write_text("\n".join(rows[:30]))
+    (task / "test.jsonl").write_text("\n".join(rows[30:]))
+    out = tmp_path / "run"
+    assert main(["run", "--model", str(model_dir), "--tasks", f"{task},rev", "--strategies",
+                 "seqft,trace", "--steps", "3", "--probe-steps", "2", "--n-train", "30",
+                 "--n-test", "10", "--batch-size", "4", "--out", str(out), "--quiet"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["columns"] == ["echo", "rev"] and res["first_task_column"] == 0
+    assert res["strategies"]["seqft"]["metrics"]["base_change"] is None
+    assert main(["run", "--model", str(tmp_path), "--out", str(out), "--quiet"]) == 2

@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the trace ablation (granularity × budget × probe steps) instead")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     for flag, (dest, typ, text) in RUN_FLAGS.items():
-        r.add_argument(flag, dest=dest, type=typ, default=None, help=text)
+        r.add_argument(flag, dest=dest, type=typ, default=None, help=text,
+                       metavar=flag[2:].upper().replace("-", "_"))
     return ap
 
 
