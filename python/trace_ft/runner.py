@@ -270,7 +270,6 @@ def run(cfg: RunConfig, out: str | Path | None = None, sweep: bool = False,
         }
         log(f"{strategy.name:>10s}: " + ", ".join(
             f"{k}={'-' if v is None else f'{v:.1f}'}" for k, v in summary.items()) + f" ({seconds:.0f} s)")
-        del model, ctx
     results["seconds"] = time.perf_counter() - t_start
     from .report import write_outputs
 

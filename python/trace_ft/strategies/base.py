@@ -28,6 +28,7 @@ class TaskCost:
     trainable: int = 0            # elements the optimizer may change
     state_bytes: int = 0          # optimizer state at the end of the task
     seconds: float = 0.0
+    final_loss: float | None = None   # mean training loss over the last 10 % of steps
     extra: dict = field(default_factory=dict)
 
 
@@ -55,6 +56,11 @@ class Context:
 
     def total_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
+
+
+def final_loss(losses: list[float]) -> float | None:
+    tail = losses[-max(1, len(losses) // 10):]
+    return sum(tail) / len(tail) if tail else None
 
 
 def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:

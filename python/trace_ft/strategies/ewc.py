@@ -3,12 +3,11 @@ empirical Fisher diagonals of the earlier tasks and θ* are the weights after th
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from ..probe import empirical_fisher
 from ..train import train_loop
-from .base import Context, Strategy, TaskCost, adamw_for, optimizer_state_bytes
+from .base import Context, Strategy, TaskCost, final_loss, adamw_for, optimizer_state_bytes
 
 
 class EWCPenalty:
@@ -47,12 +46,12 @@ class EWC(Strategy):
             penalty = EWCPenalty(model, self.fisher, anchor, self.lam)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = adamw_for(ctx, params, cfg.lr)
-        train_loop(model, opt, ctx.batches([task], cfg.steps, salt=index), cfg, penalty=penalty,
-                   desc=self.desc(ctx, index, task), progress=ctx.progress)
+        losses = train_loop(model, opt, ctx.batches([task], cfg.steps, salt=index), cfg, penalty=penalty,
+                            desc=self.desc(ctx, index, task), progress=ctx.progress)
         f = empirical_fisher(model, ctx.batches([task], self.fisher_batches, salt=20_000 + index),
                              self.fisher_batches)
         self.fisher = f if self.fisher is None else {n: self.fisher[n] + f[n] for n in f}
         extra_state = 2 * sum(t.numel() * t.element_size() for t in self.fisher.values())
-        return TaskCost(trainable=sum(p.numel() for p in params),
+        return TaskCost(final_loss=final_loss(losses), trainable=sum(p.numel() for p in params),
                         state_bytes=optimizer_state_bytes(opt) + extra_state,
                         extra={"ewc_bytes": extra_state})

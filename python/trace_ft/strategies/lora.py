@@ -4,7 +4,7 @@ merged into the weights after the task."""
 from __future__ import annotations
 
 from ..train import train_loop
-from .base import Context, Strategy, TaskCost, adamw_for, optimizer_state_bytes
+from .base import Context, Strategy, TaskCost, final_loss, adamw_for, optimizer_state_bytes
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -33,9 +33,9 @@ class LoRA(Strategy):
         peft_model = get_peft_model(ctx.model, lcfg)
         params = [p for p in peft_model.parameters() if p.requires_grad]
         opt = adamw_for(ctx, params, cfg.lr)
-        train_loop(peft_model, opt, ctx.batches([task], cfg.steps, salt=index), cfg,
-                   desc=self.desc(ctx, index, task), progress=ctx.progress)
-        cost = TaskCost(trainable=sum(p.numel() for p in params), state_bytes=optimizer_state_bytes(opt))
+        losses = train_loop(peft_model, opt, ctx.batches([task], cfg.steps, salt=index), cfg,
+                            desc=self.desc(ctx, index, task), progress=ctx.progress)
+        cost = TaskCost(final_loss=final_loss(losses), trainable=sum(p.numel() for p in params), state_bytes=optimizer_state_bytes(opt))
         ctx.model = peft_model.merge_and_unload()
         for p in ctx.model.parameters():
             p.requires_grad_(True)

@@ -7,7 +7,7 @@ import time
 from dataclasses import replace
 
 from ..train import train_loop
-from .base import Context, Strategy, TaskCost, adamw_for, optimizer_state_bytes
+from .base import Context, Strategy, TaskCost, final_loss, adamw_for, optimizer_state_bytes
 
 
 class MTL(Strategy):
@@ -20,9 +20,9 @@ class MTL(Strategy):
         params = [p for p in ctx.model.parameters() if p.requires_grad]
         opt = adamw_for(ctx, params, cfg.lr)
         weights = [1.0] * len(tasks)
-        train_loop(ctx.model, opt, ctx.batches(tasks, cfg.steps, salt=0, weights=weights), cfg,
-                   desc=f"mtl joint ({len(tasks)} tasks)", progress=ctx.progress)
-        cost = TaskCost(trainable=sum(p.numel() for p in params), state_bytes=optimizer_state_bytes(opt),
+        losses = train_loop(ctx.model, opt, ctx.batches(tasks, cfg.steps, salt=0, weights=weights), cfg,
+                            desc=f"mtl joint ({len(tasks)} tasks)", progress=ctx.progress)
+        cost = TaskCost(final_loss=final_loss(losses), trainable=sum(p.numel() for p in params), state_bytes=optimizer_state_bytes(opt),
                         seconds=time.perf_counter() - t0)
         evaluate(len(tasks))
         return [cost]

@@ -7,7 +7,7 @@ import random
 
 from ..data import EncodedSet
 from ..train import train_loop
-from .base import Context, Strategy, TaskCost, adamw_for, optimizer_state_bytes
+from .base import Context, Strategy, TaskCost, final_loss, adamw_for, optimizer_state_bytes
 
 
 class Replay(Strategy):
@@ -33,10 +33,10 @@ class Replay(Strategy):
             weights[0] = 1.0 - self.ratio
         params = [p for p in ctx.model.parameters() if p.requires_grad]
         opt = adamw_for(ctx, params, cfg.lr)
-        train_loop(ctx.model, opt, ctx.batches([task], cfg.steps, salt=index, weights=weights, sets=sets),
-                   cfg, desc=self.desc(ctx, index, task), progress=ctx.progress)
+        losses = train_loop(ctx.model, opt, ctx.batches([task], cfg.steps, salt=index, weights=weights, sets=sets),
+                            cfg, desc=self.desc(ctx, index, task), progress=ctx.progress)
         rng = random.Random(ctx.seed * 7919 + index)
         keep = rng.sample(task.train, min(self.buffer_per_task, len(task.train)))
         self.buffers.append(EncodedSet(keep, ctx.codec, ctx.max_len))
-        return TaskCost(trainable=sum(p.numel() for p in params), state_bytes=optimizer_state_bytes(opt),
+        return TaskCost(final_loss=final_loss(losses), trainable=sum(p.numel() for p in params), state_bytes=optimizer_state_bytes(opt),
                         extra={"buffer_examples": sum(len(b) for b in self.buffers)})

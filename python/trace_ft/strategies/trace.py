@@ -20,7 +20,7 @@ from ..probe import DEFAULT_EXCLUDE, eligible_parameters, empirical_fisher, prob
 from ..select import EarlierTask, SelectConfig, select_core
 from ..sketch import sketch_update
 from ..train import train_loop
-from .base import Context, Strategy, TaskCost, optimizer_state_bytes
+from .base import Context, Strategy, TaskCost, final_loss, optimizer_state_bytes
 
 
 class Trace(Strategy):
@@ -73,6 +73,7 @@ class Trace(Strategy):
         mask = CoreMask({n: e for n, e in sel.mask.items() if e.num_selected})
         named = [(n, p) for n, p in model.named_parameters() if n in mask]
         flags = [(p, p.requires_grad) for p in model.parameters()]
+        losses: list[float] = []
         try:
             for p, _ in flags:
                 p.requires_grad_(False)
@@ -81,8 +82,8 @@ class Trace(Strategy):
             if named:
                 opt = MaskedAdamW(named, lr=cfg.lr, betas=cfg.betas,
                                   weight_decay=cfg.weight_decay, masks=mask)
-                train_loop(model, opt, ctx.batches([task], cfg.steps, salt=index), cfg,
-                           desc=self.desc(ctx, index, task), progress=ctx.progress)
+                losses = train_loop(model, opt, ctx.batches([task], cfg.steps, salt=index), cfg,
+                                    desc=self.desc(ctx, index, task), progress=ctx.progress)
                 state = optimizer_state_bytes(opt)
             else:
                 state = 0
@@ -95,7 +96,7 @@ class Trace(Strategy):
         self.selections.append({"task": task.name, "core_elements": mask.numel_selected,
                                 "eligible_elements": sel.mask.numel,
                                 "tensors": len(mask), "probe_loss": result.losses[-1]})
-        return TaskCost(trainable=mask.numel_selected, state_bytes=state,
+        return TaskCost(final_loss=final_loss(losses), trainable=mask.numel_selected, state_bytes=state,
                         extra={"eligible": sel.mask.numel})
 
     def _record(self, deltas, mask: CoreMask):
