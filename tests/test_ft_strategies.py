@@ -1,6 +1,5 @@
 """trace_ft strategies on a tiny Llama: what each one trains, and the EWC penalty."""
 
-
 import pytest
 import torch
 
