@@ -33,19 +33,24 @@ class EncodedSet:
         return len(self.examples)
 
     def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (prompt and padding
-        ignored), the layout a Hugging Face causal LM takes for its loss."""
-        seqs = [self.prompts[i] + self.answers[i] for i in indices]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for r, i in enumerate(indices):
-            s, n_p = seqs[r], len(self.prompts[i])
-            ids[r, :len(s)] = torch.tensor(s)
-            labels[r, n_p:len(s)] = torch.tensor(self.answers[i])
-            mask[r, :len(s)] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        return right_padded([self.prompts[i] for i in indices], [self.answers[i] for i in indices],
+                            self.pad_id)
+
+
+def right_padded(prompts: Sequence[list[int]], answers: Sequence[list[int]],
+                 pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (prompt and padding
+    ignored), the layout a Hugging Face causal LM takes for its loss."""
+    seqs = [p + a for p, a in zip(prompts, answers)]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, (s, p) in enumerate(zip(seqs, prompts)):
+        ids[r, :len(s)] = torch.tensor(s)
+        labels[r, len(p):len(s)] = torch.tensor(s[len(p):])
+        mask[r, :len(s)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def sample_batches(sets: Sequence[EncodedSet], batch_size: int, steps: int, seed: int,
@@ -69,15 +74,8 @@ def sample_batches(sets: Sequence[EncodedSet], batch_size: int, steps: int, seed
     for _ in range(steps):
         picks = rng.choices(range(len(sets)), weights=w, k=batch_size)
         rows = [(k, rng.randrange(len(sets[k]))) for k in picks]
-        yield _mixed_batch(sets, rows)
-
-
-def _mixed_batch(sets: Sequence[EncodedSet], rows: Sequence[tuple[int, int]]) -> dict[str, torch.Tensor]:
-    merged = EncodedSet.__new__(EncodedSet)
-    merged.prompts = [sets[k].prompts[i] for k, i in rows]
-    merged.answers = [sets[k].answers[i] for k, i in rows]
-    merged.pad_id = sets[0].pad_id
-    return merged.batch(range(len(rows)))
+        yield right_padded([sets[k].prompts[i] for k, i in rows],
+                           [sets[k].answers[i] for k, i in rows], sets[0].pad_id)
 
 
 @torch.no_grad()

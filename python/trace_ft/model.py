@@ -68,12 +68,13 @@ def default_cache_dir() -> Path:
 def builtin_config(spec: BuiltinSpec, vocab_size: int):
     from transformers import LlamaConfig
 
+    tok = CharTokenizer()
     return LlamaConfig(
         vocab_size=vocab_size, hidden_size=spec.hidden, intermediate_size=spec.intermediate,
         num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
         num_key_value_heads=spec.heads, max_position_embeddings=spec.max_positions,
-        tie_word_embeddings=False, bos_token_id=CharTokenizer().bos_id,
-        eos_token_id=CharTokenizer().eos_id, pad_token_id=CharTokenizer().pad_id,
+        tie_word_embeddings=False, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+        pad_token_id=tok.pad_id,
     )
 
 
@@ -114,9 +115,9 @@ def builtin_model(size: str | BuiltinSpec = "small", cache_dir: str | Path | Non
                   progress: bool = True) -> tuple[nn.Module, Codec, Path]:
     """The built-in model: loaded from the cache, or pretrained and cached on first use.
     Returns (model, codec, directory)."""
-    spec = SIZES[size] if isinstance(size, str) else size
     if isinstance(size, str) and size not in SIZES:
         raise ValueError(f"unknown built-in size {size!r}; choose from {sorted(SIZES)}")
+    spec = SIZES[size] if isinstance(size, str) else size
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = cache / f"builtin-{spec.key()}"
     if not (target / "model.safetensors").exists():

@@ -132,11 +132,15 @@ def strategy_names_ok(name: str) -> None:
                      f"or trace_<{'|'.join(GRANULARITIES)}>")
 
 
+def _trace_kwargs(cfg: RunConfig, general: Task | None) -> dict:
+    return dict(probe_steps=cfg.trace_probe_steps, probe_lr=cfg.trace_probe_lr, lr=cfg.trace_lr,
+                sketch_dim=cfg.trace_sketch_dim,
+                general=general if cfg.trace_protect_base else None)
+
+
 def build_strategy(name: str, cfg: RunConfig, general: Task | None = None) -> Strategy:
     """`general`: the base skill's task, protected by trace when `trace_protect_base`."""
-    trace_kw = dict(probe_steps=cfg.trace_probe_steps, probe_lr=cfg.trace_probe_lr,
-                    lr=cfg.trace_lr, sketch_dim=cfg.trace_sketch_dim,
-                    general=general if cfg.trace_protect_base else None)
+    trace_kw = _trace_kwargs(cfg, general)
     if name == "trace":
         return Trace(cfg.select_config(), name="trace", **trace_kw)
     if name == "trace_paper":
@@ -162,10 +166,9 @@ def sweep_strategies(cfg: RunConfig, general: Task | None = None) -> list[Strate
     for g in cfg.sweep_granularity:
         for b in cfg.sweep_budget:
             for ps in cfg.sweep_probe_steps:
-                out.append(Trace(cfg.select_config(granularity=g, budget=b), probe_steps=ps,
-                                 probe_lr=cfg.trace_probe_lr, lr=cfg.trace_lr,
-                                 general=general if cfg.trace_protect_base else None,
-                                 name=f"trace[{g},{b:g},p{ps}]"))
+                kw = {**_trace_kwargs(cfg, general), "probe_steps": ps}
+                out.append(Trace(cfg.select_config(granularity=g, budget=b),
+                                 name=f"trace[{g},{b:g},p{ps}]", **kw))
     return out
 
 

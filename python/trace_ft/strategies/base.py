@@ -18,7 +18,7 @@ from torch import nn
 from ..data import EncodedSet, sample_batches
 from ..tasks import Task
 from ..text import Codec
-from ..train import TrainConfig
+from ..train import TrainConfig, train_loop
 
 
 @dataclass
@@ -54,9 +54,6 @@ class Context:
         sets = list(sets) if sets is not None else [self.encoded(t) for t in tasks]
         return sample_batches(sets, self.train.batch_size, steps, self.seed * 1_000_003 + salt, weights)
 
-    def total_params(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
-
 
 def final_loss(losses: list[float]) -> float | None:
     tail = losses[-max(1, len(losses) // 10):]
@@ -75,8 +72,15 @@ def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
     return total
 
 
-def adamw_for(ctx: Context, params, lr: float) -> torch.optim.AdamW:
-    return torch.optim.AdamW(params, lr=lr, betas=ctx.train.betas, weight_decay=ctx.train.weight_decay)
+def train_adamw(ctx: Context, model: nn.Module, batches, cfg: TrainConfig, desc: str,
+                penalty=None) -> TaskCost:
+    """Plain AdamW over every parameter of `model` that requires grad, through the shared
+    loop: what every baseline trains with."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    losses = train_loop(model, opt, batches, cfg, penalty=penalty, desc=desc, progress=ctx.progress)
+    return TaskCost(trainable=sum(p.numel() for p in params), state_bytes=optimizer_state_bytes(opt),
+                    final_loss=final_loss(losses))
 
 
 class Strategy:

@@ -6,8 +6,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..probe import empirical_fisher
-from ..train import train_loop
-from .base import Context, Strategy, TaskCost, final_loss, adamw_for, optimizer_state_bytes
+from .base import Context, Strategy, TaskCost, train_adamw
 
 
 class EWCPenalty:
@@ -44,14 +43,12 @@ class EWC(Strategy):
         if self.fisher is not None:
             anchor = {n: p.detach().clone() for n, p in model.named_parameters() if n in self.fisher}
             penalty = EWCPenalty(model, self.fisher, anchor, self.lam)
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = adamw_for(ctx, params, cfg.lr)
-        losses = train_loop(model, opt, ctx.batches([task], cfg.steps, salt=index), cfg, penalty=penalty,
-                            desc=self.desc(ctx, index, task), progress=ctx.progress)
+        cost = train_adamw(ctx, model, ctx.batches([task], cfg.steps, salt=index), cfg,
+                           self.desc(ctx, index, task), penalty=penalty)
         f = empirical_fisher(model, ctx.batches([task], self.fisher_batches, salt=20_000 + index),
                              self.fisher_batches)
         self.fisher = f if self.fisher is None else {n: self.fisher[n] + f[n] for n in f}
         extra_state = 2 * sum(t.numel() * t.element_size() for t in self.fisher.values())
-        return TaskCost(final_loss=final_loss(losses), trainable=sum(p.numel() for p in params),
-                        state_bytes=optimizer_state_bytes(opt) + extra_state,
-                        extra={"ewc_bytes": extra_state})
+        cost.state_bytes += extra_state
+        cost.extra["ewc_bytes"] = extra_state
+        return cost

@@ -3,8 +3,7 @@ merged into the weights after the task."""
 
 from __future__ import annotations
 
-from ..train import train_loop
-from .base import Context, Strategy, TaskCost, final_loss, adamw_for, optimizer_state_bytes
+from .base import Context, Strategy, TaskCost, train_adamw
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -31,11 +30,8 @@ class LoRA(Strategy):
         lcfg = LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=0.0,
                           target_modules=self.targets, bias="none")
         peft_model = get_peft_model(ctx.model, lcfg)
-        params = [p for p in peft_model.parameters() if p.requires_grad]
-        opt = adamw_for(ctx, params, cfg.lr)
-        losses = train_loop(peft_model, opt, ctx.batches([task], cfg.steps, salt=index), cfg,
-                            desc=self.desc(ctx, index, task), progress=ctx.progress)
-        cost = TaskCost(final_loss=final_loss(losses), trainable=sum(p.numel() for p in params), state_bytes=optimizer_state_bytes(opt))
+        cost = train_adamw(ctx, peft_model, ctx.batches([task], cfg.steps, salt=index), cfg,
+                           self.desc(ctx, index, task))
         ctx.model = peft_model.merge_and_unload()
         for p in ctx.model.parameters():
             p.requires_grad_(True)

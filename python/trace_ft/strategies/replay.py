@@ -6,8 +6,7 @@ from __future__ import annotations
 import random
 
 from ..data import EncodedSet
-from ..train import train_loop
-from .base import Context, Strategy, TaskCost, final_loss, adamw_for, optimizer_state_bytes
+from .base import Context, Strategy, TaskCost, train_adamw
 
 
 class Replay(Strategy):
@@ -28,15 +27,14 @@ class Replay(Strategy):
     def learn(self, ctx: Context, index, task, seen) -> TaskCost:
         cfg = self.train_config(ctx)
         sets = [ctx.encoded(task), *self.buffers]
-        weights = [1.0] + [self.ratio / len(self.buffers)] * len(self.buffers) if self.buffers else None
-        if weights:
-            weights[0] = 1.0 - self.ratio
-        params = [p for p in ctx.model.parameters() if p.requires_grad]
-        opt = adamw_for(ctx, params, cfg.lr)
-        losses = train_loop(ctx.model, opt, ctx.batches([task], cfg.steps, salt=index, weights=weights, sets=sets),
-                            cfg, desc=self.desc(ctx, index, task), progress=ctx.progress)
+        weights = None
+        if self.buffers:  # the new task gets 1 − ratio of the rows, the buffers share the rest
+            weights = [1.0 - self.ratio] + [self.ratio / len(self.buffers)] * len(self.buffers)
+        cost = train_adamw(ctx, ctx.model, ctx.batches([task], cfg.steps, salt=index,
+                                                       weights=weights, sets=sets),
+                           cfg, self.desc(ctx, index, task))
         rng = random.Random(ctx.seed * 7919 + index)
         keep = rng.sample(task.train, min(self.buffer_per_task, len(task.train)))
         self.buffers.append(EncodedSet(keep, ctx.codec, ctx.max_len))
-        return TaskCost(final_loss=final_loss(losses), trainable=sum(p.numel() for p in params), state_bytes=optimizer_state_bytes(opt),
-                        extra={"buffer_examples": sum(len(b) for b in self.buffers)})
+        cost.extra["buffer_examples"] = sum(len(b) for b in self.buffers)
+        return cost

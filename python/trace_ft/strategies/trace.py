@@ -96,7 +96,7 @@ class Trace(Strategy):
         self.selections.append({"task": task.name, "core_elements": mask.numel_selected,
                                 "eligible_elements": sel.mask.numel,
                                 "tensors": len(mask), "probe_loss": result.losses[-1]})
-        return TaskCost(final_loss=final_loss(losses), trainable=mask.numel_selected, state_bytes=state,
+        return TaskCost(trainable=mask.numel_selected, state_bytes=state, final_loss=final_loss(losses),
                         extra={"eligible": sel.mask.numel})
 
     def _record(self, deltas, mask: CoreMask):
