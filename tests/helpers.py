@@ -84,3 +84,12 @@ def block_sizes_for(shapes, granularity) -> list[int]:
         b = {"row": s[-1], "tensor": max(n, 1)}.get(granularity, granularity)
         sizes.append(b if n % b == 0 else 1)
     return sizes
+
+
+def train_side_by_side(pairs, x: torch.Tensor, steps: int) -> None:
+    """`steps` steps of each (model, optimizer) pair on the same input and loss."""
+    for _ in range(steps):
+        for model, opt in pairs:
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()

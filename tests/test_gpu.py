@@ -6,7 +6,8 @@ import copy
 import pytest
 import torch
 
-from helpers import assert_bits_equal, block_sizes_for, clone_problem, make_problem
+from helpers import (assert_bits_equal, block_sizes_for, clone_problem, make_problem,
+                     train_side_by_side)
 from test_scoring_ops import assert_stats_close, fisher_problem, stats_problem
 from trace_kernels import CoreMask, MaskedAdamW, backends, ops
 
@@ -117,11 +118,7 @@ def test_full_mask_matches_torch_fused_adamw_on_cuda(name):
                       masks=CoreMask.full(shapes, "row"), backend=name)
     ropt = torch.optim.AdamW(ref.parameters(), lr=1e-3, weight_decay=0.01, fused=True)
     x = torch.randn(32, 256, device="cuda")
-    for _ in range(7):
-        for m, o in ((model, opt), (ref, ropt)):
-            o.zero_grad()
-            m(x).square().mean().backward()
-            o.step()
+    train_side_by_side(((model, opt), (ref, ropt)), x, 7)
     for p, q in zip(model.parameters(), ref.parameters()):
         assert ((p - q).norm() / q.norm()).item() < 1e-6
 

@@ -28,6 +28,15 @@ def set_grads(model, grads, none_index=None):
         p.grad = None if i == none_index else g.clone()
 
 
+def step_in_lockstep(model, opt, ref, ropt, gen, n):
+    """`n` steps of both optimizers on the same random gradients."""
+    for grads in grads_for(model, gen, n):
+        set_grads(model, grads)
+        set_grads(ref, grads)
+        opt.step()
+        ropt.step()
+
+
 def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
@@ -71,11 +80,7 @@ def test_partial_mask_selected_follow_adamw_frozen_untouched(backend, gen):
     mask = CoreMask.from_dense(dense)
     opt = MaskedAdamW(model.named_parameters(), lr=1e-2, masks=mask, backend=backend)
     ropt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
-    for grads in grads_for(model, gen, 4):
-        set_grads(model, grads)
-        set_grads(ref, grads)
-        opt.step()
-        ropt.step()
+    step_in_lockstep(model, opt, ref, ropt, gen, 4)
     for (name, p), q, before in zip(model.named_parameters(), ref.parameters(), p0):
         sel = dense[name]
         assert torch.equal(bits(p[~sel]), bits(before[~sel])), name
@@ -124,11 +129,7 @@ def test_tensor_lr(backend, gen):
     opt = MaskedAdamW(model.named_parameters(), lr=torch.tensor(1e-2),
                       masks=CoreMask.full(shapes), backend=backend)
     ropt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
-    for grads in grads_for(model, gen, 3):
-        set_grads(model, grads)
-        set_grads(ref, grads)
-        opt.step()
-        ropt.step()
+    step_in_lockstep(model, opt, ref, ropt, gen, 3)
     for p, q in zip(model.parameters(), ref.parameters()):
         assert rel(p, q) < 1e-6
 
@@ -204,11 +205,7 @@ def test_dict_masks_and_dense_unmasked(backend, gen):
     opt = MaskedAdamW(model.parameters(), lr=1e-2, masks={w0: bool_mask, b2: idx_mask},
                       unmasked="dense", backend=backend)
     ropt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
-    for grads in grads_for(model, gen, 3):
-        set_grads(model, grads)
-        set_grads(ref, grads)
-        opt.step()
-        ropt.step()
+    step_in_lockstep(model, opt, ref, ropt, gen, 3)
     r0, _, r2, rb2 = ref.parameters()
     assert rel(b0, list(ref.parameters())[1]) < 1e-6 and rel(w2, r2) < 1e-6  # dense
     assert rel(w0[bool_mask], r0[bool_mask]) < 1e-6

@@ -5,7 +5,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from helpers import assert_bits_equal, block_sizes_for, bits, clone_problem, make_problem  # noqa: E402
+from helpers import (assert_bits_equal, bits, block_sizes_for, clone_problem,  # noqa: E402
+                     make_problem, train_side_by_side)
 from test_scoring_ops import assert_stats_close, fisher_problem, stats_problem  # noqa: E402
 from trace_kernels import CoreMask, MaskedAdamW, backends, ops  # noqa: E402
 
@@ -107,11 +108,7 @@ def test_masked_adamw_optimizer_on_triton(gen):
     opt = MaskedAdamW(model.named_parameters(), lr=1e-2, masks=mask, backend="triton")
     ref = MaskedAdamW(twin.named_parameters(), lr=1e-2, masks=mask, backend="reference")
     x = torch.randn(8, 40, generator=gen).to(DEVICE)
-    for _ in range(3):
-        for m, o in ((model, opt), (twin, ref)):
-            o.zero_grad()
-            m(x).square().mean().backward()
-            o.step()
+    train_side_by_side(((model, opt), (twin, ref)), x, 3)
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p, q)
 
