@@ -47,3 +47,10 @@ NATIVE_BACKENDS = ["cpu"] if _native.load("_C") is not None else []
     reason="trace_kernels._C not built"))])
 def native_backend(request):
     return request.param
+
+
+@pytest.fixture(scope="session")
+def builtin_cache(tmp_path_factory):
+    """One cache of built-in base models for the whole session (the tiny one pretrains in
+    seconds, once)."""
+    return tmp_path_factory.mktemp("trace-ft-cache")

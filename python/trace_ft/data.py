@@ -59,6 +59,8 @@ def sample_batches(sets: Sequence[EncodedSet], batch_size: int, steps: int, seed
     with probability weights[k] (default: by size), then an example uniformly in it."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not sets or any(len(s) == 0 for s in sets):
+        raise ValueError("cannot sample training batches from an empty set of examples")
     rng = random.Random(seed)
     if len(sets) == 1:
         order: list[int] = []

@@ -37,14 +37,13 @@ class Task:
     train: list[Example]
     test: list[Example]
     scorer: str = "exact"          # "exact": answer must match exactly (after strip)
+    # train may be empty: a task kept only for scoring (e.g. read back from a history)
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.scorer not in SCORERS:
             raise ValueError(f"task {self.name!r}: scorer must be one of {sorted(SCORERS)}, "
                              f"got {self.scorer!r}")
-        if not self.train:
-            raise ValueError(f"task {self.name!r} has no training examples")
         if not self.test:
             raise ValueError(f"task {self.name!r} has no test examples")
 
