@@ -20,9 +20,9 @@ def _args(cache, out, *extra):
             "--n-test", "16", "--batch-size", "8", "--threads", "1", *extra]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("trace-ft-cache")
+@pytest.fixture
+def cache(builtin_cache):
+    return builtin_cache
 
 
 @pytest.mark.slow

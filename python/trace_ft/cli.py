@@ -41,8 +41,11 @@ RUN_FLAGS = {
     "--budget": ("trace_budget", float, "trace: core budget, fraction of eligible elements"),
     "--granularity": ("trace_granularity", str, "trace: element, row, tensor or a block size"),
     "--probe-steps": ("trace_probe_steps", int, "trace: warm-start probe steps"),
+    "--probe-lr": ("trace_probe_lr", float, "trace: probe learning rate (default: --lr)"),
     "--trace-lr": ("trace_lr", float, "trace: learning rate on the core"),
     "--threshold": ("trace_threshold", float, "trace: specificity threshold (max cosine)"),
+    "--sketch-dim": ("trace_sketch_dim", int, "trace: keep earlier updates as count sketches of "
+                     "this many values per block (default: exact)"),
     "--protect": ("trace_protect", float, "trace: interference guard strength (0 off)"),
     "--protect-base": ("trace_protect_base", lambda x: x.lower() in ("1", "true", "yes", "on"),
                        "trace: also guard the base skill (true/false)"),
@@ -71,18 +74,104 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, (dest, typ, text) in RUN_FLAGS.items():
         r.add_argument(flag, dest=dest, type=typ, default=None, help=text,
                        metavar=flag[2:].upper().replace("-", "_"))
+    a = sub.add_parser("adapt", help="add one task to a model and its task history",
+                       description="Probe the task, select its core against the history, train "
+                       "only the core, save the model to --out and append the task to --history. "
+                       "Settings (flags or --config) are those of `trace-ft run`, so a sequence of "
+                       "adapt runs reproduces the trace strategy of one run.")
+    a.add_argument("--task", required=True, help="a task directory (train/test .json[l]) or a built-in skill")
+    a.add_argument("--history", required=True, help="the task history directory (created if absent)")
+    a.add_argument("--out", required=True, help="where the adapted model is saved (safetensors)")
+    a.add_argument("--eval-history", action="store_true", help="also score every earlier task of the history")
+    a.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    a.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
+                   help="save a checkpoint every N training steps (default 50)")
+    a.add_argument("--checkpoint-dir", help="where checkpoints go (default <out>.checkpoint)")
+    a.add_argument("--core", help="a CoreMask file (e.g. from `trace-ft transfer`) to train instead of probing")
+    a.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    a.add_argument("--ignore-dtype", action="store_true",
+                   help="accept a model whose parameter dtypes differ from the history's")
+    a.add_argument("--config", help="a TOML file of settings (flags override it)")
+    a.add_argument("--quiet", action="store_true", help="no progress bars")
+    for flag, (dest, typ, text) in RUN_FLAGS.items():
+        if dest in ADAPT_SKIPS:
+            continue
+        a.add_argument(flag, dest=dest, type=typ, default=None, help=text,
+                       metavar=flag[2:].upper().replace("-", "_"))
+    t = sub.add_parser("transfer", help="map a core found on a small model onto a larger one",
+                       description="Map a task's core from a small model (its history entry or a "
+                       "CoreMask file) onto a larger model of the same family, per layer and module "
+                       "type, and write it as a CoreMask file for `trace-ft adapt --core`.")
+    src = t.add_mutually_exclusive_group(required=True)
+    src.add_argument("--history", help="the small model's task history")
+    src.add_argument("--core", help="a CoreMask file found on the small model")
+    t.add_argument("--task", help="with --history: the task's name (default: the newest)")
+    t.add_argument("--model", required=True, help="the large model: a Hugging Face directory or 'builtin'")
+    t.add_argument("--size", default="medium", help="with --model builtin: its size (default medium)")
+    t.add_argument("--out", required=True, help="the CoreMask file to write")
     return ap
 
 
-def run_command(args: argparse.Namespace) -> int:
+# `run` flags that mean nothing for one task added to a history
+ADAPT_SKIPS = {"tasks", "strategies", "lora_lr", "lora_rank", "ewc_lambda", "replay_buffer",
+               "protect_base", "trace_protect_base", "sweep_granularity", "sweep_budget",
+               "sweep_probe_steps"}
+
+
+def _config(args: argparse.Namespace) -> RunConfig:
     data = load_config_file(args.config) if args.config else {}
     for dest, _, _ in RUN_FLAGS.values():
-        value = getattr(args, dest)
+        value = getattr(args, dest, None)
         if value is not None:
             data[dest] = value
     cfg = RunConfig.from_dict(data)
     if cfg.threads is None:
         cfg.threads = default_threads()
+    return cfg
+
+
+def adapt_command(args: argparse.Namespace) -> int:
+    from .adapt import adapt
+
+    cfg = _config(args)
+    adapt(cfg, cfg.model, args.task, args.history, args.out, eval_history=args.eval_history,
+          resume=args.resume, checkpoint_every=args.checkpoint_every,
+          checkpoint_dir=args.checkpoint_dir, core=args.core, overwrite=args.overwrite,
+          ignore_dtype=args.ignore_dtype, progress=not args.quiet)
+    return 0
+
+
+def transfer_command(args: argparse.Namespace) -> int:
+    from trace_kernels import CoreMask
+
+    from .atomic import write_with
+    from .history import TaskHistory
+    from .model import model_shapes
+    from .transfer import format_report, transfer_core
+
+    if args.task and not args.history:
+        raise ValueError("--task needs --history")
+    if args.history:
+        hist = TaskHistory.open(args.history)
+        if not len(hist):
+            raise ValueError(f"history {args.history} holds no task")
+        i = len(hist) - 1 if not args.task else (hist.names.index(args.task) if args.task in hist.names else -1)
+        if i < 0:
+            raise ValueError(f"task {args.task!r} is not in history {args.history} (it has {hist.names})")
+        core = hist.record(i).core
+        if core is None:
+            raise ValueError(f"task {hist.names[i]!r} of {args.history} has no core")
+    else:
+        core = CoreMask.load(args.core)
+    mask, report = transfer_core(core, model_shapes(args.model, args.size))
+    write_with(args.out, mask.save)
+    print(format_report(report))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def run_command(args: argparse.Namespace) -> int:
+    cfg = _config(args)
     run(cfg, out=args.out, sweep=args.sweep, progress=not args.quiet)
     return 0
 
@@ -90,12 +179,10 @@ def run_command(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "run":
-            return run_command(args)
+        return {"run": run_command, "adapt": adapt_command, "transfer": transfer_command}[args.command](args)
     except (ValueError, RuntimeError, OSError) as e:
         print(f"trace-ft {args.command}: error: {e}", file=sys.stderr)
         return 2
-    return 1
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .atomic import install_dir, remove_stale, sha256_file, staging_dir
 from .data import EncodedSet, sample_batches
 from .tasks import BASE, builtin_task
 from .text import CHAR_TOKENIZER_FILE, CharTokenizer, Codec, HFCodec
@@ -149,11 +150,50 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32",
     return model.eval(), codec
 
 
-def save_model(model: nn.Module, codec: Codec, path: str | Path) -> None:
-    """``save_pretrained`` (safetensors) plus the tokenizer, so `load_model` reads it back."""
+def model_shapes(model: str | Path, size: str = "small") -> dict[str, tuple[int, ...]]:
+    """Parameter names and shapes of a model directory (or the built-in model of `size`),
+    from its config alone: nothing is loaded or allocated."""
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
+
+    quiet_transformers()
+    if str(model) == "builtin":
+        if size not in SIZES:
+            raise ValueError(f"unknown built-in size {size!r}; choose from {sorted(SIZES)}")
+        config, cls = builtin_config(SIZES[size], CharTokenizer().vocab_size), LlamaForCausalLM
+    else:
+        path = Path(model)
+        if not (path / "config.json").is_file():
+            raise ValueError(f"--model {path}: not a Hugging Face model directory (no config.json)")
+        config, cls = AutoConfig.from_pretrained(path), AutoModelForCausalLM
+    with torch.device("meta"):
+        net = cls.from_config(config) if cls is AutoModelForCausalLM else cls(config)
+    return {n: tuple(p.shape) for n, p in net.named_parameters()}
+
+
+def save_model(model: nn.Module, codec: Codec, path: str | Path, overwrite: bool = False) -> None:
+    """``save_pretrained`` (safetensors) plus the tokenizer, so `load_model` reads it back.
+    Written to a staging directory and renamed into place: a crash or a full disk leaves
+    either no `path` or the complete model (or, with `overwrite`, the old one)."""
     path = Path(path)
-    model.save_pretrained(path, safe_serialization=True)
-    if isinstance(codec, CharTokenizer):
-        codec.save(path)
-    elif isinstance(codec, HFCodec):
-        codec.tok.save_pretrained(path)
+    remove_stale(path.parent, path.name)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists")
+    with staging_dir(path) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if isinstance(codec, CharTokenizer):
+            codec.save(tmp)
+        elif isinstance(codec, HFCodec):
+            codec.tok.save_pretrained(tmp)
+        install_dir(tmp, path, overwrite=overwrite)
+
+
+def weights_sha256(path: str | Path) -> str | None:
+    """One digest of a model directory's safetensors files (None if it has none): which
+    weights a history entry was trained from and produced."""
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.name}:{sha256_file(f)}\n".encode())
+    return h.hexdigest()

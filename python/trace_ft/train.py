@@ -61,20 +61,30 @@ def train_loop(
     penalty: Callable[[], Tensor] | None = None,
     desc: str = "train",
     progress: bool = True,
+    start_step: int = 0,
+    on_step: Callable[[int, list[float]], None] | None = None,
 ) -> list[float]:
-    """`cfg.steps` optimizer steps with the schedule applied to every group's lr; returns
-    the loss per step (without the penalty)."""
+    """Steps `start_step` … `cfg.steps − 1` with the schedule applied to every group's lr;
+    returns the loss per step run (without the penalty).
+
+    To resume, restore the model and optimizer state of step `start_step`, keep the groups'
+    lr at the base value, and pass batches that start at that step.
+    `on_step(done, losses)` runs after each step (`done` steps completed in all), e.g. to
+    save a checkpoint."""
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
     base = [g["lr"] for g in optimizer.param_groups]
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    if not 0 <= start_step <= cfg.steps:
+        raise ValueError(f"start_step must be in [0, {cfg.steps}], got {start_step}")
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s + start_step, cfg))
     losses: list[float] = []
     model.train()
-    bar = tqdm(total=cfg.steps, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=start_step, desc=desc, disable=not progress, leave=False,
+               dynamic_ncols=True)
     try:
-        for step, batch in zip(range(cfg.steps), batches):
+        for step, batch in zip(range(start_step, cfg.steps), batches):
             batch = {k: v.to(device) for k, v in batch.items()}
             loss = loss_fn(model, batch)
             total = loss + penalty() if penalty is not None else loss
@@ -88,10 +98,13 @@ def train_loop(
             bar.update(1)
             if step % 10 == 0 or step == cfg.steps - 1:
                 bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{sched.get_last_lr()[0]:.1e}")
+            if on_step is not None:
+                on_step(step + 1, losses)
     finally:
         bar.close()
         for g, lr in zip(optimizer.param_groups, base):
             g["lr"] = lr
-    if len(losses) < cfg.steps:
-        raise ValueError(f"batches ran out after {len(losses)} of {cfg.steps} steps")
+            g.pop("initial_lr", None)
+    if len(losses) < cfg.steps - start_step:
+        raise ValueError(f"batches ran out after {start_step + len(losses)} of {cfg.steps} steps")
     return losses

@@ -10,14 +10,16 @@ core are kept for the next task's specificity and exclusion.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
 from dataclasses import asdict
 
 import torch
 
 from trace_kernels import CoreMask, MaskedAdamW
 
-from ..probe import DEFAULT_EXCLUDE, eligible_parameters, empirical_fisher, probe
-from ..select import EarlierTask, SelectConfig, select_core
+from ..probe import DEFAULT_EXCLUDE, ProbeResult, eligible_parameters, empirical_fisher, probe
+from ..select import EarlierTask, Selection, SelectConfig, select_core
 from ..sketch import sketch_update
 from ..train import train_loop
 from .base import Context, Strategy, TaskCost, final_loss, optimizer_state_bytes
@@ -60,44 +62,87 @@ class Trace(Strategy):
             self.fisher_batches, names=names).items()}
 
     def learn(self, ctx: Context, index, task, seen) -> TaskCost:
-        cfg = self.train_config(ctx)
-        model = ctx.model
-        guard = self.select.method == "trace" and self.select.protect > 0
-        if guard and index == 1 and self.general is not None:
+        self.protect_general(ctx, index)
+        result, sel = self.probe_and_select(ctx, index, task)
+        losses, state = self.train_core(ctx, index, task, sel.mask)
+        self.remember(ctx, index, task, sel.mask, result)
+        return self.cost(sel.mask, state, losses)
+
+    # The steps of `learn`, also used one by one by `trace-ft adapt` (which checkpoints
+    # between them), so both give the same numbers.
+    @property
+    def guarded(self) -> bool:
+        return self.select.method == "trace" and self.select.protect > 0
+
+    def protect_general(self, ctx: Context, index: int) -> None:
+        if self.guarded and index == 1 and self.general is not None:
             self.history.append(EarlierTask(fisher=self._fisher(ctx, self.general, salt=30_000)))
-        result = probe(model, ctx.batches([task], self.probe_steps, salt=10_000 + index),
+
+    def probe_and_select(self, ctx: Context, index: int, task) -> tuple[ProbeResult, Selection]:
+        """The warm-start probe from the current weights, and the core chosen against
+        `self.history`."""
+        cfg = self.train_config(ctx)
+        result = probe(ctx.model, ctx.batches([task], self.probe_steps, salt=10_000 + index),
                        self.probe_steps, self.probe_lr or cfg.lr, betas=cfg.betas,
                        weight_decay=cfg.weight_decay, exclude=self.exclude,
                        max_grad_norm=cfg.max_grad_norm)
-        sel = select_core(result, self.history, self.select)
-        mask = CoreMask({n: e for n, e in sel.mask.items() if e.num_selected})
+        return result, select_core(result, self.history, self.select)
+
+    def train_core(self, ctx: Context, index: int, task, core: CoreMask, *, start_step: int = 0,
+                   optimizer_state: dict | None = None,
+                   on_step: Callable[[int, list[float], MaskedAdamW], None] | None = None,
+                   ) -> tuple[list[float], int]:
+        """The task's schedule with MaskedAdamW on `core` only; returns the losses of the
+        steps run and the optimizer's state bytes. To resume, restore the weights of step
+        `start_step` and pass the optimizer's state_dict of that step."""
+        cfg = self.train_config(ctx)
+        model = ctx.model
+        mask = CoreMask({n: e for n, e in core.items() if e.num_selected})
         named = [(n, p) for n, p in model.named_parameters() if n in mask]
+        if not named:
+            return [], 0
         flags = [(p, p.requires_grad) for p in model.parameters()]
-        losses: list[float] = []
         try:
             for p, _ in flags:
                 p.requires_grad_(False)
             for _, p in named:
                 p.requires_grad_(True)
-            if named:
-                opt = MaskedAdamW(named, lr=cfg.lr, betas=cfg.betas,
-                                  weight_decay=cfg.weight_decay, masks=mask)
-                losses = train_loop(model, opt, ctx.batches([task], cfg.steps, salt=index), cfg,
-                                    desc=self.desc(ctx, index, task), progress=ctx.progress)
-                state = optimizer_state_bytes(opt)
-            else:
-                state = 0
+            opt = MaskedAdamW(named, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+                              masks=mask)
+            if optimizer_state is not None:
+                opt.load_state_dict(optimizer_state)
+                for g in opt.param_groups:  # the schedule restarts from the base lr
+                    g["lr"] = cfg.lr
+                    g.pop("initial_lr", None)
+            batches = itertools.islice(ctx.batches([task], cfg.steps, salt=index), start_step, None)
+            losses = train_loop(model, opt, batches, cfg, desc=self.desc(ctx, index, task),
+                                progress=ctx.progress, start_step=start_step,
+                                on_step=None if on_step is None else
+                                (lambda done, ls: on_step(done, ls, opt)))
+            return losses, optimizer_state_bytes(opt)
         finally:
             for p, flag in flags:
                 p.requires_grad_(flag)
-        fisher = self._fisher(ctx, task, salt=20_000 + index) if guard else {}
-        self.history.append(EarlierTask(updates=self._record(result.deltas, sel.mask),
-                                        core=sel.mask, fisher=fisher))
-        self.selections.append({"task": task.name, "core_elements": mask.numel_selected,
-                                "eligible_elements": sel.mask.numel,
-                                "tensors": len(mask), "probe_loss": result.losses[-1]})
-        return TaskCost(trainable=mask.numel_selected, state_bytes=state, final_loss=final_loss(losses),
-                        extra={"eligible": sel.mask.numel})
+
+    def remember(self, ctx: Context, index: int, task, core: CoreMask, result: ProbeResult | None,
+                 fisher: dict | None = None) -> EarlierTask:
+        """Record the task for later tasks' selection: its update (exact or sketched), its
+        core and, with the guard on, its Fisher after training."""
+        if fisher is None:
+            fisher = self._fisher(ctx, task, salt=20_000 + index) if self.guarded else {}
+        earlier = EarlierTask(updates=self._record(result.deltas, core) if result is not None else {},
+                              core=core, fisher=fisher)
+        self.history.append(earlier)
+        self.selections.append({"task": task.name, "core_elements": core.numel_selected,
+                                "eligible_elements": core.numel,
+                                "tensors": sum(1 for e in core.values() if e.num_selected),
+                                "probe_loss": result.losses[-1] if result is not None else None})
+        return earlier
+
+    @staticmethod
+    def cost(core: CoreMask, state_bytes: int, losses: list[float]) -> TaskCost:
+        return TaskCost(trainable=core.numel_selected, state_bytes=state_bytes,
+                        final_loss=final_loss(losses), extra={"eligible": core.numel})
 
     def _record(self, deltas, mask: CoreMask):
         if self.sketch_dim is None:
