@@ -195,6 +195,11 @@ def test_bad_input_is_refused_and_nothing_is_lost(builtin_cache, tmp_path, capsy
     refused(["--model", str(m1), "--task", "sub", "--history", str(hist), "--out", str(tmp_path / "x"),
              "--resume"], "--resume: no checkpoint")
     assert not (tmp_path / "x").exists()
+    # not refused, but said: the model is not the one the history's last task produced
+    capsys.readouterr()
+    assert main(["adapt", *flags(builtin_cache, "--steps", "2"), "--task", "sub", "--history", str(hist),
+                 "--out", str(tmp_path / "x")]) == 0
+    assert "is not the model the history's last task ('rev') produced" in capsys.readouterr().out
 
 
 def _other_model(tmp_path):
