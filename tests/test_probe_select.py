@@ -265,3 +265,27 @@ def test_interference_guard_avoids_blocks_earlier_tasks_are_sensitive_to(gen):
         select_core(res, earlier, SelectConfig(protect=-1.0))
     with pytest.raises(ValueError, match="earlier Fisher of 'a'"):
         select_core(res, [EarlierTask(fisher={"a": torch.ones(3)})], SelectConfig(protect=1.0))
+
+
+@pytest.mark.parametrize("sketched", [False, True])
+def test_element_selection_measures_specificity_per_row(gen, sketched):
+    """At element level a block's cosine is only a sign test; with specificity_unit="row"
+    every element gets its row's cosine."""
+    delta = torch.randn(6, 5, generator=gen).repeat_interleave(2, 1)  # pairs of equal values
+    flip = torch.tensor([1.0, -1.0]).repeat(5)  # one of each pair flipped: row cosine exactly 0
+    earlier = torch.cat([delta[:3] * 2.0, delta[3:] * flip])
+    result = ProbeResult(deltas={"w": delta}, fisher={"w": torch.rand(6, 10, generator=gen)}, steps=1)
+    row_cos = torch.nn.functional.cosine_similarity(delta, earlier, dim=1)
+    assert (row_cos[:3] > 0.99).all() and (row_cos[3:].abs() < 0.5).all()
+    update = sketch_update(earlier, "w", 10, dim=16) if sketched else earlier
+    by_row = select_core(result, [EarlierTask(updates={"w": update})], granularity="element",
+                         specificity_unit="row", budget=1.0)
+    chosen = by_row.mask["w"].block_mask().view(6, 10)
+    assert not chosen[:3].any() and chosen[3:].all()
+    assert by_row.report[0]["excluded_shared"] == 30
+    if not sketched:  # per element: the 5 agreeing signs of each of rows 3-5 count as shared too
+        by_element = select_core(result, [EarlierTask(updates={"w": earlier})], granularity="element",
+                                 budget=1.0)
+        assert by_element.report[0]["excluded_shared"] == 30 + 3 * 5
+    with pytest.raises(ValueError, match="specificity_unit"):
+        select_core(result, [], specificity_unit="column")

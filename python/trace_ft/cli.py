@@ -44,6 +44,8 @@ RUN_FLAGS = {
     "--probe-lr": ("trace_probe_lr", float, "trace: probe learning rate (default: --lr)"),
     "--trace-lr": ("trace_lr", float, "trace: learning rate on the core"),
     "--threshold": ("trace_threshold", float, "trace: specificity threshold (max cosine)"),
+    "--specificity-unit": ("trace_specificity_unit", str, "trace: where the cosine with earlier "
+                           "tasks is measured: block, row or tensor"),
     "--sketch-dim": ("trace_sketch_dim", int, "trace: keep earlier updates as count sketches of "
                      "this many values per block (default: exact)"),
     "--protect": ("trace_protect", float, "trace: interference guard strength (0 off)"),

@@ -28,7 +28,7 @@ from .atomic import write_with
 from .history import TaskHistory, TaskRecord, model_fingerprint
 from .probe import DEFAULT_EXCLUDE, ProbeResult, default_loss, probe
 from .select import Selection, SelectConfig, select_core
-from .sketch import sketch_update
+from .strategies.trace import record_updates
 
 CORE_FILE = "trace_core.safetensors"
 
@@ -162,10 +162,8 @@ class TraceCallback(_trainer_callback_base()):
         trace = self.optimizer.trace
         updates = {}
         if trace.probe is not None:
-            updates = dict(trace.probe.deltas)
-            if self.sketch_dim is not None:
-                updates = {n: sketch_update(d, n, trace.core[n].block_size, self.sketch_dim)
-                           for n, d in updates.items()}
+            unit = trace.selection.config.specificity_unit if trace.selection else "block"
+            updates = record_updates(trace.probe.deltas, trace.core, self.sketch_dim, unit)
         history = self.history
         if not isinstance(history, TaskHistory):
             history = TaskHistory.open(history, model, create=True)

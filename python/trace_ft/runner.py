@@ -59,6 +59,7 @@ class RunConfig:
     trace_scope: str = "global"
     trace_importance: str = "rank"
     trace_threshold: float = 0.5
+    trace_specificity_unit: str = "block"   # where cosines are measured: block, row, tensor
     trace_shared_rule: str = "exclude"
     trace_share_cores: bool = False
     trace_sketch_dim: int | None = None
@@ -102,6 +103,7 @@ class RunConfig:
         base = SelectConfig(budget=self.trace_budget, granularity=self.trace_granularity,
                             scope=self.trace_scope, importance=self.trace_importance,
                             specificity_threshold=self.trace_threshold,
+                            specificity_unit=self.trace_specificity_unit,
                             shared_rule=self.trace_shared_rule,
                             share_earlier_cores=self.trace_share_cores,
                             protect=self.trace_protect)

@@ -35,6 +35,16 @@ from .sketch import BlockSketch, sketch_cosine
 
 IMPORTANCE = ("rank", "product", "weighted", "l2", "fisher")
 METHODS = ("trace", "paper", "paper_specificity")
+SPECIFICITY_UNITS = ("block", "row", "tensor")
+
+
+def specificity_size(shape: tuple[int, ...], block_size: int, unit: str) -> int:
+    """Elements per specificity unit: the selection block, or the row or tensor holding it
+    (never finer than the block, and always a whole number of blocks)."""
+    if unit == "block":
+        return block_size
+    size = block_size_for(shape, unit)
+    return size if size >= block_size and size % block_size == 0 else block_size
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,11 @@ class SelectConfig:
     weights: tuple[float, float] = (0.5, 0.5)   # (L2, Fisher) for "weighted"
     normalize: str = "global"         # ranks/maxima over all blocks, or "per_tensor"
     specificity_threshold: float = 0.5
+    # Where the cosine is measured: "block" (each selection block) or a coarser unit whose
+    # value every block inside it shares: "row" or "tensor". A one-element block's cosine
+    # is only the sign agreement of two numbers (±1), so element-level selection needs a
+    # coarser unit for specificity to mean anything.
+    specificity_unit: str = "block"
     shared_rule: str = "exclude"      # or "downweight"
     share_earlier_cores: bool = False
     # Interference guard: weight importance by the share of each block's (normalised)
@@ -70,6 +85,9 @@ class SelectConfig:
             raise ValueError(f"scope must be 'global' or 'per_tensor', got {self.scope!r}")
         if self.normalize not in ("global", "per_tensor"):
             raise ValueError(f"normalize must be 'global' or 'per_tensor', got {self.normalize!r}")
+        if self.specificity_unit not in SPECIFICITY_UNITS:
+            raise ValueError(f"specificity_unit must be one of {SPECIFICITY_UNITS}, "
+                             f"got {self.specificity_unit!r}")
         if self.shared_rule not in ("exclude", "downweight"):
             raise ValueError(f"shared_rule must be 'exclude' or 'downweight', got {self.shared_rule!r}")
         if not self.protect >= 0:
@@ -92,6 +110,7 @@ class Selection:
     mask: CoreMask
     report: list[dict]                 # one row per tensor
     scores: dict[str, Tensor]          # final per-block score per tensor (-inf: excluded)
+    config: SelectConfig | None = None  # the settings it was made with
 
     def summary(self) -> str:
         lines = [f"{'tensor':40s} {'chosen':>8s} {'blocks':>8s} {'mean L2':>10s} "
@@ -143,9 +162,12 @@ def _combine(l2: Tensor, fisher: Tensor, cfg: SelectConfig) -> Tensor:
     return cfg.weights[0] * a + cfg.weights[1] * b
 
 
-def _block_stats(probe: ProbeResult, sizes: dict[str, int], earlier: Sequence[EarlierTask]):
+def _block_stats(probe: ProbeResult, sizes: dict[str, int], earlier: Sequence[EarlierTask],
+                 spec_sizes: dict[str, int] | None = None):
     """Per tensor: (sum_sq, fisher_sum, cos (blocks, tasks)) using delta_stats for exact
-    earlier updates (16 at a time) and sketch space for sketched ones."""
+    earlier updates (16 at a time) and sketch space for sketched ones. Cosines are measured
+    per specificity unit (`spec_sizes`, default the blocks) and given to every block in it."""
+    spec_sizes = spec_sizes or sizes
     names = probe.names
     deltas = [probe.deltas[n].contiguous() for n in names]
     fishers = [probe.fisher[n].reshape(-1).float().contiguous() for n in names]
@@ -165,26 +187,32 @@ def _block_stats(probe: ProbeResult, sizes: dict[str, int], earlier: Sequence[Ea
         return zeros[names[i]]
 
     block_sizes = [sizes[n] for n in names]
+    unit_sizes = [spec_sizes[n] for n in names]
     stats = ops.delta_stats(deltas, None, fishers, None, block_sizes)
+
+    def per_block(cos: Tensor, i: int) -> Tensor:  # one row per unit → one row per block
+        k = unit_sizes[i] // block_sizes[i]
+        return cos if k == 1 else cos.repeat_interleave(k, 0)
+
     for g0 in range(0, len(exact_tasks), ops.MAX_REFS):
         group = exact_tasks[g0:g0 + ops.MAX_REFS]
         refs = [[ref_for(t, i) for t in group] for i in range(len(names))]
-        part = ops.delta_stats(deltas, None, None, refs, block_sizes)
+        part = ops.delta_stats(deltas, None, None, refs, unit_sizes)
         for i, n in enumerate(names):
-            rows = slice(stats.row_offsets[i], stats.row_offsets[i + 1])
-            ss = stats.sum_sq[rows].double().unsqueeze(1)
+            rows = slice(part.row_offsets[i], part.row_offsets[i + 1])
+            ss = part.sum_sq[rows].double().unsqueeze(1)
             denom = (ss * part.ref_sq[rows].double()).sqrt()
             cos = torch.where(denom > 0, part.dots[rows].double() / denom.clamp_min(1e-300),
                               torch.zeros_like(denom))
-            cos_cols[n].append(cos)
+            cos_cols[n].append(per_block(cos, i))
     for task in earlier:
         for i, n in enumerate(names):
             u = task.updates.get(n)
             if isinstance(u, BlockSketch):
-                if u.block_size != sizes[n]:
-                    raise ValueError(f"sketch of {n!r} has block size {u.block_size}, selection "
-                                     f"uses {sizes[n]}")
-                cos_cols[n].append(sketch_cosine(deltas[i], n, u).double().unsqueeze(1))
+                if u.block_size != unit_sizes[i]:
+                    raise ValueError(f"sketch of {n!r} has block size {u.block_size}, specificity "
+                                     f"uses {unit_sizes[i]}")
+                cos_cols[n].append(per_block(sketch_cosine(deltas[i], n, u).double().unsqueeze(1), i))
     out = {}
     for i, n in enumerate(names):
         rows = slice(stats.row_offsets[i], stats.row_offsets[i + 1])
@@ -228,7 +256,8 @@ def select_core(
     for n, b in sizes.items():
         if math.prod(shapes[n]) % b:
             raise ValueError(f"block size {b} does not divide {n!r} of shape {shapes[n]}")
-    stats = _block_stats(probe, sizes, earlier)
+    stats = _block_stats(probe, sizes, earlier,
+                         {n: specificity_size(shapes[n], b, cfg.specificity_unit) for n, b in sizes.items()})
     if cfg.method == "trace":
         scores, info = _trace_scores(stats, sizes, shapes, earlier, cfg)
     else:
@@ -265,7 +294,7 @@ def select_core(
             "excluded_shared": int(info[n]["shared"]),
             "excluded_earlier_core": int(info[n]["earlier_core"]),
         })
-    return Selection(mask=mask, report=report, scores=scores)
+    return Selection(mask=mask, report=report, scores=scores, config=cfg)
 
 
 def _earlier_core_blocks(earlier: Sequence[EarlierTask], name: str, shape, block_size: int) -> Tensor | None:

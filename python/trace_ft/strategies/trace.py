@@ -19,7 +19,7 @@ import torch
 from trace_kernels import CoreMask, MaskedAdamW
 
 from ..probe import DEFAULT_EXCLUDE, ProbeResult, eligible_parameters, empirical_fisher, probe
-from ..select import EarlierTask, Selection, SelectConfig, select_core
+from ..select import EarlierTask, Selection, SelectConfig, select_core, specificity_size
 from ..sketch import sketch_update
 from ..train import train_loop
 from .base import Context, Strategy, TaskCost, final_loss, optimizer_state_bytes
@@ -145,9 +145,15 @@ class Trace(Strategy):
                         final_loss=final_loss(losses), extra={"eligible": core.numel})
 
     def _record(self, deltas, mask: CoreMask):
-        if self.sketch_dim is None:
-            return deltas
-        return {n: sketch_update(d, n, mask[n].block_size, self.sketch_dim) for n, d in deltas.items()}
+        return record_updates(deltas, mask, self.sketch_dim, self.select.specificity_unit)
+
+def record_updates(deltas, core: CoreMask, sketch_dim: int | None, unit: str = "block") -> dict:
+    """What the history keeps of a task's probe update: exact, or count-sketched per
+    specificity unit (so later tasks' cosines are measured on the same units)."""
+    if sketch_dim is None:
+        return dict(deltas)
+    return {n: sketch_update(d, n, specificity_size(core[n].shape, core[n].block_size, unit), sketch_dim)
+            for n, d in deltas.items()}
 
 
 def paper(**kw) -> Trace:
