@@ -59,7 +59,7 @@ def comparable(path):
 
 
 @pytest.mark.slow
-def test_three_adapts_give_the_numbers_of_one_run(builtin_cache, tmp_path):
+def test_three_adapts_give_the_numbers_of_one_run(builtin_cache, tmp_path, capsys):
     extra = ["--protect", "1"]  # the guard's Fisher goes through the history too
     assert main(["run", *flags(builtin_cache, *extra), "--tasks", "rev,sub,dup",
                  "--strategies", "trace", "--out", str(tmp_path / "run")]) == 0
@@ -81,6 +81,10 @@ def test_three_adapts_give_the_numbers_of_one_run(builtin_cache, tmp_path):
     for j, e in enumerate(entries, 1):
         assert list(e["summary"]["scores"].values()) == res["matrix"][j][1:j + 1]
     assert entries[1]["summary"]["model_in"] == entries[0]["summary"]["model_out"]
+    capsys.readouterr()
+    assert main(["history", str(hist)]) == 0
+    listing = capsys.readouterr().out
+    assert "3 task(s), all files verified" in listing and "  3  dup" in listing
 
 
 def _first_task(cache, tmp_path):

@@ -100,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         a.add_argument(flag, dest=dest, type=typ, default=None, help=text,
                        metavar=flag[2:].upper().replace("-", "_"))
+    h = sub.add_parser("history", help="list and verify a task history",
+                       description="List the tasks of a history (cores, losses, scores) after "
+                       "verifying every file's checksum.")
+    h.add_argument("path", help="the history directory")
+    h.add_argument("--json", action="store_true", help="print the manifest entries as JSON")
     t = sub.add_parser("transfer", help="map a core found on a small model onto a larger one",
                        description="Map a task's core from a small model (its history entry or a "
                        "CoreMask file) onto a larger model of the same family, per layer and module "
@@ -115,9 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # `run` flags that mean nothing for one task added to a history
-ADAPT_SKIPS = {"tasks", "strategies", "lora_lr", "lora_rank", "ewc_lambda", "replay_buffer",
-               "protect_base", "trace_protect_base", "sweep_granularity", "sweep_budget",
-               "sweep_probe_steps"}
+# (--lr too: the core's learning rate is --trace-lr, and the probe's --probe-lr)
+ADAPT_SKIPS = {"tasks", "strategies", "lr", "lora_lr", "lora_rank", "ewc_lambda", "replay_buffer",
+               "trace_protect_base", "sweep_granularity", "sweep_budget", "sweep_probe_steps"}
 
 
 def _config(args: argparse.Namespace) -> RunConfig:
@@ -140,6 +145,27 @@ def adapt_command(args: argparse.Namespace) -> int:
           resume=args.resume, checkpoint_every=args.checkpoint_every,
           checkpoint_dir=args.checkpoint_dir, core=args.core, overwrite=args.overwrite,
           ignore_dtype=args.ignore_dtype, progress=not args.quiet)
+    return 0
+
+
+def history_command(args: argparse.Namespace) -> int:
+    import json
+
+    from .history import TaskHistory
+
+    hist = TaskHistory.open(args.path)  # verifies every checksum
+    if args.json:
+        print(json.dumps(hist.entries, indent=1))
+        return 0
+    print(f"{args.path}: {len(hist)} task(s), all files verified")
+    print(f"{'#':>3s}  {'task':16s} {'added (UTC)':20s} {'core':>12s} {'final loss':>10s}  scores after it")
+    for e in hist.entries:
+        s = e.get("summary", {})
+        core = s.get("core_elements")
+        loss = s.get("final_loss")
+        scores = ", ".join(f"{k}={v:.1f}" for k, v in s.get("scores", {}).items())
+        print(f"{e['index']:3d}  {e['name'][:16]:16s} {e['time'][:19]:20s} "
+              f"{'-' if core is None else f'{core:,}':>12s} {'-' if loss is None else f'{loss:.4f}':>10s}  {scores}")
     return 0
 
 
@@ -181,7 +207,8 @@ def run_command(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"run": run_command, "adapt": adapt_command, "transfer": transfer_command}[args.command](args)
+        return {"run": run_command, "adapt": adapt_command, "history": history_command,
+                "transfer": transfer_command}[args.command](args)
     except (ValueError, RuntimeError, OSError) as e:
         print(f"trace-ft {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -94,6 +94,7 @@ def probe(
     delta_dtype: torch.dtype = torch.float32,
     max_grad_norm: float | None = None,
     backend: str | None = None,
+    progress: bool | str = False,
 ) -> ProbeResult:
     """Warm-start probe of `steps` AdamW steps on the eligible parameters.
 
@@ -101,6 +102,7 @@ def probe(
     offload_device: where the pre-probe copy, Δ and Fisher live (e.g. "cpu" for a model
         that does not fit twice on its accelerator); default: each parameter's device.
     delta_dtype: dtype of the stored Δ (bf16 halves its memory).
+    progress: show a progress bar (a string is its label).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -127,10 +129,15 @@ def probe(
             p.requires_grad_(id(p) in eligible)  # backward skips everything else
             p.grad = None
         model.train()
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc=progress if isinstance(progress, str) else "probe",
+                   disable=not progress, leave=False, dynamic_ncols=True)
         for _, batch in zip(range(steps), itertools.cycle(batches)):
             loss = loss_fn(model, batch)
             loss.backward()
             losses.append(float(loss.detach()))
+            bar.update(1)
             if max_grad_norm is not None:
                 nn.utils.clip_grad_norm_(params, max_grad_norm)
             live = [i for i, p in enumerate(params) if p.grad is not None]
@@ -143,6 +150,7 @@ def probe(
             )
             for p in params:
                 p.grad = None
+        bar.close()
         if len(losses) < steps:
             raise ValueError(f"batches ran out after {len(losses)} of {steps} probe steps")
         deltas, fisher = {}, {}

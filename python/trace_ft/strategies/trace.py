@@ -85,7 +85,8 @@ class Trace(Strategy):
         result = probe(ctx.model, ctx.batches([task], self.probe_steps, salt=10_000 + index),
                        self.probe_steps, self.probe_lr or cfg.lr, betas=cfg.betas,
                        weight_decay=cfg.weight_decay, exclude=self.exclude,
-                       max_grad_norm=cfg.max_grad_norm)
+                       max_grad_norm=cfg.max_grad_norm,
+                       progress=ctx.progress and f"{self.desc(ctx, index, task)} (probe)")
         return result, select_core(result, self.history, self.select)
 
     def train_core(self, ctx: Context, index: int, task, core: CoreMask, *, start_step: int = 0,
