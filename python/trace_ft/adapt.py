@@ -3,7 +3,7 @@
 The steps are those of the `trace` strategy in `trace-ft run` (same probe, selection,
 batches and schedule for the task's position in the history), so a sequence of `adapt`
 runs gives the numbers of one `run` over the same tasks. Between the steps the run
-checkpoints (the selection once, then the trained tensors and optimizer state every N
+checkpoints (the selection once, then the core values and optimizer state every N
 steps); `resume=True` continues an interrupted run from its newest checkpoint and ends
 with the same model and history as an uninterrupted run.
 """
@@ -126,9 +126,10 @@ def adapt(cfg: RunConfig, model: str, task: str, history: str | Path, out: str |
         start, tensors, opt_state, losses = ckpt.load_step(state)
         log(f"resuming {new_task.name!r} from {ckpt.path} at step {start}/{cfg.steps}")
         params = dict(net.named_parameters())
-        with torch.no_grad():
-            for n, t in tensors.items():
-                params[n].copy_(t)
+        with torch.no_grad():  # only core elements ever change: put them back
+            for n, values in tensors.items():
+                where = mask[n].element_indices().to(params[n].device, torch.int64)
+                params[n].view(-1).index_copy_(0, where, values.to(params[n].device, params[n].dtype))
     else:
         if core_mask is not None:
             mask, updates, info = core_mask, {}, {"probe_loss": None, "source": str(core)}
@@ -141,12 +142,14 @@ def adapt(cfg: RunConfig, model: str, task: str, history: str | Path, out: str |
         start, opt_state, losses = 0, None, []
 
     # 2. train the core, checkpointing every `checkpoint_every` steps and at the end
-    trained = [n for n, e in mask.items() if e.num_selected]
+    # a checkpoint holds the core elements' values, not whole tensors
+    trained = {n: e.element_indices().to(torch.int64) for n, e in mask.items() if e.num_selected}
 
     def save(done: int, run_losses: list[float], opt) -> None:
         if done % checkpoint_every == 0 or done == cfg.steps:
             params = dict(net.named_parameters())
-            ckpt.save_step(done, {n: params[n] for n in trained}, opt.state_dict(), losses + run_losses)
+            values = {n: params[n].detach().view(-1)[i.to(params[n].device)] for n, i in trained.items()}
+            ckpt.save_step(done, values, opt.state_dict(), losses + run_losses)
         if on_step is not None:
             on_step(done)
 

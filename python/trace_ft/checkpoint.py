@@ -5,8 +5,8 @@ Layout of the checkpoint directory::
 
     state.json               what the run was started with (inputs), and the newest step
     selection/               the task's core, its recorded update, the probe's losses
-    step-000040/             weights of the tensors being trained, optimizer state,
-                             losses so far and the RNG state, at the end of step 40
+    step-000040/             the values of the core elements (nothing else is trained),
+                             optimizer state, losses so far and the RNG state, after step 40
 
 Every part is written to a hidden staging directory and renamed into place before
 `state.json` (the only file a reader trusts) is replaced to point at it, each with the
@@ -132,7 +132,7 @@ class AdaptCheckpoint:
                 shutil.rmtree(old, ignore_errors=True)
 
     def load_step(self, state: dict) -> tuple[int, dict[str, Tensor], dict | None, list[float]]:
-        """(step, trained tensors, optimizer state, losses) of the newest saved step, or
+        """(step, core values by tensor, optimizer state, losses) of the newest saved step, or
         (0, {}, None, []) when training had not reached a checkpoint."""
         from safetensors.torch import load_file
 
