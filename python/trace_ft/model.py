@@ -6,8 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -97,19 +95,15 @@ def pretrain_builtin(spec: BuiltinSpec, progress: bool = True) -> tuple[nn.Modul
 
 
 def _atomic_save(model: nn.Module, tok: CharTokenizer, spec: BuiltinSpec, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with staging_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save(tmp)
         (tmp / "builtin_spec.json").write_text(json.dumps(asdict(spec), indent=1))
         try:
-            os.rename(tmp, target)          # atomic; loses only to a concurrent writer
-        except OSError:
+            install_dir(tmp, target)
+        except FileExistsError:  # a concurrent first use saved it first
             if not (target / "model.safetensors").exists():
                 raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def builtin_model(size: str | BuiltinSpec = "small", cache_dir: str | Path | None = None,
