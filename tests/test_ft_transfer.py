@@ -60,6 +60,18 @@ def test_each_large_tensor_reads_its_rescaled_source(sizes, gen, kind):
         assert abs(row["density"] - row["source_density"]) < 1e-12
 
 
+def test_random_positions_keep_only_the_budget(sizes, gen):
+    small, large = sizes
+    core = random_core(small, gen, "element")
+    rescaled, _ = transfer_core(core, large)
+    a, _ = transfer_core(core, large, positions="random", seed=3)
+    b, _ = transfer_core(core, large, positions="random", seed=3)
+    assert a == b and a != rescaled
+    assert all(a[n].numel_selected == rescaled[n].numel_selected for n in large)
+    with pytest.raises(ValueError, match="positions"):
+        transfer_core(core, large, positions="nearest")
+
+
 def test_budget_kept_for_uneven_shapes_and_whole_tensors():
     core = CoreMask.from_dense({"m.layers.0.w": torch.tensor([[1, 0, 0], [0, 0, 1], [1, 1, 0]], dtype=torch.bool),
                                 "m.layers.1.w": torch.zeros(3, 3, dtype=torch.bool)})

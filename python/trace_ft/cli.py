@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", required=True, help="the large model: a Hugging Face directory or 'builtin'")
     t.add_argument("--size", default="medium", help="with --model builtin: its size (default medium)")
     t.add_argument("--out", required=True, help="the CoreMask file to write")
+    t.add_argument("--positions", default="rescale", choices=("rescale", "random"),
+                   help="rescale the small core's positions (default), or keep only its per-layer, "
+                   "per-module budget and draw positions at random")
+    t.add_argument("--seed", type=int, default=0, help="with --positions random")
     return ap
 
 
@@ -191,7 +195,7 @@ def transfer_command(args: argparse.Namespace) -> int:
             raise ValueError(f"task {hist.names[i]!r} of {args.history} has no core")
     else:
         core = CoreMask.load(args.core)
-    mask, report = transfer_core(core, model_shapes(args.model, args.size))
+    mask, report = transfer_core(core, model_shapes(args.model, args.size), args.positions, args.seed)
     write_with(args.out, mask.save)
     print(format_report(report))
     print(f"wrote {args.out}")

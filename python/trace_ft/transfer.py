@@ -54,7 +54,9 @@ def _kind(entry: MaskEntry) -> str:
     return "element"
 
 
-def _map_entry(src: MaskEntry, shape: tuple[int, ...]) -> MaskEntry:
+def _map_entry(src: MaskEntry, shape: tuple[int, ...], gen: torch.Generator | None = None) -> MaskEntry:
+    """`src`'s density on `shape`, at `src`'s granularity: at the rescaled positions, or at
+    random ones when `gen` is given."""
     numel = math.prod(shape)
     rows, cols = _rows_cols(shape)
     density = src.numel_selected / src.numel if src.numel else 0.0
@@ -74,16 +76,25 @@ def _map_entry(src: MaskEntry, shape: tuple[int, ...]) -> MaskEntry:
         score = dense[row_map][:, col_map].reshape(-1)
         k = round(density * numel)
         block, count = 1, numel
+    if gen is not None:  # the budget alone
+        score = torch.rand(count, generator=gen)
     order = torch.argsort(score, descending=True, stable=True)[:k]
     idx = torch.sort(order).values.to(index_dtype(count))
     return MaskEntry(tuple(shape), block, idx)
 
 
 def transfer_core(core: CoreMask, target: nn.Module | Mapping[str, tuple[int, ...]],
-                  ) -> tuple[CoreMask, list[dict]]:
+                  positions: str = "rescale", seed: int = 0) -> tuple[CoreMask, list[dict]]:
     """Map `core` (found on a small model; its entries carry the small shapes) onto the
     parameters of `target` (a model or {name: shape}). Returns the new core and one report
-    row per target tensor that got a source."""
+    row per target tensor that got a source.
+
+    positions: "rescale" (the small core's positions, rescaled) or "random" (only the
+    per-layer, per-module budget carries over; positions drawn with `seed`).
+    """
+    if positions not in ("rescale", "random"):
+        raise ValueError(f"positions must be 'rescale' or 'random', got {positions!r}")
+    gen = torch.Generator().manual_seed(seed) if positions == "random" else None
     shapes = ({n: tuple(p.shape) for n, p in target.named_parameters()}
               if isinstance(target, nn.Module) else {n: tuple(s) for n, s in target.items()})
     by_key: dict[str, dict[int | None, str]] = {}
@@ -115,7 +126,7 @@ def transfer_core(core: CoreMask, target: nn.Module | Mapping[str, tuple[int, ..
         if len(shape) != len(src.shape):
             raise ValueError(f"{n!r} has {len(shape)} dimensions, its source {src_name!r} has "
                              f"{len(src.shape)}: not the same model family")
-        entry = _map_entry(src, shape)
+        entry = _map_entry(src, shape, gen)
         entries[n] = entry
         report.append({"name": n, "source": src_name, "granularity": _kind(src),
                        "source_shape": list(src.shape), "shape": list(shape),
