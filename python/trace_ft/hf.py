@@ -91,6 +91,10 @@ def trace_optimizer(
     freeze_others: set ``requires_grad=False`` on tensors without a core element, so
         backward skips their gradients (the probe restores the flags it changes).
     The result's ``.trace`` holds the core, probe result and selection.
+
+    Distributed runs: every rank must train the same core. Probe on one rank, save
+    ``opt.trace.core``, and pass ``core=`` on every rank (GPU backward passes are not
+    bit-deterministic, so separate probes can break ties differently).
     """
     if isinstance(history, (str, Path)):
         history = TaskHistory.open(history, model, create=True)
