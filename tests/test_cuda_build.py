@@ -25,7 +25,7 @@ def test_cuda_extension_built_and_exports():
     assert ext is not None, _native.error("_cuda")
     for name in ("masked_adamw", "delta_stats", "device_count"):
         assert callable(getattr(ext, name))
-    assert ext.MASKED_FIELDS == 11 and ext.STATS_FIELDS == 7 and ext.TILE > 0
+    assert ext.MASKED_FIELDS == 13 and ext.STATS_FIELDS == 7 and ext.TILE > 0
     assert ext.CUDA_VERSION >= 11000
 
 
@@ -68,3 +68,40 @@ def test_cuda_wheel_builds_and_falls_back_without_gpu(tmp_path):
     assert "CPU + CUDA extensions" in out.stdout and "sm_90" in out.stdout
     if not torch.cuda.is_available():
         assert "backend for cpu: cpu" in out.stdout and "cannot run here" in out.stdout
+
+
+@pytest.mark.parametrize("steps_on_device", [False, True])
+def test_python_side_writes_the_table_layout_the_extension_reads(monkeypatch, gen, steps_on_device):
+    """Without a GPU the kernels cannot run, but the tables the CUDA backend hands the
+    extension can be checked: one row of MASKED_FIELDS values per tensor, step addresses
+    only for steps kept in the parameters' device memory, lr read on the device or not."""
+    from helpers import make_problem
+    from trace_kernels.backends import cuda as cuda_backend
+
+    calls = []
+
+    class FakeExtension:
+        TILE = 1024
+
+        def masked_adamw(self, *args):
+            calls.append(args)
+
+    monkeypatch.setattr(cuda_backend, "_ext", lambda: FakeExtension())
+    monkeypatch.setattr(cuda_backend, "_stream", lambda device: (0, 0))
+    prob = make_problem([(5, 17), (300,)], [1, "row"], 0.5, torch.float32, gen)
+    steps = [s.clone() if steps_on_device else s.to(torch.float16) for s in prob["steps"]]
+    before = [float(s) for s in steps]
+    cuda_backend.masked_adamw_(prob["params"], prob["grads"], prob["m"], prob["v"], [], prob["idx"],
+                               prob["sizes"], steps, lr=1e-3, lr_tensor=None, beta1=0.9, beta2=0.999,
+                               eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
+                               grad_scale=None, found_inf=None)
+    table, step_values, tiles, lr, lr_device = calls[0][:5]
+    fields = ext.MASKED_FIELDS if ext is not None else 13
+    assert len(table) == fields * 2 and len(tiles) % 3 == 0
+    assert [float(s) for s in steps] == [b + 1 for b in before]  # advanced either way
+    rows = [table[i * fields:(i + 1) * fields] for i in range(2)]
+    if steps_on_device:  # the kernel reads them: addresses in the table, no host values
+        assert [r[11] for r in rows] == [s.data_ptr() for s in steps] and step_values == [0.0, 0.0]
+    else:
+        assert [r[11] for r in rows] == [0, 0] and step_values == [b + 1 for b in before]
+    assert lr == 1e-3 and lr_device == 0

@@ -69,6 +69,28 @@ def test_vector_path_matches_reference(backend, gen, dtype, amsgrad):
             assert_bits_equal(a.cpu(), b.cpu(), f"{key}[{i}]")
 
 
+@pytest.mark.parametrize("step_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("lr_on_gpu", [False, True])
+def test_lr_and_steps_in_device_memory(gen, step_dtype, lr_on_gpu):
+    """Steps kept on the GPU and an lr tensor there are read by the CUDA kernel (no host
+    synchronisation) and give the bits of host steps and a float lr."""
+    gpu_backend("cuda")
+    prob = on_gpu(make_problem(SHAPES, [1, "row", 1, 17, "tensor"], 0.5, torch.float32, gen,
+                               amsgrad=True))
+    ref, mine = clone_problem(prob), clone_problem(prob)
+    mine["steps"] = [st.to("cuda", step_dtype) for st in mine["steps"]]
+    lr = torch.tensor(1e-2, dtype=torch.float64, device="cuda") if lr_on_gpu else 1e-2
+    run(ref, "reference", amsgrad=True, lr=1e-2)
+    run(mine, "cuda", amsgrad=True, lr=lr)
+    for key in ("params", "m", "v", "vmax"):
+        for i, (a, b) in enumerate(zip(mine[key], ref[key])):
+            assert_bits_equal(a.cpu(), b.cpu(), f"{key}[{i}]")
+    assert [float(st) for st in mine["steps"]] == [float(st) for st in ref["steps"]]
+    found = clone_problem(mine)
+    run(found, "cuda", amsgrad=True, lr=lr, found_inf=torch.tensor(1.0, device="cuda"))
+    assert [float(st) for st in found["steps"]] == [float(st) for st in mine["steps"]]
+
+
 @pytest.mark.parametrize("variant", [dict(maximize=True), dict(grad_scale=torch.tensor(64.0)),
                                      dict(found_inf=torch.tensor(1.0), grad_scale=torch.tensor(2.0))])
 def test_masked_adamw_flags(backend, gen, variant):

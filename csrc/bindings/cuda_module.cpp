@@ -66,18 +66,22 @@ class DeviceGuard {
 };
 
 // Row layout of the masked table (backends/cuda.py): param, grad, exp_avg, exp_avg_sq,
-// max_exp_avg_sq, fisher, indices, indices_int64, num_blocks, block_size, dtype.
-constexpr size_t kMaskedFields = 11;
+// max_exp_avg_sq, fisher, indices, indices_int64, num_blocks, block_size, dtype, step
+// (device address of the incremented step, or 0: `steps` holds it), step_fp64.
+constexpr size_t kMaskedFields = 13;
 
+// lr_device: the address of one fp64 lr in device memory, or 0 (use `lr`). When it or any
+// step address is set, the kernel makes the coefficients itself: no host synchronisation.
 void masked_adamw(const std::vector<int64_t>& table, const std::vector<double>& steps,
-                  const std::vector<int64_t>& tiles, double lr, double beta1, double beta2,
-                  double eps, double weight_decay, bool amsgrad, bool maximize,
+                  const std::vector<int64_t>& tiles, double lr, int64_t lr_device, double beta1,
+                  double beta2, double eps, double weight_decay, bool amsgrad, bool maximize,
                   int64_t grad_scale, int64_t found_inf, double fisher_scale, bool fisher,
                   int64_t stream, int device) {
   if (table.size() != steps.size() * kMaskedFields || tiles.size() % 3) {
     throw std::invalid_argument("masked_adamw: malformed tables");
   }
   std::vector<tkc::MaskedTensor> tensors(steps.size());
+  bool on_device = lr_device != 0;
   for (size_t t = 0; t < steps.size(); ++t) {
     const int64_t* r = table.data() + t * kMaskedFields;
     tkc::MaskedTensor& m = tensors[t];
@@ -95,8 +99,14 @@ void masked_adamw(const std::vector<int64_t>& table, const std::vector<double>& 
     if (m.block_size < 1 || r[8] < 0 || m.dtype < 0 || m.dtype > 2) {
       throw std::invalid_argument("masked_adamw: bad row " + std::to_string(t));
     }
+    m.step = as_ptr<const void>(r[11]);
+    m.step_fp64 = static_cast<int32_t>(r[12]);
+    m.step_value = steps[t];
     m.coeffs = trace_kernels::make_adamw_coeffs(lr, beta1, beta2, eps, weight_decay, steps[t], amsgrad);
+    on_device = on_device || m.step != nullptr;
   }
+  const tkc::AdamWHyper hyper{lr, beta1, beta2, eps, weight_decay, as_ptr<const double>(lr_device),
+                              on_device ? 1 : 0, amsgrad ? 1 : 0};
   std::vector<tkc::Tile> tile_list(tiles.size() / 3);
   for (size_t i = 0; i < tile_list.size(); ++i) {
     tile_list[i] = {static_cast<int32_t>(tiles[3 * i]), static_cast<int32_t>(tiles[3 * i + 1]),
@@ -109,7 +119,7 @@ void masked_adamw(const std::vector<int64_t>& table, const std::vector<double>& 
   check(static_cast<cudaError_t>(tkc::launch_masked_adamw(
             d_tensors.get(), d_tiles.get(), static_cast<int64_t>(tile_list.size()),
             maximize ? -1.0f : 1.0f, as_ptr<const float>(grad_scale), as_ptr<const float>(found_inf),
-            static_cast<float>(fisher_scale), amsgrad, fisher, s)),
+            static_cast<float>(fisher_scale), amsgrad, fisher, hyper, s)),
         "masked_adamw launch");
 }
 
@@ -182,7 +192,7 @@ PYBIND11_MODULE(_cuda, m) {
   m.attr("STATS_FIELDS") = static_cast<int>(kStatsFields);
   m.attr("TILE") = tkc::kTile;
   m.def("masked_adamw", &masked_adamw, py::arg("table"), py::arg("steps"), py::arg("tiles"),
-        py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
+        py::arg("lr"), py::arg("lr_device"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
         py::arg("weight_decay"), py::arg("amsgrad"), py::arg("maximize"), py::arg("grad_scale"),
         py::arg("found_inf"), py::arg("fisher_scale"), py::arg("fisher"), py::arg("stream"),
         py::arg("device"));

@@ -9,15 +9,14 @@ namespace trace_kernels::cuda {
 namespace {
 
 template <typename P, bool kAmsgrad, bool kFisher>
-__device__ __forceinline__ void update_one(const MaskedTensor& t, int64_t c, int64_t e,
-                                           float divisor, float fisher_scale) {
+__device__ __forceinline__ void update_one(const MaskedTensor& t, const AdamWCoeffs& k, int64_t c,
+                                           int64_t e, float divisor, float fisher_scale) {
   P* param = static_cast<P*>(t.param);
   const P* grad = static_cast<const P*>(t.grad);
   float p = load_as_float(param + e);
   const float g = load_as_float(grad + e) / divisor;
   if (kFisher) t.fisher[c] = t.fisher[c] + (fisher_scale * g) * g;
-  adamw_update(p, g, t.exp_avg[c], t.exp_avg_sq[c], kAmsgrad ? t.max_exp_avg_sq + c : nullptr,
-               t.coeffs);
+  adamw_update(p, g, t.exp_avg[c], t.exp_avg_sq[c], kAmsgrad ? t.max_exp_avg_sq + c : nullptr, k);
   store_from_float(param + e, p);
 }
 
@@ -28,8 +27,8 @@ template <typename P> struct Pack4 { using type = uint2; };   // 4 x 16-bit
 template <> struct Pack4<float> { using type = float4; };
 
 template <typename P, bool kAmsgrad, bool kFisher>
-__device__ __forceinline__ void update_four(const MaskedTensor& t, int64_t c, int64_t e,
-                                            float divisor, float fisher_scale) {
+__device__ __forceinline__ void update_four(const MaskedTensor& t, const AdamWCoeffs& coeffs,
+                                            int64_t c, int64_t e, float divisor, float fisher_scale) {
   using V = typename Pack4<P>::type;
   union Params { V v; P x[4]; };
   union Floats { float4 v; float x[4]; };
@@ -47,7 +46,7 @@ __device__ __forceinline__ void update_four(const MaskedTensor& t, int64_t c, in
     float p = load_as_float(&p4.x[k]);
     const float g = load_as_float(&g4.x[k]) / divisor;
     if (kFisher) f4.x[k] = f4.x[k] + (fisher_scale * g) * g;
-    adamw_update(p, g, m4.x[k], v4.x[k], kAmsgrad ? &x4.x[k] : nullptr, t.coeffs);
+    adamw_update(p, g, m4.x[k], v4.x[k], kAmsgrad ? &x4.x[k] : nullptr, coeffs);
     store_from_float(&p4.x[k], p);
   }
   *reinterpret_cast<V*>(param) = p4.v;
@@ -76,8 +75,8 @@ __device__ __forceinline__ int64_t block_index(const MaskedTensor& t, int64_t j)
 }
 
 template <typename P, bool kAmsgrad, bool kFisher>
-__device__ void tile_update(const MaskedTensor& t, const Tile& tile, float divisor,
-                            float fisher_scale) {
+__device__ void tile_update(const MaskedTensor& t, const AdamWCoeffs& k, const Tile& tile,
+                            float divisor, float fisher_scale) {
   const int64_t B = t.block_size;
   const int64_t end = min(tile.start + static_cast<int64_t>(kTile), t.num_selected);
   if (tile.contiguous) {
@@ -89,33 +88,53 @@ __device__ void tile_update(const MaskedTensor& t, const Tile& tile, float divis
     if (vector_aligned<P, kAmsgrad, kFisher>(t, tile.start, base + tile.start)) {
       scalar_from = tile.start + (end - tile.start) / 4 * 4;
       for (int64_t c = tile.start + 4 * threadIdx.x; c < scalar_from; c += 4 * blockDim.x) {
-        update_four<P, kAmsgrad, kFisher>(t, c, base + c, divisor, fisher_scale);
+        update_four<P, kAmsgrad, kFisher>(t, k, c, base + c, divisor, fisher_scale);
       }
     }
     for (int64_t c = scalar_from + threadIdx.x; c < end; c += blockDim.x) {
-      update_one<P, kAmsgrad, kFisher>(t, c, base + c, divisor, fisher_scale);
+      update_one<P, kAmsgrad, kFisher>(t, k, c, base + c, divisor, fisher_scale);
     }
   } else {
     for (int64_t c = tile.start + threadIdx.x; c < end; c += blockDim.x) {
       const int64_t j = B == 1 ? c : c / B;
       const int64_t blk = t.indices_int64 ? block_index<int64_t>(t, j) : block_index<int32_t>(t, j);
-      update_one<P, kAmsgrad, kFisher>(t, c, blk * B + (c - j * B), divisor, fisher_scale);
+      update_one<P, kAmsgrad, kFisher>(t, k, c, blk * B + (c - j * B), divisor, fisher_scale);
     }
   }
+}
+
+// The tensor's coefficients: made on the host, or here from lr and the step when either
+// lives in device memory (by one thread, shared with the block), by the same function.
+__device__ __forceinline__ AdamWCoeffs tile_coeffs(const MaskedTensor& t, const AdamWHyper& h,
+                                                   AdamWCoeffs* shared) {
+  if (!h.on_device) return t.coeffs;
+  if (threadIdx.x == 0) {
+    const double lr = h.lr_device != nullptr ? *h.lr_device : h.lr;
+    double step = t.step_value;
+    if (t.step != nullptr) {
+      step = t.step_fp64 ? *static_cast<const double*>(t.step)
+                         : static_cast<double>(*static_cast<const float*>(t.step));
+    }
+    *shared = make_adamw_coeffs(lr, h.beta1, h.beta2, h.eps, h.weight_decay, step, h.amsgrad != 0);
+  }
+  __syncthreads();
+  return *shared;
 }
 
 template <bool kAmsgrad, bool kFisher>
 __global__ void masked_adamw_kernel(const MaskedTensor* tensors, const Tile* tiles,
                                     float grad_sign, const float* grad_scale,
-                                    const float* found_inf, float fisher_scale) {
+                                    const float* found_inf, float fisher_scale, AdamWHyper hyper) {
   if (found_inf != nullptr && *found_inf != 0.0f) return;  // read on the device: no host sync
+  __shared__ AdamWCoeffs shared;
   const Tile tile = tiles[blockIdx.x];
   const MaskedTensor& t = tensors[tile.tensor];
+  const AdamWCoeffs k = tile_coeffs(t, hyper, &shared);
   const float divisor = grad_scale != nullptr ? grad_sign * *grad_scale : grad_sign;
   switch (static_cast<DType>(t.dtype)) {
-    case DType::kFloat32: tile_update<float, kAmsgrad, kFisher>(t, tile, divisor, fisher_scale); break;
-    case DType::kBFloat16: tile_update<bf16_t, kAmsgrad, kFisher>(t, tile, divisor, fisher_scale); break;
-    case DType::kFloat16: tile_update<fp16_t, kAmsgrad, kFisher>(t, tile, divisor, fisher_scale); break;
+    case DType::kFloat32: tile_update<float, kAmsgrad, kFisher>(t, k, tile, divisor, fisher_scale); break;
+    case DType::kBFloat16: tile_update<bf16_t, kAmsgrad, kFisher>(t, k, tile, divisor, fisher_scale); break;
+    case DType::kFloat16: tile_update<fp16_t, kAmsgrad, kFisher>(t, k, tile, divisor, fisher_scale); break;
   }
 }
 
@@ -191,14 +210,15 @@ __global__ void sum_partials_kernel(const double* partials, const StatsSplit* sp
 
 int launch_masked_adamw(const MaskedTensor* tensors, const Tile* tiles, int64_t num_tiles,
                         float grad_sign, const float* grad_scale, const float* found_inf,
-                        float fisher_scale, bool amsgrad, bool fisher, void* stream) {
+                        float fisher_scale, bool amsgrad, bool fisher, const AdamWHyper& hyper,
+                        void* stream) {
   if (num_tiles == 0) return 0;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   const dim3 grid(static_cast<unsigned>(num_tiles));
-  if (amsgrad && fisher) masked_adamw_kernel<true, true><<<grid, kThreads, 0, s>>>(tensors, tiles, grad_sign, grad_scale, found_inf, fisher_scale);
-  else if (amsgrad) masked_adamw_kernel<true, false><<<grid, kThreads, 0, s>>>(tensors, tiles, grad_sign, grad_scale, found_inf, fisher_scale);
-  else if (fisher) masked_adamw_kernel<false, true><<<grid, kThreads, 0, s>>>(tensors, tiles, grad_sign, grad_scale, found_inf, fisher_scale);
-  else masked_adamw_kernel<false, false><<<grid, kThreads, 0, s>>>(tensors, tiles, grad_sign, grad_scale, found_inf, fisher_scale);
+  if (amsgrad && fisher) masked_adamw_kernel<true, true><<<grid, kThreads, 0, s>>>(tensors, tiles, grad_sign, grad_scale, found_inf, fisher_scale, hyper);
+  else if (amsgrad) masked_adamw_kernel<true, false><<<grid, kThreads, 0, s>>>(tensors, tiles, grad_sign, grad_scale, found_inf, fisher_scale, hyper);
+  else if (fisher) masked_adamw_kernel<false, true><<<grid, kThreads, 0, s>>>(tensors, tiles, grad_sign, grad_scale, found_inf, fisher_scale, hyper);
+  else masked_adamw_kernel<false, false><<<grid, kThreads, 0, s>>>(tensors, tiles, grad_sign, grad_scale, found_inf, fisher_scale, hyper);
   return static_cast<int>(cudaGetLastError());
 }
 

@@ -22,7 +22,23 @@ struct MaskedTensor {
   int64_t num_selected;   // selected elements (blocks * block_size)
   int32_t indices_int64;
   int32_t dtype;          // DType
-  AdamWCoeffs coeffs;
+  const void* step;       // the incremented step in device memory (fp32, or fp64 when
+  int32_t step_fp64;      //   step_fp64), or null: step_value holds it
+  double step_value;
+  AdamWCoeffs coeffs;     // made on the host (used unless AdamWHyper::on_device)
+};
+
+// What the kernel needs to make a tensor's coefficients itself: the hyperparameters, and
+// lr either here or (when lr_device is not null) as one fp64 value in device memory.
+struct AdamWHyper {
+  double lr;
+  double beta1;
+  double beta2;
+  double eps;
+  double weight_decay;
+  const double* lr_device;
+  int32_t on_device;      // 0: every tensor's coeffs were made on the host
+  int32_t amsgrad;
 };
 
 // A tile of kTile compact positions of one tensor. `contiguous`: it lies inside one block.
@@ -38,9 +54,11 @@ constexpr int kTile = kThreads * kItemsPerThread;
 
 // grad_scale / found_inf: device pointers to one fp32 value, or null. The divisor of the
 // gradient is grad_sign * (*grad_scale) (or grad_sign when null), as in the CPU kernel.
+// hyper.on_device: lr and/or the steps are read on the device (no host synchronisation).
 int launch_masked_adamw(const MaskedTensor* tensors, const Tile* tiles, int64_t num_tiles,
                         float grad_sign, const float* grad_scale, const float* found_inf,
-                        float fisher_scale, bool amsgrad, bool fisher, void* stream);
+                        float fisher_scale, bool amsgrad, bool fisher, const AdamWHyper& hyper,
+                        void* stream);
 
 // delta_stats: work items over (tensor, element range). Items with partial >= 0 write a
 // partial row for stage two; others hold whole blocks and write output rows directly.

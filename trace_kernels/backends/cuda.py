@@ -1,9 +1,10 @@
 """The CUDA backend (trace_kernels._cuda). Inputs are already validated by `ops`.
 
 Kernels launch on torch's current stream of the tensors' device. grad_scale and found_inf
-are read on the device (no host synchronisation); per-parameter steps are advanced on the
-host, where MaskedAdamW keeps them, and turned into per-tensor AdamW scalars by the same
-C++ function the CPU kernels use.
+are read on the device (no host synchronisation). Per-parameter steps kept on the host (as
+MaskedAdamW keeps them) are advanced there and turned into per-tensor AdamW scalars by the
+same C++ function the CPU kernels use; steps in device memory and an lr tensor on the GPU
+are read by the kernel, which calls that function itself, so nothing waits for the GPU.
 """
 
 from __future__ import annotations
@@ -69,7 +70,18 @@ def _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices,
            amsgrad, maximize, grad_scale, found_inf):
     ext = _ext()
     device = params[0].device
-    step_values = advance_steps(steps)  # host counters; found_inf is applied on the device
+    # Steps in this device's memory (fp32/fp64) and an lr tensor on the GPU are read by the
+    # kernel itself: no host synchronisation. Host steps are advanced and read here.
+    device_steps = bool(steps) and all(s.device == device and s.dtype in (torch.float32, torch.float64)
+                                       for s in steps)
+    if device_steps:
+        torch._foreach_add_(steps, 1)
+        step_values = [0.0] * len(steps)
+    else:
+        step_values = advance_steps(steps)  # found_inf is applied on the device
+    lr_device = None
+    if lr_tensor is not None and lr_tensor.device.type == "cuda":
+        lr_device = lr_tensor.detach().to(device, torch.float64).reshape(1)
     if found_inf is not None:
         # torch's fused AdamW takes the same approach: step back the counters of a skipped
         # step (only a host read of found_inf could avoid counting it)
@@ -81,13 +93,15 @@ def _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices,
             p.data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(), exp_avg_sqs[i].data_ptr(),
             max_exp_avg_sqs[i].data_ptr() if amsgrad else 0, fishers[i].data_ptr() if fishers else 0,
             idx.data_ptr(), int(idx.dtype == torch.int64), idx.numel(), block_sizes[i],
-            DTYPE_CODES[p.dtype],
+            DTYPE_CODES[p.dtype], steps[i].data_ptr() if device_steps else 0,
+            int(device_steps and steps[i].dtype == torch.float64),
         ]
     tiles = _tiles(block_sizes, [i.numel() for i in block_indices], ext.TILE)
     stream, index = _stream(device)
     scale = grad_scale.to(device, torch.float32) if grad_scale is not None else None
     ext.masked_adamw(
-        table, step_values, tiles, resolve_lr(lr, lr_tensor), beta1, beta2, eps, weight_decay,
+        table, step_values, tiles, 0.0 if lr_device is not None else resolve_lr(lr, lr_tensor),
+        lr_device.data_ptr() if lr_device is not None else 0, beta1, beta2, eps, weight_decay,
         amsgrad, maximize, scale.data_ptr() if scale is not None else 0,
         found.data_ptr() if found_inf is not None else 0, fisher_scale, bool(fishers), stream, index,
     )

@@ -32,7 +32,9 @@ struct AdamWCoeffs {
 };
 
 // Scalars of one step for one tensor, `step` already incremented (torch increments first).
-inline AdamWCoeffs make_adamw_coeffs(double lr, double beta1, double beta2, double eps,
+// Host code calls it per tensor; the CUDA kernel calls it on the device when lr or the
+// steps live in device memory.
+TK_HD AdamWCoeffs make_adamw_coeffs(double lr, double beta1, double beta2, double eps,
                                      double weight_decay, double step, bool amsgrad) {
   AdamWCoeffs c;
   c.decay = static_cast<float>(1.0 - lr * weight_decay);
