@@ -198,6 +198,10 @@ def test_bad_input_is_refused_and_nothing_is_lost(builtin_cache, tmp_path, capsy
              "--core", str(trunc)], "not a readable CoreMask file")
     refused(["--model", str(m1), "--task", "sub", "--history", str(hist), "--out", str(tmp_path / "x"),
              "--resume"], "--resume: no checkpoint")
+    with TaskHistory.open(hist).hold():  # another run is adding a task: refused before training
+        refused(["--model", str(m1), "--task", "sub", "--history", str(hist), "--out", str(tmp_path / "x")],
+                "is being written by another process")
+    assert not (tmp_path / "x.checkpoint").exists()
     assert not (tmp_path / "x").exists()
     # not refused, but said: the model is not the one the history's last task produced
     capsys.readouterr()

@@ -89,97 +89,98 @@ def adapt(cfg: RunConfig, model: str, task: str, history: str | Path, out: str |
     net, codec, model_dir = _load(cfg, model)
     fingerprint = model_fingerprint(net)
     hist = TaskHistory.open(history, fingerprint, create=True, ignore_dtype=ignore_dtype)
-    data = data_fingerprint(new_task)
-    if resume and len(hist) and hist.entries[-1]["data"] == data and \
-            hist.entries[-1]["summary"].get("checkpoint") == str(ckpt.path) and \
-            ckpt.state()["inputs"]["history_tasks"] == len(hist) - 1:
-        ckpt.remove()  # killed after the history was written: nothing left to do
-        log(f"task {new_task.name!r} was already added to {history}; removed the checkpoint")
-        return {"task": new_task.name, "index": len(hist), "already_done": True,
-                **hist.entries[-1]["summary"]}
-    if new_task.name in hist.names:
-        raise ValueError(f"task {new_task.name!r} is already in history {history} "
-                         f"(task {hist.names.index(new_task.name) + 1}); tasks need distinct names")
-    core_mask = None
-    if core is not None:
-        core_mask = CoreMask.load(core)
-        _check_core(core_mask, net, core)
-    model_in = weights_sha256(model_dir)
-    if len(hist) and model_in and hist.entries[-1]["summary"].get("model_out") not in (None, model_in):
-        log(f"warning: {model_dir} is not the model the history's last task "
-            f"({hist.names[-1]!r}) produced; continuing")
+    with hist.hold():  # the only writer until the task is appended
+        data = data_fingerprint(new_task)
+        if resume and len(hist) and hist.entries[-1]["data"] == data and \
+                hist.entries[-1]["summary"].get("checkpoint") == str(ckpt.path) and \
+                ckpt.state()["inputs"]["history_tasks"] == len(hist) - 1:
+            ckpt.remove()  # killed after the history was written: nothing left to do
+            log(f"task {new_task.name!r} was already added to {history}; removed the checkpoint")
+            return {"task": new_task.name, "index": len(hist), "already_done": True,
+                    **hist.entries[-1]["summary"]}
+        if new_task.name in hist.names:
+            raise ValueError(f"task {new_task.name!r} is already in history {history} "
+                             f"(task {hist.names.index(new_task.name) + 1}); tasks need distinct names")
+        core_mask = None
+        if core is not None:
+            core_mask = CoreMask.load(core)
+            _check_core(core_mask, net, core)
+        model_in = weights_sha256(model_dir)
+        if len(hist) and model_in and hist.entries[-1]["summary"].get("model_out") not in (None, model_in):
+            log(f"warning: {model_dir} is not the model the history's last task "
+                f"({hist.names[-1]!r}) produced; continuing")
 
-    strategy = build_strategy("trace", cfg)
-    strategy.history = hist.earlier()
-    index = len(hist) + 1
-    torch.manual_seed(cfg.seed)
-    ctx = Context(model=net, codec=codec, train=cfg.train_config(), seed=cfg.seed,
-                  progress=progress, max_len=cfg.max_len, num_tasks=index)
-    inputs = {"model_fingerprint": fingerprint["sha256"], "model_weights": model_in,
-              "task": data, "history_tasks": len(hist),
-              "core": None if core is None else sha256_file(core), "config": dataclasses.asdict(cfg)}
+        strategy = build_strategy("trace", cfg)
+        strategy.history = hist.earlier()
+        index = len(hist) + 1
+        torch.manual_seed(cfg.seed)
+        ctx = Context(model=net, codec=codec, train=cfg.train_config(), seed=cfg.seed,
+                      progress=progress, max_len=cfg.max_len, num_tasks=index)
+        inputs = {"model_fingerprint": fingerprint["sha256"], "model_weights": model_in,
+                  "task": data, "history_tasks": len(hist),
+                  "core": None if core is None else sha256_file(core), "config": dataclasses.asdict(cfg)}
 
-    # 1. probe and select (or take the given core), checkpointed once
-    if resume:
-        state = ckpt.check_inputs(inputs)
-        mask, updates, info = ckpt.selection(state)
-        start, tensors, opt_state, losses = ckpt.load_step(state)
-        log(f"resuming {new_task.name!r} from {ckpt.path} at step {start}/{cfg.steps}")
-        params = dict(net.named_parameters())
-        with torch.no_grad():  # only core elements ever change: put them back
-            for n, values in tensors.items():
-                where = mask[n].element_indices().to(params[n].device, torch.int64)
-                params[n].view(-1).index_copy_(0, where, values.to(params[n].device, params[n].dtype))
-    else:
-        if core_mask is not None:
-            mask, updates, info = core_mask, {}, {"probe_loss": None, "source": str(core)}
-        else:
-            result, sel = strategy.probe_and_select(ctx, index, new_task)
-            mask = sel.mask
-            updates = strategy._record(result.deltas, mask)
-            info = {"probe_loss": result.losses[-1]}
-        ckpt.start(inputs, mask, updates, info)
-        start, opt_state, losses = 0, None, []
-
-    # 2. train the core, checkpointing every `checkpoint_every` steps and at the end
-    # a checkpoint holds the core elements' values, not whole tensors
-    trained = {n: e.element_indices().to(torch.int64) for n, e in mask.items() if e.num_selected}
-
-    def save(done: int, run_losses: list[float], opt) -> None:
-        if done % checkpoint_every == 0 or done == cfg.steps:
+        # 1. probe and select (or take the given core), checkpointed once
+        if resume:
+            state = ckpt.check_inputs(inputs)
+            mask, updates, info = ckpt.selection(state)
+            start, tensors, opt_state, losses = ckpt.load_step(state)
+            log(f"resuming {new_task.name!r} from {ckpt.path} at step {start}/{cfg.steps}")
             params = dict(net.named_parameters())
-            values = {n: params[n].detach().view(-1)[i.to(params[n].device)] for n, i in trained.items()}
-            ckpt.save_step(done, values, opt.state_dict(), losses + run_losses)
-        if on_step is not None:
-            on_step(done)
+            with torch.no_grad():  # only core elements ever change: put them back
+                for n, values in tensors.items():
+                    where = mask[n].element_indices().to(params[n].device, torch.int64)
+                    params[n].view(-1).index_copy_(0, where, values.to(params[n].device, params[n].dtype))
+        else:
+            if core_mask is not None:
+                mask, updates, info = core_mask, {}, {"probe_loss": None, "source": str(core)}
+            else:
+                result, sel = strategy.probe_and_select(ctx, index, new_task)
+                mask = sel.mask
+                updates = strategy._record(result.deltas, mask)
+                info = {"probe_loss": result.losses[-1]}
+            ckpt.start(inputs, mask, updates, info)
+            start, opt_state, losses = 0, None, []
 
-    run_losses, state_bytes = strategy.train_core(ctx, index, new_task, mask, start_step=start,
-                                                  optimizer_state=opt_state, on_step=save)
-    losses = losses + run_losses
-    fisher = strategy._fisher(ctx, new_task, salt=20_000 + index) if strategy.guarded else {}
+        # 2. train the core, checkpointing every `checkpoint_every` steps and at the end
+        # a checkpoint holds the core elements' values, not whole tensors
+        trained = {n: e.element_indices().to(torch.int64) for n, e in mask.items() if e.num_selected}
 
-    # 3. score, save the model, then append to the history (the manifest is written last)
-    earlier_tasks = load_history_tasks(hist) if eval_history else []
-    evaluator = Evaluator(earlier_tasks + [new_task], codec)
-    scores = dict(zip([t.name for t in evaluator.tasks], evaluator(net)))
-    save_model(net, codec, out, overwrite=overwrite or resume)
-    cost = strategy.cost(mask, state_bytes, losses)
-    summary = {"core_elements": cost.trainable, "eligible_elements": mask.numel,
-               "state_bytes": state_bytes, "seconds": time.perf_counter() - t0,
-               "final_loss": cost.final_loss, "probe_loss": info.get("probe_loss"),
-               "scores": scores, "model_in": model_in, "model_out": weights_sha256(out),
-               "out": str(out), "checkpoint": str(ckpt.path), "resumed": resume}
-    record = TaskRecord(name=new_task.name, core=mask, updates=updates, fisher=fisher,
-                        test=new_task.test, scorer=new_task.scorer, data=data,
-                        hyperparameters={"trace": strategy.config(),
-                                         "train": dataclasses.asdict(strategy.train_config(ctx)),
-                                         "seed": cfg.seed, "index": index,
-                                         "core_file": None if core is None else str(core)},
-                        summary=summary)
-    hist.append(record, fingerprint)
-    ckpt.remove()
-    log(format_summary(new_task.name, index, summary, history))
-    return {"task": new_task.name, "index": index, "already_done": False, **summary}
+        def save(done: int, run_losses: list[float], opt) -> None:
+            if done % checkpoint_every == 0 or done == cfg.steps:
+                params = dict(net.named_parameters())
+                values = {n: params[n].detach().view(-1)[i.to(params[n].device)] for n, i in trained.items()}
+                ckpt.save_step(done, values, opt.state_dict(), losses + run_losses)
+            if on_step is not None:
+                on_step(done)
+
+        run_losses, state_bytes = strategy.train_core(ctx, index, new_task, mask, start_step=start,
+                                                      optimizer_state=opt_state, on_step=save)
+        losses = losses + run_losses
+        fisher = strategy._fisher(ctx, new_task, salt=20_000 + index) if strategy.guarded else {}
+
+        # 3. score, save the model, then append to the history (the manifest is written last)
+        earlier_tasks = load_history_tasks(hist) if eval_history else []
+        evaluator = Evaluator(earlier_tasks + [new_task], codec)
+        scores = dict(zip([t.name for t in evaluator.tasks], evaluator(net)))
+        save_model(net, codec, out, overwrite=overwrite or resume)
+        cost = strategy.cost(mask, state_bytes, losses)
+        summary = {"core_elements": cost.trainable, "eligible_elements": mask.numel,
+                   "state_bytes": state_bytes, "seconds": time.perf_counter() - t0,
+                   "final_loss": cost.final_loss, "probe_loss": info.get("probe_loss"),
+                   "scores": scores, "model_in": model_in, "model_out": weights_sha256(out),
+                   "out": str(out), "checkpoint": str(ckpt.path), "resumed": resume}
+        record = TaskRecord(name=new_task.name, core=mask, updates=updates, fisher=fisher,
+                            test=new_task.test, scorer=new_task.scorer, data=data,
+                            hyperparameters={"trace": strategy.config(),
+                                             "train": dataclasses.asdict(strategy.train_config(ctx)),
+                                             "seed": cfg.seed, "index": index,
+                                             "core_file": None if core is None else str(core)},
+                            summary=summary)
+        hist.append(record, fingerprint)
+        ckpt.remove()
+        log(format_summary(new_task.name, index, summary, history))
+        return {"task": new_task.name, "index": index, "already_done": False, **summary}
 
 
 def format_summary(name: str, index: int, s: dict, history) -> str:

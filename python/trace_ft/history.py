@@ -182,6 +182,7 @@ class TaskHistory:
     def __init__(self, path: Path, manifest: dict | None) -> None:
         self.path = path
         self._manifest = manifest
+        self._held = False
 
     # -- reading --
     @classmethod
@@ -294,7 +295,17 @@ class TaskHistory:
 
     # -- writing --
     @contextlib.contextmanager
+    def hold(self):
+        """Be this history's only writer for the block (e.g. a whole adapt run, so a second
+        run on the same history fails at once rather than after its training)."""
+        with self._lock():
+            yield self
+
+    @contextlib.contextmanager
     def _lock(self):
+        if self._held:  # already ours
+            yield
+            return
         self.path.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -306,8 +317,10 @@ class TaskHistory:
                 pass
             except BlockingIOError:
                 raise HistoryError(f"history {self.path} is being written by another process") from None
+            self._held = True
             yield
         finally:
+            self._held = False
             os.close(fd)
 
     def append(self, record: TaskRecord, model: nn.Module | dict) -> dict:
