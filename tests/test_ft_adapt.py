@@ -93,19 +93,21 @@ def _first_task(cache, tmp_path):
     return tmp_path / "m1", tmp_path / "h0"
 
 
-def _uninterrupted(cache, tmp_path, m1, h0):
-    shutil.copytree(h0, tmp_path / "hA")
+def _resume_setup(cache, tmp_path):
+    """rev added to the built-in model; then sub added to copy A of its history without an
+    interruption. Returns (model after rev, A's model, A's history, B's model path, B's
+    history: a second copy for the interrupted run)."""
+    m1, h0 = _first_task(cache, tmp_path)
+    for copy in ("hA", "hB"):
+        shutil.copytree(h0, tmp_path / copy)
     adapt(config(cache), str(m1), "sub", tmp_path / "hA", tmp_path / "A", checkpoint_every=4,
           progress=False, log=print)
-    return tmp_path / "A", tmp_path / "hA"
+    return m1, tmp_path / "A", tmp_path / "hA", tmp_path / "B", tmp_path / "hB"
 
 
 @pytest.mark.slow
 def test_resume_after_an_interruption_equals_an_uninterrupted_run(builtin_cache, tmp_path):
-    m1, h0 = _first_task(builtin_cache, tmp_path)
-    A, hA = _uninterrupted(builtin_cache, tmp_path, m1, h0)
-    shutil.copytree(h0, tmp_path / "hB")
-    B, hB = tmp_path / "B", tmp_path / "hB"
+    m1, A, hA, B, hB = _resume_setup(builtin_cache, tmp_path)
 
     def stop(done):
         if done == 10:
@@ -130,10 +132,7 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(builtin_cache,
 
 @pytest.mark.slow
 def test_resume_after_the_process_is_killed(builtin_cache, tmp_path):
-    m1, h0 = _first_task(builtin_cache, tmp_path)
-    A, hA = _uninterrupted(builtin_cache, tmp_path, m1, h0)
-    shutil.copytree(h0, tmp_path / "hB")
-    B, hB = tmp_path / "B", tmp_path / "hB"
+    m1, A, hA, B, hB = _resume_setup(builtin_cache, tmp_path)
     argv = ["adapt", *flags(builtin_cache), "--model", str(m1), "--task", "sub", "--history",
             str(hB), "--out", str(B), "--checkpoint-every", "4"]
     proc = subprocess.Popen([sys.executable, "-m", "trace_ft", *argv])

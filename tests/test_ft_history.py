@@ -149,7 +149,7 @@ def test_full_disk_while_writing_loses_nothing(tmp_path, monkeypatch):
     path = tmp_path / "h"
     TaskHistory.open(path, create=True).append(make_record(1), model_fp())
     before = (path / "manifest.json").read_bytes()
-    real = H._save_updates
+    real = H.save_updates
 
     def full_disk(updates, p):
         real(updates, p)
@@ -157,7 +157,7 @@ def test_full_disk_while_writing_loses_nothing(tmp_path, monkeypatch):
             f.truncate(100)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(H, "_save_updates", full_disk)
+    monkeypatch.setattr(H, "save_updates", full_disk)
     with pytest.raises(OSError, match="No space left"):
         TaskHistory.open(path).append(make_record(2), model_fp())
     monkeypatch.undo()

@@ -122,3 +122,12 @@ def test_load_damaged_files(tmp_path):
                         "layout": '{"w": {"shape": [8], "block_size": 1}}'})
     with pytest.raises(ValueError, match="bad.safetensors.*unsorted"):
         CoreMask.load(tmp_path / "bad.safetensors")
+
+
+def test_check_shapes_names_the_first_misfit():
+    mask = CoreMask.from_dense({"a": torch.ones(2, 3, dtype=torch.bool)})
+    mask.check_shapes({"a": (2, 3), "b": (4,)})
+    with pytest.raises(ValueError, match="names parameter 'a', which the model does not have"):
+        mask.check_shapes({"b": (2, 3)}, "the core")
+    with pytest.raises(ValueError, match=r"'a' has shape \[2, 3\] in the mask, \[3, 2\] in the model"):
+        mask.check_shapes({"a": (3, 2)})

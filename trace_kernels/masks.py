@@ -256,6 +256,16 @@ class CoreMask(Mapping[str, MaskEntry]):
         n = self.numel
         return self.numel_selected / n if n else 0.0
 
+    def check_shapes(self, shapes: Mapping[str, tuple[int, ...]], what: str = "the mask") -> None:
+        """Raise ValueError unless every entry names a key of `shapes` (e.g. a model's
+        parameter shapes) with that shape."""
+        for n, e in self.items():
+            if n not in shapes:
+                raise ValueError(f"{what} names parameter {n!r}, which the model does not have")
+            if tuple(shapes[n]) != e.shape:
+                raise ValueError(f"{what}: {n!r} has shape {list(e.shape)} in the mask, "
+                                 f"{list(shapes[n])} in the model")
+
     def to_dense(self, name: str) -> torch.Tensor:
         return self[name].to_dense()
 

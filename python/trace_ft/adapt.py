@@ -21,7 +21,7 @@ from trace_kernels import CoreMask
 
 from .atomic import sha256_file
 from .checkpoint import AdaptCheckpoint, CheckpointError
-from .history import TaskHistory, TaskRecord, data_fingerprint, load_history_tasks, model_fingerprint
+from .history import TaskHistory, TaskRecord, data_fingerprint, model_fingerprint
 from .model import builtin_model, load_model, save_model, weights_sha256
 from .runner import Evaluator, RunConfig, build_strategy
 from .strategies.base import Context
@@ -39,16 +39,6 @@ def _load(cfg: RunConfig, model: str):
         return m.to(cfg.device), codec, path
     m, codec = load_model(model, cfg.dtype, cfg.device)
     return m, codec, Path(model)
-
-
-def _check_core(core: CoreMask, model, path) -> None:
-    params = dict(model.named_parameters())
-    for n, e in core.items():
-        if n not in params:
-            raise ValueError(f"--core {path}: parameter {n!r} is not in the model")
-        if tuple(params[n].shape) != e.shape:
-            raise ValueError(f"--core {path}: {n!r} has shape {list(e.shape)} in the mask, "
-                             f"{list(params[n].shape)} in the model")
 
 
 def adapt(cfg: RunConfig, model: str, task: str, history: str | Path, out: str | Path, *,
@@ -104,7 +94,8 @@ def adapt(cfg: RunConfig, model: str, task: str, history: str | Path, out: str |
         core_mask = None
         if core is not None:
             core_mask = CoreMask.load(core)
-            _check_core(core_mask, net, core)
+            core_mask.check_shapes({n: tuple(p.shape) for n, p in net.named_parameters()},
+                                   f"--core {core}")
         model_in = weights_sha256(model_dir)
         if len(hist) and model_in and hist.entries[-1]["summary"].get("model_out") not in (None, model_in):
             log(f"warning: {model_dir} is not the model the history's last task "
@@ -137,7 +128,7 @@ def adapt(cfg: RunConfig, model: str, task: str, history: str | Path, out: str |
             else:
                 result, sel = strategy.probe_and_select(ctx, index, new_task)
                 mask = sel.mask
-                updates = strategy._record(result.deltas, mask)
+                updates = strategy.recorded_updates(result.deltas, mask)
                 info = {"probe_loss": result.losses[-1]}
             ckpt.start(inputs, mask, updates, info)
             start, opt_state, losses = 0, None, []
@@ -157,10 +148,10 @@ def adapt(cfg: RunConfig, model: str, task: str, history: str | Path, out: str |
         run_losses, state_bytes = strategy.train_core(ctx, index, new_task, mask, start_step=start,
                                                       optimizer_state=opt_state, on_step=save)
         losses = losses + run_losses
-        fisher = strategy._fisher(ctx, new_task, salt=20_000 + index) if strategy.guarded else {}
+        fisher = strategy.trained_fisher(ctx, index, new_task)
 
         # 3. score, save the model, then append to the history (the manifest is written last)
-        earlier_tasks = load_history_tasks(hist) if eval_history else []
+        earlier_tasks = hist.tasks() if eval_history else []
         evaluator = Evaluator(earlier_tasks + [new_task], codec)
         scores = dict(zip([t.name for t in evaluator.tasks], evaluator(net)))
         save_model(net, codec, out, overwrite=overwrite or resume)

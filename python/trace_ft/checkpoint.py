@@ -25,6 +25,7 @@ from torch import Tensor
 from trace_kernels import CoreMask
 
 from . import atomic
+from .history import load_updates, save_updates
 
 VERSION = 1
 
@@ -80,8 +81,6 @@ class AdaptCheckpoint:
 
     # -- the selection, saved once after the probe --
     def start(self, inputs: dict, core: CoreMask, updates: dict, info: dict) -> None:
-        from .history import _save_updates
-
         self.path.mkdir(parents=True, exist_ok=True)
         target = self.path / "selection"
         atomic.remove_stale(self.path, "selection")
@@ -89,7 +88,7 @@ class AdaptCheckpoint:
             shutil.rmtree(target)
         with atomic.staging_dir(target) as tmp:
             core.save(tmp / "core.safetensors")
-            _save_updates(updates, tmp / "updates.safetensors")
+            save_updates(updates, tmp / "updates.safetensors")
             (tmp / "info.json").write_text(json.dumps(info))
             files = _describe_files(tmp)
             atomic.install_dir(tmp, target)
@@ -97,11 +96,9 @@ class AdaptCheckpoint:
                                             "selection": files, "step": 0, "step_dir": None})
 
     def selection(self, state: dict) -> tuple[CoreMask, dict, dict]:
-        from .history import _load_updates
-
         folder = self.path / "selection"
         self._verify(folder, state["selection"])
-        return (CoreMask.load(folder / "core.safetensors"), _load_updates(folder / "updates.safetensors"),
+        return (CoreMask.load(folder / "core.safetensors"), load_updates(folder / "updates.safetensors"),
                 json.loads((folder / "info.json").read_text()))
 
     # -- training progress, saved every N steps --

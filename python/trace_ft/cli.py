@@ -61,6 +61,14 @@ RUN_FLAGS = {
 }
 
 
+def _add_settings(parser: argparse.ArgumentParser, skip=frozenset()) -> None:
+    """The RunConfig flags (default None: unset, so --config and the defaults apply)."""
+    for flag, (dest, typ, text) in RUN_FLAGS.items():
+        if dest not in skip:
+            parser.add_argument(flag, dest=dest, type=typ, default=None, help=text,
+                                metavar=flag[2:].upper().replace("-", "_"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="trace-ft", description="Continual fine-tuning with TRACE.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -73,9 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--sweep", action="store_true",
                    help="run the trace ablation (granularity × budget × probe steps) instead")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
-    for flag, (dest, typ, text) in RUN_FLAGS.items():
-        r.add_argument(flag, dest=dest, type=typ, default=None, help=text,
-                       metavar=flag[2:].upper().replace("-", "_"))
+    _add_settings(r)
     a = sub.add_parser("adapt", help="add one task to a model and its task history",
                        description="Probe the task, select its core against the history, train "
                        "only the core, save the model to --out and append the task to --history. "
@@ -95,11 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accept a model whose parameter dtypes differ from the history's")
     a.add_argument("--config", help="a TOML file of settings (flags override it)")
     a.add_argument("--quiet", action="store_true", help="no progress bars")
-    for flag, (dest, typ, text) in RUN_FLAGS.items():
-        if dest in ADAPT_SKIPS:
-            continue
-        a.add_argument(flag, dest=dest, type=typ, default=None, help=text,
-                       metavar=flag[2:].upper().replace("-", "_"))
+    _add_settings(a, skip=ADAPT_SKIPS)
     h = sub.add_parser("history", help="list and verify a task history",
                        description="List the tasks of a history (cores, losses, scores) after "
                        "verifying every file's checksum.")

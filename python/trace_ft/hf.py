@@ -115,9 +115,7 @@ def trace_optimizer(
         sel = select_core(result, history.earlier() if history is not None else (), cfg)
         state = TraceState(core=sel.mask, probe=result, selection=sel)
     params = dict(model.named_parameters())
-    unknown = [n for n in state.core if n not in params]
-    if unknown:
-        raise ValueError(f"the core names parameters the model does not have: {unknown[:3]}")
+    state.core.check_shapes({n: tuple(p.shape) for n, p in params.items()}, "the core")
     live = CoreMask({n: e for n, e in state.core.items() if e.num_selected})
     if not live:
         raise ValueError("the core is empty: nothing would be trained (raise the budget)")

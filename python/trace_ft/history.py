@@ -128,7 +128,7 @@ class TaskRecord:
         return Task(self.name, [], list(self.test), scorer=self.scorer, meta={"source": "history"})
 
 
-def _save_updates(updates: Mapping[str, Tensor | BlockSketch], path: Path) -> None:
+def save_updates(updates: Mapping[str, Tensor | BlockSketch], path: Path) -> None:
     from safetensors.torch import save_file
 
     tensors, layout = {}, {}
@@ -142,7 +142,7 @@ def _save_updates(updates: Mapping[str, Tensor | BlockSketch], path: Path) -> No
     save_file(tensors, str(path), metadata={"layout": json.dumps(layout)})
 
 
-def _load_updates(path: Path) -> dict[str, Tensor | BlockSketch]:
+def load_updates(path: Path) -> dict[str, Tensor | BlockSketch]:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
@@ -277,7 +277,7 @@ class TaskHistory:
             test = self._file(i, "test")
             return TaskRecord(
                 name=entry["name"], core=core,
-                updates=_load_updates(upd) if upd else {},
+                updates=load_updates(upd) if upd else {},
                 fisher=_load_tensors(fis) if fis else {},
                 test=read_examples(test) if test else (),
                 scorer=entry.get("scorer", "exact"), data=entry.get("data", {}),
@@ -292,6 +292,16 @@ class TaskHistory:
     def earlier(self) -> list[EarlierTask]:
         """What selection needs of every past task, oldest first."""
         return [self.record(i, verify=False).earlier() for i in range(len(self))]
+
+    def tasks(self) -> list[Task]:
+        """Every past task's test split, for scoring (reads only the test files, not the
+        updates and Fisher diagonals)."""
+        out = []
+        for i, entry in enumerate(self.entries):
+            test = self._file(i, "test")
+            out.append(TaskRecord(name=entry["name"], scorer=entry.get("scorer", "exact"),
+                                  test=read_examples(test) if test else ()).task())
+        return out
 
     # -- writing --
     @contextlib.contextmanager
@@ -345,7 +355,7 @@ class TaskHistory:
             files = {}
             with atomic.staging_dir(target) as tmp:
                 writers = {"core": ("core.safetensors", lambda p: record.core.save(p), record.core is not None),
-                           "updates": ("updates.safetensors", lambda p: _save_updates(record.updates, p),
+                           "updates": ("updates.safetensors", lambda p: save_updates(record.updates, p),
                                        bool(record.updates)),
                            "fisher": ("fisher.safetensors", lambda p: _save_tensors(record.fisher, p),
                                       bool(record.fisher)),
@@ -375,11 +385,6 @@ class TaskHistory:
         return entry
 
 
-def load_history_tasks(history: TaskHistory) -> list[Task]:
-    """Every past task's test split, for scoring."""
-    return [history.record(i, verify=False).task() for i in range(len(history))]
-
-
 __all__ = ["TaskHistory", "TaskRecord", "HistoryError", "model_fingerprint", "data_fingerprint",
-           "compare_fingerprints", "load_history_tasks"]
+           "compare_fingerprints", "save_updates", "load_updates"]
 

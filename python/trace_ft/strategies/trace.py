@@ -125,19 +125,21 @@ class Trace(Strategy):
             for p, flag in flags:
                 p.requires_grad_(flag)
 
-    def remember(self, ctx: Context, index: int, task, core: CoreMask, result: ProbeResult | None,
-                 fisher: dict | None = None) -> EarlierTask:
+    def trained_fisher(self, ctx: Context, index: int, task) -> dict:
+        """With the guard on, the task's Fisher after its training (what later tasks'
+        selection protects); otherwise nothing."""
+        return self._fisher(ctx, task, salt=20_000 + index) if self.guarded else {}
+
+    def remember(self, ctx: Context, index: int, task, core: CoreMask, result: ProbeResult) -> EarlierTask:
         """Record the task for later tasks' selection: its update (exact or sketched), its
         core and, with the guard on, its Fisher after training."""
-        if fisher is None:
-            fisher = self._fisher(ctx, task, salt=20_000 + index) if self.guarded else {}
-        earlier = EarlierTask(updates=self._record(result.deltas, core) if result is not None else {},
-                              core=core, fisher=fisher)
+        earlier = EarlierTask(updates=self.recorded_updates(result.deltas, core), core=core,
+                              fisher=self.trained_fisher(ctx, index, task))
         self.history.append(earlier)
         self.selections.append({"task": task.name, "core_elements": core.numel_selected,
                                 "eligible_elements": core.numel,
                                 "tensors": sum(1 for e in core.values() if e.num_selected),
-                                "probe_loss": result.losses[-1] if result is not None else None})
+                                "probe_loss": result.losses[-1]})
         return earlier
 
     @staticmethod
@@ -145,8 +147,9 @@ class Trace(Strategy):
         return TaskCost(trainable=core.numel_selected, state_bytes=state_bytes,
                         final_loss=final_loss(losses), extra={"eligible": core.numel})
 
-    def _record(self, deltas, mask: CoreMask):
-        return record_updates(deltas, mask, self.sketch_dim, self.select.specificity_unit)
+    def recorded_updates(self, deltas, core: CoreMask) -> dict:
+        """What the history keeps of the probe's update (see `record_updates`)."""
+        return record_updates(deltas, core, self.sketch_dim, self.select.specificity_unit)
 
 def record_updates(deltas, core: CoreMask, sketch_dim: int | None, unit: str = "block") -> dict:
     """What the history keeps of a task's probe update: exact, or count-sketched per
