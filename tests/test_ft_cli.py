@@ -123,3 +123,96 @@ def test_local_model_directory_and_task_directories(tmp_path):
     assert res["columns"] == ["echo", "rev"] and res["first_task_column"] == 0
     assert res["strategies"]["seqft"]["metrics"]["base_change"] is None
     assert main(["run", "--model", str(tmp_path), "--out", str(out), "--quiet"]) == 2
+
+
+def _listing(root):
+    """Every path under `root` (hidden ones too) with its bytes: what a refused command
+    must leave exactly as it was."""
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None)
+            for p in sorted(root.rglob("*"))}
+
+
+def test_bad_input_leaves_the_file_system_as_it_was(cache, tmp_path, capsys, monkeypatch):
+    """Each refused command: an error naming the cause, and not one file or directory
+    created or changed, whether the history, --out or the default runs/ existed or not."""
+    import torch
+
+    from trace_kernels import CoreMask
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)  # the default --out of `run` is runs/<timestamp> here
+    core = work / "core.safetensors"
+    CoreMask.from_dense({"no.such.weight": torch.ones(4, 4, dtype=torch.bool)}).save(core)
+    tiny = ["--size", "tiny", "--cache-dir", str(cache), "--quiet", "--steps", "2",
+            "--n-train", "16", "--n-test", "4", "--threads", "1"]
+    adapt = ["adapt", *tiny, "--task", "rev", "--history", str(work / "new" / "hist"),
+             "--out", str(work / "m")]
+    cases = [
+        (["run", *tiny, "--granularity", "foo"], "granularity must be one of"),
+        (["run", *tiny, "--specificity-unit", "page"], "specificity_unit must be one of"),
+        (["run", *tiny, "--dtype", "float8"], "dtype must be one of"),
+        (["run", *tiny, "--size", "huge"], "size must be one of"),
+        (["run", *tiny, "--tasks", "nonexistent_dir"], "neither a built-in skill"),
+        ([*adapt, "--core", str(core)], "names parameter 'no.such.weight'"),
+        ([*adapt, "--granularity", "foo"], "granularity must be one of"),
+        ([*adapt, "--resume"], "--resume: no checkpoint"),
+    ]
+    before = _listing(work)
+    for argv, needle in cases:
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert needle in err, (argv, err)
+        assert _listing(work) == before, argv
+
+
+def test_settings_are_checked_before_the_model_loads(tmp_path, capsys):
+    """A bad setting is refused before the built-in base is pretrained into an empty cache."""
+    empty = tmp_path / "cache"
+    assert main(["run", "--cache-dir", str(empty), "--granularity", "foo", "--quiet"]) == 2
+    assert "granularity must be one of" in capsys.readouterr().err
+    assert not empty.exists()
+
+
+def test_run_prints_the_summary_table(cache, tmp_path, capsys):
+    assert main(_args(cache, tmp_path / "run", "--strategies", "seqft", "--tasks", "rev",
+                      "--steps", "2")) == 0
+    out = capsys.readouterr().out
+    assert "| strategy | AP | BWT |" in out and "| seqft |" in out
+    assert out.index("| seqft |") < out.index("wrote ")
+
+
+def test_help_shows_defaults_and_version(capsys):
+    from trace_kernels import __version__
+
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for needle in ("(default: 200)", "(default: 0.05)", "(default: element)", "(default: 0.001)",
+                   "(default: trace,seqft,lora,ewc,replay,mtl)"):
+        assert needle in text, needle
+    with pytest.raises(SystemExit):
+        main(["adapt", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--trace-lr" in text and "Not here: --lr" in text
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert __version__ in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", [["run", "--quiet"], ["adapt", "--task", "rev", "--history", "h",
+                                                           "--out", "m"]])
+def test_missing_optional_packages_name_the_extra(tmp_path, command):
+    """Installed without the [hf] extra: a one-line error that says what to install, not a
+    traceback; nothing is written."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['transformers'] = None; sys.modules['peft'] = None\n"
+            "from trace_ft.cli import main; sys.exit(main(sys.argv[1:]))")
+    out = subprocess.run([sys.executable, "-c", code, *command], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "pip install 'trace-kernels[hf]'" in out.stderr and "Traceback" not in out.stderr
+    assert list(tmp_path.iterdir()) == []

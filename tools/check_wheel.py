@@ -18,10 +18,16 @@ from cuda_archs import embedded_code  # noqa: E402
 
 
 def check(wheel: Path) -> str:
-    names = zipfile.ZipFile(wheel).namelist()
+    archive = zipfile.ZipFile(wheel)
+    names = archive.namelist()
     for ext in ("trace_kernels/_C.", "trace_kernels/_cuda."):
         if not any(n.startswith(ext) and n.endswith(".so") for n in names):
             raise SystemExit(f"{wheel.name}: missing {ext}*.so")
+    if not any(n.endswith(".dist-info/licenses/LICENSE") for n in names):
+        raise SystemExit(f"{wheel.name}: no LICENSE file")
+    metadata = archive.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    if "License-Expression: Apache-2.0" not in metadata:
+        raise SystemExit(f"{wheel.name}: no license metadata")
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
                         "--target", tmp, str(wheel)], check=True)

@@ -76,7 +76,11 @@ def adapt(cfg: RunConfig, model: str, task: str, history: str | Path, out: str |
     if out.exists() and not overwrite and not resume:
         raise ValueError(f"--out {out} already exists (pass --overwrite to replace it)")
     (new_task,) = resolve_tasks([task], cfg.seed, cfg.n_train, cfg.n_test)  # bad data fails here
+    core_mask = CoreMask.load(core) if core is not None else None
     net, codec, model_dir = _load(cfg, model)
+    if core_mask is not None:
+        core_mask.check_shapes({n: tuple(p.shape) for n, p in net.named_parameters()},
+                               f"--core {core}")
     fingerprint = model_fingerprint(net)
     hist = TaskHistory.open(history, fingerprint, create=True, ignore_dtype=ignore_dtype)
     with hist.hold():  # the only writer until the task is appended
@@ -91,11 +95,6 @@ def adapt(cfg: RunConfig, model: str, task: str, history: str | Path, out: str |
         if new_task.name in hist.names:
             raise ValueError(f"task {new_task.name!r} is already in history {history} "
                              f"(task {hist.names.index(new_task.name) + 1}); tasks need distinct names")
-        core_mask = None
-        if core is not None:
-            core_mask = CoreMask.load(core)
-            core_mask.check_shapes({n: tuple(p.shape) for n, p in net.named_parameters()},
-                                   f"--core {core}")
         model_in = weights_sha256(model_dir)
         if len(hist) and model_in and hist.entries[-1]["summary"].get("model_out") not in (None, model_in):
             log(f"warning: {model_dir} is not the model the history's last task "

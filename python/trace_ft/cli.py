@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from trace_kernels import __version__
+
 from .runner import RunConfig, default_threads, load_config_file, run
 
 
@@ -61,16 +63,48 @@ RUN_FLAGS = {
 }
 
 
+def _shown(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
 def _add_settings(parser: argparse.ArgumentParser, skip=frozenset()) -> None:
-    """The RunConfig flags (default None: unset, so --config and the defaults apply)."""
+    """The RunConfig flags. Their argparse default is None (unset), so --config and then
+    RunConfig's own defaults apply; the help shows RunConfig's default."""
+    defaults = RunConfig()
     for flag, (dest, typ, text) in RUN_FLAGS.items():
         if dest not in skip:
-            parser.add_argument(flag, dest=dest, type=typ, default=None, help=text,
+            default = getattr(defaults, dest)
+            shown = "" if default is None else f" (default: {_shown(default)})"
+            parser.add_argument(flag, dest=dest, type=typ, default=None, help=text + shown,
                                 metavar=flag[2:].upper().replace("-", "_"))
+
+
+# Optional packages each command needs, and the extra of trace-kernels that installs them.
+NEEDS = {"run": ("transformers", "peft", "matplotlib"), "adapt": ("transformers",),
+         "transfer": ("transformers",)}
+
+
+def require_extras(command: str, modules=None) -> None:
+    """A clear error naming the extra to install when an optional package is missing (the
+    plain wheel has none of them), instead of a traceback halfway through a run."""
+    import importlib
+
+    missing = []
+    for mod in modules if modules is not None else NEEDS[command]:
+        try:
+            importlib.import_module(mod)
+        except ImportError:
+            missing.append(mod)
+    if missing:
+        raise ValueError(f"this command needs {', '.join(missing)}, which is not installed: "
+                         "pip install 'trace-kernels[hf]'")
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="trace-ft", description="Continual fine-tuning with TRACE.")
+    ap.add_argument("--version", action="version", version=f"trace-ft (trace-kernels) {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run a continual sequence with TRACE and the baselines",
                        description="Run a continual sequence of tasks with TRACE and the baselines "
@@ -85,8 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("adapt", help="add one task to a model and its task history",
                        description="Probe the task, select its core against the history, train "
                        "only the core, save the model to --out and append the task to --history. "
-                       "Settings (flags or --config) are those of `trace-ft run`, so a sequence of "
-                       "adapt runs reproduces the trace strategy of one run.")
+                       "Settings (flags or --config) are those of `trace-ft run` that concern the "
+                       "trace strategy, so a sequence of adapt runs reproduces the trace strategy "
+                       "of one run. Not here: --lr (the core's learning rate is --trace-lr, the "
+                       "probe's --probe-lr), --protect-base (a history guards the tasks it holds), "
+                       "and the other strategies' and sweep's settings.")
     a.add_argument("--task", required=True, help="a task directory (train/test .json[l]) or a built-in skill")
     a.add_argument("--history", required=True, help="the task history directory (created if absent)")
     a.add_argument("--out", required=True, help="where the adapted model is saved (safetensors)")
@@ -147,6 +184,7 @@ def adapt_command(args: argparse.Namespace) -> int:
     from .adapt import adapt
 
     cfg = _config(args)
+    require_extras("adapt")
     adapt(cfg, cfg.model, args.task, args.history, args.out, eval_history=args.eval_history,
           resume=args.resume, checkpoint_every=args.checkpoint_every,
           checkpoint_dir=args.checkpoint_dir, core=args.core, overwrite=args.overwrite,
@@ -183,6 +221,7 @@ def transfer_command(args: argparse.Namespace) -> int:
     from .model import model_shapes
     from .transfer import format_report, transfer_core
 
+    require_extras("transfer")
     if args.task and not args.history:
         raise ValueError("--task needs --history")
     if args.history:
@@ -206,6 +245,8 @@ def transfer_command(args: argparse.Namespace) -> int:
 
 def run_command(args: argparse.Namespace) -> int:
     cfg = _config(args)
+    lora = "lora" in cfg.strategies and not args.sweep
+    require_extras("run", [m for m in NEEDS["run"] if m != "peft" or lora])
     run(cfg, out=args.out, sweep=args.sweep, progress=not args.quiet)
     return 0
 

@@ -316,8 +316,13 @@ class TaskHistory:
         if self._held:  # already ours
             yield
             return
+        # The highest directory this lock creates: removed again if nothing is recorded in
+        # it, so a run refused after taking the lock leaves the file system as it was.
+        created = next((d for d in reversed([self.path, *self.path.parents]) if not d.exists()), None)
         self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        lock = self.path / ".lock"
+        new_lock = not lock.exists()
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
                 import fcntl
@@ -332,6 +337,11 @@ class TaskHistory:
         finally:
             self._held = False
             os.close(fd)
+            if not (self.path / MANIFEST).exists():
+                if created is not None:
+                    shutil.rmtree(created, ignore_errors=True)
+                elif new_lock:
+                    lock.unlink(missing_ok=True)
 
     def append(self, record: TaskRecord, model: nn.Module | dict) -> dict:
         """Add `record` as the newest task, atomically; returns its manifest entry.

@@ -77,8 +77,9 @@ def builtin_config(spec: BuiltinSpec, vocab_size: int):
     )
 
 
-def pretrain_builtin(spec: BuiltinSpec, progress: bool = True) -> tuple[nn.Module, CharTokenizer]:
-    """A fresh tiny Llama trained on the base mixture (`tasks.BASE`), deterministically."""
+def pretrain_builtin(spec: BuiltinSpec, progress: bool | str = True) -> tuple[nn.Module, CharTokenizer]:
+    """A fresh tiny Llama trained on the base mixture (`tasks.BASE`), deterministically.
+    `progress`: show a bar (a string is its label)."""
     from transformers import LlamaForCausalLM
 
     quiet_transformers()
@@ -90,7 +91,8 @@ def pretrain_builtin(spec: BuiltinSpec, progress: bool = True) -> tuple[nn.Modul
                       lr=spec.pretrain_lr, weight_decay=0.01)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     batches = sample_batches([EncodedSet(base.train, tok)], cfg.batch_size, cfg.steps, spec.seed)
-    train_loop(model, opt, batches, cfg, desc="pretraining the built-in base", progress=progress)
+    desc = progress if isinstance(progress, str) else "pretraining the built-in base"
+    train_loop(model, opt, batches, cfg, desc=desc, progress=bool(progress))
     return model.eval(), tok
 
 
@@ -116,7 +118,8 @@ def builtin_model(size: str | BuiltinSpec = "small", cache_dir: str | Path | Non
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = cache / f"builtin-{spec.key()}"
     if not (target / "model.safetensors").exists():
-        model, tok = pretrain_builtin(spec, progress=progress)
+        label = f"pretraining the built-in base (first use only; cached in {cache})"
+        model, tok = pretrain_builtin(spec, progress=label if progress else False)
         _atomic_save(model, tok, spec, target)
     model, codec = load_model(target)
     return model, codec, target

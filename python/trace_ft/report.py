@@ -71,7 +71,8 @@ def markdown(results: dict) -> str:
         "right after each task's own training. base Δ: change of task 0 (the base skill the "
         "model was pretrained on). trainable %: elements the optimizer may change, of all "
         "parameters, mean over tasks. mtl trains on all tasks jointly, so it has only a final "
-        "row. Optimizer state: largest over the tasks (EWC includes its Fisher and anchor).",
+        "row. Optimizer state: largest over the tasks (EWC includes its Fisher and anchor). "
+        + results.get("memory_note", "") + ".",
         "",
         summary_table(results),
         "",
@@ -102,9 +103,12 @@ def heatmaps(results: dict, path: Path) -> None:
         m = np.array([[np.nan if v is None else v for v in row]
                       for row in results["strategies"][name]["matrix"]], dtype=float)
         im = ax.imshow(m, vmin=0, vmax=100, cmap="viridis", aspect="auto")
-        ax.set_title(name, fontsize=9)
+        joint = bool(np.isnan(m[1:-1]).all()) and m.shape[0] > 2
+        ax.set_title(name + (" (joint training: start and end only)" if joint else ""), fontsize=8)
         ax.set_xticks(range(len(cols)), cols, rotation=45, fontsize=7)
         ax.set_yticks(range(m.shape[0]), ["start"] + cols[results["first_task_column"]:], fontsize=7)
+        ax.set_xlabel("scored on", fontsize=7)
+        ax.set_ylabel("after training on", fontsize=7)
         for (j, i), v in np.ndenumerate(m):
             if not np.isnan(v):
                 ax.text(i, j, f"{v:.0f}", ha="center", va="center", fontsize=6,

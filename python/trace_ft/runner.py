@@ -17,16 +17,16 @@ import torch
 
 from . import metrics
 from .data import EncodedSet, greedy_decode
-from .memory import PeakMemory
+from .memory import PeakMemory, memory_note
 from .model import builtin_model, load_model
-from .select import SelectConfig
+from .select import GRANULARITIES, SelectConfig
 from .strategies import EWC, MTL, NAMES, LoRA, Replay, SeqFT, Strategy, Trace
 from .strategies.base import Context
 from .tasks import BASE, DEFAULT_ORDER, Task, builtin_task, resolve_tasks
 from .train import TrainConfig
 
 DEFAULT_STRATEGIES = ("trace", "seqft", "lora", "ewc", "replay", "mtl")
-GRANULARITIES = ("element", "row", "tensor")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -78,7 +78,15 @@ class RunConfig:
     sweep_budget: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.1])
     sweep_probe_steps: list[int] = field(default_factory=lambda: [10, 50])
 
+    def __post_init__(self) -> None:
+        # "--granularity 64" arrives as a string: a block size
+        self.trace_granularity = _granularity(self.trace_granularity)
+        self.sweep_granularity = [_granularity(g) for g in self.sweep_granularity]
+
     def validate(self) -> None:
+        """Every setting checked at once, before anything slow or visible happens."""
+        from .model import SIZES
+
         if not self.tasks:
             raise ValueError("tasks: give at least one task")
         if not self.strategies:
@@ -87,12 +95,38 @@ class RunConfig:
             strategy_names_ok(s)
         self.train_config().validate()
         self.select_config().validate()
+        for g in self.sweep_granularity:
+            self.select_config(granularity=g).validate()
+        if self.model == "builtin" and self.size not in SIZES:
+            raise ValueError(f"size must be one of {', '.join(SIZES)}, got {self.size!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r}: no CUDA device is visible")
         if self.n_test < 1 or self.n_train < 1:
             raise ValueError("n_train and n_test must be >= 1")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.trace_probe_steps < 1:
             raise ValueError(f"trace_probe_steps must be >= 1, got {self.trace_probe_steps}")
+        for name in ("trace_probe_lr", "trace_lr", "lora_lr", "ewc_lr"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        if self.trace_sketch_dim is not None and self.trace_sketch_dim < 1:
+            raise ValueError(f"trace_sketch_dim must be >= 1, got {self.trace_sketch_dim}")
+        if self.lora_rank < 1:
+            raise ValueError(f"lora_rank must be >= 1, got {self.lora_rank}")
+        if self.ewc_lambda < 0:
+            raise ValueError(f"ewc_lambda must be >= 0, got {self.ewc_lambda}")
+        if self.replay_buffer < 0 or not 0 <= self.replay_ratio < 1:
+            raise ValueError("replay_buffer must be >= 0 and replay_ratio in [0, 1)")
+        if self.max_len is not None and self.max_len < 2:
+            raise ValueError(f"max_len must be >= 2, got {self.max_len}")
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr,
@@ -125,6 +159,10 @@ class RunConfig:
         if unknown:
             raise ValueError(f"unknown configuration keys: {', '.join(unknown)}")
         return cls(**flat)
+
+
+def _granularity(g: str | int) -> str | int:
+    return int(g) if isinstance(g, str) and g.isdigit() else g
 
 
 def strategy_names_ok(name: str) -> None:
@@ -238,6 +276,7 @@ def run(cfg: RunConfig, out: str | Path | None = None, sweep: bool = False,
         "config": dataclasses.asdict(cfg), "sweep": sweep, "versions": versions(), "seed": cfg.seed,
         "model": str(model_dir), "total_params": total_params,
         "columns": [t.name for t in eval_tasks], "first_task_column": first,
+        "memory_note": memory_note(cfg.device),
         "strategies": {},
     }
     for strategy in strategies:
@@ -276,9 +315,10 @@ def run(cfg: RunConfig, out: str | Path | None = None, sweep: bool = False,
         log(f"{strategy.name:>10s}: " + ", ".join(
             f"{k}={'-' if v is None else f'{v:.1f}'}" for k, v in summary.items()) + f" ({seconds:.0f} s)")
     results["seconds"] = time.perf_counter() - t_start
-    from .report import write_outputs
+    from .report import summary_table, write_outputs
 
     write_outputs(results, out)
+    log("\n" + summary_table(results) + "\n")
     log(f"wrote {out}/results.json, report.md, accuracy.png ({results['seconds']:.0f} s)")
     return results
 

@@ -36,6 +36,7 @@ from .sketch import BlockSketch, sketch_cosine
 IMPORTANCE = ("rank", "product", "weighted", "l2", "fisher")
 METHODS = ("trace", "paper", "paper_specificity")
 SPECIFICITY_UNITS = ("block", "row", "tensor")
+GRANULARITIES = ("element", "row", "tensor")
 
 
 def specificity_size(shape: tuple[int, ...], block_size: int, unit: str) -> int:
@@ -79,6 +80,10 @@ class SelectConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if not 0.0 <= self.budget <= 1.0:
             raise ValueError(f"budget must be a fraction in [0, 1], got {self.budget}")
+        g = self.granularity
+        if not (g in GRANULARITIES or (isinstance(g, int) and not isinstance(g, bool) and g >= 1)):
+            raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)} or a block "
+                             f"size >= 1, got {g!r}")
         if self.importance not in IMPORTANCE:
             raise ValueError(f"importance must be one of {IMPORTANCE}, got {self.importance!r}")
         if self.scope not in ("global", "per_tensor"):
