@@ -25,7 +25,12 @@ def test_cuda_extension_built_and_exports():
     assert ext is not None, _native.error("_cuda")
     for name in ("masked_adamw", "delta_stats", "device_count"):
         assert callable(getattr(ext, name))
-    assert ext.MASKED_FIELDS == 13 and ext.STATS_FIELDS == 7 and ext.TILE > 0
+    from trace_kernels import ops
+    from trace_kernels.backends import _layout
+
+    # the same row layout as the CPU binding's, from the same header
+    assert ext.MASKED_FIELDS == _layout.MASKED_FIELDS and ext.STATS_FIELDS == _layout.STATS_FIELDS
+    assert ext.MAX_REFS == ops.MAX_REFS and ext.TILE > 0
     assert ext.CUDA_VERSION >= 11000
 
 
@@ -92,16 +97,19 @@ def test_python_side_writes_the_table_layout_the_extension_reads(monkeypatch, ge
     steps = [s.clone() if steps_on_device else s.to(torch.float16) for s in prob["steps"]]
     before = [float(s) for s in steps]
     cuda_backend.masked_adamw_(prob["params"], prob["grads"], prob["m"], prob["v"], [], prob["idx"],
-                               prob["sizes"], steps, lr=1e-3, lr_tensor=None, beta1=0.9, beta2=0.999,
+                               prob["sizes"], steps, lr=1e-3, beta1=0.9, beta2=0.999,
                                eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
                                grad_scale=None, found_inf=None)
     table, step_values, tiles, lr, lr_device = calls[0][:5]
-    fields = ext.MASKED_FIELDS if ext is not None else 13
+    from trace_kernels.backends._layout import MASKED_FIELDS
+
+    fields = len(MASKED_FIELDS)
     assert len(table) == fields * 2 and len(tiles) % 3 == 0
     assert [float(s) for s in steps] == [b + 1 for b in before]  # advanced either way
     rows = [table[i * fields:(i + 1) * fields] for i in range(2)]
+    col = MASKED_FIELDS.index("step")
     if steps_on_device:  # the kernel reads them: addresses in the table, no host values
-        assert [r[11] for r in rows] == [s.data_ptr() for s in steps] and step_values == [0.0, 0.0]
+        assert [r[col] for r in rows] == [s.data_ptr() for s in steps] and step_values == [0.0, 0.0]
     else:
-        assert [r[11] for r in rows] == [0, 0] and step_values == [b + 1 for b in before]
+        assert [r[col] for r in rows] == [0, 0] and step_values == [b + 1 for b in before]
     assert lr == 1e-3 and lr_device == 0

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import assert_bits_equal, bits, clone_problem, make_problem
-from trace_kernels import ops
+from trace_kernels import backends, ops
 
 SHAPES = [(37, 129), (1001,), (0, 16), (3, 5, 17), (64, 33)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -88,7 +88,7 @@ def test_large_block_sizes_and_tails(native_backend, gen):
 
 
 def test_empty_selection_is_a_noop(gen):
-    for backend in ["reference"] + (["cpu"] if ops.backends.choose("cpu").name == "cpu" else []):
+    for backend in ["reference"] + (["cpu"] if backends.choose("cpu").name == "cpu" else []):
         prob = make_problem(SHAPES, [1] * 5, 0.0, torch.float32, gen)
         before = clone_problem(prob)
         run(prob, backend)

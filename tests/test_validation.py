@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from helpers import clone_problem, make_problem
-from trace_kernels import ops
+from trace_kernels import backends, ops
 
 SHAPES = [(8, 16), (31,)]
 
@@ -93,4 +93,4 @@ def test_env_var_forces_backend(monkeypatch, gen):
     with pytest.raises(RuntimeError, match="TRACE_KERNELS_BACKEND=bogus"):
         call(prob, None)
     monkeypatch.setenv("TRACE_KERNELS_BACKEND", "reference")
-    assert ops.backends.choose("cpu").name == "reference"
+    assert backends.choose("cpu").name == "reference"

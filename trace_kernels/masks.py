@@ -87,6 +87,12 @@ class MaskEntry:
         idx = self.indices.detach().to("cpu", index_dtype(self.num_blocks)).contiguous()
         object.__setattr__(self, "indices", idx)
 
+    @classmethod
+    def from_bool(cls, mask: torch.Tensor) -> MaskEntry:
+        """Element level (B=1): the True elements of a bool tensor shaped like the parameter."""
+        idx = torch.nonzero(mask.reshape(-1).cpu()).reshape(-1)
+        return cls(tuple(mask.shape), 1, idx.to(index_dtype(mask.numel())))
+
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
@@ -172,8 +178,7 @@ class CoreMask(Mapping[str, MaskEntry]):
         for name, m in dense.items():
             if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
                 raise TypeError(f"{name!r}: expected a bool tensor")
-            idx = torch.nonzero(m.reshape(-1).cpu()).reshape(-1)
-            entries[name] = MaskEntry(tuple(m.shape), 1, idx.to(index_dtype(m.numel())))
+            entries[name] = MaskEntry.from_bool(m)
         return cls(entries)
 
     @classmethod
@@ -255,6 +260,10 @@ class CoreMask(Mapping[str, MaskEntry]):
         """Selected fraction of all elements of the named parameters."""
         n = self.numel
         return self.numel_selected / n if n else 0.0
+
+    def nonempty(self) -> CoreMask:
+        """The entries that select at least one block (what an optimizer trains)."""
+        return CoreMask({n: e for n, e in self.items() if e.num_selected})
 
     def check_shapes(self, shapes: Mapping[str, tuple[int, ...]], what: str = "the mask") -> None:
         """Raise ValueError unless every entry names a key of `shapes` (e.g. a model's

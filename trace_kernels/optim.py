@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import backends, ops
-from .masks import CoreMask, MaskEntry, index_dtype
+from .masks import CoreMask, MaskEntry
 
 _MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 _UNMASKED = ("freeze", "dense")
@@ -211,8 +211,7 @@ class MaskedAdamW(Optimizer):
                     f"bool mask for {self._describe(p)} has shape {tuple(m.shape)}, "
                     f"parameter has {tuple(p.shape)}"
                 )
-            idx = torch.nonzero(m.reshape(-1).cpu()).reshape(-1)
-            return MaskEntry(tuple(p.shape), 1, idx.to(index_dtype(p.numel())))
+            return MaskEntry.from_bool(m)
         if isinstance(m, Tensor) and m.dtype in ops.INDEX_DTYPES:
             try:
                 return MaskEntry(tuple(p.shape), 1, m.cpu())
@@ -233,11 +232,6 @@ class MaskedAdamW(Optimizer):
             if old is None or cur is None or not old.entry.same_selection(cur.entry):
                 self.state.pop(p, None)
         self._layout = new
-
-    def mask_entry(self, p: Tensor) -> MaskEntry | None:
-        """The selection that this optimizer trains in `p` (None: frozen)."""
-        lay = self._layout.get(p)
-        return lay.entry if lay is not None else None
 
     @property
     def trainable_elements(self) -> int:

@@ -11,6 +11,7 @@
 
 #include "../cpu/delta_stats.h"
 #include "../cpu/masked_adamw.h"
+#include "table_layout.h"
 
 #ifndef TRACE_KERNELS_VERSION
 #define TRACE_KERNELS_VERSION "unknown"
@@ -18,71 +19,41 @@
 
 namespace py = pybind11;
 namespace tkc = trace_kernels::cpu;
-using trace_kernels::DType;
+namespace layout = trace_kernels::layout;
 
 namespace {
 
-// Field order of one row of the masked-AdamW table built by backends/cpu.py.
-enum MaskedField {
-  kParam, kGrad, kExpAvg, kExpAvgSq, kMaxExpAvgSq, kIndices, kIndicesInt64, kNumBlocks,
-  kBlockSize, kDType, kStep, kFisher, kMaskedFields
-};
-
-template <typename T>
-T* as_ptr(int64_t address) {
-  return reinterpret_cast<T*>(static_cast<uintptr_t>(address));
-}
-
-DType parse_dtype(int64_t code) {
-  if (code < 0 || code > 2) throw std::invalid_argument("unknown dtype code " + std::to_string(code));
-  return static_cast<DType>(code);
-}
-
-// `steps[t]` is used as the (already incremented) step when the row's kStep address is 0;
-// otherwise kStep points to the parameter's fp32 step counter, incremented here as torch does.
+// The row layout and checks are table_layout.h's. A row's `step` is the address of the
+// parameter's fp32 step counter, incremented here as torch does before the update, or 0:
+// `steps[t]` is the (already incremented) step.
 void masked_adamw(const std::vector<int64_t>& table, const std::vector<double>& steps, double lr,
                   double beta1, double beta2, double eps, double weight_decay, bool amsgrad,
                   bool maximize, std::optional<double> grad_scale, double fisher_scale,
                   int num_threads) {
-  if (table.size() != steps.size() * kMaskedFields) {
-    throw std::invalid_argument("masked_adamw: table has " + std::to_string(table.size()) +
-                                " fields for " + std::to_string(steps.size()) + " tensors");
-  }
-  std::vector<tkc::MaskedTensor> tensors;
-  tensors.reserve(steps.size());
-  for (size_t t = 0; t < steps.size(); ++t) {
-    const int64_t* row = table.data() + t * kMaskedFields;
-    tkc::MaskedTensor m;
-    m.param = as_ptr<void>(row[kParam]);
-    m.grad = as_ptr<const void>(row[kGrad]);
-    m.exp_avg = as_ptr<float>(row[kExpAvg]);
-    m.exp_avg_sq = as_ptr<float>(row[kExpAvgSq]);
-    m.max_exp_avg_sq = amsgrad ? as_ptr<float>(row[kMaxExpAvgSq]) : nullptr;
-    m.indices = as_ptr<const void>(row[kIndices]);
-    m.indices_int64 = row[kIndicesInt64] != 0;
-    m.num_blocks = row[kNumBlocks];
-    m.block_size = row[kBlockSize];
-    m.dtype = parse_dtype(row[kDType]);
-    m.fisher = as_ptr<float>(row[kFisher]);
-    if (m.num_blocks < 0 || m.block_size < 1) {
-      throw std::invalid_argument("masked_adamw: bad block layout in tensor " + std::to_string(t));
+  std::vector<tkc::MaskedTensor> tensors = layout::parse_masked(table, steps, amsgrad);
+  for (const tkc::MaskedTensor& m : tensors) {
+    if (m.step != nullptr && m.step_fp64) layout::fail("masked_adamw: the cpu backend counts fp32 steps");
+    if (m.num_blocks == 0) continue;
+    // the selected blocks must lie in the storage given (indices are sorted and unique,
+    // as ops and MaskedAdamW check, so the first and the last decide)
+    const int64_t first = m.indices_int64 ? static_cast<const int64_t*>(m.indices)[0]
+                                          : static_cast<const int32_t*>(m.indices)[0];
+    const int64_t last = m.indices_int64 ? static_cast<const int64_t*>(m.indices)[m.num_blocks - 1]
+                                         : static_cast<const int32_t*>(m.indices)[m.num_blocks - 1];
+    if (first < 0 || last >= m.numel / m.block_size) {
+      layout::fail("masked_adamw: block index " + std::to_string(first < 0 ? first : last) +
+                   " outside a storage of " + std::to_string(m.numel / m.block_size) + " blocks");
     }
-    if (amsgrad && m.max_exp_avg_sq == nullptr && m.num_blocks > 0) {
-      throw std::invalid_argument("masked_adamw: amsgrad needs max_exp_avg_sq");
-    }
-    tensors.push_back(m);
   }
   // Only now, with every row accepted, touch the step counters.
-  for (size_t t = 0; t < steps.size(); ++t) {
-    const int64_t* row = table.data() + t * kMaskedFields;
-    double step = steps[t];
-    if (row[kStep] != 0) {
-      float* counter = as_ptr<float>(row[kStep]);
+  for (tkc::MaskedTensor& m : tensors) {
+    double step = m.step_value;
+    if (m.step != nullptr) {
+      float* counter = const_cast<float*>(static_cast<const float*>(m.step));
       *counter = *counter + 1.0f;
       step = *counter;
     }
-    tensors[t].coeffs = trace_kernels::make_adamw_coeffs(lr, beta1, beta2, eps, weight_decay, step,
-                                                         amsgrad);
+    m.coeffs = trace_kernels::make_adamw_coeffs(lr, beta1, beta2, eps, weight_decay, step, amsgrad);
   }
   // Tensors without selected blocks still count the step, as torch counts it for any
   // parameter with a gradient.
@@ -98,44 +69,16 @@ void masked_adamw(const std::vector<int64_t>& table, const std::vector<double>& 
                     num_threads);
 }
 
-// Field order of one row of the delta-stats table (backends/cpu.py), followed by R
-// reference addresses and R reference dtype codes.
-enum StatsField { kPost, kPre, kStatsDType, kFisherIn, kNumel, kStatsBlockSize, kFirstRow, kStatsFields };
-
 void delta_stats(const std::vector<int64_t>& table, int num_tensors, int num_refs,
                  int64_t sum_sq, int64_t fisher_sum, int64_t dots, int64_t ref_sq,
                  int num_threads) {
-  if (num_refs < 0 || num_refs > tkc::kMaxRefs) {
-    throw std::invalid_argument("delta_stats: at most " + std::to_string(tkc::kMaxRefs) +
-                                " references, got " + std::to_string(num_refs));
-  }
-  const size_t width = kStatsFields + 2 * static_cast<size_t>(num_refs);
-  if (table.size() != width * num_tensors) {
-    throw std::invalid_argument("delta_stats: table size does not match the tensor count");
-  }
-  std::vector<tkc::DeltaStatsTensor> tensors;
-  for (int t = 0; t < num_tensors; ++t) {
-    const int64_t* row = table.data() + t * width;
-    tkc::DeltaStatsTensor d{};
-    d.post = as_ptr<const void>(row[kPost]);
-    d.pre = as_ptr<const void>(row[kPre]);
-    d.dtype = parse_dtype(row[kStatsDType]);
-    d.fisher = as_ptr<const float>(row[kFisherIn]);
-    d.numel = row[kNumel];
-    d.block_size = row[kStatsBlockSize];
-    d.first_row = row[kFirstRow];
-    if (d.numel < 0 || d.block_size < 1 || d.numel % d.block_size) {
-      throw std::invalid_argument("delta_stats: bad block layout in tensor " + std::to_string(t));
-    }
-    for (int r = 0; r < num_refs; ++r) {
-      d.refs[r] = as_ptr<const void>(row[kStatsFields + r]);
-      d.ref_dtypes[r] = parse_dtype(row[kStatsFields + num_refs + r]);
-    }
-    if (d.numel > 0) tensors.push_back(d);
+  std::vector<tkc::StatsTensor> tensors;
+  for (const tkc::StatsTensor& t : layout::parse_stats(table, num_tensors, num_refs)) {
+    if (t.numel > 0) tensors.push_back(t);
   }
   py::gil_scoped_release release;
-  tkc::delta_stats(tensors, num_refs, as_ptr<float>(sum_sq), as_ptr<float>(fisher_sum),
-                   as_ptr<float>(dots), as_ptr<float>(ref_sq), num_threads);
+  tkc::delta_stats(tensors, num_refs, layout::as_ptr<float>(sum_sq), layout::as_ptr<float>(fisher_sum),
+                   layout::as_ptr<float>(dots), layout::as_ptr<float>(ref_sq), num_threads);
 }
 
 // Returns None when the indices are valid, else (position, reason).
@@ -145,7 +88,7 @@ std::optional<std::pair<int64_t, std::string>> check_block_indices(int64_t addre
   tkc::IndexError e;
   {
     py::gil_scoped_release release;
-    e = tkc::check_block_indices(as_ptr<const void>(address), int64, count, limit, num_threads);
+    e = tkc::check_block_indices(layout::as_ptr<const void>(address), int64, count, limit, num_threads);
   }
   if (e.position < 0) return std::nullopt;
   return std::make_pair(e.position, std::string(e.kind == 1 ? "out of range" : "not strictly increasing"));
@@ -164,15 +107,17 @@ bool openmp_enabled() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "trace_kernels CPU kernels (C++17, OpenMP, runtime ISA dispatch)";
   m.attr("__version__") = TRACE_KERNELS_VERSION;
-  m.attr("MASKED_ADAMW_FIELDS") = static_cast<int>(kMaskedFields);
+  m.attr("MASKED_FIELDS") = py::tuple(py::cast(std::vector<std::string>(
+      layout::kMaskedFieldNames, layout::kMaskedFieldNames + layout::kMaskedFields)));
+  m.attr("STATS_FIELDS") = py::tuple(py::cast(std::vector<std::string>(
+      layout::kStatsFieldNames, layout::kStatsFieldNames + layout::kStatsFields)));
+  m.attr("MAX_REFS") = trace_kernels::kMaxRefs;
   m.def("masked_adamw", &masked_adamw, py::arg("table"), py::arg("steps"), py::arg("lr"),
         py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
         py::arg("amsgrad"), py::arg("maximize"), py::arg("grad_scale"), py::arg("fisher_scale"),
         py::arg("num_threads"),
         "AdamW over selected blocks; rows with a fisher address also accumulate "
         "fisher_scale * g^2 (adamw_fisher_ passes one block spanning each tensor).");
-  m.attr("DELTA_STATS_FIELDS") = static_cast<int>(kStatsFields);
-  m.attr("MAX_REFS") = tkc::kMaxRefs;
   m.def("delta_stats", &delta_stats, py::arg("table"), py::arg("num_tensors"),
         py::arg("num_refs"), py::arg("sum_sq"), py::arg("fisher_sum"), py::arg("dots"),
         py::arg("ref_sq"), py::arg("num_threads"),

@@ -88,7 +88,7 @@ TK_HD double fold_lanes(const double* acc) {
 }
 
 // d = post - pre (or post) for one tile, in fp32.
-TK_HD void tile_delta(const DeltaStatsTensor& t, int64_t off, int64_t n, float* d, float* pre_buf) {
+TK_HD void tile_delta(const StatsTensor& t, int64_t off, int64_t n, float* d, float* pre_buf) {
   const float* post = tile_as_float(t.post, t.dtype, off, n, d);
   if (t.pre == nullptr) {
     if (post != d) std::memcpy(d, post, n * sizeof(float));
@@ -100,7 +100,7 @@ TK_HD void tile_delta(const DeltaStatsTensor& t, int64_t off, int64_t n, float* 
 
 // Sums over elements [begin, end) of one tensor (all in one block) into out[0..2+2R).
 // Layout of out: sum_sq, fisher, dots[R], ref_sq[R].
-TK_HD void block_sums(const DeltaStatsTensor& t, int R, int64_t begin, int64_t end, double* out) {
+TK_HD void block_sums(const StatsTensor& t, int R, int64_t begin, int64_t end, double* out) {
   alignas(64) float d[kTile];
   alignas(64) float pre_buf[kTile];
   alignas(64) float buf[kTile];
@@ -123,7 +123,7 @@ TK_HD void block_sums(const DeltaStatsTensor& t, int R, int64_t begin, int64_t e
 }
 
 // Element-level blocks (B = 1): every sum is a single product, computed in fp32 directly.
-TK_HD void element_sums(const DeltaStatsTensor& t, int R, int64_t begin, int64_t end,
+TK_HD void element_sums(const StatsTensor& t, int R, int64_t begin, int64_t end,
                         float* sum_sq, float* fisher_sum, float* dots, float* ref_sq) {
   alignas(64) float d[kTile];
   alignas(64) float pre_buf[kTile];
@@ -160,12 +160,12 @@ TK_HD void store_row(const Outputs& o, int R, int64_t row, const double* s) {
 }
 
 TK_CPU_CLONES
-void run_segments(const DeltaStatsTensor* tensors, const Segment* segs, int64_t first,
+void run_segments(const StatsTensor* tensors, const Segment* segs, int64_t first,
                   int64_t last, int R, const Outputs& o) {
   double sums[2 + 2 * kMaxRefs];
   for (int64_t i = first; i < last; ++i) {
     const Segment& s = segs[i];
-    const DeltaStatsTensor& t = tensors[s.tensor];
+    const StatsTensor& t = tensors[s.tensor];
     const int64_t B = t.block_size;
     if (s.partial >= 0) {
       block_sums(t, R, s.begin, s.end, o.partials + s.partial * (2 + 2 * R));
@@ -182,7 +182,7 @@ void run_segments(const DeltaStatsTensor* tensors, const Segment* segs, int64_t 
 
 }  // namespace
 
-void delta_stats(const std::vector<DeltaStatsTensor>& tensors, int R, float* sum_sq,
+void delta_stats(const std::vector<StatsTensor>& tensors, int R, float* sum_sq,
                  float* fisher_sum, float* dots, float* ref_sq, int num_threads) {
   // Fixed segmentation (independent of threads): whole blocks grouped up to kSegment
   // elements, or a long block cut into kSegment pieces with partial sums.
@@ -192,7 +192,7 @@ void delta_stats(const std::vector<DeltaStatsTensor>& tensors, int R, float* sum
   int64_t num_partials = 0;
   int64_t total = 0;
   for (int64_t ti = 0; ti < static_cast<int64_t>(tensors.size()); ++ti) {
-    const DeltaStatsTensor& t = tensors[ti];
+    const StatsTensor& t = tensors[ti];
     const int64_t B = t.block_size;
     total += t.numel;
     if (B <= kSegment) {

@@ -4,27 +4,11 @@
 #include <cstdint>
 #include <vector>
 
-#include "trace_kernels/adamw_math.h"
-#include "trace_kernels/float_convert.h"
+#include "trace_kernels/tables.h"
 
 namespace trace_kernels::cpu {
 
-// One parameter's view for the step. State arrays hold num_blocks * block_size fp32 values
-// in mask order; indices are the selected block numbers, sorted and unique.
-struct MaskedTensor {
-  void* param;
-  const void* grad;
-  float* exp_avg;
-  float* exp_avg_sq;
-  float* max_exp_avg_sq;  // null unless amsgrad
-  const void* indices;
-  bool indices_int64;
-  int64_t num_blocks;     // selected blocks
-  int64_t block_size;
-  DType dtype;            // of param and grad
-  AdamWCoeffs coeffs;
-  float* fisher;          // null, or fp32 accumulators in state order: fisher += scale * g^2
-};
+using trace_kernels::MaskedTensor;
 
 // `grad_divisor` folds grad_scale and maximize: g / grad_divisor (±1 when unscaled).
 // With `fisher` set on a tensor, the same pass also accumulates fisher_scale * g^2 there

@@ -78,7 +78,7 @@ template <typename P, bool kAmsgrad, bool kFisher>
 __device__ void tile_update(const MaskedTensor& t, const AdamWCoeffs& k, const Tile& tile,
                             float divisor, float fisher_scale) {
   const int64_t B = t.block_size;
-  const int64_t end = min(tile.start + static_cast<int64_t>(kTile), t.num_selected);
+  const int64_t end = min(tile.start + static_cast<int64_t>(kTile), t.num_blocks * B);
   if (tile.contiguous) {
     // the tile lies in one block: consecutive threads touch consecutive elements
     const int64_t j = tile.start / B;
@@ -131,22 +131,22 @@ __global__ void masked_adamw_kernel(const MaskedTensor* tensors, const Tile* til
   const MaskedTensor& t = tensors[tile.tensor];
   const AdamWCoeffs k = tile_coeffs(t, hyper, &shared);
   const float divisor = grad_scale != nullptr ? grad_sign * *grad_scale : grad_sign;
-  switch (static_cast<DType>(t.dtype)) {
+  switch (t.dtype) {
     case DType::kFloat32: tile_update<float, kAmsgrad, kFisher>(t, k, tile, divisor, fisher_scale); break;
     case DType::kBFloat16: tile_update<bf16_t, kAmsgrad, kFisher>(t, k, tile, divisor, fisher_scale); break;
     case DType::kFloat16: tile_update<fp16_t, kAmsgrad, kFisher>(t, k, tile, divisor, fisher_scale); break;
   }
 }
 
-__device__ __forceinline__ float load_any(const void* base, int32_t dtype, int64_t i) {
-  switch (static_cast<DType>(dtype)) {
+__device__ __forceinline__ float load_any(const void* base, DType dtype, int64_t i) {
+  switch (dtype) {
     case DType::kBFloat16: return load_as_float(static_cast<const bf16_t*>(base) + i);
     case DType::kFloat16: return load_as_float(static_cast<const fp16_t*>(base) + i);
     default: return static_cast<const float*>(base)[i];
   }
 }
 
-constexpr int kMaxWidth = 2 + 2 * 16;
+constexpr int kMaxWidth = 2 + 2 * kMaxRefs;
 
 // Sums of one element into acc (layout: d², fisher, d·ref[R], ref²[R]).
 __device__ __forceinline__ void accumulate(const StatsTensor& t, int R, int64_t e, double* acc) {

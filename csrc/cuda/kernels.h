@@ -4,29 +4,12 @@
 
 #include <cstdint>
 
-#include "trace_kernels/adamw_math.h"
-#include "trace_kernels/float_convert.h"
+#include "trace_kernels/tables.h"
 
 namespace trace_kernels::cuda {
 
-// One tensor of a masked (or dense, with fisher) AdamW launch; lives in device memory.
-struct MaskedTensor {
-  void* param;
-  const void* grad;
-  float* exp_avg;
-  float* exp_avg_sq;
-  float* max_exp_avg_sq;  // null unless amsgrad
-  float* fisher;          // null unless adamw_fisher_
-  const void* indices;
-  int64_t block_size;
-  int64_t num_selected;   // selected elements (blocks * block_size)
-  int32_t indices_int64;
-  int32_t dtype;          // DType
-  const void* step;       // the incremented step in device memory (fp32, or fp64 when
-  int32_t step_fp64;      //   step_fp64), or null: step_value holds it
-  double step_value;
-  AdamWCoeffs coeffs;     // made on the host (used unless AdamWHyper::on_device)
-};
+using trace_kernels::MaskedTensor;
+using trace_kernels::StatsTensor;
 
 // What the kernel needs to make a tensor's coefficients itself: the hyperparameters, and
 // lr either here or (when lr_device is not null) as one fp64 value in device memory.
@@ -62,18 +45,6 @@ int launch_masked_adamw(const MaskedTensor* tensors, const Tile* tiles, int64_t 
 
 // delta_stats: work items over (tensor, element range). Items with partial >= 0 write a
 // partial row for stage two; others hold whole blocks and write output rows directly.
-struct StatsTensor {
-  const void* post;
-  const void* pre;        // may be null
-  const float* fisher;    // may be null
-  const void* refs[16];
-  int32_t ref_dtypes[16];
-  int32_t dtype;
-  int64_t numel;
-  int64_t block_size;
-  int64_t first_row;
-};
-
 struct StatsItem {
   int32_t tensor;
   int64_t begin;          // first element

@@ -104,6 +104,18 @@ def _choose(device_type: str, requested: str | None, env_value: str, interpret: 
     return Choice("reference", f"no native backend for {device_type} in this build")
 
 
+def index_checker(name: str):
+    """How ops check block indices for backend `name`: the native check for the cpu
+    backend, torch ops (run where the indices are) for the others."""
+    if name == "cpu":
+        from . import cpu
+
+        return cpu.check_block_indices
+    from ._common import check_block_indices
+
+    return check_block_indices
+
+
 def module(name: str) -> ModuleType:
     """The Python module implementing backend `name`."""
     if name == "reference":

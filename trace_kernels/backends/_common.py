@@ -1,8 +1,9 @@
-"""Host-side steps shared by the CPU-resident backends (reference on CPU, cpu)."""
+"""Host-side steps shared by the backends."""
 
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 
 def inf_found(found_inf: torch.Tensor | None) -> bool:
@@ -18,8 +19,35 @@ def advance_steps(steps: list[torch.Tensor]) -> list[float]:
     return torch.stack([s.reshape(()).to("cpu", torch.float64) for s in steps]).tolist()
 
 
-def resolve_lr(lr: float, lr_tensor: torch.Tensor | None) -> float:
-    return float(lr_tensor.item()) if lr_tensor is not None else float(lr)
+def host_lr(lr: float | Tensor) -> float:
+    """The learning rate as a Python float (reads a tensor lr: one host sync if on a GPU)."""
+    return float(lr.item()) if isinstance(lr, Tensor) else float(lr)
+
+
+def check_block_indices(indices: Tensor, limit: int) -> tuple[int, str] | None:
+    """None if strictly increasing and in [0, limit), else (first bad position, reason).
+    Torch ops, so it runs where the indices are (the cpu backend has a native twin)."""
+    if indices.numel() == 0:
+        return None
+    idx = indices.to(torch.int64)
+    bad_range = torch.nonzero((idx < 0) | (idx >= limit))
+    bad_order = torch.nonzero(idx[1:] <= idx[:-1]) + 1
+    first_range = int(bad_range[0, 0]) if bad_range.numel() else None
+    first_order = int(bad_order[0, 0]) if bad_order.numel() else None
+    if first_range is None and first_order is None:
+        return None
+    if first_order is None or (first_range is not None and first_range <= first_order):
+        return first_range, "out of range"
+    return first_order, "not strictly increasing"
+
+
+def split_stats(final: Tensor, outputs, num_refs: int) -> None:
+    """Copy fp64 rows (d², fisher, d·ref[R], ref²[R]) into delta_stats' fp32 outputs."""
+    sum_sq, fisher_sum, dots, ref_sq = outputs
+    sum_sq.copy_(final[:, 0])
+    fisher_sum.copy_(final[:, 1])
+    dots.copy_(final[:, 2:2 + num_refs])
+    ref_sq.copy_(final[:, 2 + num_refs:])
 
 
 def whole_tensor_blocks(params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]]:

@@ -5,12 +5,8 @@ from __future__ import annotations
 import torch
 
 from .. import _native
-from ._common import adamw_entry_points, advance_steps, inf_found, resolve_lr
-
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-# Row widths of the tables passed to _C (field order in csrc/bindings/cpu_module.cpp).
-MASKED_FIELDS = 12
-STATS_FIELDS = 7
+from ._common import adamw_entry_points, advance_steps, host_lr, inf_found
+from ._layout import masked_row, stats_row
 
 
 def _ext():
@@ -28,8 +24,8 @@ def check_block_indices(indices: torch.Tensor, limit: int) -> tuple[int, str] | 
 
 
 def _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices, block_sizes,
-           steps, fishers, fisher_scale, *, lr, lr_tensor, beta1, beta2, eps, weight_decay,
-           amsgrad, maximize, grad_scale, found_inf):
+           steps, fishers, fisher_scale, *, lr, beta1, beta2, eps, weight_decay, amsgrad,
+           maximize, grad_scale, found_inf):
     ext = _ext()
     if inf_found(found_inf):
         return
@@ -39,16 +35,11 @@ def _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices,
     step_values = [0.0] * len(steps) if native_steps else advance_steps(steps)
     table: list[int] = []
     for i, p in enumerate(params):
-        idx = block_indices[i]
-        table += [
-            p.data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(), exp_avg_sqs[i].data_ptr(),
-            max_exp_avg_sqs[i].data_ptr() if amsgrad else 0, idx.data_ptr(),
-            int(idx.dtype == torch.int64), idx.numel(), block_sizes[i], DTYPE_CODES[p.dtype],
-            steps[i].data_ptr() if native_steps else 0,
-            fishers[i].data_ptr() if fishers else 0,
-        ]
+        table += masked_row(p, grads[i], exp_avgs[i], exp_avg_sqs[i],
+                            max_exp_avg_sqs[i] if amsgrad else None, fishers[i] if fishers else None,
+                            block_indices[i], block_sizes[i], steps[i] if native_steps else None)
     ext.masked_adamw(
-        table, step_values, resolve_lr(lr, lr_tensor), beta1, beta2, eps, weight_decay, amsgrad,
+        table, step_values, host_lr(lr), beta1, beta2, eps, weight_decay, amsgrad,
         maximize, float(grad_scale.item()) if grad_scale is not None else None, fisher_scale,
         torch.get_num_threads(),
     )
@@ -59,16 +50,11 @@ masked_adamw_, adamw_fisher_ = adamw_entry_points(_adamw)
 
 def delta_stats(post, pre, fishers, refs, block_sizes, num_refs, outputs):
     ext = _ext()
-    sum_sq, fisher_sum, dots, ref_sq = outputs
     table: list[int] = []
     row = 0
     for i, t in enumerate(post):
-        rs = refs[i * num_refs:(i + 1) * num_refs]
-        table += [
-            t.data_ptr(), pre[i].data_ptr() if pre else 0, DTYPE_CODES[t.dtype],
-            fishers[i].data_ptr() if fishers else 0, t.numel(), block_sizes[i], row,
-            *[r.data_ptr() for r in rs], *[DTYPE_CODES[r.dtype] for r in rs],
-        ]
+        table += stats_row(t, pre[i] if pre else None, fishers[i] if fishers else None,
+                           block_sizes[i], row, refs[i * num_refs:(i + 1) * num_refs])
         row += t.numel() // block_sizes[i]
-    ext.delta_stats(table, len(post), num_refs, sum_sq.data_ptr(), fisher_sum.data_ptr(),
-                    dots.data_ptr(), ref_sq.data_ptr(), torch.get_num_threads())
+    ext.delta_stats(table, len(post), num_refs, *(o.data_ptr() for o in outputs),
+                    torch.get_num_threads())

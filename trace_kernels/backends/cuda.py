@@ -14,9 +14,8 @@ import math
 import torch
 
 from .. import _native
-from ._common import adamw_entry_points, advance_steps, resolve_lr
-from .cpu import DTYPE_CODES
-from .reference import check_block_indices  # noqa: F401  (index checks run as torch ops)
+from ._common import adamw_entry_points, advance_steps, host_lr, split_stats
+from ._layout import masked_row, stats_row
 
 STATS_SHORT_BLOCK = 32      # blocks up to this size: one thread sums a whole block
 STATS_SEGMENT = 1 << 14     # longer blocks: one thread block per segment, then stage two
@@ -66,8 +65,8 @@ def _tiles(block_sizes, counts, tile) -> list[int]:
 
 
 def _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices, block_sizes,
-           steps, fishers, fisher_scale, *, lr, lr_tensor, beta1, beta2, eps, weight_decay,
-           amsgrad, maximize, grad_scale, found_inf):
+           steps, fishers, fisher_scale, *, lr, beta1, beta2, eps, weight_decay, amsgrad,
+           maximize, grad_scale, found_inf):
     ext = _ext()
     device = params[0].device
     # Steps in this device's memory (fp32/fp64) and an lr tensor on the GPU are read by the
@@ -80,27 +79,22 @@ def _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices,
     else:
         step_values = advance_steps(steps)  # found_inf is applied on the device
     lr_device = None
-    if lr_tensor is not None and lr_tensor.device.type == "cuda":
-        lr_device = lr_tensor.detach().to(device, torch.float64).reshape(1)
+    if isinstance(lr, torch.Tensor) and lr.device.type == "cuda":
+        lr_device = lr.detach().to(device, torch.float64).reshape(1)
     if found_inf is not None:
         # torch's fused AdamW takes the same approach: step back the counters of a skipped
         # step (only a host read of found_inf could avoid counting it)
         found = found_inf.to(device, torch.float32)
     table: list[int] = []
     for i, p in enumerate(params):
-        idx = block_indices[i]
-        table += [
-            p.data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(), exp_avg_sqs[i].data_ptr(),
-            max_exp_avg_sqs[i].data_ptr() if amsgrad else 0, fishers[i].data_ptr() if fishers else 0,
-            idx.data_ptr(), int(idx.dtype == torch.int64), idx.numel(), block_sizes[i],
-            DTYPE_CODES[p.dtype], steps[i].data_ptr() if device_steps else 0,
-            int(device_steps and steps[i].dtype == torch.float64),
-        ]
+        table += masked_row(p, grads[i], exp_avgs[i], exp_avg_sqs[i],
+                            max_exp_avg_sqs[i] if amsgrad else None, fishers[i] if fishers else None,
+                            block_indices[i], block_sizes[i], steps[i] if device_steps else None)
     tiles = _tiles(block_sizes, [i.numel() for i in block_indices], ext.TILE)
     stream, index = _stream(device)
     scale = grad_scale.to(device, torch.float32) if grad_scale is not None else None
     ext.masked_adamw(
-        table, step_values, tiles, 0.0 if lr_device is not None else resolve_lr(lr, lr_tensor),
+        table, step_values, tiles, 0.0 if lr_device is not None else host_lr(lr),
         lr_device.data_ptr() if lr_device is not None else 0, beta1, beta2, eps, weight_decay,
         amsgrad, maximize, scale.data_ptr() if scale is not None else 0,
         found.data_ptr() if found_inf is not None else 0, fisher_scale, bool(fishers), stream, index,
@@ -114,7 +108,6 @@ masked_adamw_, adamw_fisher_ = adamw_entry_points(_adamw)
 
 def delta_stats(post, pre, fishers, refs, block_sizes, num_refs, outputs):
     ext = _ext()
-    sum_sq, fisher_sum, dots, ref_sq = outputs
     device = post[0].device
     R = num_refs
     width = 2 + 2 * R
@@ -125,10 +118,8 @@ def delta_stats(post, pre, fishers, refs, block_sizes, num_refs, outputs):
     partials = 0
     for i, t in enumerate(post):
         b = block_sizes[i]
-        rs = refs[i * R:(i + 1) * R]
-        table += [t.data_ptr(), pre[i].data_ptr() if pre else 0,
-                  fishers[i].data_ptr() if fishers else 0, DTYPE_CODES[t.dtype], t.numel(), b, row,
-                  *[r.data_ptr() for r in rs], *[DTYPE_CODES[r.dtype] for r in rs]]
+        table += stats_row(t, pre[i] if pre else None, fishers[i] if fishers else None, b, row,
+                           refs[i * R:(i + 1) * R])
         nb = t.numel() // b
         if b <= STATS_SHORT_BLOCK:
             span = 256 * b  # one thread per block, 256 threads per item
@@ -147,7 +138,4 @@ def delta_stats(post, pre, fishers, refs, block_sizes, num_refs, outputs):
     part = torch.zeros(max(partials, 1), width, dtype=torch.float64, device=device)
     stream, index = _stream(device)
     ext.delta_stats(table, len(post), R, items, splits, part.data_ptr(), final.data_ptr(), stream, index)
-    sum_sq.copy_(final[:, 0])
-    fisher_sum.copy_(final[:, 1])
-    dots.copy_(final[:, 2:2 + R])
-    ref_sq.copy_(final[:, 2 + R:])
+    split_stats(final, outputs, R)

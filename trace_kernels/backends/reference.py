@@ -12,28 +12,12 @@ import numpy as np
 import torch
 
 from ..masks import expand_blocks
-from ._common import advance_steps, inf_found, resolve_lr
+from ._common import adamw_entry_points, advance_steps, host_lr, inf_found
 
 
 def _f32(x: float) -> float:
     """Round a Python float to fp32, as ATen does with a scalar meeting an fp32 tensor."""
     return float(np.float32(x))
-
-
-def check_block_indices(indices: torch.Tensor, limit: int) -> tuple[int, str] | None:
-    """None if strictly increasing and in [0, limit), else (first bad position, reason)."""
-    if indices.numel() == 0:
-        return None
-    idx = indices.to(torch.int64)
-    bad_range = torch.nonzero((idx < 0) | (idx >= limit))
-    bad_order = torch.nonzero(idx[1:] <= idx[:-1]) + 1
-    first_range = int(bad_range[0, 0]) if bad_range.numel() else None
-    first_order = int(bad_order[0, 0]) if bad_order.numel() else None
-    if first_range is None and first_order is None:
-        return None
-    if first_order is None or (first_range is not None and first_range <= first_order):
-        return first_range, "out of range"
-    return first_order, "not strictly increasing"
 
 
 def adamw_update_(p, g, m, v, vmax, *, lr, beta1, beta2, eps, weight_decay, step):
@@ -65,14 +49,15 @@ def _unscaled(g, grad_scale, maximize):
     return g.neg() if maximize else g
 
 
-def masked_adamw_(
-    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices, block_sizes, steps,
-    *, lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale, found_inf,
-):
+def _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices, block_sizes,
+           steps, fishers, fisher_scale, *, lr, beta1, beta2, eps, weight_decay, amsgrad,
+           maximize, grad_scale, found_inf):
+    """The selected elements gathered, updated one rounding at a time and scattered back;
+    with `fishers`, fisher += fisher_scale * g^2 (g unscaled) in state order first."""
     if inf_found(found_inf):
         return
     step_values = advance_steps(steps)
-    lr = resolve_lr(lr, lr_tensor)
+    lr = host_lr(lr)
     for i, p in enumerate(params):
         idx = block_indices[i]
         if idx.numel() == 0:
@@ -81,6 +66,8 @@ def masked_adamw_(
         flat_p = p.view(-1)
         pv = flat_p[ei].to(torch.float32)
         g = _unscaled(grads[i].view(-1)[ei], grad_scale, maximize)
+        if fishers:
+            fishers[i].view(-1).add_(g.mul(fisher_scale).mul_(g))
         adamw_update_(
             pv, g, exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i] if amsgrad else None,
             lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
@@ -89,28 +76,7 @@ def masked_adamw_(
         flat_p[ei] = pv.to(p.dtype)
 
 
-def adamw_fisher_(
-    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, steps, *, fisher_scale,
-    lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale, found_inf,
-):
-    """Dense AdamW step that also accumulates fisher += fisher_scale * g^2 (g unscaled)."""
-    if inf_found(found_inf):
-        return
-    step_values = advance_steps(steps)
-    lr = resolve_lr(lr, lr_tensor)
-    for i, p in enumerate(params):
-        if p.numel() == 0:
-            continue
-        flat_p = p.view(-1)
-        pv = flat_p.to(torch.float32, copy=True)
-        g = _unscaled(grads[i].view(-1), grad_scale, maximize)
-        fishers[i].view(-1).add_(g.mul(fisher_scale).mul_(g))
-        adamw_update_(
-            pv, g, exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i] if amsgrad else None,
-            lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-            step=step_values[i],
-        )
-        flat_p.copy_(pv.to(p.dtype))
+masked_adamw_, adamw_fisher_ = adamw_entry_points(_adamw)
 
 
 def delta_stats(post, pre, fishers, refs, block_sizes, num_refs, outputs):

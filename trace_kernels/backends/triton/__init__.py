@@ -16,8 +16,7 @@ import os
 
 import torch
 
-from .._common import adamw_entry_points, advance_steps, inf_found, resolve_lr
-from ..reference import check_block_indices  # noqa: F401  (same checks as the reference)
+from .._common import adamw_entry_points, advance_steps, host_lr, inf_found, split_stats
 
 _IMPORT_ERROR: str | None = None
 try:
@@ -72,16 +71,16 @@ def _coeffs(lr, beta1, beta2, eps, weight_decay, steps: list[float], device) -> 
         bc1 = 1.0 - beta1**step
         bc2 = 1.0 - beta2**step
         rows.append([1.0 - lr * weight_decay, w, wc, beta2, 1.0 - beta2, bc2**0.5, eps, -(lr / bc1)])
-    return torch.tensor(rows, dtype=torch.float32).reshape(-1, kernels.NUM_COEFFS).to(device)
+    return torch.tensor(rows, dtype=torch.float32).reshape(-1, kernels.NUM_COEFFS.value).to(device)
 
 
 def _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices, block_sizes,
-           steps, fishers, fisher_scale, *, lr, lr_tensor, beta1, beta2, eps, weight_decay,
-           amsgrad, maximize, grad_scale, found_inf):
+           steps, fishers, fisher_scale, *, lr, beta1, beta2, eps, weight_decay, amsgrad,
+           maximize, grad_scale, found_inf):
     if inf_found(found_inf):
         return
     step_values = advance_steps(steps)
-    lr = resolve_lr(lr, lr_tensor)
+    lr = host_lr(lr)
     device = params[0].device
     coeffs = _coeffs(lr, beta1, beta2, eps, weight_decay, step_values, device)
     divisor = float(grad_scale.item()) if grad_scale is not None else 1.0
@@ -131,11 +130,10 @@ masked_adamw_, adamw_fisher_ = adamw_entry_points(_adamw)
 
 
 def delta_stats(post, pre, fishers, refs, block_sizes, num_refs, outputs):
-    sum_sq, fisher_sum, dots, ref_sq = outputs
     device = post[0].device
     R = num_refs
     width = 2 + 2 * R
-    final = torch.zeros(sum_sq.numel(), width, dtype=torch.float64, device=device)
+    final = torch.zeros(outputs[0].numel(), width, dtype=torch.float64, device=device)
     row0, groups, splits = 0, {}, []
     for i, t in enumerate(post):
         b = block_sizes[i]
@@ -200,7 +198,4 @@ def delta_stats(post, pre, fishers, refs, block_sizes, num_refs, outputs):
         kernels.sum_partials_kernel[(dest.numel(),)](
             partials, first, count, dest, final, WIDTH=width, WP=triton.next_power_of_2(width),
             **_launch_opts())
-    sum_sq.copy_(final[:, 0])
-    fisher_sum.copy_(final[:, 1])
-    dots.copy_(final[:, 2:2 + R])
-    ref_sq.copy_(final[:, 2 + R:])
+    split_stats(final, outputs, R)

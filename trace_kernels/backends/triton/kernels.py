@@ -10,9 +10,10 @@ as the C++ kernels are compiled with -ffp-contract=off.
 import triton
 import triton.language as tl
 
-# Column order of the per-tensor coefficient table (float32), shared with the host code.
-C_DECAY, C_LERP_W, C_LERP_WC, C_BETA2, C_GSQ_W, C_BC2_SQRT, C_EPS, C_NEG_STEP = range(8)
-NUM_COEFFS = 8
+# Per-tensor coefficient table (float32), one row per tensor, made by the host code
+# (`_coeffs`): decay, lerp weight, its complement, beta2, 1 - beta2, sqrt of bias
+# correction 2, eps, -lr / bias correction 1 (the order _adamw_element reads them in).
+NUM_COEFFS = tl.constexpr(8)
 
 
 @triton.jit
@@ -100,7 +101,7 @@ def masked_adamw_kernel(
         f_ptr = tl.load(F + t).to(tl.pointer_type(tl.float32))
         f = tl.load(f_ptr + c, mask=mask, other=0.0)
         tl.store(f_ptr + c, f + (fisher_scale * g) * g, mask=mask)
-    p, m, v, vmax = _adamw_element(p, g, m, v, vmax, COEFFS + t * 8, AMSGRAD, LERP_LOW)
+    p, m, v, vmax = _adamw_element(p, g, m, v, vmax, COEFFS + t * NUM_COEFFS, AMSGRAD, LERP_LOW)
     tl.store(param + elem, _round_to(p, PDT), mask=mask)
     tl.store(m_ptr + c, m, mask=mask)
     tl.store(v_ptr + c, v, mask=mask)

@@ -1,0 +1,17 @@
+"""The op set, registered with torch.library and dispatched to a backend by device.
+
+- `masked_adamw_` (`adamw.py`): AdamW over the selected blocks of many parameters at
+  once, optimizer state for the selected elements only; `adamw_fisher_`: the dense
+  probe step that also accumulates the Fisher diagonal in the same pass.
+- `delta_stats` (`delta_stats.py`): per-block sums for importance and specificity.
+
+Every argument is checked (`_checks.py`) before any backend runs, so bad input raises a
+ValueError/TypeError that names the argument and leaves every tensor untouched.
+"""
+
+from ._checks import INDEX_DTYPES, MAX_REFS, PARAM_DTYPES
+from .adamw import adamw_fisher_, masked_adamw_, masked_adamw_trusted_
+from .delta_stats import DeltaStats, delta_stats
+
+__all__ = ["masked_adamw_", "masked_adamw_trusted_", "adamw_fisher_", "delta_stats", "DeltaStats",
+           "PARAM_DTYPES", "INDEX_DTYPES", "MAX_REFS"]

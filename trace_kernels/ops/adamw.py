@@ -1,0 +1,235 @@
+"""The AdamW ops: `masked_adamw_` (the step over selected blocks, compact state) and
+`adamw_fisher_` (the dense probe step that accumulates the Fisher diagonal in the same
+pass). Both run as one backend function (`backends._common.adamw_entry_points`).
+
+The learning rate is ``float | Tensor``: a torch.library schema cannot say that, so the
+registered ops carry it as ``lr: float, lr_tensor: Tensor | None`` and the implementation
+joins the pair again before any backend sees it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from ._checks import (bump_versions, int_sizes, split_lr, validate_adamw_fisher,
+                      validate_masked_adamw)
+
+
+@torch.library.custom_op(
+    "trace_kernels::masked_adamw_",
+    mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps"),
+)
+def _masked_adamw_op(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    block_indices: list[Tensor],
+    block_sizes: list[int],
+    steps: list[Tensor],
+    lr: float,
+    lr_tensor: Tensor | None,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+    maximize: bool,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+    backend: str,
+    check_indices: bool,
+) -> None:
+    _masked_adamw_impl(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices, block_sizes,
+        steps, lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale,
+        found_inf, backend, validate=True, check_indices=check_indices,
+    )
+
+
+@_masked_adamw_op.register_fake
+def _masked_adamw_fake(*args, **kwargs) -> None:
+    return None
+
+
+def _masked_adamw_impl(
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices, block_sizes, steps,
+    lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale, found_inf,
+    backend, *, validate, check_indices,
+) -> None:
+    device = params[0].device if params else torch.device("cpu")
+    name = backends.choose(device, backend or None).name
+    if validate:
+        validate_masked_adamw(
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices, block_sizes,
+            steps, lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, grad_scale,
+            found_inf, backends.index_checker(name) if check_indices else None,
+        )
+    if not params:
+        return
+    backends.module(name).masked_adamw_(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices, block_sizes,
+        steps, lr=lr if lr_tensor is None else lr_tensor, beta1=beta1, beta2=beta2, eps=eps,
+        weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, grad_scale=grad_scale,
+        found_inf=found_inf,
+    )
+    bump_versions(params)
+
+
+def masked_adamw_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    max_exp_avg_sqs: Sequence[Tensor] | None,
+    block_indices: Sequence[Tensor],
+    block_sizes: Sequence[int],
+    steps: Sequence[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-2,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    backend: str | None = None,
+    check_indices: bool = True,
+) -> None:
+    """AdamW over the selected blocks of each parameter, in place.
+
+    For parameter ``i``, ``block_indices[i]`` (sorted, unique) selects blocks of
+    ``block_sizes[i]`` flat elements; ``exp_avgs[i]``/``exp_avg_sqs[i]`` (and
+    ``max_exp_avg_sqs[i]`` with amsgrad) hold ``k*B`` fp32 values in mask order.
+    ``steps[i]`` is incremented, then every selected element gets exactly
+    torch.optim.AdamW's update; unselected elements are not touched. With ``grad_scale``
+    the grads are divided by it; if ``found_inf`` is non-zero nothing changes at all.
+    ``check_indices=False`` skips the O(k) index check for callers that validated the
+    indices once already (MaskedAdamW does, when masks are set).
+    """
+    args = (
+        list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs or []),
+        list(block_indices), int_sizes("masked_adamw_", block_sizes), list(steps), *split_lr(lr),
+        float(beta1), float(beta2), float(eps), float(weight_decay), bool(amsgrad),
+        bool(maximize), grad_scale, found_inf, backend or "",
+    )
+    if torch.compiler.is_compiling():
+        _masked_adamw_op(*args, bool(check_indices))
+    else:
+        # Eager calls skip the custom-op dispatcher (hundreds of microseconds per call).
+        _masked_adamw_impl(*args, validate=True, check_indices=check_indices)
+
+
+def masked_adamw_trusted_(
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices, block_sizes, steps,
+    *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale, found_inf, backend,
+) -> None:
+    """`masked_adamw_` without the per-call argument checks, for a caller that created the
+    state and indices itself and validated the masks once (MaskedAdamW). Grads must match
+    their params (torch enforces that when .grad is set) and be contiguous."""
+    args = (
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices, block_sizes, steps,
+        *split_lr(lr), beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale, found_inf,
+        backend or "",
+    )
+    if torch.compiler.is_compiling():
+        _masked_adamw_op(*args, False)
+    else:
+        _masked_adamw_impl(*args, validate=False, check_indices=False)
+
+
+@torch.library.custom_op(
+    "trace_kernels::adamw_fisher_",
+    mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "fishers", "steps"),
+)
+def _adamw_fisher_op(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    fishers: list[Tensor],
+    steps: list[Tensor],
+    lr: float,
+    lr_tensor: Tensor | None,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+    maximize: bool,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+    fisher_scale: float,
+    backend: str,
+) -> None:
+    _adamw_fisher_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, steps, lr,
+                       lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale,
+                       found_inf, fisher_scale, backend)
+
+
+@_adamw_fisher_op.register_fake
+def _adamw_fisher_fake(*args, **kwargs) -> None:
+    return None
+
+
+def _adamw_fisher_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, steps, lr,
+                       lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale,
+                       found_inf, fisher_scale, backend) -> None:
+    validate_adamw_fisher(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, steps,
+                          lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, grad_scale,
+                          found_inf, fisher_scale)
+    if not params:
+        return
+    impl = backends.module(backends.choose(params[0].device, backend or None).name)
+    impl.adamw_fisher_(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, steps,
+        fisher_scale=fisher_scale, lr=lr if lr_tensor is None else lr_tensor, beta1=beta1,
+        beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+        grad_scale=grad_scale, found_inf=found_inf,
+    )
+    bump_versions(params)
+
+
+def adamw_fisher_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    max_exp_avg_sqs: Sequence[Tensor] | None,
+    fishers: Sequence[Tensor],
+    steps: Sequence[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-2,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    fisher_scale: float = 1.0,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    backend: str | None = None,
+) -> None:
+    """Dense AdamW step (the warm-start probe's) that, in the same pass over memory, adds
+    ``fisher_scale * g**2`` to ``fishers[i]`` (fp32, one value per element; ``g`` unscaled
+    by ``grad_scale``): the empirical Fisher diagonal accumulates while the probe trains.
+    State is dense fp32; numerics are exactly those of `masked_adamw_` with a full mask."""
+    args = (
+        list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs or []),
+        list(fishers), list(steps), *split_lr(lr), float(beta1), float(beta2), float(eps),
+        float(weight_decay), bool(amsgrad), bool(maximize), grad_scale, found_inf,
+        float(fisher_scale), backend or "",
+    )
+    if torch.compiler.is_compiling():
+        _adamw_fisher_op(*args)
+    else:
+        _adamw_fisher_impl(*args)
