@@ -12,26 +12,13 @@ and, with --history, records the task for the next one's selection.
 import argparse
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from transformers import Trainer, TrainingArguments
 
-from trace_ft.data import EncodedSet, right_padded
-from trace_ft.hf import TraceCallback, load_core, trace_optimizer
-from trace_ft.model import builtin_model, load_model
+from trace_ft.integrations.hf import TraceCallback, load_core, trace_optimizer
+from trace_ft.lm.batches import EncodedSet
+from trace_ft.lm.model import open_model
 from trace_ft.tasks import resolve_tasks
-
-
-class TaskDataset(Dataset):
-    """Prompt and answer token ids; the collator pads them and masks the prompt's labels."""
-
-    def __init__(self, examples, codec) -> None:
-        self.enc = EncodedSet(examples, codec)
-
-    def __len__(self):
-        return len(self.enc)
-
-    def __getitem__(self, i):
-        return {"prompt": self.enc.prompts[i], "answer": self.enc.answers[i]}
 
 
 def main() -> None:
@@ -46,19 +33,13 @@ def main() -> None:
     ap.add_argument("--resume", help="a checkpoint directory of an earlier run of this script")
     args = ap.parse_args()
 
-    if args.model == "builtin":
-        model, codec, _ = builtin_model("tiny", progress=False)
-    else:
-        model, codec = load_model(args.model)
+    model, codec, _ = open_model(args.model, size="tiny", progress=False)
     (task,) = resolve_tasks([args.task], n_train=2000, n_test=100)
-    train = TaskDataset(task.train, codec)
-
-    def collate(rows):
-        return right_padded([r["prompt"] for r in rows], [r["answer"] for r in rows], codec.pad_id)
+    train = EncodedSet(task.train, codec)  # a dataset of prompt and answer ids; .collate pads
 
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     # --- TRACE: the two added lines (a resumed run reuses the checkpoint's core) ----------
-    opt = trace_optimizer(model, DataLoader(train, batch_size=16, shuffle=True, collate_fn=collate),
+    opt = trace_optimizer(model, DataLoader(train, batch_size=16, shuffle=True, collate_fn=train.collate),
                           lr=args.lr, probe_steps=20, budget=args.budget, history=args.history,
                           core=load_core(args.resume) if args.resume else None)
     callback = TraceCallback(opt, history=args.history, task=task.name if args.history else None,
@@ -70,7 +51,7 @@ def main() -> None:
         warmup_steps=max(1, args.steps // 10), max_grad_norm=1.0, save_steps=max(1, args.steps // 2), logging_steps=10,
         report_to="none", use_cpu=not torch.cuda.is_available(), remove_unused_columns=False,
         disable_tqdm=True)
-    trainer = Trainer(model=model, args=targs, train_dataset=train, data_collator=collate,
+    trainer = Trainer(model=model, args=targs, train_dataset=train, data_collator=train.collate,
                       optimizers=(opt, None), callbacks=[callback])
     trainer.train(resume_from_checkpoint=args.resume)
 

@@ -93,3 +93,41 @@ def train_side_by_side(pairs, x: torch.Tensor, steps: int) -> None:
             opt.zero_grad()
             model(x).square().mean().backward()
             opt.step()
+
+
+FISHER_SHAPES = [(37, 129), (1001,), (0, 16), (5, 17), (1,)]
+
+
+def fisher_problem(gen, dtype, amsgrad=False):
+    """Dense params, grads and state (m, v, vmax, Fisher 'f', steps) for adamw_fisher_."""
+    prob = {"params": [], "grads": [], "m": [], "v": [], "vmax": [], "f": [], "steps": []}
+    for s in FISHER_SHAPES:
+        n = math.prod(s)
+        prob["params"].append(torch.randn(s, generator=gen).to(dtype))
+        prob["grads"].append(torch.randn(s, generator=gen).to(dtype))
+        prob["m"].append(torch.randn(n, generator=gen) * 0.1)
+        prob["v"].append(torch.rand(n, generator=gen) * 0.01)
+        prob["vmax"].append(prob["v"][-1] + 0.001)
+        prob["f"].append(torch.rand(n, generator=gen))
+        prob["steps"].append(torch.tensor(2.0))
+    if not amsgrad:
+        prob["vmax"] = []
+    return prob
+
+
+def stats_problem(gen, shapes, num_refs, dtype=torch.float32, ref_dtype=torch.float32):
+    """post, pre, Fisher and R reference updates per shape, for delta_stats."""
+    post = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    pre = [(p.float() + 0.01 * torch.randn(p.shape, generator=gen)).to(dtype) for p in post]
+    fishers = [torch.rand(p.numel(), generator=gen) for p in post]
+    refs = [[torch.randn(p.shape, generator=gen).to(ref_dtype) for _ in range(num_refs)] for p in post]
+    return post, pre, fishers, refs
+
+
+def assert_stats_close(a, b, exact):
+    for name, x, y in zip(("sum_sq", "fisher_sum", "dots", "ref_sq"), a[:4], b[:4]):
+        assert x.shape == y.shape, name
+        if exact:  # same values; the sign of a zero sum carries no meaning
+            assert torch.equal(x, y), f"{name}: {int((x != y).sum())} elements differ"
+        else:  # fp64 sums in another order, rounded once to fp32
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-30, msg=name)

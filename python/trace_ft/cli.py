@@ -1,4 +1,5 @@
-"""The `trace-ft` command (also ``python -m trace_ft``)."""
+"""The `trace-ft` command line (also ``python -m trace_ft``): the parser, and a thin
+dispatch to `trace_ft.commands`."""
 
 from __future__ import annotations
 
@@ -7,79 +8,7 @@ import sys
 
 from trace_kernels import __version__
 
-from .runner import RunConfig, default_threads, load_config_file, run
-
-
-def _list(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
-
-
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in _list(text)]
-
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in _list(text)]
-
-
-# flag -> (RunConfig field, type, help)
-RUN_FLAGS = {
-    "--tasks": ("tasks", _list, "comma-separated built-in skills or task directories, in order"),
-    "--strategies": ("strategies", _list, "comma-separated: trace, trace_paper, trace_element, "
-                     "trace_row, trace_tensor, seqft, lora, ewc, replay, mtl"),
-    "--model": ("model", str, "'builtin' or a local Hugging Face causal-LM directory"),
-    "--size": ("size", str, "built-in model size: tiny, small, medium"),
-    "--dtype": ("dtype", str, "float32, bfloat16 or float16 (--model only)"),
-    "--device": ("device", str, "cpu or cuda"),
-    "--cache-dir": ("cache_dir", str, "where the built-in base model is cached (default ~/.cache/trace-ft)"),
-    "--steps": ("steps", int, "training steps per task"),
-    "--batch-size": ("batch_size", int, "examples per step"),
-    "--lr": ("lr", float, "peak learning rate (all strategies unless overridden)"),
-    "--schedule": ("schedule", str, "cosine, linear or constant after warmup"),
-    "--n-train": ("n_train", int, "training examples per task (built-in: generated)"),
-    "--n-test": ("n_test", int, "test examples per task"),
-    "--seed": ("seed", int, "seed for data, initialisation and sampling"),
-    "--threads": ("threads", int, "CPU threads for torch"),
-    "--budget": ("trace_budget", float, "trace: core budget, fraction of eligible elements"),
-    "--granularity": ("trace_granularity", str, "trace: element, row, tensor or a block size"),
-    "--probe-steps": ("trace_probe_steps", int, "trace: warm-start probe steps"),
-    "--probe-lr": ("trace_probe_lr", float, "trace: probe learning rate (default: --lr)"),
-    "--trace-lr": ("trace_lr", float, "trace: learning rate on the core"),
-    "--threshold": ("trace_threshold", float, "trace: specificity threshold (max cosine)"),
-    "--specificity-unit": ("trace_specificity_unit", str, "trace: where the cosine with earlier "
-                           "tasks is measured: block, row or tensor"),
-    "--sketch-dim": ("trace_sketch_dim", int, "trace: keep earlier updates as count sketches of "
-                     "this many values per block (default: exact)"),
-    "--protect": ("trace_protect", float, "trace: interference guard strength (0 off)"),
-    "--protect-base": ("trace_protect_base", lambda x: x.lower() in ("1", "true", "yes", "on"),
-                       "trace: also guard the base skill (true/false)"),
-    "--lora-lr": ("lora_lr", float, "lora: learning rate"),
-    "--lora-rank": ("lora_rank", int, "lora: rank"),
-    "--ewc-lambda": ("ewc_lambda", float, "ewc: penalty strength"),
-    "--replay-buffer": ("replay_buffer", int, "replay: examples kept per earlier task"),
-    "--sweep-granularity": ("sweep_granularity", _list, "--sweep: granularities"),
-    "--sweep-budget": ("sweep_budget", _floats, "--sweep: budgets"),
-    "--sweep-probe-steps": ("sweep_probe_steps", _ints, "--sweep: probe lengths"),
-}
-
-
-def _shown(value) -> str:
-    if isinstance(value, (list, tuple)):
-        return ",".join(str(v) for v in value)
-    return str(value)
-
-
-def _add_settings(parser: argparse.ArgumentParser, skip=frozenset()) -> None:
-    """The RunConfig flags. Their argparse default is None (unset), so --config and then
-    RunConfig's own defaults apply; the help shows RunConfig's default."""
-    defaults = RunConfig()
-    for flag, (dest, typ, text) in RUN_FLAGS.items():
-        if dest not in skip:
-            default = getattr(defaults, dest)
-            shown = "" if default is None else f" (default: {_shown(default)})"
-            parser.add_argument(flag, dest=dest, type=typ, default=None, help=text + shown,
-                                metavar=flag[2:].upper().replace("-", "_"))
-
+from .config import ADAPT_SKIPS, add_settings, config_from_args
 
 # Optional packages each command needs, and the extra of trace-kernels that installs them.
 NEEDS = {"run": ("transformers", "peft", "matplotlib"), "adapt": ("transformers",),
@@ -115,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--sweep", action="store_true",
                    help="run the trace ablation (granularity × budget × probe steps) instead")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add_settings(r)
+    add_settings(r)
     a = sub.add_parser("adapt", help="add one task to a model and its task history",
                        description="Probe the task, select its core against the history, train "
                        "only the core, save the model to --out and append the task to --history. "
@@ -138,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accept a model whose parameter dtypes differ from the history's")
     a.add_argument("--config", help="a TOML file of settings (flags override it)")
     a.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add_settings(a, skip=ADAPT_SKIPS)
+    add_settings(a, skip=ADAPT_SKIPS)
     h = sub.add_parser("history", help="list and verify a task history",
                        description="List the tasks of a history (cores, losses, scores) after "
                        "verifying every file's checksum.")
@@ -162,29 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-# `run` flags that mean nothing for one task added to a history
-# (--lr too: the core's learning rate is --trace-lr, and the probe's --probe-lr)
-ADAPT_SKIPS = {"tasks", "strategies", "lr", "lora_lr", "lora_rank", "ewc_lambda", "replay_buffer",
-               "trace_protect_base", "sweep_granularity", "sweep_budget", "sweep_probe_steps"}
-
-
-def _config(args: argparse.Namespace) -> RunConfig:
-    data = load_config_file(args.config) if args.config else {}
-    for dest, _, _ in RUN_FLAGS.values():
-        value = getattr(args, dest, None)
-        if value is not None:
-            data[dest] = value
-    cfg = RunConfig.from_dict(data)
-    if cfg.threads is None:
-        cfg.threads = default_threads()
-    return cfg
-
-
 def adapt_command(args: argparse.Namespace) -> int:
-    from .adapt import adapt
-
-    cfg = _config(args)
+    cfg = config_from_args(args)
     require_extras("adapt")
+    from .commands.adapt import adapt
+
     adapt(cfg, cfg.model, args.task, args.history, args.out, eval_history=args.eval_history,
           resume=args.resume, checkpoint_every=args.checkpoint_every,
           checkpoint_dir=args.checkpoint_dir, core=args.core, overwrite=args.overwrite,
@@ -193,60 +104,28 @@ def adapt_command(args: argparse.Namespace) -> int:
 
 
 def history_command(args: argparse.Namespace) -> int:
-    import json
+    from .commands.history import show_history
 
-    from .history import TaskHistory
-
-    hist = TaskHistory.open(args.path)  # verifies every checksum
-    if args.json:
-        print(json.dumps(hist.entries, indent=1))
-        return 0
-    print(f"{args.path}: {len(hist)} task(s), all files verified")
-    print(f"{'#':>3s}  {'task':16s} {'added (UTC)':20s} {'core':>12s} {'final loss':>10s}  scores after it")
-    for e in hist.entries:
-        s = e.get("summary", {})
-        core = s.get("core_elements")
-        loss = s.get("final_loss")
-        scores = ", ".join(f"{k}={v:.1f}" for k, v in s.get("scores", {}).items())
-        print(f"{e['index']:3d}  {e['name'][:16]:16s} {e['time'][:19]:20s} "
-              f"{'-' if core is None else f'{core:,}':>12s} {'-' if loss is None else f'{loss:.4f}':>10s}  {scores}")
+    print(show_history(args.path, args.json))
     return 0
 
 
 def transfer_command(args: argparse.Namespace) -> int:
-    from trace_kernels import CoreMask
-
-    from .atomic import write_with
-    from .history import TaskHistory
-    from .model import model_shapes
-    from .transfer import format_report, transfer_core
-
     require_extras("transfer")
-    if args.task and not args.history:
-        raise ValueError("--task needs --history")
-    if args.history:
-        hist = TaskHistory.open(args.history)
-        if not len(hist):
-            raise ValueError(f"history {args.history} holds no task")
-        i = len(hist) - 1 if not args.task else (hist.names.index(args.task) if args.task in hist.names else -1)
-        if i < 0:
-            raise ValueError(f"task {args.task!r} is not in history {args.history} (it has {hist.names})")
-        core = hist.record(i).core
-        if core is None:
-            raise ValueError(f"task {hist.names[i]!r} of {args.history} has no core")
-    else:
-        core = CoreMask.load(args.core)
-    mask, report = transfer_core(core, model_shapes(args.model, args.size), args.positions, args.seed)
-    write_with(args.out, mask.save)
-    print(format_report(report))
+    from .commands.transfer import source_core, transfer
+
+    core = source_core(args.history, args.core, args.task)
+    print(transfer(core, args.model, args.size, args.out, args.positions, args.seed))
     print(f"wrote {args.out}")
     return 0
 
 
 def run_command(args: argparse.Namespace) -> int:
-    cfg = _config(args)
+    cfg = config_from_args(args)
     lora = "lora" in cfg.strategies and not args.sweep
     require_extras("run", [m for m in NEEDS["run"] if m != "peft" or lora])
+    from .commands.run import run
+
     run(cfg, out=args.out, sweep=args.sweep, progress=not args.quiet)
     return 0
 

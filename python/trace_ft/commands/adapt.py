@@ -1,0 +1,180 @@
+"""`trace-ft adapt`: one new task into an existing model and its on-disk task history.
+
+The steps are those of the `trace` strategy in `trace-ft run` (same probe, selection,
+batches and schedule for the task's position in the history), so a sequence of `adapt`
+runs gives the numbers of one `run` over the same tasks. Between the steps the run
+checkpoints (the selection once, then the core values and optimizer state every N
+steps); `resume=True` continues an interrupted run from its newest checkpoint and ends
+with the same model and history as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from trace_kernels import CoreMask
+
+from ..config import RunConfig, build_strategy
+from ..continual.strategies.base import Context
+from ..evaluate import Evaluator
+from ..lm.model import open_model, save_model, weights_sha256
+from ..store.atomic import sha256_file
+from ..store.checkpoint import AdaptCheckpoint, CheckpointError
+from ..store.history import TaskHistory, TaskRecord, data_fingerprint, model_fingerprint
+from ..tasks import resolve_tasks
+
+
+def default_checkpoint_dir(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + ".checkpoint")
+
+
+def adapt(cfg: RunConfig, model: str, task: str, history: str | Path, out: str | Path, *,
+          eval_history: bool = False, resume: bool = False, checkpoint_every: int = 50,
+          checkpoint_dir: str | Path | None = None, core: str | Path | None = None,
+          overwrite: bool = False, ignore_dtype: bool = False, progress: bool = True,
+          log: Callable[[str], None] | None = None,
+          on_step: Callable[[int], None] | None = None) -> dict:
+    """Add `task` (a task directory or built-in skill) to the model at `model` (a
+    directory, or "builtin") with TRACE; save the result to `out` and append the task to
+    the history at `history` (created if absent). Returns a summary.
+
+    core: a CoreMask file (e.g. from `transfer`) to train instead of probing and selecting.
+    on_step(done): called after every training step (after any checkpoint of that step).
+    """
+    from tqdm.auto import tqdm
+
+    log = log or (lambda msg: tqdm.write(msg))
+    t0 = time.perf_counter()
+    cfg.validate()
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    if cfg.trace_protect_base:
+        raise ValueError("trace_protect_base is for `trace-ft run` only: an adapt history "
+                         "guards the tasks it holds")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(out)
+    ckpt = AdaptCheckpoint(checkpoint_dir or default_checkpoint_dir(out))
+    if ckpt.exists() and not resume:
+        raise ValueError(f"an interrupted run left a checkpoint at {ckpt.path}: pass --resume to "
+                         "continue it, or delete it to start over")
+    if resume and not ckpt.exists():
+        raise ValueError(f"--resume: no checkpoint at {ckpt.path}")
+    if out.exists() and not overwrite and not resume:
+        raise ValueError(f"--out {out} already exists (pass --overwrite to replace it)")
+    (new_task,) = resolve_tasks([task], cfg.seed, cfg.n_train, cfg.n_test)  # bad data fails here
+    core_mask = CoreMask.load(core) if core is not None else None
+    net, codec, model_dir = open_model(model, size=cfg.size, cache_dir=cfg.cache_dir, dtype=cfg.dtype,
+                                       device=cfg.device, progress=False)
+    if core_mask is not None:
+        core_mask.check_shapes({n: tuple(p.shape) for n, p in net.named_parameters()},
+                               f"--core {core}")
+    fingerprint = model_fingerprint(net)
+    hist = TaskHistory.open(history, fingerprint, create=True, ignore_dtype=ignore_dtype)
+    with hist.hold():  # the only writer until the task is appended
+        data = data_fingerprint(new_task)
+        if resume and len(hist) and hist.entries[-1]["data"] == data and \
+                hist.entries[-1]["summary"].get("checkpoint") == str(ckpt.path) and \
+                ckpt.state()["inputs"]["history_tasks"] == len(hist) - 1:
+            ckpt.remove()  # killed after the history was written: nothing left to do
+            log(f"task {new_task.name!r} was already added to {history}; removed the checkpoint")
+            return {"task": new_task.name, "index": len(hist), "already_done": True,
+                    **hist.entries[-1]["summary"]}
+        if new_task.name in hist.names:
+            raise ValueError(f"task {new_task.name!r} is already in history {history} "
+                             f"(task {hist.names.index(new_task.name) + 1}); tasks need distinct names")
+        model_in = weights_sha256(model_dir)
+        if len(hist) and model_in and hist.entries[-1]["summary"].get("model_out") not in (None, model_in):
+            log(f"warning: {model_dir} is not the model the history's last task "
+                f"({hist.names[-1]!r}) produced; continuing")
+
+        strategy = build_strategy("trace", cfg)
+        strategy.history = hist.earlier()
+        index = len(hist) + 1
+        torch.manual_seed(cfg.seed)
+        ctx = Context(model=net, codec=codec, train=cfg.train_config(), seed=cfg.seed,
+                      progress=progress, max_len=cfg.max_len, num_tasks=index)
+        inputs = {"model_fingerprint": fingerprint["sha256"], "model_weights": model_in,
+                  "task": data, "history_tasks": len(hist),
+                  "core": None if core is None else sha256_file(core), "config": dataclasses.asdict(cfg)}
+
+        # 1. probe and select (or take the given core), checkpointed once
+        if resume:
+            state = ckpt.check_inputs(inputs)
+            mask, updates, info = ckpt.selection(state)
+            start, tensors, opt_state, losses = ckpt.load_step(state)
+            log(f"resuming {new_task.name!r} from {ckpt.path} at step {start}/{cfg.steps}")
+            params = dict(net.named_parameters())
+            with torch.no_grad():  # only core elements ever change: put them back
+                for n, values in tensors.items():
+                    where = mask[n].element_indices().to(params[n].device, torch.int64)
+                    params[n].view(-1).index_copy_(0, where, values.to(params[n].device, params[n].dtype))
+        else:
+            if core_mask is not None:
+                mask, updates, info = core_mask, {}, {"probe_loss": None, "source": str(core)}
+            else:
+                result, sel = strategy.probe_and_select(ctx, index, new_task)
+                mask = sel.mask
+                updates = strategy.recorded_updates(result.deltas, mask)
+                info = {"probe_loss": result.losses[-1]}
+            ckpt.start(inputs, mask, updates, info)
+            start, opt_state, losses = 0, None, []
+
+        # 2. train the core, checkpointing every `checkpoint_every` steps and at the end
+        # a checkpoint holds the core elements' values, not whole tensors
+        trained = {n: e.element_indices().to(torch.int64) for n, e in mask.items() if e.num_selected}
+
+        def save(done: int, run_losses: list[float], opt) -> None:
+            if done % checkpoint_every == 0 or done == cfg.steps:
+                params = dict(net.named_parameters())
+                values = {n: params[n].detach().view(-1)[i.to(params[n].device)] for n, i in trained.items()}
+                ckpt.save_step(done, values, opt.state_dict(), losses + run_losses)
+            if on_step is not None:
+                on_step(done)
+
+        run_losses, state_bytes = strategy.train_core(ctx, index, new_task, mask, start_step=start,
+                                                      optimizer_state=opt_state, on_step=save)
+        losses = losses + run_losses
+        fisher = strategy.trained_fisher(ctx, index, new_task)
+
+        # 3. score, save the model, then append to the history (the manifest is written last)
+        earlier_tasks = hist.tasks() if eval_history else []
+        if eval_history and hist.untested:
+            log(f"not scored (recorded without a test split): {', '.join(hist.untested)}")
+        evaluator = Evaluator(earlier_tasks + [new_task], codec)
+        scores = dict(zip([t.name for t in evaluator.tasks], evaluator(net)))
+        save_model(net, codec, out, overwrite=overwrite or resume)
+        cost = strategy.cost(mask, state_bytes, losses)
+        summary = {"core_elements": cost.trainable, "eligible_elements": mask.numel,
+                   "state_bytes": state_bytes, "seconds": time.perf_counter() - t0,
+                   "final_loss": cost.final_loss, "probe_loss": info.get("probe_loss"),
+                   "scores": scores, "model_in": model_in, "model_out": weights_sha256(out),
+                   "out": str(out), "checkpoint": str(ckpt.path), "resumed": resume}
+        record = TaskRecord(name=new_task.name, core=mask, updates=updates, fisher=fisher,
+                            test=new_task.test, scorer=new_task.scorer, data=data,
+                            hyperparameters={"trace": strategy.config(),
+                                             "train": dataclasses.asdict(strategy.train_config(ctx)),
+                                             "seed": cfg.seed, "index": index,
+                                             "core_file": None if core is None else str(core)},
+                            summary=summary)
+        hist.append(record, fingerprint)
+        ckpt.remove()
+        log(format_summary(new_task.name, index, summary, history))
+        return {"task": new_task.name, "index": index, "already_done": False, **summary}
+
+
+def format_summary(name: str, index: int, s: dict, history) -> str:
+    share = s["core_elements"] / s["eligible_elements"] if s["eligible_elements"] else 0.0
+    scores = ", ".join(f"{k}={v:.1f}" for k, v in s["scores"].items())
+    return (f"task {index} {name!r}: trained {s['core_elements']:,} of {s['eligible_elements']:,} "
+            f"eligible elements ({share:.2%}); optimizer state {s['state_bytes']:,} bytes; "
+            f"{s['seconds']:.1f} s\n  scores: {scores}\n  model: {s['out']}   history: {history}")
+
+
+__all__ = ["adapt", "default_checkpoint_dir", "CheckpointError"]

@@ -1,0 +1,315 @@
+"""Run settings: `RunConfig` (every setting of `trace-ft run`, and of `adapt` where they
+concern trace), its TOML file and command-line flags, and the strategies it builds. The
+commands are siblings over this module."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from .continual.strategies import EWC, MTL, NAMES, LoRA, Replay, SeqFT, Strategy, Trace
+from .lm.train import TrainConfig
+from .method.select import GRANULARITIES, SelectConfig
+from .tasks import DEFAULT_ORDER, Task
+
+DEFAULT_STRATEGIES = ("trace", "seqft", "lora", "ewc", "replay", "mtl")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class RunConfig:
+    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_ORDER))
+    strategies: list[str] = field(default_factory=lambda: list(DEFAULT_STRATEGIES))
+    model: str = "builtin"            # "builtin" or a local Hugging Face model directory
+    size: str = "small"               # built-in model size (tiny, small, medium)
+    dtype: str = "float32"
+    device: str = "cpu"
+    cache_dir: str | None = None
+    steps: int = 200                  # per task
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup: float = 0.1
+    schedule: str = "cosine"
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    n_train: int = 2000
+    n_test: int = 200
+    max_len: int | None = None
+    seed: int = 0
+    threads: int | None = None
+    # trace
+    trace_budget: float = 0.05
+    trace_granularity: str = "element"
+    trace_probe_steps: int = 50
+    trace_probe_lr: float | None = None
+    trace_lr: float | None = 1e-2     # the core is small: it takes a larger step (see README)
+    trace_scope: str = "global"
+    trace_importance: str = "rank"
+    trace_threshold: float = 0.5
+    trace_specificity_unit: str = "block"   # where cosines are measured: block, row, tensor
+    trace_shared_rule: str = "exclude"
+    trace_share_cores: bool = False
+    trace_sketch_dim: int | None = None
+    trace_protect: float = 0.0        # interference guard strength (0: off)
+    trace_protect_base: bool = False  # guard the base skill too (a Fisher probe of its data)
+    # baselines
+    lora_lr: float | None = 3e-3
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    ewc_lambda: float = 1e4
+    ewc_lr: float | None = None
+    replay_buffer: int = 50
+    replay_ratio: float = 0.25
+    # --sweep: granularity × budget × probe steps of the trace strategy
+    sweep_granularity: list[str] = field(default_factory=lambda: list(GRANULARITIES))
+    sweep_budget: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.1])
+    sweep_probe_steps: list[int] = field(default_factory=lambda: [10, 50])
+
+    def __post_init__(self) -> None:
+        # "--granularity 64" arrives as a string: a block size
+        self.trace_granularity = _granularity(self.trace_granularity)
+        self.sweep_granularity = [_granularity(g) for g in self.sweep_granularity]
+
+    def validate(self) -> None:
+        """Every setting checked at once, before anything slow or visible happens."""
+        from .lm.model import SIZES
+
+        if not self.tasks:
+            raise ValueError("tasks: give at least one task")
+        if not self.strategies:
+            raise ValueError("strategies: give at least one strategy")
+        for s in self.strategies:
+            strategy_names_ok(s)
+        self.train_config().validate()
+        self.select_config().validate()
+        for g in self.sweep_granularity:
+            self.select_config(granularity=g).validate()
+        if self.model == "builtin" and self.size not in SIZES:
+            raise ValueError(f"size must be one of {', '.join(SIZES)}, got {self.size!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r}: no CUDA device is visible")
+        if self.n_test < 1 or self.n_train < 1:
+            raise ValueError("n_train and n_test must be >= 1")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.trace_probe_steps < 1:
+            raise ValueError(f"trace_probe_steps must be >= 1, got {self.trace_probe_steps}")
+        for name in ("trace_probe_lr", "trace_lr", "lora_lr", "ewc_lr"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        if self.trace_sketch_dim is not None and self.trace_sketch_dim < 1:
+            raise ValueError(f"trace_sketch_dim must be >= 1, got {self.trace_sketch_dim}")
+        if self.lora_rank < 1:
+            raise ValueError(f"lora_rank must be >= 1, got {self.lora_rank}")
+        if self.ewc_lambda < 0:
+            raise ValueError(f"ewc_lambda must be >= 0, got {self.ewc_lambda}")
+        if self.replay_buffer < 0 or not 0 <= self.replay_ratio < 1:
+            raise ValueError("replay_buffer must be >= 0 and replay_ratio in [0, 1)")
+        if self.max_len is not None and self.max_len < 2:
+            raise ValueError(f"max_len must be >= 2, got {self.max_len}")
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr,
+                           warmup=self.warmup, schedule=self.schedule,
+                           weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm)
+
+    def select_config(self, **over) -> SelectConfig:
+        base = SelectConfig(budget=self.trace_budget, granularity=self.trace_granularity,
+                            scope=self.trace_scope, importance=self.trace_importance,
+                            specificity_threshold=self.trace_threshold,
+                            specificity_unit=self.trace_specificity_unit,
+                            shared_rule=self.trace_shared_rule,
+                            share_earlier_cores=self.trace_share_cores,
+                            protect=self.trace_protect)
+        return dataclasses.replace(base, **over)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RunConfig:
+        """Flat keys, or TOML tables whose keys are prefixed by the table name
+        (``[trace] budget = 0.05`` is ``trace_budget``)."""
+        known = {f.name for f in fields(cls)}
+        flat = {}
+        for k, v in data.items():
+            if isinstance(v, dict):
+                for kk, vv in v.items():
+                    flat[f"{k}_{kk}"] = vv
+            else:
+                flat[k] = v
+        unknown = sorted(set(flat) - known)
+        if unknown:
+            raise ValueError(f"unknown configuration keys: {', '.join(unknown)}")
+        return cls(**flat)
+
+
+def _granularity(g: str | int) -> str | int:
+    return int(g) if isinstance(g, str) and g.isdigit() else g
+
+
+def strategy_names_ok(name: str) -> None:
+    if name in NAMES or (name.startswith("trace_") and name[6:] in GRANULARITIES):
+        return
+    raise ValueError(f"unknown strategy {name!r}; choose from {', '.join(NAMES)} "
+                     f"or trace_<{'|'.join(GRANULARITIES)}>")
+
+
+def _trace_kwargs(cfg: RunConfig, general: Task | None) -> dict:
+    return dict(probe_steps=cfg.trace_probe_steps, probe_lr=cfg.trace_probe_lr, lr=cfg.trace_lr,
+                sketch_dim=cfg.trace_sketch_dim,
+                general=general if cfg.trace_protect_base else None)
+
+
+def build_strategy(name: str, cfg: RunConfig, general: Task | None = None) -> Strategy:
+    """`general`: the base skill's task, protected by trace when `trace_protect_base`."""
+    trace_kw = _trace_kwargs(cfg, general)
+    if name == "trace":
+        return Trace(cfg.select_config(), name="trace", **trace_kw)
+    if name == "trace_paper":
+        return Trace(SelectConfig.paper(), name="trace_paper", **trace_kw)
+    if name.startswith("trace_") and name[6:] in GRANULARITIES:
+        return Trace(cfg.select_config(granularity=name[6:]), name=name, **trace_kw)
+    if name == "seqft":
+        return SeqFT()
+    if name == "lora":
+        return LoRA(lr=cfg.lora_lr, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
+    if name == "ewc":
+        return EWC(lr=cfg.ewc_lr, lam=cfg.ewc_lambda)
+    if name == "replay":
+        return Replay(buffer_per_task=cfg.replay_buffer, ratio=cfg.replay_ratio)
+    if name == "mtl":
+        return MTL()
+    strategy_names_ok(name)
+    raise AssertionError(name)
+
+
+def sweep_strategies(cfg: RunConfig, general: Task | None = None) -> list[Strategy]:
+    out = []
+    for g in cfg.sweep_granularity:
+        for b in cfg.sweep_budget:
+            for ps in cfg.sweep_probe_steps:
+                kw = {**_trace_kwargs(cfg, general), "probe_steps": ps}
+                out.append(Trace(cfg.select_config(granularity=g, budget=b),
+                                 name=f"trace[{g},{b:g},p{ps}]", **kw))
+    return out
+
+
+def load_config_file(path: str | Path) -> dict:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"--config {path}: no such file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"--config {path}: {e}") from None
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+# ---- command-line flags ----------------------------------------------------------------
+
+def _list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in _list(text)]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in _list(text)]
+
+
+# flag -> (RunConfig field, type, help)
+RUN_FLAGS = {
+    "--tasks": ("tasks", _list, "comma-separated built-in skills or task directories, in order"),
+    "--strategies": ("strategies", _list, "comma-separated: trace, trace_paper, trace_element, "
+                     "trace_row, trace_tensor, seqft, lora, ewc, replay, mtl"),
+    "--model": ("model", str, "'builtin' or a local Hugging Face causal-LM directory"),
+    "--size": ("size", str, "built-in model size: tiny, small, medium"),
+    "--dtype": ("dtype", str, "float32, bfloat16 or float16 (--model only)"),
+    "--device": ("device", str, "cpu or cuda"),
+    "--cache-dir": ("cache_dir", str, "where the built-in base model is cached (default ~/.cache/trace-ft)"),
+    "--steps": ("steps", int, "training steps per task"),
+    "--batch-size": ("batch_size", int, "examples per step"),
+    "--lr": ("lr", float, "peak learning rate (all strategies unless overridden)"),
+    "--schedule": ("schedule", str, "cosine, linear or constant after warmup"),
+    "--n-train": ("n_train", int, "training examples per task (built-in: generated)"),
+    "--n-test": ("n_test", int, "test examples per task"),
+    "--seed": ("seed", int, "seed for data, initialisation and sampling"),
+    "--threads": ("threads", int, "CPU threads for torch"),
+    "--budget": ("trace_budget", float, "trace: core budget, fraction of eligible elements"),
+    "--granularity": ("trace_granularity", str, "trace: element, row, tensor or a block size"),
+    "--probe-steps": ("trace_probe_steps", int, "trace: warm-start probe steps"),
+    "--probe-lr": ("trace_probe_lr", float, "trace: probe learning rate (default: --lr)"),
+    "--trace-lr": ("trace_lr", float, "trace: learning rate on the core"),
+    "--threshold": ("trace_threshold", float, "trace: specificity threshold (max cosine)"),
+    "--specificity-unit": ("trace_specificity_unit", str, "trace: where the cosine with earlier "
+                           "tasks is measured: block, row or tensor"),
+    "--sketch-dim": ("trace_sketch_dim", int, "trace: keep earlier updates as count sketches of "
+                     "this many values per block (default: exact)"),
+    "--protect": ("trace_protect", float, "trace: interference guard strength (0 off)"),
+    "--protect-base": ("trace_protect_base", lambda x: x.lower() in ("1", "true", "yes", "on"),
+                       "trace: also guard the base skill (true/false)"),
+    "--lora-lr": ("lora_lr", float, "lora: learning rate"),
+    "--lora-rank": ("lora_rank", int, "lora: rank"),
+    "--ewc-lambda": ("ewc_lambda", float, "ewc: penalty strength"),
+    "--replay-buffer": ("replay_buffer", int, "replay: examples kept per earlier task"),
+    "--sweep-granularity": ("sweep_granularity", _list, "--sweep: granularities"),
+    "--sweep-budget": ("sweep_budget", _floats, "--sweep: budgets"),
+    "--sweep-probe-steps": ("sweep_probe_steps", _ints, "--sweep: probe lengths"),
+}
+
+
+def _shown(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def add_settings(parser: argparse.ArgumentParser, skip=frozenset()) -> None:
+    """The RunConfig flags. Their argparse default is None (unset), so --config and then
+    RunConfig's own defaults apply; the help shows RunConfig's default."""
+    defaults = RunConfig()
+    for flag, (dest, typ, text) in RUN_FLAGS.items():
+        if dest not in skip:
+            default = getattr(defaults, dest)
+            shown = "" if default is None else f" (default: {_shown(default)})"
+            parser.add_argument(flag, dest=dest, type=typ, default=None, help=text + shown,
+                                metavar=flag[2:].upper().replace("-", "_"))
+
+
+# `run` flags that mean nothing for one task added to a history
+# (--lr too: the core's learning rate is --trace-lr, and the probe's --probe-lr)
+ADAPT_SKIPS = {"tasks", "strategies", "lr", "lora_lr", "lora_rank", "ewc_lambda", "replay_buffer",
+               "trace_protect_base", "sweep_granularity", "sweep_budget", "sweep_probe_steps"}
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The RunConfig of a parsed command line: defaults, then --config, then flags."""
+    data = load_config_file(args.config) if args.config else {}
+    for dest, _, _ in RUN_FLAGS.values():
+        value = getattr(args, dest, None)
+        if value is not None:
+            data[dest] = value
+    cfg = RunConfig.from_dict(data)
+    if cfg.threads is None:
+        cfg.threads = default_threads()
+    return cfg

@@ -1,0 +1,129 @@
+"""What a run leaves behind: results.json, report.md (the comparison table and every
+accuracy matrix) and accuracy.png (one heatmap per strategy)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from ..store.atomic import write_bytes
+
+COLUMNS = ("AP", "BWT", "FWT", "forgetting", "plasticity", "base_change")
+
+
+def _fmt(v, digits: int = 1) -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def summary_table(results: dict) -> str:
+    head = ("| strategy | AP | BWT | FWT | forgetting | plasticity | base Δ | trainable % "
+            "| optimizer state | time (s) | peak memory |")
+    lines = [head, "|" + "|".join(["---"] * 11) + "|"]
+    for name, r in results["strategies"].items():
+        m, c = r["metrics"], r["costs"]
+        lines.append(
+            f"| {name} | " + " | ".join(_fmt(m[k]) for k in COLUMNS)
+            + f" | {100 * c['trainable_fraction']:.2f} | {_bytes(c['state_bytes'])} "
+            f"| {c['seconds']:.0f} | {_bytes(c['peak_memory_bytes'])} |")
+    return "\n".join(lines)
+
+
+def matrix_table(results: dict, name: str) -> str:
+    cols = results["columns"]
+    first = results["first_task_column"]
+    header = "| after \\ on | " + " | ".join(
+        (f"{c} (task 0)" if i < first else c) for i, c in enumerate(cols)) + " |"
+    lines = [header, "|" + "|".join(["---"] * (len(cols) + 1)) + "|"]
+    tasks = cols[first:]
+    for j, row in enumerate(results["strategies"][name]["matrix"]):
+        label = "start" if j == 0 else f"{j}: {tasks[j - 1]}"
+        if all(v is None for v in row):
+            continue
+        lines.append(f"| {label} | " + " | ".join(_fmt(v) for v in row) + " |")
+    return "\n".join(lines)
+
+
+def markdown(results: dict) -> str:
+    cfg = results["config"]
+    v = results["versions"]
+    parts = [
+        "# trace-ft run",
+        "",
+        f"Model `{results['model']}` ({results['total_params']:,} parameters); tasks in order: "
+        f"{', '.join(results['columns'][results['first_task_column']:])}; "
+        f"{cfg['steps']} steps per task, batch {cfg['batch_size']}, lr {cfg['lr']:g} "
+        f"({cfg['schedule']}, warmup {cfg['warmup']:g}), seed {cfg['seed']}. "
+        f"torch {v['torch']}, transformers {v['transformers']}, trace_kernels {v['trace_kernels']}; "
+        f"{results['seconds']:.0f} s in all.",
+        "",
+        "Scores are exact-match accuracy (%) on held-out test examples, greedy decoding. "
+        "AP: mean over the tasks after the last one. BWT: mean of (final − just after "
+        "learning) over all but the last task. FWT: score before a task's training minus the "
+        "untrained model's. forgetting: mean of (best earlier − final). plasticity: mean score "
+        "right after each task's own training. base Δ: change of task 0 (the base skill the "
+        "model was pretrained on). trainable %: elements the optimizer may change, of all "
+        "parameters, mean over tasks. mtl trains on all tasks jointly, so it has only a final "
+        "row. Optimizer state: largest over the tasks (EWC includes its Fisher and anchor). "
+        + results.get("memory_note", "") + ".",
+        "",
+        summary_table(results),
+        "",
+        "## Accuracy matrices",
+        "",
+    ]
+    for name, r in results["strategies"].items():
+        parts += [f"### {name}", "", f"settings: `{json.dumps(r['config'])}`", "",
+                  matrix_table(results, name), ""]
+    return "\n".join(parts)
+
+
+def heatmaps(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = list(results["strategies"])
+    cols = results["columns"]
+    n = len(names)
+    ncol = min(3, n)
+    nrow = math.ceil(n / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.4 * ncol + 0.8, 3.2 * nrow), squeeze=False,
+                             constrained_layout=True)
+    for ax, name in zip(axes.flat, names):
+        m = np.array([[np.nan if v is None else v for v in row]
+                      for row in results["strategies"][name]["matrix"]], dtype=float)
+        im = ax.imshow(m, vmin=0, vmax=100, cmap="viridis", aspect="auto")
+        joint = bool(np.isnan(m[1:-1]).all()) and m.shape[0] > 2
+        ax.set_title(name + (" (joint training: start and end only)" if joint else ""), fontsize=8)
+        ax.set_xticks(range(len(cols)), cols, rotation=45, fontsize=7)
+        ax.set_yticks(range(m.shape[0]), ["start"] + cols[results["first_task_column"]:], fontsize=7)
+        ax.set_xlabel("scored on", fontsize=7)
+        ax.set_ylabel("after training on", fontsize=7)
+        for (j, i), v in np.ndenumerate(m):
+            if not np.isnan(v):
+                ax.text(i, j, f"{v:.0f}", ha="center", va="center", fontsize=6,
+                        color="white" if v < 60 else "black")
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.colorbar(im, ax=axes, shrink=0.8, label="accuracy (%)")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(results: dict, out: Path) -> None:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_bytes(out / "results.json", json.dumps(results, indent=1).encode())
+    write_bytes(out / "report.md", markdown(results).encode())
+    heatmaps(results, out / "accuracy.png")

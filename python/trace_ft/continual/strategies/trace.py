@@ -1,0 +1,127 @@
+"""TRACE as a strategy of the continual bench: the steps of `TracePipeline` on the task's
+batches, the core trained with the project's training loop.
+
+Per task: a warm-start probe (Δ and Fisher) from the current weights; a core chosen by
+importance and specificity that avoids earlier tasks' cores; then the task's full
+schedule with `MaskedAdamW` on the core only. Tensors without a core element get
+``requires_grad=False`` for the task, so backward does not compute their gradients. Δ of
+every task (exact, or count-sketched when `sketch_dim` is set) and its core are kept for
+the next task's specificity and exclusion.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+from trace_kernels import CoreMask, MaskedAdamW
+
+from ...lm.train import load_optimizer_state, train_loop
+from ...method.pipeline import TracePipeline, freeze_outside, restore_flags
+from ...method.probe import DEFAULT_EXCLUDE, ProbeResult
+from ...method.select import EarlierTask, Selection, SelectConfig
+from .base import Context, Strategy, TaskCost, final_loss, optimizer_state_bytes
+
+
+class Trace(Strategy):
+    name = "trace"
+
+    def __init__(self, select: SelectConfig | None = None, probe_steps: int = 50,
+                 probe_lr: float | None = None, lr: float | None = None,
+                 sketch_dim: int | None = None, exclude=DEFAULT_EXCLUDE,
+                 fisher_batches: int = 20, general=None, name: str = "trace") -> None:
+        super().__init__(lr)
+        self.pipeline = TracePipeline(select, probe_steps=probe_steps, probe_lr=probe_lr,
+                                      sketch_dim=sketch_dim, exclude=exclude,
+                                      fisher_batches=fisher_batches)
+        self.general = general   # a Task of general ability whose Fisher is protected too
+        self.name = name
+        self.selections: list[dict] = []
+
+    @property
+    def history(self) -> list[EarlierTask]:
+        return self.pipeline.history
+
+    @history.setter
+    def history(self, earlier: list[EarlierTask]) -> None:
+        self.pipeline.history = list(earlier)
+
+    def config(self) -> dict:
+        return {"lr": self.lr, **self.pipeline.config(),
+                "protect_general": None if self.general is None else self.general.name}
+
+    def learn(self, ctx: Context, index, task, seen) -> TaskCost:
+        self.protect_general(ctx, index)
+        result, sel = self.probe_and_select(ctx, index, task)
+        losses, state = self.train_core(ctx, index, task, sel.mask)
+        self.remember(ctx, index, task, sel.mask, result)
+        return self.cost(sel.mask, state, losses)
+
+    # The steps of `learn`, also used one by one by `trace-ft adapt` (which checkpoints
+    # between them), so both give the same numbers.
+    def protect_general(self, ctx: Context, index: int) -> None:
+        if self.pipeline.guarded and index == 1 and self.general is not None:
+            self.history.append(EarlierTask(fisher=self._fisher(ctx, self.general, salt=30_000)))
+
+    def _fisher(self, ctx: Context, task, salt: int) -> dict:
+        return self.pipeline.fisher(ctx.model, ctx.batches([task], self.pipeline.fisher_batches, salt=salt))
+
+    def probe_and_select(self, ctx: Context, index: int, task) -> tuple[ProbeResult, Selection]:
+        """The warm-start probe from the current weights, and the core chosen against
+        `self.history`."""
+        cfg = self.train_config(ctx)
+        return self.pipeline.probe_and_select(
+            ctx.model, ctx.batches([task], self.pipeline.probe_steps, salt=10_000 + index),
+            lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+            max_grad_norm=cfg.max_grad_norm,
+            progress=ctx.progress and f"{self.desc(ctx, index, task)} (probe)")
+
+    def train_core(self, ctx: Context, index: int, task, core: CoreMask, *, start_step: int = 0,
+                   optimizer_state: dict | None = None,
+                   on_step: Callable[[int, list[float], MaskedAdamW], None] | None = None,
+                   ) -> tuple[list[float], int]:
+        """The task's schedule with MaskedAdamW on `core` only; returns the losses of the
+        steps run and the optimizer's state bytes. To resume, restore the weights of step
+        `start_step` and pass the optimizer's state_dict of that step."""
+        cfg = self.train_config(ctx)
+        if not core.nonempty():
+            return [], 0
+        model = ctx.model
+        opt = self.pipeline.optimizer(model, core, lr=cfg.lr, betas=cfg.betas,
+                                      weight_decay=cfg.weight_decay)
+        if optimizer_state is not None:
+            load_optimizer_state(opt, optimizer_state)
+        flags = freeze_outside(model, core)
+        try:
+            batches = itertools.islice(ctx.batches([task], cfg.steps, salt=index), start_step, None)
+            losses = train_loop(model, opt, batches, cfg, desc=self.desc(ctx, index, task),
+                                progress=ctx.progress, start_step=start_step,
+                                on_step=None if on_step is None else
+                                (lambda done, ls: on_step(done, ls, opt)))
+            return losses, optimizer_state_bytes(opt)
+        finally:
+            restore_flags(flags)
+
+    def trained_fisher(self, ctx: Context, index: int, task) -> dict:
+        """With the guard on, the task's Fisher after its training (what later tasks'
+        selection protects); otherwise nothing."""
+        return self._fisher(ctx, task, salt=20_000 + index) if self.pipeline.guarded else {}
+
+    def remember(self, ctx: Context, index: int, task, core: CoreMask, result: ProbeResult) -> EarlierTask:
+        """Record the task for later tasks' selection: its update (exact or sketched), its
+        core and, with the guard on, its Fisher after training."""
+        earlier = self.pipeline.remember(core, self.recorded_updates(result.deltas, core),
+                                         self.trained_fisher(ctx, index, task))
+        self.selections.append({"task": task.name, "core_elements": core.numel_selected,
+                                "eligible_elements": core.numel,
+                                "tensors": sum(1 for e in core.values() if e.num_selected),
+                                "probe_loss": result.losses[-1]})
+        return earlier
+
+    @staticmethod
+    def cost(core: CoreMask, state_bytes: int, losses: list[float]) -> TaskCost:
+        return TaskCost(trainable=core.numel_selected, state_bytes=state_bytes,
+                        final_loss=final_loss(losses), extra={"eligible": core.numel})
+
+    def recorded_updates(self, deltas, core: CoreMask) -> dict:
+        return self.pipeline.recorded_updates(deltas, core)

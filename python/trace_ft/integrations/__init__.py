@@ -1,0 +1,1 @@
+"""TRACE inside other training stacks (hf: the Hugging Face Trainer)."""

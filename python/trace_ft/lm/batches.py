@@ -1,0 +1,135 @@
+"""Examples → tensors: training batches (loss on answer tokens only) and seeded samplers."""
+
+from __future__ import annotations
+
+import inspect
+import random
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from ..tasks import Example
+from .text import Codec
+
+IGNORE = -100
+
+
+class EncodedSet:
+    """A task's examples tokenised once: prompt ids (with bos) and answer ids (with eos)."""
+
+    def __init__(self, examples: Sequence[Example], codec: Codec, max_len: int | None = None) -> None:
+        bos = [] if codec.bos_id is None else [codec.bos_id]
+        self.examples = list(examples)
+        self.prompts = [bos + codec.encode(e.prompt) for e in self.examples]
+        self.answers = [codec.encode(e.answer) + [codec.eos_id] for e in self.examples]
+        self.pad_id = codec.pad_id
+        if max_len is not None:  # keep the answer, cut the prompt from the left
+            for i, (p, a) in enumerate(zip(self.prompts, self.answers)):
+                if len(p) + len(a) > max_len:
+                    self.prompts[i] = p[-(max_len - len(a)):] if len(a) < max_len else p[:1]
+                    self.answers[i] = a[:max_len - len(self.prompts[i])]
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        """Example i's ids, so the set serves a DataLoader or a Trainer as a dataset
+        (`collate` pads a list of rows into a batch)."""
+        return {"prompt": self.prompts[i], "answer": self.answers[i]}
+
+    def collate(self, rows: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        return right_padded([r["prompt"] for r in rows], [r["answer"] for r in rows], self.pad_id)
+
+    def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        return self.collate([self[i] for i in indices])
+
+
+def right_padded(prompts: Sequence[list[int]], answers: Sequence[list[int]],
+                 pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (prompt and padding
+    ignored), the layout a Hugging Face causal LM takes for its loss."""
+    seqs = [p + a for p, a in zip(prompts, answers)]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, (s, p) in enumerate(zip(seqs, prompts)):
+        ids[r, :len(s)] = torch.tensor(s)
+        labels[r, len(p):len(s)] = torch.tensor(s[len(p):])
+        mask[r, :len(s)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def sample_batches(sets: Sequence[EncodedSet], batch_size: int, steps: int, seed: int,
+                   weights: Sequence[float] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """`steps` batches. One set: shuffled epochs. Several sets: each row drawn from set k
+    with probability weights[k] (default: by size), then an example uniformly in it."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not sets or any(len(s) == 0 for s in sets):
+        raise ValueError("cannot sample training batches from an empty set of examples")
+    rng = random.Random(seed)
+    if len(sets) == 1:
+        order: list[int] = []
+        for _ in range(steps):
+            if len(order) < batch_size:
+                fresh = list(range(len(sets[0])))
+                rng.shuffle(fresh)
+                order += fresh
+            take, order = order[:batch_size], order[batch_size:]
+            yield sets[0].batch(take)
+        return
+    w = list(weights) if weights is not None else [len(s) for s in sets]
+    for _ in range(steps):
+        picks = rng.choices(range(len(sets)), weights=w, k=batch_size)
+        rows = [(k, rng.randrange(len(sets[k]))) for k in picks]
+        yield right_padded([sets[k].prompts[i] for k, i in rows],
+                           [sets[k].answers[i] for k, i in rows], sets[0].pad_id)
+
+
+@torch.no_grad()
+def greedy_decode(model, enc: EncodedSet, batch_size: int = 256, max_new_tokens: int | None = None,
+                  eos_id: int | None = None) -> list[list[int]]:
+    """Greedy continuation of every prompt (left-padded batches, KV cache), stopping at eos
+    or `max_new_tokens` (default: the longest reference answer + 1)."""
+    if max_new_tokens is None:
+        max_new_tokens = max(len(a) for a in enc.answers) + 1
+    device = next(model.parameters()).device
+    # transformers 5 calls the KV cache `cache`; 4.x calls it `past_key_values`
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    was_training = model.training
+    model.eval()
+    outs: list[list[int]] = []
+    try:
+        for b0 in range(0, len(enc), batch_size):
+            prompts = enc.prompts[b0:b0 + batch_size]
+            width = max(len(p) for p in prompts)
+            ids = torch.full((len(prompts), width), enc.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(prompts), width), dtype=torch.long)
+            for r, p in enumerate(prompts):
+                ids[r, width - len(p):] = torch.tensor(p)
+                mask[r, width - len(p):] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            pos = (mask.cumsum(1) - 1).clamp_min(0)
+            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+            gen = torch.empty((len(prompts), 0), dtype=torch.long, device=device)
+            done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+            for _ in range(max_new_tokens):
+                nxt = out.logits[:, -1].argmax(-1)
+                gen = torch.cat([gen, nxt[:, None]], 1)
+                if eos_id is not None:
+                    done |= nxt == eos_id
+                    if bool(done.all()):
+                        break
+                mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], 1)
+                pos = pos[:, -1:] + 1
+                past = out.get("cache", None) or out.get("past_key_values", None)
+                out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
+                            use_cache=True, **{cache_kw: past})
+            for row in gen.tolist():
+                if eos_id is not None and eos_id in row:
+                    row = row[:row.index(eos_id)]
+                outs.append(row)
+    finally:
+        model.train(was_training)
+    return outs

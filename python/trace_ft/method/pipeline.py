@@ -1,0 +1,137 @@
+"""One task through TRACE, assembled once: probe → select → train the core → remember.
+
+`TracePipeline` holds the method's settings and what it knows of earlier tasks
+(`history`). Whoever trains drives it:
+- the `trace` strategy of `trace-ft run` trains the core with the project's loop;
+- `trace-ft adapt` drives the same strategy and checkpoints between the steps;
+- `trace_ft.integrations.hf.trace_optimizer` hands the core optimizer to a Trainer.
+
+Training itself is not here: the pipeline gives the optimizer over the core (`optimizer`,
+with every other tensor frozen by `freeze_outside`), and records the task afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict
+
+import torch
+from torch import Tensor, nn
+
+from trace_kernels import CoreMask, MaskedAdamW
+
+from .probe import DEFAULT_EXCLUDE, ProbeResult, default_loss, eligible_parameters, empirical_fisher, probe
+from .select import EarlierTask, Selection, SelectConfig, select_core, specificity_size
+from .sketch import BlockSketch, sketch_update
+
+
+def record_updates(deltas: dict[str, Tensor], core: CoreMask, sketch_dim: int | None,
+                   unit: str = "block") -> dict[str, Tensor | BlockSketch]:
+    """What a history keeps of a task's probe update: exact, or count-sketched per
+    specificity unit (so later tasks' cosines are measured on the same units)."""
+    if sketch_dim is None:
+        return dict(deltas)
+    return {n: sketch_update(d, n, specificity_size(core[n].shape, core[n].block_size, unit), sketch_dim)
+            for n, d in deltas.items()}
+
+
+def freeze_outside(model: nn.Module, core: CoreMask) -> list[tuple[nn.Parameter, bool]]:
+    """``requires_grad`` only on the tensors that hold core elements, so backward computes
+    no other weight gradient. Returns the previous flags (for `restore_flags`)."""
+    live = core.nonempty()
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in live)
+    return flags
+
+
+def restore_flags(flags: Sequence[tuple[nn.Parameter, bool]]) -> None:
+    for p, flag in flags:
+        p.requires_grad_(flag)
+
+
+class TracePipeline:
+    """The TRACE method for one task after another.
+
+    select: the selection rule (`SelectConfig`); probe_steps / probe_lr: the warm-start
+    probe (lr defaults to the training lr); sketch_dim: keep earlier updates as count
+    sketches of this many values per unit (None: exact); exclude: name patterns that are
+    never eligible; fisher_batches: batches of the Fisher estimate the guard stores.
+    """
+
+    def __init__(self, select: SelectConfig | None = None, *, probe_steps: int = 50,
+                 probe_lr: float | None = None, sketch_dim: int | None = None,
+                 exclude: Sequence[str] = DEFAULT_EXCLUDE, fisher_batches: int = 20) -> None:
+        self.select_config = select or SelectConfig()
+        self.select_config.validate()
+        if probe_steps < 1:
+            raise ValueError(f"probe_steps must be >= 1, got {probe_steps}")
+        if sketch_dim is not None and sketch_dim < 1:
+            raise ValueError(f"sketch_dim must be >= 1, got {sketch_dim}")
+        self.probe_steps = probe_steps
+        self.probe_lr = probe_lr
+        self.sketch_dim = sketch_dim
+        self.exclude = tuple(exclude)
+        self.fisher_batches = fisher_batches
+        self.history: list[EarlierTask] = []
+
+    def config(self) -> dict:
+        return {"probe_steps": self.probe_steps, "probe_lr": self.probe_lr,
+                "sketch_dim": self.sketch_dim, "fisher_batches": self.fisher_batches,
+                "select": asdict(self.select_config)}
+
+    @property
+    def guarded(self) -> bool:
+        """Whether selection uses earlier tasks' Fisher diagonals (the interference guard)."""
+        return self.select_config.method == "trace" and self.select_config.protect > 0
+
+    # -- 1. probe and select --
+    def probe_and_select(self, model: nn.Module, batches: Iterable, *, lr: float,
+                         betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                         weight_decay: float = 0.0, max_grad_norm: float | None = None,
+                         loss_fn: Callable[[nn.Module, object], Tensor] = default_loss,
+                         backend: str | None = None,
+                         progress: bool | str = False) -> tuple[ProbeResult, Selection]:
+        """The warm-start probe from the model's current weights (left exactly as they
+        were), and the core chosen against `history`. `lr` is the training lr; the probe
+        uses `probe_lr` when set."""
+        result = probe(model, batches, self.probe_steps, self.probe_lr or lr, betas=betas, eps=eps,
+                       weight_decay=weight_decay, exclude=self.exclude,
+                       max_grad_norm=max_grad_norm, loss_fn=loss_fn, backend=backend,
+                       progress=progress)
+        return result, select_core(result, self.history, self.select_config)
+
+    # -- 2. the optimizer over the core --
+    @staticmethod
+    def optimizer(model: nn.Module, core: CoreMask, *, lr: float,
+                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                  weight_decay: float = 0.0, backend: str | None = None) -> MaskedAdamW:
+        """`MaskedAdamW` over the tensors that hold core elements (raises if the core is
+        empty or does not fit the model). Freezing the others is `freeze_outside`'s."""
+        params = dict(model.named_parameters())
+        core.check_shapes({n: tuple(p.shape) for n, p in params.items()}, "the core")
+        live = core.nonempty()
+        if not live:
+            raise ValueError("the core is empty: nothing would be trained (raise the budget)")
+        return MaskedAdamW([(n, p) for n, p in params.items() if n in live], lr=lr, betas=betas,
+                           eps=eps, weight_decay=weight_decay, masks=live, backend=backend)
+
+    # -- 3. after training --
+    def fisher(self, model: nn.Module, batches: Iterable,
+               loss_fn: Callable[[nn.Module, object], Tensor] = default_loss) -> dict[str, Tensor]:
+        """The Fisher diagonal at the current weights over the eligible tensors, in bf16:
+        what the guard of later tasks protects."""
+        names = [n for n, _ in eligible_parameters(model, exclude=self.exclude)]
+        return {n: f.to(torch.bfloat16) for n, f in empirical_fisher(
+            model, batches, self.fisher_batches, loss_fn=loss_fn, names=names).items()}
+
+    def recorded_updates(self, deltas: dict[str, Tensor], core: CoreMask) -> dict:
+        """What the history keeps of the probe's update (see `record_updates`)."""
+        return record_updates(deltas, core, self.sketch_dim, self.select_config.specificity_unit)
+
+    def remember(self, core: CoreMask, updates: dict, fisher: dict | None = None) -> EarlierTask:
+        """Record a finished task for later tasks' selection: its core, its update (as
+        `recorded_updates` gives it) and, with the guard on, its Fisher diagonal."""
+        earlier = EarlierTask(updates=updates, core=core, fisher=fisher or {})
+        self.history.append(earlier)
+        return earlier

@@ -1,0 +1,10 @@
+"""Tasks: `Task` and `Example` (base), the built-in suite (builtin), task directories in
+the TRACE-benchmark layout (files)."""
+
+from .base import SCORERS, Example, Task
+from .builtin import BASE, BASE_OPS, DEFAULT_ORDER, SKILLS, builtin_suite, builtin_task
+from .files import TaskFormatError, load_task_dir, read_examples, resolve_tasks
+
+__all__ = ["SCORERS", "Example", "Task", "BASE", "BASE_OPS", "DEFAULT_ORDER", "SKILLS",
+           "builtin_suite", "builtin_task", "TaskFormatError", "load_task_dir", "read_examples",
+           "resolve_tasks"]

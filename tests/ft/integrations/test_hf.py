@@ -1,0 +1,101 @@
+"""TRACE inside a Hugging Face Trainer: only core elements move, under the Trainer's own
+scheduler, clipping and gradient accumulation; checkpoints carry the core; a resumed run
+ends where an uninterrupted one does; the task lands in the history."""
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+import torch
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+
+from trace_ft.lm.batches import EncodedSet
+from trace_ft.integrations.hf import CORE_FILE, TraceCallback, load_core, trace_optimizer
+from trace_ft.store.history import TaskHistory
+from trace_ft.lm.model import BuiltinSpec, builtin_config, quiet_transformers
+from trace_ft.tasks import builtin_task
+from trace_ft.lm.text import CharTokenizer
+
+
+def fresh_model():
+    from transformers import LlamaForCausalLM
+
+    quiet_transformers()
+    torch.manual_seed(0)
+    spec = BuiltinSpec(hidden=32, layers=2, heads=2, intermediate=64)
+    return LlamaForCausalLM(builtin_config(spec, CharTokenizer().vocab_size))
+
+
+def trainer_for(model, opt, out, callbacks=()):
+    from transformers import Trainer, TrainingArguments
+
+    task = builtin_task("rev", n_train=64, n_test=8)
+    args = TrainingArguments(
+        output_dir=str(out), max_steps=6, per_device_train_batch_size=4,
+        gradient_accumulation_steps=2, learning_rate=1e-2, lr_scheduler_type="cosine",
+        warmup_steps=1, max_grad_norm=1.0, save_strategy="steps", save_steps=3,
+        logging_steps=1, report_to="none", use_cpu=True, seed=0, data_seed=0,
+        remove_unused_columns=False, disable_tqdm=True, save_only_model=False)
+    ds = EncodedSet(task.train, CharTokenizer())
+    return Trainer(model=model, args=args, train_dataset=ds, data_collator=ds.collate,
+                   optimizers=(opt, None), callbacks=list(callbacks)), task
+
+
+@pytest.mark.slow
+def test_trainer_trains_only_the_core_and_resumes(tmp_path):
+    model = fresh_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    task = builtin_task("rev", n_train=64, n_test=8)
+    ds = EncodedSet(task.train, CharTokenizer())
+    probe_batches = list(DataLoader(ds, batch_size=8, collate_fn=ds.collate))
+    # the two added lines
+    opt = trace_optimizer(model, probe_batches, lr=1e-2, probe_steps=3, budget=0.05)
+    trainer, task = trainer_for(model, opt, tmp_path / "run",
+                                [TraceCallback(opt, history=tmp_path / "h", task="rev", test=task.test)])
+    trainer.train()
+
+    core = opt.trace.core
+    assert 0 < core.numel_selected <= 0.05 * core.numel + 1
+    moved = 0
+    for n, p in model.named_parameters():
+        changed = p.detach() != before[n]
+        inside = core.to_dense(n) if n in core else torch.zeros_like(changed)
+        assert not (changed & ~inside).any(), f"{n}: an element outside the core moved"
+        moved += int((changed & inside).sum())
+    assert moved > 0.9 * core.numel_selected
+    lrs = [e["learning_rate"] for e in trainer.state.log_history if "learning_rate" in e]
+    assert len(set(lrs)) > 3 and lrs[-1] < max(lrs)  # the Trainer's cosine schedule drove it
+
+    ckpt = tmp_path / "run" / "checkpoint-3"
+    assert (ckpt / "optimizer.pt").is_file() and load_core(ckpt) == core
+    hist = TaskHistory.open(tmp_path / "h", model)
+    assert hist.names == ["rev"] and hist.record(0).core == core
+
+    # resume from step 3 with the saved core (no second probe): same end point
+    resumed_model = fresh_model()
+    opt2 = trace_optimizer(resumed_model, lr=1e-2, core=load_core(ckpt))
+    trainer2, _ = trainer_for(resumed_model, opt2, tmp_path / "resumed", [TraceCallback(opt2)])
+    trainer2.train(resume_from_checkpoint=str(ckpt))
+    final = dict(resumed_model.named_parameters())
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), final[n].detach()), n
+    assert (tmp_path / "resumed" / "checkpoint-6" / CORE_FILE).is_file()
+    saved = load_file(str(tmp_path / "run" / "checkpoint-6" / "model.safetensors"))
+    assert all(torch.equal(saved[n], p.detach()) for n, p in model.named_parameters() if n in saved)
+
+
+def test_trace_optimizer_refuses_bad_input():
+    model = fresh_model()
+    with pytest.raises(ValueError, match="needs probe_batches"):
+        trace_optimizer(model, lr=1e-3)
+    from trace_kernels import CoreMask
+
+    with pytest.raises(ValueError, match="does not have"):
+        trace_optimizer(model, lr=1e-3, core=CoreMask.from_dense({"nope.weight": torch.ones(2, 2, dtype=torch.bool)}))
+    with pytest.raises(ValueError, match="core is empty"):
+        trace_optimizer(model, lr=1e-3, core=CoreMask.from_dense(
+            {"model.layers.0.mlp.up_proj.weight": torch.zeros(64, 32, dtype=torch.bool)}))
+    with pytest.raises(TypeError, match="optimizer returned by trace_optimizer"):
+        TraceCallback(torch.optim.AdamW(model.parameters()))

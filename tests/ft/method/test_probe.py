@@ -1,0 +1,118 @@
+"""trace_ft.method.probe: the warm-start probe trains like AdamW, accumulates the Fisher
+diagonal, and leaves the model exactly as it was."""
+
+import copy
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import bits
+from trace_ft import eligible_parameters, probe
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(11, 16)
+        self.proj = nn.Linear(16, 24)
+        self.norm = nn.LayerNorm(24)
+        self.out = nn.Linear(24, 5, bias=False)
+
+    def forward(self, x, y):
+        logits = self.out(self.norm(self.proj(self.embed(x)).relu())).mean(1)
+        return nn.functional.cross_entropy(logits, y)
+
+
+def tiny_batches(gen, n=4):
+    return [{"x": torch.randint(0, 11, (8, 6), generator=gen), "y": torch.randint(0, 5, (8,), generator=gen)}
+            for _ in range(n)]
+
+
+def loss_fn(model, batch):
+    return model(batch["x"], batch["y"])
+
+
+def test_eligibility_defaults_and_patterns():
+    names = [n for n, _ in eligible_parameters(Tiny())]
+    assert names == ["proj.weight", "out.weight"]  # no embedding, norm or bias
+    names = [n for n, _ in eligible_parameters(Tiny(), include=[r"proj"], exclude=())]
+    assert names == ["proj.weight", "proj.bias"]
+
+
+def test_probe_restores_the_model_exactly(gen):
+    model = Tiny()
+    model.eval()
+    model.norm.weight.requires_grad_(False)
+    model.out.weight.grad = torch.randn(5, 24, generator=gen)
+    before = copy.deepcopy(model.state_dict())
+    grad_before = model.out.weight.grad.clone()
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    result = probe(model, tiny_batches(gen), steps=7, lr=1e-2, loss_fn=loss_fn)
+    for n, t in model.state_dict().items():
+        assert torch.equal(bits(t), bits(before[n])), n
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert torch.equal(model.out.weight.grad, grad_before)
+    assert model.proj.weight.grad is None and not model.training
+    assert set(result.deltas) == {"proj.weight", "out.weight"}
+    assert result.steps == 7 and len(result.losses) == 7
+    assert all(d.abs().sum() > 0 for d in result.deltas.values())
+
+
+def test_probe_matches_torch_adamw_and_mean_squared_grads(gen):
+    model = Tiny()
+    twin = copy.deepcopy(model)
+    batches = tiny_batches(gen, 3)
+    result = probe(model, batches, steps=5, lr=3e-3, weight_decay=0.0, loss_fn=loss_fn)
+    params = dict(twin.named_parameters())
+    chosen = [params["proj.weight"], params["out.weight"]]
+    for n, p in twin.named_parameters():
+        p.requires_grad_(n in ("proj.weight", "out.weight"))
+    start = [p.detach().clone() for p in chosen]
+    opt = torch.optim.AdamW(chosen, lr=3e-3, weight_decay=0.0)
+    sq = [torch.zeros_like(p) for p in chosen]
+    for step in range(5):
+        opt.zero_grad()
+        loss_fn(twin, batches[step % 3]).backward()
+        for s, p in zip(sq, chosen):
+            s += p.grad.square()
+        opt.step()
+    for name, p, p0, s in zip(("proj.weight", "out.weight"), chosen, start, sq):
+        delta = p.detach() - p0
+        assert (result.deltas[name] - delta).norm() / delta.norm() < 1e-5
+        torch.testing.assert_close(result.fisher[name], s / 5, rtol=1e-5, atol=1e-12)
+
+
+def test_probe_offload_and_bf16_deltas(gen):
+    model = Tiny()
+    batches = tiny_batches(gen)
+    r32 = probe(copy.deepcopy(model), batches, steps=3, lr=1e-2, loss_fn=loss_fn)
+    r16 = probe(model, batches, steps=3, lr=1e-2, loss_fn=loss_fn,
+                offload_device="cpu", delta_dtype=torch.bfloat16)
+    assert r16.deltas["proj.weight"].dtype == torch.bfloat16
+    assert r16.fisher["proj.weight"].dtype == torch.float32
+    torch.testing.assert_close(r16.deltas["proj.weight"].float(), r32.deltas["proj.weight"],
+                               rtol=1e-2, atol=1e-6)
+    assert torch.equal(r16.fisher["proj.weight"], r32.fisher["proj.weight"])
+
+
+def test_probe_errors(gen):
+    with pytest.raises(ValueError, match="no eligible parameters"):
+        probe(Tiny(), tiny_batches(gen), steps=2, lr=1e-2, loss_fn=loss_fn, include=[r"nothing"])
+    model = Tiny()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="ran out"):
+        probe(model, [], steps=2, lr=1e-2, loss_fn=loss_fn)
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
+
+
+def test_probe_of_a_10m_parameter_model_is_fast(gen):
+    model = nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(10)])
+    assert sum(p.numel() for p in model.parameters()) > 10_000_000
+    x = torch.randn(16, 1024, generator=gen)
+    t0 = time.perf_counter()
+    result = probe(model, [x], steps=20, lr=1e-4, loss_fn=lambda m, b: m(b).square().mean())
+    elapsed = time.perf_counter() - t0
+    assert result.numel == 10 * 1024 * 1024
+    assert elapsed < 30, f"20-step probe of 10M parameters took {elapsed:.1f} s"

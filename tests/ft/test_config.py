@@ -1,0 +1,59 @@
+"""trace_ft.config: settings from defaults, a TOML file and flags (in that order), checked
+all at once, and the strategies they build."""
+
+import argparse
+
+import pytest
+
+from trace_ft.config import (RunConfig, add_settings, build_strategy, config_from_args,
+                             sweep_strategies)
+
+
+def _parse(argv, tmp_path=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--config")
+    add_settings(p)
+    return config_from_args(p.parse_args(argv))
+
+
+def test_precedence_and_tables(tmp_path):
+    f = tmp_path / "run.toml"
+    f.write_text('steps = 7\nlr = 0.5\n[trace]\nbudget = 0.2\ngranularity = "row"\n')
+    cfg = _parse(["--config", str(f), "--steps", "9"])
+    assert (cfg.steps, cfg.lr, cfg.trace_budget, cfg.trace_granularity) == (9, 0.5, 0.2, "row")
+    assert cfg.threads >= 1
+    assert _parse(["--granularity", "64"]).trace_granularity == 64   # a block size
+
+
+@pytest.mark.parametrize("over,needle", [
+    (dict(trace_granularity="page"), "granularity must be one of"),
+    (dict(dtype="float8"), "dtype must be one of"),
+    (dict(device="tpu:0"), "device must be"),
+    (dict(size="huge"), "size must be one of"),
+    (dict(trace_lr=0.0), "trace_lr must be > 0"),
+    (dict(lora_rank=0), "lora_rank must be >= 1"),
+    (dict(replay_ratio=1.0), "replay_ratio in [0, 1)"),
+    (dict(strategies=["seqft", "nope"]), "unknown strategy 'nope'"),
+    (dict(sweep_granularity=["element", "page"]), "granularity must be one of"),
+])
+def test_every_setting_is_checked(over, needle):
+    with pytest.raises(ValueError, match=needle.replace("[", r"\[").replace(")", r"\)")):
+        RunConfig(**over).validate()
+
+
+def test_unknown_keys_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown configuration keys: bogus"):
+        RunConfig.from_dict({"bogus": 1})
+
+
+def test_strategies_built_from_the_settings():
+    cfg = RunConfig(trace_budget=0.1, trace_lr=3e-3, trace_probe_steps=7, ewc_lambda=5.0)
+    trace = build_strategy("trace", cfg)
+    assert trace.lr == 3e-3 and trace.pipeline.probe_steps == 7
+    assert trace.pipeline.select_config.budget == 0.1
+    assert build_strategy("trace_row", cfg).pipeline.select_config.granularity == "row"
+    assert build_strategy("trace_paper", cfg).pipeline.select_config.method == "paper"
+    assert build_strategy("ewc", cfg).lam == 5.0
+    names = [s.name for s in sweep_strategies(RunConfig(sweep_granularity=["row"], sweep_budget=[0.1],
+                                                        sweep_probe_steps=[5, 10]))]
+    assert names == ["trace[row,0.1,p5]", "trace[row,0.1,p10]"]

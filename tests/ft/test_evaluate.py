@@ -1,0 +1,38 @@
+"""trace_ft.evaluate: greedy decoding scored by each task's scorer."""
+
+import torch
+from torch import nn
+
+from trace_ft.evaluate import Evaluator
+from trace_ft.lm.text import CharTokenizer
+from trace_ft.tasks import Example, Task
+
+
+class Out(dict):
+    @property
+    def logits(self):
+        return self["logits"]
+
+
+class SaysA(nn.Module):
+    """Answers "a" to every prompt, then ends: what greedy decoding must read back."""
+
+    def __init__(self, tok):
+        super().__init__()
+        self.tok = tok
+        self.w = nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=True, **kw):
+        logits = torch.zeros(*input_ids.shape, self.tok.vocab_size)
+        first = input_ids.shape[1] > 1          # the prompt pass, then one token per step
+        logits[:, -1, self.tok.encode("a")[0] if first else self.tok.eos_id] = 1.0
+        return Out(logits=logits, past_key_values=None)
+
+
+def test_scores_are_the_tasks_scores_of_the_decoded_answers():
+    tok = CharTokenizer()
+    all_a = Task("all_a", [], [Example(f"p{i}=", "a") for i in range(4)])
+    half = Task("half", [], [Example("x=", "a"), Example("y=", "b"), Example("z=", " a "),
+                             Example("w=", "ab")])
+    label = Task("label", [], [Example("q=", "a"), Example("r=", "b")], scorer="label")
+    assert Evaluator([all_a, half, label], tok)(SaysA(tok)) == [100.0, 50.0, 50.0]

@@ -1,0 +1,36 @@
+"""The examples run: the masked fine-tuning example and the Trainer example train only the core."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLE = Path(__file__).parents[1] / "examples" / "masked_finetune.py"
+
+
+def test_masked_finetune_example():
+    pytest.importorskip("transformers")
+    out = subprocess.run([sys.executable, str(EXAMPLE), "--steps", "8"], capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "frozen elements changed: 0" in out.stdout
+    assert "optimizer state:" in out.stdout
+
+
+TRAINER_EXAMPLE = Path(__file__).parents[1] / "examples" / "trainer_trace.py"
+
+
+@pytest.mark.slow
+def test_trainer_example_trains_only_the_core(tmp_path, builtin_cache):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    env = {**os.environ, "TRACE_FT_CACHE": str(builtin_cache)}
+    out = subprocess.run([sys.executable, str(TRAINER_EXAMPLE), "--steps", "4", "--out",
+                          str(tmp_path / "run"), "--history", str(tmp_path / "h")],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "elements changed outside the core: 0" in out.stdout
+    assert (tmp_path / "run" / "checkpoint-2" / "trace_core.safetensors").is_file()
+    assert (tmp_path / "h" / "manifest.json").is_file()
