@@ -107,10 +107,8 @@ bool openmp_enabled() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "trace_kernels CPU kernels (C++17, OpenMP, runtime ISA dispatch)";
   m.attr("__version__") = TRACE_KERNELS_VERSION;
-  m.attr("MASKED_FIELDS") = py::tuple(py::cast(std::vector<std::string>(
-      layout::kMaskedFieldNames, layout::kMaskedFieldNames + layout::kMaskedFields)));
-  m.attr("STATS_FIELDS") = py::tuple(py::cast(std::vector<std::string>(
-      layout::kStatsFieldNames, layout::kStatsFieldNames + layout::kStatsFields)));
+  m.attr("MASKED_FIELDS") = py::tuple(py::cast(layout::masked_field_names()));
+  m.attr("STATS_FIELDS") = py::tuple(py::cast(layout::stats_field_names()));
   m.attr("MAX_REFS") = trace_kernels::kMaxRefs;
   m.def("masked_adamw", &masked_adamw, py::arg("table"), py::arg("steps"), py::arg("lr"),
         py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),

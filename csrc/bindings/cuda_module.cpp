@@ -138,10 +138,8 @@ PYBIND11_MODULE(_cuda, m) {
   m.doc() = "trace_kernels CUDA kernels (CUDA runtime only, no libtorch)";
   m.attr("ARCHS") = TRACE_KERNELS_CUDA_ARCHS;
   m.attr("CUDA_VERSION") = CUDART_VERSION;
-  m.attr("MASKED_FIELDS") = py::tuple(py::cast(std::vector<std::string>(
-      layout::kMaskedFieldNames, layout::kMaskedFieldNames + layout::kMaskedFields)));
-  m.attr("STATS_FIELDS") = py::tuple(py::cast(std::vector<std::string>(
-      layout::kStatsFieldNames, layout::kStatsFieldNames + layout::kStatsFields)));
+  m.attr("MASKED_FIELDS") = py::tuple(py::cast(layout::masked_field_names()));
+  m.attr("STATS_FIELDS") = py::tuple(py::cast(layout::stats_field_names()));
   m.attr("MAX_REFS") = trace_kernels::kMaxRefs;
   m.attr("TILE") = tkc::kTile;
   m.def("masked_adamw", &masked_adamw, py::arg("table"), py::arg("steps"), py::arg("tiles"),

@@ -123,4 +123,13 @@ inline std::vector<StatsTensor> parse_stats(const std::vector<int64_t>& table, i
   return out;
 }
 
+// The field names, in row order, for the extensions to export (a test holds them equal to
+// the Python side's).
+inline std::vector<std::string> masked_field_names() {
+  return {kMaskedFieldNames, kMaskedFieldNames + kMaskedFields};
+}
+inline std::vector<std::string> stats_field_names() {
+  return {kStatsFieldNames, kStatsFieldNames + kStatsFields};
+}
+
 }  // namespace trace_kernels::layout
