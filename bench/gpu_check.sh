@@ -10,11 +10,12 @@ export PYTHONUNBUFFERED=1
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 -m pip install --quiet --no-build-isolation --no-deps -e . 2>&1 | tail -3
-python3 -m trace_kernels
+python3 -m trace_kernels --require cuda --require triton
 
 echo "== GPU tests"
 python3 -m pytest -q -m gpu tests/
-python3 -m pytest -q tests/test_triton.py tests/test_masked_adamw_op.py tests/test_scoring_ops.py
+python3 -m pytest -q tests/kernels/test_backend_triton.py tests/kernels/test_op_masked_adamw.py \
+  tests/kernels/test_op_adamw_fisher.py tests/kernels/test_op_delta_stats.py tests/kernels/test_cuda_host.py
 
 echo "== GPU benchmarks"
 python3 bench/bench_gpu.py "$@"

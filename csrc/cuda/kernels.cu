@@ -1,9 +1,17 @@
 // CUDA kernels: masked AdamW (+ Fisher) and delta_stats, sharing the per-element math of
 // the CPU kernels (trace_kernels/adamw_math.h). Built with -fmad=false and IEEE division
 // and square root (nvcc's defaults), so results round exactly like the CPU kernels.
+// Host builds (-DTK_CUDA_HOST, csrc/cuda/host/) run this same source on the CPU.
 #include <cuda_runtime.h>
 
 #include "kernels.h"
+
+#ifdef TK_CUDA_HOST
+#define TK_LAUNCH(kernel, grid, block, stream, ...) \
+  ::tk_host::launch(dim3(grid), dim3(block), [&] { kernel(__VA_ARGS__); })
+#else
+#define TK_LAUNCH(kernel, grid, block, stream, ...) kernel<<<(grid), (block), 0, (stream)>>>(__VA_ARGS__)
+#endif
 
 namespace trace_kernels::cuda {
 namespace {
@@ -78,10 +86,11 @@ template <typename P, bool kAmsgrad, bool kFisher>
 __device__ void tile_update(const MaskedTensor& t, const AdamWCoeffs& k, const Tile& tile,
                             float divisor, float fisher_scale) {
   const int64_t B = t.block_size;
-  const int64_t end = min(tile.start + static_cast<int64_t>(kTile), t.num_blocks * B);
+  int64_t end = min(tile.start + static_cast<int64_t>(kTile), t.num_blocks * B);
   if (tile.contiguous) {
     // the tile lies in one block: consecutive threads touch consecutive elements
     const int64_t j = tile.start / B;
+    end = min(end, (j + 1) * B);  // and never past the block's end
     const int64_t blk = t.indices_int64 ? block_index<int64_t>(t, j) : block_index<int32_t>(t, j);
     const int64_t base = blk * B - j * B;
     int64_t scalar_from = tile.start;
@@ -103,19 +112,19 @@ __device__ void tile_update(const MaskedTensor& t, const AdamWCoeffs& k, const T
   }
 }
 
-// The tensor's coefficients: made on the host, or here from lr and the step when either
-// lives in device memory (by one thread, shared with the block), by the same function.
-__device__ __forceinline__ AdamWCoeffs tile_coeffs(const MaskedTensor& t, const AdamWHyper& h,
-                                                   AdamWCoeffs* shared) {
-  if (!h.on_device) return t.coeffs;
+// The tensor's coefficients, made by one thread and shared with the block, from lr and
+// the step (+1: the caller advances the counters after the launch).
+__device__ __forceinline__ AdamWCoeffs tile_coeffs(const MaskedTensor& t, int32_t tensor,
+                                                   const AdamWHyper& h, AdamWCoeffs* shared) {
   if (threadIdx.x == 0) {
     const double lr = h.lr_device != nullptr ? *h.lr_device : h.lr;
-    double step = t.step_value;
+    double step = h.step_values != nullptr ? h.step_values[tensor] : 0.0;
     if (t.step != nullptr) {
       step = t.step_fp64 ? *static_cast<const double*>(t.step)
                          : static_cast<double>(*static_cast<const float*>(t.step));
     }
-    *shared = make_adamw_coeffs(lr, h.beta1, h.beta2, h.eps, h.weight_decay, step, h.amsgrad != 0);
+    *shared = make_adamw_coeffs(lr, h.beta1, h.beta2, h.eps, h.weight_decay, step + 1.0,
+                                h.amsgrad != 0);
   }
   __syncthreads();
   return *shared;
@@ -129,7 +138,7 @@ __global__ void masked_adamw_kernel(const MaskedTensor* tensors, const Tile* til
   __shared__ AdamWCoeffs shared;
   const Tile tile = tiles[blockIdx.x];
   const MaskedTensor& t = tensors[tile.tensor];
-  const AdamWCoeffs k = tile_coeffs(t, hyper, &shared);
+  const AdamWCoeffs k = tile_coeffs(t, tile.tensor, hyper, &shared);
   const float divisor = grad_scale != nullptr ? grad_sign * *grad_scale : grad_sign;
   switch (t.dtype) {
     case DType::kFloat32: tile_update<float, kAmsgrad, kFisher>(t, k, tile, divisor, fisher_scale); break;
@@ -208,18 +217,62 @@ __global__ void sum_partials_kernel(const double* partials, const StatsSplit* sp
 
 }  // namespace
 
+std::vector<Tile> plan_tiles(const std::vector<int64_t>& block_sizes,
+                             const std::vector<int64_t>& num_blocks) {
+  std::vector<Tile> out;
+  for (size_t t = 0; t < block_sizes.size(); ++t) {
+    const int64_t B = block_sizes[t];
+    const int32_t tensor = static_cast<int32_t>(t);
+    if (B >= kTile) {  // tiles inside each block
+      for (int64_t j = 0; j < num_blocks[t]; ++j) {
+        for (int64_t w = 0; w < B; w += kTile) out.push_back({tensor, 1, j * B + w});
+      }
+    } else {  // tiles over the compact positions
+      for (int64_t c = 0; c < num_blocks[t] * B; c += kTile) out.push_back({tensor, 0, c});
+    }
+  }
+  return out;
+}
+
 int launch_masked_adamw(const MaskedTensor* tensors, const Tile* tiles, int64_t num_tiles,
                         float grad_sign, const float* grad_scale, const float* found_inf,
                         float fisher_scale, bool amsgrad, bool fisher, const AdamWHyper& hyper,
                         void* stream) {
   if (num_tiles == 0) return 0;
+  using Kernel = void (*)(const MaskedTensor*, const Tile*, float, const float*, const float*,
+                          float, AdamWHyper);
+  const Kernel kernel = amsgrad ? (fisher ? masked_adamw_kernel<true, true> : masked_adamw_kernel<true, false>)
+                                : (fisher ? masked_adamw_kernel<false, true> : masked_adamw_kernel<false, false>);
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  const dim3 grid(static_cast<unsigned>(num_tiles));
-  if (amsgrad && fisher) masked_adamw_kernel<true, true><<<grid, kThreads, 0, s>>>(tensors, tiles, grad_sign, grad_scale, found_inf, fisher_scale, hyper);
-  else if (amsgrad) masked_adamw_kernel<true, false><<<grid, kThreads, 0, s>>>(tensors, tiles, grad_sign, grad_scale, found_inf, fisher_scale, hyper);
-  else if (fisher) masked_adamw_kernel<false, true><<<grid, kThreads, 0, s>>>(tensors, tiles, grad_sign, grad_scale, found_inf, fisher_scale, hyper);
-  else masked_adamw_kernel<false, false><<<grid, kThreads, 0, s>>>(tensors, tiles, grad_sign, grad_scale, found_inf, fisher_scale, hyper);
+  TK_LAUNCH(kernel, static_cast<unsigned>(num_tiles), kThreads, s, tensors, tiles, grad_sign,
+            grad_scale, found_inf, fisher_scale, hyper);
   return static_cast<int>(cudaGetLastError());
+}
+
+StatsPlan plan_stats(const std::vector<int64_t>& numels, const std::vector<int64_t>& block_sizes) {
+  StatsPlan plan;
+  for (size_t i = 0; i < numels.size(); ++i) {
+    const int64_t b = block_sizes[i];
+    const int64_t nb = numels[i] / b;
+    const int32_t tensor = static_cast<int32_t>(i);
+    if (b <= kStatsShortBlock) {
+      const int64_t span = kThreads * b;  // one thread per block, kThreads threads per item
+      for (int64_t e = 0; e < numels[i]; e += span) {
+        plan.items.push_back({tensor, e, min(e + span, numels[i]), -1});
+      }
+    } else {
+      const int64_t pieces = (b + kStatsSegment - 1) / kStatsSegment;
+      for (int64_t j = 0; j < nb; ++j) {
+        plan.splits.push_back({plan.num_rows + j, plan.num_partials, pieces});
+        for (int64_t s = 0; s < pieces; ++s) {
+          const int64_t start = j * b + s * kStatsSegment;
+          plan.items.push_back({tensor, start, min(start + kStatsSegment, (j + 1) * b), plan.num_partials++});
+        }
+      }
+    }
+    plan.num_rows += nb;
+  }
+  return plan;
 }
 
 int launch_delta_stats(const StatsTensor* tensors, const StatsItem* items, int64_t num_items,
@@ -227,13 +280,14 @@ int launch_delta_stats(const StatsTensor* tensors, const StatsItem* items, int64
                        int64_t num_splits, double* out, void* stream) {
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (num_items > 0) {
-    delta_stats_kernel<<<static_cast<unsigned>(num_items), kThreads, 0, s>>>(
-        tensors, items, num_refs, partials, out);
+    TK_LAUNCH(delta_stats_kernel, static_cast<unsigned>(num_items), kThreads, s, tensors, items,
+              num_refs, partials, out);
     if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return static_cast<int>(e);
   }
   if (num_splits > 0) {
     const unsigned blocks = static_cast<unsigned>((num_splits + kThreads - 1) / kThreads);
-    sum_partials_kernel<<<blocks, kThreads, 0, s>>>(partials, splits, num_splits, 2 + 2 * num_refs, out);
+    TK_LAUNCH(sum_partials_kernel, blocks, kThreads, s, partials, splits, num_splits,
+              2 + 2 * num_refs, out);
   }
   return static_cast<int>(cudaGetLastError());
 }

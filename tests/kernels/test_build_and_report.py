@@ -72,3 +72,11 @@ def test_works_under_torch_compile(gen):
     step_fn(p, g, m, v, step)
     for a, b in zip((p, m, v, step), expected):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer without a GPU")
+@pytest.mark.parametrize("name", ["cuda", "triton"])
+def test_require_a_gpu_backend_checks_a_gpu(name):
+    out = subprocess.run([sys.executable, "-m", "trace_kernels", "--require", name],
+                         capture_output=True, text=True)
+    assert out.returncode == 1 and "no CUDA device is visible" in out.stderr

@@ -163,3 +163,73 @@ def test_full_mask_matches_torch_fused_adamw_on_cuda(name):
 
 def test_backend_choice_on_cuda():
     assert backends.choose("cuda").name in ("cuda", "triton", "reference")
+
+
+def _mlp(device):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.ReLU(), torch.nn.Linear(96, 8)).to(device)
+
+
+@pytest.mark.parametrize("name", ["cuda", "triton"])
+def test_a_step_without_amp_never_waits_for_the_gpu(name):
+    """After the first step (which plans), a MaskedAdamW step makes no host synchronisation;
+    with AMP, at most one (found_inf, for host step counters)."""
+    gpu_backend(name)
+    import warnings
+
+    model = _mlp("cuda")
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    opt = MaskedAdamW(model.named_parameters(), lr=1e-3, masks=CoreMask.full(shapes, "row"), backend=name)
+    x = torch.randn(16, 64, device="cuda")
+    model(x).square().mean().backward()
+    opt.step()  # plans and caches
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    scaler = torch.amp.GradScaler("cuda")
+    scaler.scale(model(x).square().mean()).backward()
+    scaler.unscale_(opt)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            opt.grad_scale, opt.found_inf = None, torch.zeros((), device="cuda")
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        del opt.grad_scale, opt.found_inf
+    assert sum("synchroniz" in str(w.message) for w in seen) <= 1
+
+
+@pytest.mark.parametrize("name", ["cuda", "triton"])
+def test_tensors_on_another_device_than_the_current_one(gen, name):
+    """Parameters on cuda:1 while cuda:0 is current: the kernels run there, on its stream."""
+    gpu_backend(name)
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    prob = make_problem(SHAPES, [1, "row", 1, 17, 2050], 0.5, torch.float32, gen)
+    ref = clone_problem(prob)
+    mine = {k: [t.to("cuda:1") for t in v] if k not in ("sizes", "steps") else v for k, v in prob.items()}
+    run(ref, "reference")
+    with torch.cuda.device(0):
+        run(mine, name)
+    for key in ("params", "m", "v"):
+        for i, (a, b) in enumerate(zip(mine[key], ref[key])):
+            assert_bits_equal(a.cpu(), b, f"{key}[{i}]")
+
+
+def test_found_inf_of_two_devices_skips_and_keeps_device_steps(gen):
+    """GradScaler's found_inf is a sum over devices (2.0): the step is skipped and steps kept
+    on the GPU stay where they were."""
+    gpu_backend("cuda")
+    prob = on_gpu(make_problem(SHAPES, ["row"] * 5, 0.5, torch.float32, gen))
+    prob["steps"] = [s.cuda() for s in prob["steps"]]
+    before = clone_problem(prob)
+    run(prob, "cuda", found_inf=torch.tensor(2.0, device="cuda"))
+    for key in ("params", "m", "v", "steps"):
+        for i, (a, b) in enumerate(zip(prob[key], before[key])):
+            assert_bits_equal(a.cpu(), b.cpu(), f"{key}[{i}]")

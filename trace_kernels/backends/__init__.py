@@ -37,7 +37,7 @@ class Choice:
     reason: str
 
 
-def _unavailable_reason(name: str, device_type: str) -> str | None:
+def _unavailable_reason(name: str, device_type: str, index: int | None = None) -> str | None:
     """None if `name` can run tensors of `device_type` here, else why not."""
     if name == "reference":
         return None
@@ -53,7 +53,7 @@ def _unavailable_reason(name: str, device_type: str) -> str | None:
             return f"the cuda backend runs CUDA tensors only, not {device_type}"
         from . import cuda as cuda_backend
 
-        return cuda_backend.unavailable_reason()
+        return cuda_backend.unavailable_reason(index)
     if name == "triton":
         from . import triton as triton_backend
 
@@ -70,13 +70,14 @@ def _unavailable_reason(name: str, device_type: str) -> str | None:
 
 def choose(device: torch.device | str, requested: str | None = None) -> Choice:
     """Pick the backend for tensors on `device`: explicit request, then env var, then best built."""
-    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
-    return _choose(device_type, requested or None, os.environ.get(ENV_VAR, ""),
+    device = device if isinstance(device, torch.device) else torch.device(device)
+    return _choose(device.type, device.index, requested or None, os.environ.get(ENV_VAR, ""),
                    os.environ.get("TRITON_INTERPRET", ""))
 
 
 @functools.lru_cache(maxsize=64)
-def _choose(device_type: str, requested: str | None, env_value: str, interpret: str) -> Choice:
+def _choose(device_type: str, index: int | None, requested: str | None, env_value: str,
+            interpret: str) -> Choice:
     # Cached per (device type, request, environment): the answer only changes with those.
     source = "backend argument"
     if not requested:
@@ -84,7 +85,7 @@ def _choose(device_type: str, requested: str | None, env_value: str, interpret: 
         source = f"{ENV_VAR}={requested}"
     if requested:
         requested = requested.lower()
-        why_not = _unavailable_reason(requested, device_type)
+        why_not = _unavailable_reason(requested, device_type, index)
         if why_not is not None:
             raise BackendUnavailableError(f"backend {requested!r} requested by {source}: {why_not}")
         return Choice(requested, f"forced by {source}")
@@ -94,7 +95,7 @@ def _choose(device_type: str, requested: str | None, env_value: str, interpret: 
             return Choice("cpu", "native CPU extension built and loaded")
         return Choice("reference", f"reference only: {why_not}")
     if device_type in GPU_DEVICES:
-        cuda_why_not = _unavailable_reason("cuda", device_type)
+        cuda_why_not = _unavailable_reason("cuda", device_type, index)
         if cuda_why_not is None:
             return Choice("cuda", "CUDA extension built and a device is visible")
         why_not = _unavailable_reason("triton", device_type)

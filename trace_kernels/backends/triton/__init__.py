@@ -11,6 +11,7 @@ checks them on machines without a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -62,8 +63,21 @@ def _cached(key: tuple, build):
     return hit
 
 
-def _coeffs(lr, beta1, beta2, eps, weight_decay, steps: list[float], device) -> torch.Tensor:
-    """Per-tensor AdamW scalars, in double then rounded to fp32 (as adamw_math.h does)."""
+def _device_guard(device: torch.device):
+    """Launch on the tensors' device (and its current stream), not the current device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor copied to `device` without waiting (from pinned memory)."""
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+def _coeffs(lr, beta1, beta2, eps, weight_decay, steps: list[float]) -> torch.Tensor:
+    """Per-tensor AdamW scalars, in double then rounded to fp32 (as adamw_math.h does), on
+    the host."""
     rows = []
     w = float(torch.tensor(1.0 - beta1, dtype=torch.float32))
     wc = float(torch.tensor(1.0, dtype=torch.float32) - torch.tensor(w, dtype=torch.float32))
@@ -71,21 +85,21 @@ def _coeffs(lr, beta1, beta2, eps, weight_decay, steps: list[float], device) -> 
         bc1 = 1.0 - beta1**step
         bc2 = 1.0 - beta2**step
         rows.append([1.0 - lr * weight_decay, w, wc, beta2, 1.0 - beta2, bc2**0.5, eps, -(lr / bc1)])
-    return torch.tensor(rows, dtype=torch.float32).reshape(-1, kernels.NUM_COEFFS.value).to(device)
+    return torch.tensor(rows, dtype=torch.float32).reshape(-1, kernels.NUM_COEFFS.value)
 
 
 def _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices, block_sizes,
            steps, fishers, fisher_scale, *, lr, beta1, beta2, eps, weight_decay, amsgrad,
            maximize, grad_scale, found_inf):
+    # With AMP, found_inf is read once on the host (the step's one synchronisation): host
+    # step counters must not advance on a skipped step. grad_scale is read by the kernel.
     if inf_found(found_inf):
         return
     step_values = advance_steps(steps)
     lr = host_lr(lr)
     device = params[0].device
-    coeffs = _coeffs(lr, beta1, beta2, eps, weight_decay, step_values, device)
-    divisor = float(grad_scale.item()) if grad_scale is not None else 1.0
-    if maximize:
-        divisor = -divisor
+    coeffs = _coeffs(lr, beta1, beta2, eps, weight_decay, step_values)
+    scale = grad_scale.to(device, torch.float32).reshape(1) if grad_scale is not None else None
     groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(params):
         if block_indices[i].numel() == 0:
@@ -98,20 +112,23 @@ def _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices,
                  fishers[i].data_ptr() if fishers else 0, block_indices[i].data_ptr(),
                  block_sizes[i], block_indices[i].numel()) for i in members]
         plan = _cached(("adamw", device, gather, tuple(addr)), lambda: _adamw_plan(addr, gather, device))
-        kernels.masked_adamw_kernel[(plan["programs"],)](
-            plan["tile_tensor"], plan["tile_start"], *plan["tables"], plan["bsize"], plan["nsel"],
-            coeffs[members].contiguous(), divisor, float(fisher_scale),
-            PDT=_tl_dtype(pdt), IDT=_tl_dtype(idt), TILE=TILE, GATHER=gather, AMSGRAD=amsgrad,
-            FISHER=bool(fishers), LERP_LOW=abs(1.0 - beta1) < 0.5, **_launch_opts(),
-        )
+        with _device_guard(device):
+            kernels.masked_adamw_kernel[(plan["programs"],)](
+                plan["tile_tensor"], plan["tile_start"], *plan["tables"], plan["bsize"], plan["nsel"],
+                _to_device(coeffs[members], device),
+                scale if scale is not None else plan["nsel"],  # any pointer: unread without a scale
+                -1.0 if maximize else 1.0, float(fisher_scale),
+                PDT=_tl_dtype(pdt), IDT=_tl_dtype(idt), TILE=TILE, GATHER=gather, AMSGRAD=amsgrad,
+                FISHER=bool(fishers), LERP_LOW=abs(1.0 - beta1) < 0.5,
+                HAS_SCALE=grad_scale is not None, **_launch_opts(),
+            )
 
 
 def _adamw_plan(addr, gather: bool, device) -> dict:
     cols = list(zip(*addr))
     tables = [torch.tensor(c, dtype=torch.int64, device=device) for c in cols[:7]]
     bsize = torch.tensor(cols[7], dtype=torch.int64, device=device)
-    k = torch.tensor(cols[8], dtype=torch.int64)
-    nsel = (k * bsize.cpu()).to(device)
+    nsel = torch.tensor([b * k for b, k in zip(cols[7], cols[8])], dtype=torch.int64, device=device)
     tile_tensor, tile_start = [], []
     for t, (b, kk) in enumerate(zip(cols[7], cols[8])):
         if gather:  # tiles over compact positions
@@ -179,23 +196,23 @@ def delta_stats(post, pre, fishers, refs, block_sizes, num_refs, outputs):
                 else:
                     to.append(out_rows)
             ref_addr = [refs[i * R + r].data_ptr() for i in tensors for r in range(R)] or [0]
-            kernels.delta_stats_kernel[(sum(x.numel() for x in ts),)](
-                torch.cat(tt).to(device), torch.cat(ts).to(device), torch.cat(to).to(device),
-                torch.tensor([post[i].data_ptr() for i in tensors], dtype=torch.int64, device=device),
-                torch.tensor([pre[i].data_ptr() if pre else 0 for i in tensors], dtype=torch.int64, device=device),
-                torch.tensor([fishers[i].data_ptr() if fishers else 0 for i in tensors], dtype=torch.int64, device=device),
-                torch.tensor(ref_addr, dtype=torch.int64, device=device),
-                torch.tensor([block_sizes[i] for i in tensors], dtype=torch.int64, device=device),
-                torch.tensor([post[i].numel() for i in tensors], dtype=torch.int64, device=device),
-                partials if split else final,
-                PDT=_tl_dtype(pdt), RDT=_tl_dtype(rdts[0]) if R else tl.float32, R=R, ROWS=rows_,
-                COLS=cols_, HAS_PRE=bool(pre), HAS_FISHER=bool(fishers), **_launch_opts(),
-            )
+            tables = [torch.tensor(col, dtype=torch.int64, device=device) for col in (
+                [post[i].data_ptr() for i in tensors], [pre[i].data_ptr() if pre else 0 for i in tensors],
+                [fishers[i].data_ptr() if fishers else 0 for i in tensors], ref_addr,
+                [block_sizes[i] for i in tensors], [post[i].numel() for i in tensors])]
+            with _device_guard(device):
+                kernels.delta_stats_kernel[(sum(x.numel() for x in ts),)](
+                    torch.cat(tt).to(device), torch.cat(ts).to(device), torch.cat(to).to(device),
+                    *tables, partials if split else final,
+                    PDT=_tl_dtype(pdt), RDT=_tl_dtype(rdts[0]) if R else tl.float32, R=R, ROWS=rows_,
+                    COLS=cols_, HAS_PRE=bool(pre), HAS_FISHER=bool(fishers), **_launch_opts(),
+                )
     if splits:
         dest = torch.cat([s[0] for s in splits]).to(device)
         first = torch.cat([s[1] for s in splits]).to(device)
         count = torch.cat([torch.full((s[0].numel(),), s[2], dtype=torch.int64) for s in splits]).to(device)
-        kernels.sum_partials_kernel[(dest.numel(),)](
-            partials, first, count, dest, final, WIDTH=width, WP=triton.next_power_of_2(width),
-            **_launch_opts())
+        with _device_guard(device):
+            kernels.sum_partials_kernel[(dest.numel(),)](
+                partials, first, count, dest, final, WIDTH=width, WP=triton.next_power_of_2(width),
+                **_launch_opts())
     split_stats(final, outputs, R)

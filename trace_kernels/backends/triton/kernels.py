@@ -60,9 +60,10 @@ def masked_adamw_kernel(
     P, G, M, V, VMAX, F, IDX,                 # per tensor: addresses (int64)
     BSIZE, NSEL,                              # per tensor: block size, selected elements
     COEFFS,                                   # per tensor: NUM_COEFFS float32
-    grad_divisor, fisher_scale,
+    GRAD_SCALE, grad_sign, fisher_scale,      # GRAD_SCALE: one fp32 (read when HAS_SCALE)
     PDT: tl.constexpr, IDT: tl.constexpr, TILE: tl.constexpr, GATHER: tl.constexpr,
     AMSGRAD: tl.constexpr, FISHER: tl.constexpr, LERP_LOW: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     t = tl.load(tile_tensor + pid)
@@ -89,6 +90,9 @@ def masked_adamw_kernel(
         mask = offs < tl.minimum(B - w0, TILE)
         blk = tl.load(idx + j).to(tl.int64)
         elem = blk * B + w0 + offs
+    grad_divisor = grad_sign
+    if HAS_SCALE:  # read on the device: no host synchronisation
+        grad_divisor = grad_sign * tl.load(GRAD_SCALE)
     p = tl.load(param + elem, mask=mask, other=0.0).to(tl.float32)
     g = tl.math.div_rn(tl.load(grad + elem, mask=mask, other=0.0).to(tl.float32), grad_divisor)
     m = tl.load(m_ptr + c, mask=mask, other=0.0)
