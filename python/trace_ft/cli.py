@@ -9,10 +9,11 @@ import sys
 from trace_kernels import __version__
 
 from .config import ADAPT_SKIPS, add_settings, config_from_args
+from .evaluate import METRICS
 
 # Optional packages each command needs, and the extra of trace-kernels that installs them.
-NEEDS = {"run": ("transformers", "peft", "matplotlib"), "adapt": ("transformers",),
-         "transfer": ("transformers",)}
+NEEDS = {"run": ("transformers", "peft", "matplotlib"), "frontier": ("transformers", "peft", "matplotlib"),
+         "adapt": ("transformers",), "export": ("transformers",), "transfer": ("transformers",)}
 
 
 def require_extras(command: str, modules=None) -> None:
@@ -73,6 +74,35 @@ def build_parser() -> argparse.ArgumentParser:
                        "verifying every file's checksum.")
     h.add_argument("path", help="the history directory")
     h.add_argument("--json", action="store_true", help="print the manifest entries as JSON")
+    f = sub.add_parser("frontier", help="each strategy's learning-forgetting frontier over seeds",
+                       description="For each strategy, a grid over its strength knob(s); each point "
+                       "a full continual run of `trace-ft run`'s sequence, repeated over seeds. Writes "
+                       "results.json, report.md and frontier.png (plasticity against BWT, mean ± "
+                       "spread over seeds; base-skill retention).")
+    f.add_argument("--config", help="a TOML file of settings (flags override it)")
+    f.add_argument("--out", help="output directory (default runs/frontier-<timestamp>/)")
+    f.add_argument("--seeds", type=int, default=3, help="seeds per point (default 3)")
+    f.add_argument("--quick", action="store_true", help="fewer points (and pass --seeds 2 for ~15 min)")
+    f.add_argument("--metric", default="exact", choices=METRICS,
+                   help="the metric of the plot and the comparison (default exact)")
+    f.add_argument("--grid", action="append", default=[], metavar="STRATEGY:KEY=V1,V2",
+                   help="replace one knob's values, e.g. trace:trace_lr=1e-3,3e-3 (repeatable)")
+    f.add_argument("--frontier-strategies", help="comma-separated: which frontiers (default all: "
+                   "seqft, trace, lora, ewc, replay)")
+    f.add_argument("--resume", action="store_true", help="reuse the runs an interrupted frontier "
+                   "in --out finished")
+    f.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_settings(f, skip={"strategies", "sweep_granularity", "sweep_budget", "sweep_probe_steps", "seed"})
+    e = sub.add_parser("export", help="write the model as it stood after one task of a history",
+                       description="Rebuild the model as it stood right after TASK from a later "
+                       "model of the history (default: the newest task's output), by setting every "
+                       "later task's core back to its values before that task, and save it to --out "
+                       "(a Hugging Face directory).")
+    e.add_argument("history", help="the task history directory")
+    e.add_argument("--after", required=True, metavar="TASK", help="the task's name or number (1 = first)")
+    e.add_argument("--out", required=True, help="where the model is saved")
+    e.add_argument("--model", help="the output of TASK or a later task (default: the newest task's output)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     t = sub.add_parser("transfer", help="map a core found on a small model onto a larger one",
                        description="Map a task's core from a small model (its history entry or a "
                        "CoreMask file) onto a larger model of the same family, per layer and module "
@@ -110,6 +140,28 @@ def history_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def frontier_command(args: argparse.Namespace) -> int:
+    from .continual.frontier import parse_grid
+
+    cfg = config_from_args(args)
+    grids = [parse_grid(g) for g in args.grid]
+    names = [n.strip() for n in args.frontier_strategies.split(",")] if args.frontier_strategies else None
+    require_extras("frontier", [m for m in NEEDS["frontier"] if m != "peft" or not names or "lora" in names])
+    from .commands.frontier import frontier
+
+    frontier(cfg, args.out, seeds=args.seeds, quick=args.quick, strategies=names, grids=grids,
+             metric=args.metric, resume=args.resume, progress=not args.quiet)
+    return 0
+
+
+def export_command(args: argparse.Namespace) -> int:
+    require_extras("export")
+    from .commands.export import export
+
+    print(export(args.history, args.after, args.out, args.model, args.overwrite))
+    return 0
+
+
 def transfer_command(args: argparse.Namespace) -> int:
     require_extras("transfer")
     from .commands.transfer import source_core, transfer
@@ -134,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"run": run_command, "adapt": adapt_command, "history": history_command,
-                "transfer": transfer_command}[args.command](args)
+                "export": export_command, "transfer": transfer_command,
+                "frontier": frontier_command}[args.command](args)
     except (ValueError, RuntimeError, OSError) as e:
         print(f"trace-ft {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -15,7 +15,7 @@ import torch
 from .continual.strategies import EWC, MTL, NAMES, LoRA, Replay, SeqFT, Strategy, Trace
 from .lm.train import TrainConfig
 from .method.select import GRANULARITIES, SelectConfig
-from .tasks import DEFAULT_ORDER, Task
+from .tasks import SUITES, Task
 
 DEFAULT_STRATEGIES = ("trace", "seqft", "lora", "ewc", "replay", "mtl")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -23,7 +23,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 @dataclass
 class RunConfig:
-    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_ORDER))
+    suite: str = "skills"             # built-in suite: skills (new skills) or formats
+    tasks: list[str] = field(default_factory=list)   # empty: the suite's tasks
     strategies: list[str] = field(default_factory=lambda: list(DEFAULT_STRATEGIES))
     model: str = "builtin"            # "builtin" or a local Hugging Face model directory
     size: str = "small"               # built-in model size (tiny, small, medium)
@@ -57,6 +58,7 @@ class RunConfig:
     trace_sketch_dim: int | None = None
     trace_protect: float = 0.0        # interference guard strength (0: off)
     trace_protect_base: bool = False  # guard the base skill too (a Fisher probe of its data)
+    routed: bool = True               # keep trace's core values: the task-routed row
     # baselines
     lora_lr: float | None = 3e-3
     lora_rank: int = 8
@@ -79,8 +81,8 @@ class RunConfig:
         """Every setting checked at once, before anything slow or visible happens."""
         from .lm.model import SIZES
 
-        if not self.tasks:
-            raise ValueError("tasks: give at least one task")
+        if self.suite not in SUITES:
+            raise ValueError(f"suite must be one of {', '.join(SUITES)}, got {self.suite!r}")
         if not self.strategies:
             raise ValueError("strategies: give at least one strategy")
         for s in self.strategies:
@@ -119,6 +121,11 @@ class RunConfig:
             raise ValueError("replay_buffer must be >= 0 and replay_ratio in [0, 1)")
         if self.max_len is not None and self.max_len < 2:
             raise ValueError(f"max_len must be >= 2, got {self.max_len}")
+
+    @property
+    def task_names(self) -> list[str]:
+        """The tasks in order: `tasks`, or the suite's."""
+        return list(self.tasks) or list(SUITES[self.suite])
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr,
@@ -239,7 +246,10 @@ def _ints(text: str) -> list[int]:
 
 # flag -> (RunConfig field, type, help)
 RUN_FLAGS = {
-    "--tasks": ("tasks", _list, "comma-separated built-in skills or task directories, in order"),
+    "--suite": ("suite", str, "built-in suite: skills (new skills) or formats (base skills under "
+                "new keywords, formats and compositions)"),
+    "--tasks": ("tasks", _list, "comma-separated built-in tasks or task directories, in order "
+                "(default: the suite's)"),
     "--strategies": ("strategies", _list, "comma-separated: trace, trace_paper, trace_element, "
                      "trace_row, trace_tensor, seqft, lora, ewc, replay, mtl"),
     "--model": ("model", str, "'builtin' or a local Hugging Face causal-LM directory"),

@@ -1,25 +1,87 @@
-"""Scoring tasks: greedy decoding of each test prompt, scored by the task's scorer. What
-`run` fills its accuracy matrices with and `adapt` scores a task and its history with."""
+"""Scoring tasks, three ways per task:
+
+- ``exact``: greedy decoding scored by the task's scorer (exact match, or the label for
+  classification), percent;
+- ``edit``: partial credit for the same decoded answers, the normalised edit similarity
+  100·(1 − Levenshtein(prediction, answer) / max(len)) averaged over examples (how the
+  TRACE benchmark scores code): a half-right answer counts half;
+- ``loglik``: the teacher-forced mean log-likelihood of the answer tokens (and the end
+  token) given the prompt, in nats per token, averaged over examples: what the model still
+  knows of an answer it no longer produces greedily.
+
+What `run` fills its accuracy matrices with (one per metric) and `adapt` scores a task and
+its history with.
+"""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-from .lm.batches import EncodedSet, greedy_decode
+from .lm.batches import IGNORE, EncodedSet, greedy_decode
 from .lm.text import Codec
 from .tasks import Task
 
+METRICS = ("exact", "edit", "loglik")
+
+
+def edit_similarity(prediction: str, answer: str) -> float:
+    """1 − Levenshtein distance / the longer length (1.0 for two empty strings), after strip."""
+    a, b = prediction.strip(), answer.strip()
+    if not a and not b:
+        return 1.0
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return 1.0 - prev[-1] / max(len(a), len(b))
+
+
+@torch.no_grad()
+def answer_loglik(model: nn.Module, enc: EncodedSet, batch_size: int = 256) -> float:
+    """Mean over examples of the mean log-probability (nats) of each answer token given
+    everything before it (teacher forcing)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    per_example: list[torch.Tensor] = []
+    try:
+        for b0 in range(0, len(enc), batch_size):
+            batch = enc.batch(range(b0, min(b0 + batch_size, len(enc))))
+            ids = batch["input_ids"].to(device)
+            logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device)).logits
+            labels = batch["labels"][:, 1:].to(device)
+            logp = torch.log_softmax(logits[:, :-1].float(), -1)
+            mask = labels != IGNORE
+            token = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+            per_example.append((token * mask).sum(1).double() / mask.sum(1).clamp_min(1))
+    finally:
+        model.train(was_training)
+    return float(torch.cat(per_example).mean())
+
 
 class Evaluator:
-    """Greedy decoding and scoring of a fixed list of tasks' test sets (encoded once)."""
+    """Scores of a fixed list of tasks' test sets (encoded once), for every metric."""
 
     def __init__(self, tasks: list[Task], codec: Codec) -> None:
         self.tasks, self.codec = tasks, codec
         self.sets = [EncodedSet(t.test, codec) for t in tasks]
 
-    def __call__(self, model: nn.Module) -> list[float]:
-        scores = []
-        for task, enc in zip(self.tasks, self.sets):
-            ids = greedy_decode(model, enc, eos_id=self.codec.eos_id)
-            scores.append(task.score([self.codec.decode(x) for x in ids]))
-        return scores
+    def __call__(self, model: nn.Module) -> dict[str, list[float]]:
+        """{metric: [score of each task]}; ``exact`` is the task's own scorer."""
+        out: dict[str, list[float]] = {m: [] for m in METRICS}
+        for k in range(len(self.tasks)):
+            for m, v in self.task_scores(model, k).items():
+                out[m].append(v)
+        return out
+
+    def task_scores(self, model: nn.Module, k: int) -> dict[str, float]:
+        """Every metric's score of task `k` alone."""
+        task, enc = self.tasks[k], self.sets[k]
+        ids = greedy_decode(model, enc, eos_id=self.codec.eos_id)
+        predictions = [self.codec.decode(x) for x in ids]
+        edit = sum(edit_similarity(p, e.answer) for p, e in zip(predictions, task.test))
+        return {"exact": task.score(predictions), "edit": 100.0 * edit / len(task.test),
+                "loglik": answer_loglik(model, enc)}

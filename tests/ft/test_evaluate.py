@@ -1,5 +1,8 @@
 """trace_ft.evaluate: greedy decoding scored by each task's scorer."""
 
+import math
+
+import pytest
 import torch
 from torch import nn
 
@@ -35,4 +38,18 @@ def test_scores_are_the_tasks_scores_of_the_decoded_answers():
     half = Task("half", [], [Example("x=", "a"), Example("y=", "b"), Example("z=", " a "),
                              Example("w=", "ab")])
     label = Task("label", [], [Example("q=", "a"), Example("r=", "b")], scorer="label")
-    assert Evaluator([all_a, half, label], tok)(SaysA(tok)) == [100.0, 50.0, 50.0]
+    scores = Evaluator([all_a, half, label], tok)(SaysA(tok))
+    assert scores["exact"] == [100.0, 50.0, 50.0]
+    # partial credit: "a" for "ab" is half right
+    assert scores["edit"] == [100.0, 62.5, 50.0]
+    # teacher-forced, the stand-in model's logits are flat before the last position: every
+    # answer token has probability 1/vocabulary
+    assert scores["loglik"] == pytest.approx([-math.log(tok.vocab_size)] * 3)
+
+
+def test_edit_similarity():
+    from trace_ft.evaluate import edit_similarity
+
+    assert edit_similarity("kitten", "sitting") == 1 - 3 / 7
+    assert edit_similarity(" abc ", "abc") == 1.0 and edit_similarity("", "") == 1.0
+    assert edit_similarity("", "ab") == 0.0

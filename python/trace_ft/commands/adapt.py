@@ -23,6 +23,7 @@ from ..config import RunConfig, build_strategy
 from ..continual.strategies.base import Context
 from ..evaluate import Evaluator
 from ..lm.model import open_model, save_model, weights_sha256
+from ..method.routing import core_values, set_core_values
 from ..store.atomic import sha256_file
 from ..store.checkpoint import AdaptCheckpoint, CheckpointError
 from ..store.history import TaskHistory, TaskRecord, data_fingerprint, model_fingerprint
@@ -110,11 +111,9 @@ def adapt(cfg: RunConfig, model: str, task: str, history: str | Path, out: str |
             mask, updates, info = ckpt.selection(state)
             start, tensors, opt_state, losses = ckpt.load_step(state)
             log(f"resuming {new_task.name!r} from {ckpt.path} at step {start}/{cfg.steps}")
-            params = dict(net.named_parameters())
-            with torch.no_grad():  # only core elements ever change: put them back
-                for n, values in tensors.items():
-                    where = mask[n].element_indices().to(params[n].device, torch.int64)
-                    params[n].view(-1).index_copy_(0, where, values.to(params[n].device, params[n].dtype))
+            before = core_values(net, mask)  # the input model, as the interrupted run had it
+            if tensors:  # only core elements ever change: put them back
+                set_core_values(net, mask, tensors)
         else:
             if core_mask is not None:
                 mask, updates, info = core_mask, {}, {"probe_loss": None, "source": str(core)}
@@ -125,16 +124,13 @@ def adapt(cfg: RunConfig, model: str, task: str, history: str | Path, out: str |
                 info = {"probe_loss": result.losses[-1]}
             ckpt.start(inputs, mask, updates, info)
             start, opt_state, losses = 0, None, []
+            before = core_values(net, mask)
 
         # 2. train the core, checkpointing every `checkpoint_every` steps and at the end
         # a checkpoint holds the core elements' values, not whole tensors
-        trained = {n: e.element_indices().to(torch.int64) for n, e in mask.items() if e.num_selected}
-
         def save(done: int, run_losses: list[float], opt) -> None:
             if done % checkpoint_every == 0 or done == cfg.steps:
-                params = dict(net.named_parameters())
-                values = {n: params[n].detach().view(-1)[i.to(params[n].device)] for n, i in trained.items()}
-                ckpt.save_step(done, values, opt.state_dict(), losses + run_losses)
+                ckpt.save_step(done, core_values(net, mask), opt.state_dict(), losses + run_losses)
             if on_step is not None:
                 on_step(done)
 
@@ -148,15 +144,20 @@ def adapt(cfg: RunConfig, model: str, task: str, history: str | Path, out: str |
         if eval_history and hist.untested:
             log(f"not scored (recorded without a test split): {', '.join(hist.untested)}")
         evaluator = Evaluator(earlier_tasks + [new_task], codec)
-        scores = dict(zip([t.name for t in evaluator.tasks], evaluator(net)))
+        names = [t.name for t in evaluator.tasks]
+        by_metric = evaluator(net)
+        scores = dict(zip(names, by_metric["exact"]))
         save_model(net, codec, out, overwrite=overwrite or resume)
         cost = strategy.cost(mask, state_bytes, losses)
         summary = {"core_elements": cost.trainable, "eligible_elements": mask.numel,
                    "state_bytes": state_bytes, "seconds": time.perf_counter() - t0,
                    "final_loss": cost.final_loss, "probe_loss": info.get("probe_loss"),
-                   "scores": scores, "model_in": model_in, "model_out": weights_sha256(out),
+                   "scores": scores, "scores_edit": dict(zip(names, by_metric["edit"])),
+                   "scores_loglik": dict(zip(names, by_metric["loglik"])), "model_in": model_in,
+                   "model_out": weights_sha256(out),
                    "out": str(out), "checkpoint": str(ckpt.path), "resumed": resume}
         record = TaskRecord(name=new_task.name, core=mask, updates=updates, fisher=fisher,
+                            before=before, after=core_values(net, mask),
                             test=new_task.test, scorer=new_task.scorer, data=data,
                             hyperparameters={"trace": strategy.config(),
                                              "train": dataclasses.asdict(strategy.train_config(ctx)),

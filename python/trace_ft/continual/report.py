@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import platform
+import sys
 from pathlib import Path
+
+import torch
 
 from ..store.atomic import write_bytes
 
@@ -24,6 +28,20 @@ def _bytes(n: int) -> str:
     return str(n)
 
 
+def versions() -> dict:
+    """The versions a run was made with (the report says them)."""
+    import trace_kernels
+
+    out = {"python": sys.version.split()[0], "platform": platform.platform(),
+           "torch": torch.__version__, "trace_kernels": trace_kernels.__version__}
+    for mod in ("transformers", "peft"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except ImportError:
+            out[mod] = None
+    return out
+
+
 def summary_table(results: dict) -> str:
     head = ("| strategy | AP | BWT | FWT | forgetting | plasticity | base Δ | trainable % "
             "| optimizer state | time (s) | peak memory |")
@@ -34,6 +52,24 @@ def summary_table(results: dict) -> str:
             f"| {name} | " + " | ".join(_fmt(m[k]) for k in COLUMNS)
             + f" | {100 * c['trainable_fraction']:.2f} | {_bytes(c['state_bytes'])} "
             f"| {c['seconds']:.0f} | {_bytes(c['peak_memory_bytes'])} |")
+    return "\n".join(lines)
+
+
+def metrics_table(results: dict) -> str:
+    """AP, BWT and plasticity for every metric, side by side."""
+    names = [m for m in ("exact", "edit", "loglik")
+             if all(m in r.get("metrics_by", {}) for r in results["strategies"].values())]
+    if not names:
+        return ""
+    head = "| strategy | " + " | ".join(f"{m} AP | {m} BWT | {m} plasticity" for m in names) + " |"
+    lines = [head, "|---|" + "---|" * (3 * len(names))]
+    for name, r in results["strategies"].items():
+        cells = []
+        for m in names:
+            mm = r["metrics_by"][m]
+            digits = 2 if m == "loglik" else 1
+            cells += [_fmt(mm["AP"], digits), _fmt(mm["BWT"], digits), _fmt(mm["plasticity"], digits)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -73,9 +109,19 @@ def markdown(results: dict) -> str:
         "model was pretrained on). trainable %: elements the optimizer may change, of all "
         "parameters, mean over tasks. mtl trains on all tasks jointly, so it has only a final "
         "row. Optimizer state: largest over the tasks (EWC includes its Fisher and anchor). "
-        + results.get("memory_note", "") + ".",
+        + results.get("memory_note", "") + ". trace_routed scores each task with the model as "
+        "it stood right after it, rebuilt from the final model by setting later cores back "
+        "(BWT exactly 0 when routing is exact).",
         "",
         summary_table(results),
+        "",
+        "## Every metric",
+        "",
+        "exact: exact match (%); edit: partial credit, the normalised edit similarity of the "
+        "decoded answer (%); loglik: the teacher-forced mean log-likelihood of the answer "
+        "tokens (nats per token; its BWT is a change in nats).",
+        "",
+        metrics_table(results),
         "",
         "## Accuracy matrices",
         "",

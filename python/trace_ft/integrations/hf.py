@@ -26,6 +26,7 @@ from trace_kernels import CoreMask, MaskedAdamW
 
 from ..method.pipeline import TracePipeline, freeze_outside, record_updates
 from ..method.probe import DEFAULT_EXCLUDE, ProbeResult, default_loss
+from ..method.routing import core_values
 from ..method.select import Selection, SelectConfig
 from ..store.atomic import write_with
 from ..store.history import TaskHistory, TaskRecord, model_fingerprint
@@ -41,6 +42,7 @@ class TraceState:
     core: CoreMask
     probe: ProbeResult | None = None
     selection: Selection | None = None
+    before: dict | None = None      # the core's values before training (for the history)
 
 
 def load_core(checkpoint: str | Path) -> CoreMask:
@@ -119,6 +121,7 @@ def trace_optimizer(
                                   weight_decay=weight_decay, backend=backend)
     if freeze_others:
         freeze_outside(model, state.core)
+    state.before = core_values(model, state.core)
     opt.trace = state
     return opt
 
@@ -165,7 +168,8 @@ class TraceCallback(_trainer_callback_base()):
         if not isinstance(history, TaskHistory):
             history = TaskHistory.open(history, model, create=True)
         history.append(TaskRecord(
-            name=self.task, core=trace.core, updates=updates, test=self.test,
+            name=self.task, core=trace.core, updates=updates, test=self.test, before=trace.before or {},
+            after=core_values(model, trace.core),
             hyperparameters={**self.hyperparameters, "trainer_steps": state.global_step},
             summary={"core_elements": trace.core.numel_selected, "eligible_elements": trace.core.numel,
                      "state_bytes": int(self.optimizer.state_bytes()["total"])},

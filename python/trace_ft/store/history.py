@@ -6,6 +6,9 @@ Layout of a history directory::
     tasks/001-<name>/        core.safetensors    the task's CoreMask
                              updates.safetensors its probe update Δ (exact, or sketches)
                              fisher.safetensors  its Fisher diagonal (when the guard used it)
+                             core_before.safetensors, core_after.safetensors
+                                                 its core's values before and after training
+                                                 (what `trace-ft export` rebuilds models from)
                              test.jsonl          its test split, for scoring it later
 
 Each manifest entry holds the task's name, time, data fingerprint, model fingerprint,
@@ -115,6 +118,8 @@ class TaskRecord:
     core: CoreMask | None = None
     updates: Mapping[str, Tensor | BlockSketch] = field(default_factory=dict)
     fisher: Mapping[str, Tensor] = field(default_factory=dict)
+    before: Mapping[str, Tensor] = field(default_factory=dict)   # core values before the task
+    after: Mapping[str, Tensor] = field(default_factory=dict)    # and after it trained
     test: Sequence[Example] = ()
     scorer: str = "exact"
     data: dict = field(default_factory=dict)
@@ -236,11 +241,13 @@ class TaskHistory:
             core = CoreMask.load(self._file(i, "core")) if "core" in entry["files"] else None
             upd = self._file(i, "updates")
             fis = self._file(i, "fisher")
+            bef, aft = self._file(i, "before"), self._file(i, "after")
             test = self._file(i, "test")
             return TaskRecord(
                 name=entry["name"], core=core,
                 updates=load_updates(upd) if upd else {},
                 fisher=load_tensors(fis) if fis else {},
+                before=load_tensors(bef) if bef else {}, after=load_tensors(aft) if aft else {},
                 test=read_examples(test) if test else (),
                 scorer=entry.get("scorer", "exact"), data=entry.get("data", {}),
                 hyperparameters=entry.get("hyperparameters", {}), summary=entry.get("summary", {}),
@@ -337,6 +344,10 @@ class TaskHistory:
                                        bool(record.updates)),
                            "fisher": ("fisher.safetensors", lambda p: save_tensors(record.fisher, p),
                                       bool(record.fisher)),
+                           "before": ("core_before.safetensors", lambda p: save_tensors(record.before, p),
+                                      bool(record.before)),
+                           "after": ("core_after.safetensors", lambda p: save_tensors(record.after, p),
+                                     bool(record.after)),
                            "test": ("test.jsonl", lambda p: _write_test(record.test, p), bool(record.test))}
                 for key, (fname, write, wanted) in writers.items():
                     if not wanted:

@@ -2,9 +2,10 @@
 the TRACE-benchmark layout (files)."""
 
 from .base import SCORERS, Example, Task
-from .builtin import BASE, BASE_OPS, DEFAULT_ORDER, SKILLS, builtin_suite, builtin_task
+from .builtin import (BASE, BASE_OPS, DEFAULT_ORDER, FORMATS, SKILLS, SUITES, builtin_suite,
+                      builtin_task)
 from .files import TaskFormatError, load_task_dir, read_examples, resolve_tasks
 
-__all__ = ["SCORERS", "Example", "Task", "BASE", "BASE_OPS", "DEFAULT_ORDER", "SKILLS",
+__all__ = ["SCORERS", "Example", "Task", "BASE", "BASE_OPS", "DEFAULT_ORDER", "FORMATS", "SKILLS", "SUITES",
            "builtin_suite", "builtin_task", "TaskFormatError", "load_task_dir", "read_examples",
            "resolve_tasks"]

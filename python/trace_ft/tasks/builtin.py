@@ -130,8 +130,45 @@ SKILLS: dict[str, Callable] = {
     "rev": _gen_rev, "sub": _gen_sub, "dup": _gen_dup, "sort": _gen_sort, "count": _gen_count,
     "rot": _gen_rot, "add": _gen_add,
 }
+# The "formats" suite: what instruction tuning of an LLM asks of it. Each task is a base
+# skill under a new keyword or in a new output format, or two base skills composed, so it
+# needs little new capacity (the "skills" suite asks for skills the base never had).
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def _gen_echo(rng):  # copy, under a new keyword
+    s = _word(rng, 2, 7, LETTERS + DIGITS)
+    return f"echo:{s}=", s
+
+
+def _gen_len_word(rng):  # length, written as a word
+    s = _word(rng, 1, 9, LETTERS + DIGITS)
+    return f"lenw:{s}=", NUMBER_WORDS[len(s)]
+
+
+def _gen_upper_next(rng):  # next letter, then upper case
+    s = _word(rng, 2, 6)
+    return f"upnx:{s}=", "".join(LETTERS[(LETTERS.index(c) + 1) % 26] for c in s).upper()
+
+
+def _gen_spaced(rng):  # copy, one space between characters
+    s = _word(rng, 2, 6, LETTERS + DIGITS)
+    return f"spc:{s}=", " ".join(s)
+
+
+def _gen_first_last(rng):  # first and last character
+    s = _word(rng, 2, 8, LETTERS + DIGITS)
+    return f"fl:{s}=", s[0] + s[-1]
+
+
+FORMATS: dict[str, Callable] = {
+    "echo": _gen_echo, "lenw": _gen_len_word, "upnx": _gen_upper_next, "spc": _gen_spaced,
+    "fl": _gen_first_last,
+}
 BASE = "base"
 DEFAULT_ORDER: tuple[str, ...] = ("rev", "sub", "dup", "sort", "count")
+SUITES: dict[str, tuple[str, ...]] = {"skills": DEFAULT_ORDER,
+                                      "formats": ("echo", "lenw", "upnx", "spc", "fl")}
 
 
 def _sample(gens: Sequence[Callable], n: int, rng: random.Random, avoid: set[str]) -> list[Example]:
@@ -158,14 +195,14 @@ def _sample(gens: Sequence[Callable], n: int, rng: random.Random, avoid: set[str
 
 
 def builtin_task(name: str, seed: int = 0, n_train: int = 2000, n_test: int = 200) -> Task:
-    """One task of the built-in suite (`BASE` or a name in `SKILLS`); test prompts never
+    """One built-in task (`BASE`, or a name in `SKILLS` or `FORMATS`); test prompts never
     occur in the training set."""
     if name == BASE:
         gens = list(BASE_OPS.values())
-    elif name in SKILLS:
-        gens = [SKILLS[name]]
+    elif name in SKILLS or name in FORMATS:
+        gens = [SKILLS.get(name) or FORMATS[name]]
     else:
-        raise ValueError(f"unknown built-in task {name!r}; choose from {[BASE, *SKILLS]}")
+        raise ValueError(f"unknown built-in task {name!r}; choose from {[BASE, *SKILLS, *FORMATS]}")
     rng = random.Random((seed << 32) ^ zlib.crc32(name.encode()))
     test = _sample(gens, n_test, rng, set())
     train = _sample(gens, n_train, rng, {e.prompt for e in test})

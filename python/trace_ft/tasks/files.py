@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .base import Example, Task
-from .builtin import BASE, SKILLS, builtin_task
+from .builtin import BASE, FORMATS, SKILLS, builtin_task
 
 
 
@@ -108,13 +108,13 @@ def resolve_tasks(specs: Sequence[str], seed: int = 0, n_train: int = 2000,
     """Task names of the built-in suite or paths to task directories, in order."""
     tasks = []
     for spec in specs:
-        if spec in SKILLS or spec == BASE:
+        if spec in SKILLS or spec in FORMATS or spec == BASE:
             tasks.append(builtin_task(spec, seed, n_train, n_test))
         elif Path(spec).is_dir():
             tasks.append(load_task_dir(spec, max_train=n_train, max_test=n_test))
         else:
-            raise ValueError(f"task {spec!r} is neither a built-in skill {list(SKILLS)} "
-                             f"nor a directory")
+            raise ValueError(f"task {spec!r} is neither a built-in skill "
+                             f"{[*SKILLS, *FORMATS]} nor a directory")
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         raise ValueError(f"task names must be distinct, got {names}")

@@ -76,7 +76,7 @@ def test_three_adapts_give_the_numbers_of_one_run(builtin_cache, tmp_path, capsy
     assert [e["summary"]["final_loss"] for e in entries] == [c["final_loss"] for c in res["costs"]["per_task"]]
     assert [e["summary"]["probe_loss"] for e in entries] == [s["probe_loss"] for s in res["selections"]]
     assert [e["summary"]["core_elements"] for e in entries] == [s["core_elements"] for s in res["selections"]]
-    assert all(e["files"].keys() == {"core", "updates", "fisher", "test"} for e in entries)
+    assert all(e["files"].keys() == {"core", "updates", "fisher", "test", "before", "after"} for e in entries)
     # the same scores: row j of run's matrix (column 0 is the base skill) after task j
     for j, e in enumerate(entries, 1):
         assert list(e["summary"]["scores"].values()) == res["matrix"][j][1:j + 1]

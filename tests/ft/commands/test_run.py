@@ -32,7 +32,17 @@ def test_every_strategy_through_the_cli(cache, tmp_path):
     for f in ("results.json", "report.md", "accuracy.png"):
         assert (out / f).stat().st_size > 0
     res = json.loads((out / "results.json").read_text())
-    assert list(res["strategies"]) == ALL.split(",")
+    names = ALL.split(",")
+    assert list(res["strategies"]) == names[:1] + ["trace_routed"] + names[1:]
+    # the task-routed bound: every task scored with the model right after it, rebuilt from
+    # the final model and the core values; BWT exactly 0, on every metric
+    routed = res["strategies"].pop("trace_routed")
+    assert routed["routing_exact"] and routed["metrics"]["BWT"] == 0.0
+    assert all(routed["metrics_by"][m]["BWT"] == 0.0 for m in ("exact", "edit", "loglik"))
+    trace = res["strategies"]["trace"]["matrices"]
+    assert routed["matrices"]["exact"][-1][1] == trace["exact"][1][1]  # rev, right after rev
+    assert routed["matrices"]["exact"][-1][0] == trace["exact"][0][0]  # base, before any task
+    assert routed["costs"]["storage_bytes_per_task"][0] > 0 and routed["costs"]["lora_bytes_per_task"] > 0
     assert res["columns"] == ["base", "rev", "sub"] and res["first_task_column"] == 1
     report = (out / "report.md").read_text()
     for name, r in res["strategies"].items():

@@ -97,3 +97,18 @@ def test_loader_missing_files_and_empty(tmp_path):
         load_task_dir(d)
     with pytest.raises(ValueError, match="neither a built-in skill"):
         resolve_tasks(["not_a_task"])
+
+
+def test_the_formats_suite_adapts_base_skills():
+    from trace_ft.tasks import FORMATS, SUITES, resolve_tasks
+
+    assert SUITES["formats"] == tuple(FORMATS)
+    tasks = {t.name: t for t in resolve_tasks(SUITES["formats"], seed=1, n_train=200, n_test=40)}
+    for t in tasks.values():  # no test prompt in train
+        assert not {e.prompt for e in t.test} & {e.prompt for e in t.train}
+    e = tasks["upnx"].train[0]
+    word = e.prompt[len("upnx:"):-1]
+    assert e.answer == "".join(chr((ord(c) - 97 + 1) % 26 + 97) for c in word).upper()
+    assert all(e.answer == " ".join(e.prompt[4:-1]) for e in tasks["spc"].test)
+    assert all(e.answer in ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+               for e in tasks["lenw"].test)

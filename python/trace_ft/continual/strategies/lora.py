@@ -8,6 +8,17 @@ from .base import Context, Strategy, TaskCost, train_adamw
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def adapter_bytes(model, rank: int, targets=TARGETS) -> int:
+    """Bytes of one LoRA adapter of `rank` on `model`'s target projections (A and B of
+    r·(in + out) values each matrix, in the weights' dtype): what storing one per task costs."""
+    total = 0
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        if p.dim() == 2 and len(parts) >= 2 and parts[-2] in targets and parts[-1] == "weight":
+            total += rank * (p.shape[0] + p.shape[1]) * p.element_size()
+    return total
+
+
 class LoRA(Strategy):
     name = "lora"
 

@@ -19,6 +19,7 @@ from trace_kernels import CoreMask, MaskedAdamW
 from ...lm.train import load_optimizer_state, train_loop
 from ...method.pipeline import TracePipeline, freeze_outside, restore_flags
 from ...method.probe import DEFAULT_EXCLUDE, ProbeResult
+from ...method.routing import TaskValues, core_values
 from ...method.select import EarlierTask, Selection, SelectConfig
 from .base import Context, Strategy, TaskCost, final_loss, optimizer_state_bytes
 
@@ -37,6 +38,7 @@ class Trace(Strategy):
         self.general = general   # a Task of general ability whose Fisher is protected too
         self.name = name
         self.selections: list[dict] = []
+        self.routes: list[TaskValues] = []   # each task's core values before and after it
 
     @property
     def history(self) -> list[EarlierTask]:
@@ -53,7 +55,9 @@ class Trace(Strategy):
     def learn(self, ctx: Context, index, task, seen) -> TaskCost:
         self.protect_general(ctx, index)
         result, sel = self.probe_and_select(ctx, index, task)
+        before = core_values(ctx.model, sel.mask)
         losses, state = self.train_core(ctx, index, task, sel.mask)
+        self.routes.append(TaskValues(sel.mask, before, core_values(ctx.model, sel.mask)))
         self.remember(ctx, index, task, sel.mask, result)
         return self.cost(sel.mask, state, losses)
 

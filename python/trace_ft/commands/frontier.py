@@ -1,0 +1,125 @@
+"""`trace-ft frontier`: each strategy's learning–forgetting frontier over several seeds.
+
+Each point of a strategy's grid (`continual.frontier.GRIDS`, or `--grid`) is one full
+continual run of `trace-ft run`'s sequence, repeated for every seed. Writes
+`results.json` (one entry per point and seed, with every metric's matrix),
+`report.md` (the points, mean ± spread over seeds, and how TRACE's frontier compares with
+the others' at equal plasticity) and `frontier.png`. Results are written after every
+run, and `--resume` reuses the runs an interrupted frontier finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from ..config import RunConfig, build_strategy
+from ..continual.frontier import GRIDS, QUICK_GRIDS, grid_points, point_label, write_outputs
+from ..continual.report import versions
+from ..continual.sequence import TaskSequence, routed_entry, run_strategy
+from ..evaluate import METRICS
+from ..lm.model import open_model
+from ..store.atomic import write_bytes
+from ..tasks import BASE, builtin_task, resolve_tasks
+
+def _metric_entry(entry: dict, params: dict, seed: int) -> dict:
+    m = entry["metrics"]
+    out = {"params": params, "seed": seed, "ap": m["AP"], "bwt": m["BWT"],
+           "plasticity": m["plasticity"], "fwt": m["FWT"], "base_delta": m["base_change"],
+           "matrix": entry["matrix"], "matrices": entry["matrices"],
+           "metrics_by": {k: {"ap": v["AP"], "bwt": v["BWT"], "plasticity": v["plasticity"],
+                              "fwt": v["FWT"], "base_delta": v["base_change"]}
+                          for k, v in entry["metrics_by"].items()},
+           "seconds": entry["costs"]["seconds"], "trainable_fraction": entry["costs"]["trainable_fraction"]}
+    for key in ("routing_exact",):
+        if key in entry:
+            out[key] = entry[key]
+    if "storage_bytes_per_task" in entry["costs"]:
+        out["storage_bytes_per_task"] = entry["costs"]["storage_bytes_per_task"]
+        out["lora_bytes_per_task"] = entry["costs"]["lora_bytes_per_task"]
+    return out
+
+
+def frontier(cfg: RunConfig, out: str | Path | None = None, *, seeds: int = 3, quick: bool = False,
+             strategies: list[str] | None = None, grids: list[tuple[str, str, list]] = (),
+             metric: str = "exact", resume: bool = False, progress: bool = True, log=None) -> dict:
+    from tqdm.auto import tqdm
+
+    log = log or (lambda msg: tqdm.write(msg))
+    cfg.validate()
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
+    table = {k: dict(v) for k, v in (QUICK_GRIDS if quick else GRIDS).items()}
+    for name, key, values in grids:
+        if name not in table:
+            raise ValueError(f"--grid: no frontier for strategy {name!r} (one of {', '.join(table)})")
+        if key not in {f.name for f in dataclasses.fields(RunConfig)}:
+            raise ValueError(f"--grid: {key!r} is not a setting")
+        table[name][key] = values
+    names = strategies or list(table)
+    for name in names:
+        if name not in table:
+            raise ValueError(f"no frontier for strategy {name!r}; choose from {', '.join(table)}")
+    runs = [(name, params, seed) for seed in range(seeds) for name in names
+            for params in grid_points(table[name])]
+    for name, params, _ in runs[:len(runs) // seeds]:
+        dataclasses.replace(cfg, **params).validate()  # every point's settings, before any run
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(out) if out is not None else Path("runs") / ("frontier-" + datetime.now().strftime("%Y%m%d-%H%M%S"))
+    results_file = out / "results.json"
+    results = {"config": {**dataclasses.asdict(cfg), "seeds": seeds, "quick": quick, "metric": metric,
+                          "grids": {n: table[n] for n in names}},
+               "versions": versions(), "frontier": {n: [] for n in names}}
+    if "trace" in names:
+        results["frontier"]["trace_routed"] = []
+    if resume and results_file.exists():
+        saved = json.loads(results_file.read_text())
+        if saved["config"]["grids"] != results["config"]["grids"]:
+            raise ValueError(f"--resume: {results_file} was run with other grids")
+        results["frontier"].update(saved["frontier"])
+    done = {(n, json.dumps(e["params"], sort_keys=True), e["seed"])
+            for n, es in results["frontier"].items() for e in es}
+    general = builtin_task(BASE, seed=0, n_train=cfg.n_train, n_test=cfg.n_test) if cfg.model == "builtin" else None
+    base, codec, model_dir = open_model(cfg.model, size=cfg.size, cache_dir=cfg.cache_dir,
+                                        dtype=cfg.dtype, device=cfg.device, progress=progress)
+    results["model"] = str(model_dir)
+    t_start = time.perf_counter()
+    bar = tqdm(total=len(runs), desc="frontier", disable=not progress, dynamic_ncols=True)
+    sequences: dict[int, TaskSequence] = {}
+    for name, params, seed in runs:
+        bar.set_description(f"frontier {name} [{point_label(params)}] seed {seed}")
+        if (name, json.dumps(params, sort_keys=True), seed) in done:
+            bar.update(1)
+            continue
+        if seed not in sequences:
+            tasks = resolve_tasks(cfg.task_names, seed, cfg.n_train, cfg.n_test)
+            sequences = {seed: TaskSequence.build(tasks, general, base, codec)}
+        seq = sequences[seed]
+        point = dataclasses.replace(cfg, seed=seed, **params)
+        strategy = build_strategy(name, point, general)
+        entry = run_strategy(strategy, seq, base, codec, point.train_config(), seed=seed,
+                             device=cfg.device, max_len=cfg.max_len, lora_rank=point.lora_rank)
+        results["frontier"][name].append(_metric_entry(entry, params, seed))
+        if "routed" in entry:
+            results["frontier"]["trace_routed"].append(
+                _metric_entry(routed_entry(entry, seq.first), params, seed))
+        results["columns"], results["first_task_column"] = seq.columns, seq.first
+        results["seconds"] = results.get("seconds", 0.0) + entry["costs"]["seconds"]
+        write_bytes(results_file, json.dumps(results, indent=1).encode())  # after every run
+        m = entry["metrics_by"][metric]
+        log(f"{name:>8s} [{point_label(params)}] seed {seed}: plasticity {m['plasticity']:.1f}, "
+            f"BWT {m['BWT'] if m['BWT'] is None else round(m['BWT'], 1)}, AP {m['AP']:.1f}")
+        bar.update(1)
+    bar.close()
+    results["wall_seconds"] = time.perf_counter() - t_start
+    write_outputs(results, out, metric)
+    log(f"wrote {out}/results.json, report.md, frontier.png")
+    return results

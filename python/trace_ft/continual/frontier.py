@@ -1,0 +1,225 @@
+"""The learning–forgetting frontier: what a strategy retains (BWT) against what it learns
+(plasticity) as its strength knob turns, over several seeds, and how two strategies'
+frontiers compare at equal plasticity. One point = one full continual run."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from ..evaluate import METRICS
+from ..store.atomic import write_bytes
+
+# Each strategy's strength knob(s) (RunConfig fields) and the default grid: chosen so the
+# default frontier (3 seeds) takes under an hour on the project's 2-core machine.
+GRIDS: dict[str, dict[str, list]] = {
+    "seqft": {"lr": [1e-4, 3e-4, 1e-3, 3e-3]},
+    "trace": {"trace_lr": [1e-3, 3e-3, 1e-2], "trace_budget": [0.02, 0.1]},
+    "lora": {"lora_lr": [1e-3, 3e-3, 1e-2], "lora_rank": [4, 16]},
+    "ewc": {"ewc_lambda": [1e2, 1e3, 1e4, 1e5]},
+    "replay": {"replay_buffer": [10, 50, 200]},
+}
+# --quick: the same knobs, fewer points (2 seeds: about 15 minutes)
+QUICK_GRIDS: dict[str, dict[str, list]] = {
+    "seqft": {"lr": [3e-4, 1e-3, 3e-3]},
+    "trace": {"trace_lr": [3e-3, 1e-2]},
+    "lora": {"lora_lr": [3e-3, 1e-2]},
+    "ewc": {"ewc_lambda": [1e3, 1e4]},
+    "replay": {"replay_buffer": [50]},
+}
+
+
+def grid_points(grid: dict[str, list]) -> list[dict]:
+    """Every combination of the grid's values, in order (the first key turns slowest)."""
+    points = [{}]
+    for key, values in grid.items():
+        points = [{**p, key: v} for p in points for v in values]
+    return points
+
+
+def parse_grid(spec: str) -> tuple[str, str, list]:
+    """``"trace:trace_lr=1e-3,3e-3"`` → ("trace", "trace_lr", [0.001, 0.003])."""
+    try:
+        strategy, rest = spec.split(":", 1)
+        key, values = rest.split("=", 1)
+    except ValueError:
+        raise ValueError(f"--grid {spec!r}: expected STRATEGY:KEY=V1,V2,...") from None
+
+    def value(text: str):
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                return float(text)
+            except ValueError:
+                return text
+
+    return strategy.strip(), key.strip(), [value(v.strip()) for v in values.split(",") if v.strip()]
+
+
+def point_label(params: dict) -> str:
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def summarise_point(entries: list[dict], metric: str) -> dict:
+    """Mean and spread (sample std; min–max) over seeds of one grid point's runs."""
+    out = {"seeds": [e["seed"] for e in entries], "params": entries[0]["params"]}
+    for key in ("plasticity", "bwt", "ap", "fwt", "base_delta"):
+        vals = [e["metrics_by"][metric][key] for e in entries]
+        vals = [v for v in vals if v is not None]
+        if not vals:
+            out[key] = out[key + "_std"] = out[key + "_min"] = out[key + "_max"] = None
+            continue
+        out[key] = float(np.mean(vals))
+        out[key + "_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+        out[key + "_min"], out[key + "_max"] = float(min(vals)), float(max(vals))
+    return out
+
+
+def pareto(points: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (plasticity, BWT) points no other point beats on both, by plasticity."""
+    pts = sorted({(float(x), float(y)) for x, y in points}, key=lambda p: (-p[0], -p[1]))
+    out, best = [], -math.inf
+    for x, y in pts:
+        if y > best:
+            out.append((x, y))
+            best = y
+    return sorted(out)
+
+
+def envelope_gap(mine: list[tuple[float, float]], theirs: list[tuple[float, float]],
+                 samples: int = 50) -> dict | None:
+    """How far `mine`'s upper envelope (linear between Pareto points) lies above `theirs`
+    over the plasticity range both cover: mean, smallest and largest gap in BWT points.
+    None when the ranges do not overlap."""
+    a, b = pareto(mine), pareto(theirs)
+    if not a or not b:
+        return None
+    lo, hi = max(a[0][0], b[0][0]), min(a[-1][0], b[-1][0])
+    if hi < lo:
+        return None
+    xs = np.linspace(lo, hi, samples) if hi > lo else np.array([lo])
+    ya = np.interp(xs, [p[0] for p in a], [p[1] for p in a])
+    yb = np.interp(xs, [p[0] for p in b], [p[1] for p in b])
+    gap = ya - yb
+    return {"range": [float(lo), float(hi)], "mean": float(gap.mean()), "min": float(gap.min()),
+            "max": float(gap.max())}
+
+
+# ---- the report -----------------------------------------------------------------------
+
+def summaries(results: dict, metric: str) -> dict[str, list[dict]]:
+    """Per strategy, one summary per grid point (mean and spread over seeds)."""
+    out = {}
+    for name, entries in results["frontier"].items():
+        by_point: dict[str, list[dict]] = {}
+        for e in entries:
+            by_point.setdefault(json.dumps(e["params"], sort_keys=True), []).append(e)
+        out[name] = [summarise_point(es, metric) for es in by_point.values()]
+    return out
+
+
+def comparisons(points: dict[str, list[dict]]) -> dict[str, dict | None]:
+    """TRACE's envelope against each other strategy's, at equal plasticity."""
+    if "trace" not in points:
+        return {}
+    mine = [(p["plasticity"], p["bwt"]) for p in points["trace"] if p["bwt"] is not None]
+    return {name: envelope_gap(mine, [(p["plasticity"], p["bwt"]) for p in pts if p["bwt"] is not None])
+            for name, pts in points.items() if name not in ("trace", "trace_routed")}
+
+
+def _fmt(v, std=None) -> str:
+    if v is None:
+        return "–"
+    return f"{v:.1f}" if std is None else f"{v:.1f} ± {std:.1f}"
+
+
+def markdown(results: dict, metric: str) -> str:
+    cfg = results["config"]
+    lines = ["# trace-ft frontier", "",
+             f"Model `{results.get('model')}`; suite `{cfg['suite']}` "
+             f"({', '.join(results.get('columns', [])[results.get('first_task_column', 0):])}); "
+             f"{cfg['steps']} steps per task, batch {cfg['batch_size']}; {cfg['seeds']} seed(s); "
+             f"metric `{metric}`; {results.get('seconds', 0) / 60:.0f} min of training and scoring.",
+             "",
+             "Each point is a full continual run; values are the mean ± sample std over seeds. "
+             "plasticity: mean score right after each task's own training; BWT: mean change of "
+             "earlier tasks from just after learning them to the end; base Δ: change of the base "
+             "skill (task 0). trace_routed scores each task with the model as it stood right after "
+             "it (rebuilt from the final model and the core values): BWT 0 when routing is exact.",
+             ""]
+    points = summaries(results, metric)
+    gaps = comparisons(points)
+    if gaps:
+        lines += ["## TRACE against the others at equal plasticity", "",
+                  "| against | plasticity range both cover | mean BWT gap | smallest | largest |",
+                  "|---|---|---|---|---|"]
+        for name, g in gaps.items():
+            if g is None:
+                lines.append(f"| {name} | no overlap | – | – | – |")
+            else:
+                lines.append(f"| {name} | {g['range'][0]:.1f}–{g['range'][1]:.1f} | {g['mean']:+.1f} | "
+                             f"{g['min']:+.1f} | {g['max']:+.1f} |")
+        lines += ["", "A positive gap: TRACE's upper envelope (linear between its Pareto points) "
+                  "lies above the other's, i.e. it retains more at the same plasticity.", ""]
+    for name, pts in points.items():
+        lines += [f"## {name}", "", "| point | plasticity | BWT | AP | base Δ | seeds |", "|---|---|---|---|---|---|"]
+        for p in sorted(pts, key=lambda p: (p["plasticity"] is None, p["plasticity"])):
+            lines.append(f"| {point_label(p['params'])} | {_fmt(p['plasticity'], p['plasticity_std'])} | "
+                         f"{_fmt(p['bwt'], p['bwt_std'])} | {_fmt(p['ap'], p['ap_std'])} | "
+                         f"{_fmt(p['base_delta'], p['base_delta_std'])} | {len(p['seeds'])} |")
+        lines.append("")
+    other = [m for m in METRICS if m != metric]
+    lines += ["## The other metrics", "", "| strategy | point | " + " | ".join(
+        f"{m} plasticity | {m} BWT" for m in other) + " |", "|---|---|" + "---|" * (2 * len(other))]
+    for name in points:
+        per = {m: summaries(results, m)[name] for m in other}
+        for k, p in enumerate(per[other[0]]):
+            cells = " | ".join(f"{_fmt(per[m][k]['plasticity'])} | {_fmt(per[m][k]['bwt'])}" for m in other)
+            lines.append(f"| {name} | {point_label(p['params'])} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path, metric: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = summaries(results, metric)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), constrained_layout=True)
+    for name, pts in points.items():
+        pts = sorted((p for p in pts if p["plasticity"] is not None and p["bwt"] is not None),
+                     key=lambda p: p["plasticity"])
+        if not pts:
+            continue
+        x = [p["plasticity"] for p in pts]
+        for ax, key in zip(axes, ("bwt", "base_delta")):
+            y = [p[key] for p in pts]
+            if any(v is None for v in y):
+                continue
+            ax.errorbar(x, y, xerr=[p["plasticity_std"] for p in pts], yerr=[p[key + "_std"] for p in pts],
+                        marker="o", ms=4, capsize=2, lw=1.2, label=name,
+                        ls="--" if name == "trace_routed" else "-")
+    axes[0].set_xlabel(f"plasticity ({metric})")
+    axes[0].set_ylabel(f"BWT ({metric})")
+    axes[0].set_title("learning against forgetting (mean ± std over seeds)", fontsize=9)
+    axes[1].set_xlabel(f"plasticity ({metric})")
+    axes[1].set_ylabel(f"base skill change ({metric})")
+    axes[1].set_title("learning against the base skill", fontsize=9)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(results: dict, out: Path, metric: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_bytes(out / "results.json", json.dumps(results, indent=1).encode())
+    write_bytes(out / "report.md", markdown(results, metric).encode())
+    plot(results, out / "frontier.png", metric)

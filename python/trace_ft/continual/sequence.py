@@ -1,0 +1,137 @@
+"""One continual sequence for one strategy: the same tasks, data, steps and seed for every
+strategy, an accuracy matrix per metric (row j: every task scored after training through
+task j), the costs, and for TRACE the task-routed bound. What `trace-ft run` and
+`trace-ft frontier` both run."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..evaluate import METRICS, Evaluator
+from ..lm.memory import PeakMemory
+from ..lm.text import Codec
+from ..lm.train import TrainConfig
+from ..method.routing import check_disjoint, set_back
+from ..tasks import Task
+from . import metrics
+from .strategies.base import Context, Strategy
+from .strategies.lora import adapter_bytes
+
+
+@dataclass
+class TaskSequence:
+    """The tasks of a run in order, task 0 (the base skill, when the model has one) first
+    among the scored columns, and the untrained model's scores."""
+
+    tasks: list[Task]
+    eval_tasks: list[Task]
+    first: int                      # column of the first task (1 with a base skill, else 0)
+    evaluator: Evaluator
+    row0: dict[str, list[float]]    # per metric, the untrained model's scores
+
+    @classmethod
+    def build(cls, tasks: list[Task], general: Task | None, base: nn.Module, codec: Codec) -> TaskSequence:
+        eval_tasks = ([general] if general is not None else []) + tasks
+        evaluator = Evaluator(eval_tasks, codec)
+        return cls(tasks, eval_tasks, len(eval_tasks) - len(tasks), evaluator, evaluator(base))
+
+    @property
+    def columns(self) -> list[str]:
+        return [t.name for t in self.eval_tasks]
+
+
+def run_strategy(strategy: Strategy, seq: TaskSequence, base: nn.Module, codec: Codec,
+                 train: TrainConfig, *, seed: int, device: str = "cpu", max_len: int | None = None,
+                 progress: bool = False, log: Callable[[str], None] = lambda msg: None,
+                 lora_rank: int = 8) -> dict:
+    """Train a copy of `base` through `seq` with `strategy`; its results entry. A TRACE
+    strategy's entry also holds ``routed``: the task-routed final row (see `routed_row`)."""
+    torch.manual_seed(seed)
+    T = len(seq.tasks)
+    rows = {m: [list(seq.row0[m])] + [[None] * len(seq.eval_tasks) for _ in range(T)] for m in METRICS}
+    ctx = Context(model=copy.deepcopy(base), codec=codec, train=train, seed=seed,
+                  progress=progress, max_len=max_len, num_tasks=T)
+
+    def evaluate(j: int) -> None:
+        scores = seq.evaluator(ctx.model)
+        for m in METRICS:
+            rows[m][j] = scores[m]
+        log(f"{strategy.name:>10s} after {j}/{T} {seq.tasks[j - 1].name:>8s}: "
+            + " ".join(f"{t.name}={s:5.1f}" for t, s in zip(seq.eval_tasks, scores["exact"])))
+
+    t0 = time.perf_counter()
+    with PeakMemory(device) as mem:
+        costs = strategy.fit(ctx, seq.tasks, evaluate)
+    seconds = time.perf_counter() - t0
+    total_params = sum(p.numel() for p in base.parameters())
+    trainable = [c.trainable for c in costs]
+    entry = {
+        "config": strategy.config(),
+        "matrix": rows["exact"],
+        "matrices": rows,
+        "metrics": metrics.summarize(rows["exact"], seq.first),
+        "metrics_by": {m: metrics.summarize(rows[m], seq.first) for m in METRICS},
+        "costs": {
+            "trainable_per_task": trainable,
+            "trainable_fraction": sum(trainable) / len(trainable) / total_params,
+            "state_bytes": max(c.state_bytes for c in costs),
+            "seconds": seconds,
+            "peak_memory_bytes": mem.peak_bytes,
+            "per_task": [dataclasses.asdict(c) for c in costs],
+        },
+        "selections": getattr(strategy, "selections", None),
+    }
+    routes = getattr(strategy, "routes", None)
+    if routes:
+        entry["routed"] = routed_row(ctx.model, base, routes, seq)
+        entry["routed"]["lora_bytes_per_task"] = adapter_bytes(base, lora_rank)
+    return entry
+
+
+def routed_row(model: nn.Module, base: nn.Module, routes, seq: TaskSequence) -> dict:
+    """The final row of the task-routed bound: task i scored with the model as it stood
+    right after task i, rebuilt from the final model by setting later tasks' cores back;
+    the base skill with every core set back. ``exact``: the fully set-back model equals
+    the untrained one bit for bit (cores disjoint, nothing moved outside a core)."""
+    disjoint = True
+    try:
+        check_disjoint(routes)
+    except ValueError:
+        disjoint = False
+    m = copy.deepcopy(model)
+    row = {metric: [None] * len(seq.eval_tasks) for metric in METRICS}
+    for i in range(len(routes), 0, -1):  # model after task i, newest first
+        for metric, v in seq.evaluator.task_scores(m, seq.first + i - 1).items():
+            row[metric][seq.first + i - 1] = v
+        set_back(m, [routes[i - 1]])
+    for k in range(seq.first):  # task 0: the model before any task
+        for metric, v in seq.evaluator.task_scores(m, k).items():
+            row[metric][k] = v
+    exact = all(torch.equal(p, q) for p, q in zip(m.parameters(), base.parameters()))
+    return {"row": row, "exact": bool(exact and disjoint), "disjoint": disjoint,
+            "bytes_per_task": [r.nbytes for r in routes]}
+
+
+def routed_entry(trace: dict, first: int) -> dict:
+    """`trace`'s entry as the task-routed strategy: its rows, with the final row the routed
+    one (so BWT is exactly 0 when routing is exact)."""
+    routed = trace["routed"]
+    matrices = {m: [list(r) for r in trace["matrices"][m][:-1]] + [routed["row"][m]] for m in METRICS}
+    return {
+        "config": {**trace["config"], "routed_from": "trace"},
+        "matrix": matrices["exact"],
+        "matrices": matrices,
+        "metrics": metrics.summarize(matrices["exact"], first),
+        "metrics_by": {m: metrics.summarize(matrices[m], first) for m in METRICS},
+        "costs": {**trace["costs"], "storage_bytes_per_task": routed["bytes_per_task"],
+                  "lora_bytes_per_task": routed["lora_bytes_per_task"]},
+        "routing_exact": routed["exact"],
+        "selections": trace.get("selections"),
+    }

@@ -1,0 +1,35 @@
+"""trace_ft.continual.frontier: grids, Pareto envelopes and the gap between two frontiers."""
+
+import pytest
+
+from trace_ft.continual.frontier import (envelope_gap, grid_points, pareto, parse_grid,
+                                         summarise_point)
+
+
+def test_grid_points_and_parsing():
+    assert grid_points({"a": [1, 2], "b": ["x", "y"]}) == [
+        {"a": 1, "b": "x"}, {"a": 1, "b": "y"}, {"a": 2, "b": "x"}, {"a": 2, "b": "y"}]
+    assert parse_grid("trace:trace_lr=1e-3, 3e-3") == ("trace", "trace_lr", [1e-3, 3e-3])
+    assert parse_grid("lora:lora_rank=4,16") == ("lora", "lora_rank", [4, 16])
+    with pytest.raises(ValueError, match="STRATEGY:KEY"):
+        parse_grid("trace_lr=1")
+
+
+def test_pareto_and_envelope_gap():
+    # points below another's plasticity and BWT are dominated
+    assert pareto([(10, -5), (20, -10), (15, -20), (30, -30)]) == [(10, -5), (20, -10), (30, -30)]
+    seq = [(10, -10), (50, -50), (90, -90)]          # BWT = -plasticity
+    better = [(20, -10), (60, -40)]                  # 10 points above it, then 20
+    gap = envelope_gap(better, seq, samples=5)
+    assert gap["range"] == [20.0, 60.0]
+    assert gap["min"] == pytest.approx(10.0) and gap["max"] == pytest.approx(20.0)
+    assert envelope_gap([(95, -1)], [(10, -10), (50, -50)]) is None   # no common range
+
+
+def test_summaries_over_seeds():
+    entries = [{"seed": s, "params": {"lr": 1e-3},
+                "metrics_by": {"exact": {"plasticity": p, "bwt": b, "ap": 1.0, "fwt": None, "base_delta": -1.0}}}
+               for s, (p, b) in enumerate([(40.0, -30.0), (50.0, -40.0)])]
+    s = summarise_point(entries, "exact")
+    assert s["plasticity"] == 45.0 and s["bwt"] == -35.0 and s["bwt_min"] == -40.0
+    assert s["plasticity_std"] == pytest.approx(7.0710678) and s["fwt"] is None and s["seeds"] == [0, 1]
