@@ -11,6 +11,7 @@
 
 #include "../cpu/delta_stats.h"
 #include "../cpu/masked_adamw.h"
+#include "trace_kernels/rounding.h"
 #include "table_layout.h"
 
 #ifndef TRACE_KERNELS_VERSION
@@ -26,10 +27,12 @@ namespace {
 // The row layout and checks are table_layout.h's. A row's `step` is the address of the
 // parameter's fp32 step counter, incremented here as torch does before the update, or 0:
 // `steps[t]` is the (already incremented) step.
+// `stochastic`: bf16 parameters are rounded stochastically, keyed by `seed` and each
+// tensor's step (rounding.h).
 void masked_adamw(const std::vector<int64_t>& table, const std::vector<double>& steps, double lr,
                   double beta1, double beta2, double eps, double weight_decay, bool amsgrad,
                   bool maximize, std::optional<double> grad_scale, double fisher_scale,
-                  int num_threads) {
+                  bool stochastic, uint64_t seed, int num_threads) {
   std::vector<tkc::MaskedTensor> tensors = layout::parse_masked(table, steps, amsgrad);
   for (const tkc::MaskedTensor& m : tensors) {
     if (m.step != nullptr && m.step_fp64) layout::fail("masked_adamw: the cpu backend counts fp32 steps");
@@ -54,6 +57,7 @@ void masked_adamw(const std::vector<int64_t>& table, const std::vector<double>& 
       step = *counter;
     }
     m.coeffs = trace_kernels::make_adamw_coeffs(lr, beta1, beta2, eps, weight_decay, step, amsgrad);
+    if (stochastic) m.coeffs.round_key = trace_kernels::round_key(seed, step);
   }
   // Tensors without selected blocks still count the step, as torch counts it for any
   // parameter with a gradient.
@@ -65,7 +69,7 @@ void masked_adamw(const std::vector<int64_t>& table, const std::vector<double>& 
   double divisor = grad_scale.value_or(1.0);
   if (maximize) divisor = -divisor;
   py::gil_scoped_release release;
-  tkc::masked_adamw(work, static_cast<float>(divisor), static_cast<float>(fisher_scale),
+  tkc::masked_adamw(work, static_cast<float>(divisor), static_cast<float>(fisher_scale), stochastic,
                     num_threads);
 }
 
@@ -113,7 +117,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("masked_adamw", &masked_adamw, py::arg("table"), py::arg("steps"), py::arg("lr"),
         py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
         py::arg("amsgrad"), py::arg("maximize"), py::arg("grad_scale"), py::arg("fisher_scale"),
-        py::arg("num_threads"),
+        py::arg("stochastic"), py::arg("seed"), py::arg("num_threads"),
         "AdamW over selected blocks; rows with a fisher address also accumulate "
         "fisher_scale * g^2 (adamw_fisher_ passes one block spanning each tensor).");
   m.def("delta_stats", &delta_stats, py::arg("table"), py::arg("num_tensors"),

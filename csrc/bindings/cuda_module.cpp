@@ -77,13 +77,14 @@ py::bytes plan_tiles(const std::vector<int64_t>& block_sizes, const std::vector<
 void masked_adamw(int64_t tensors, int64_t num_tensors, int64_t tiles, int64_t num_tiles,
                   int64_t step_values, double lr, int64_t lr_device, double beta1, double beta2,
                   double eps, double weight_decay, bool amsgrad, bool maximize, int64_t grad_scale,
-                  int64_t found_inf, double fisher_scale, bool fisher, int64_t stream, int device) {
+                  int64_t found_inf, double fisher_scale, bool fisher, bool stochastic,
+                  uint64_t seed, int64_t stream, int device) {
   if (num_tiles < 0 || num_tensors < 0 || (num_tiles > 0 && (tensors == 0 || tiles == 0))) {
     layout::fail("masked_adamw: bad launch tables");
   }
   const tkc::AdamWHyper hyper{lr, layout::as_ptr<const double>(lr_device), beta1, beta2, eps,
                               weight_decay, layout::as_ptr<const double>(step_values),
-                              amsgrad ? 1 : 0};
+                              amsgrad ? 1 : 0, stochastic ? 1 : 0, seed};
   DeviceGuard guard(device);
   check(static_cast<cudaError_t>(tkc::launch_masked_adamw(
             layout::as_ptr<const tkc::MaskedTensor>(tensors), layout::as_ptr<const tkc::Tile>(tiles),
@@ -153,7 +154,8 @@ PYBIND11_MODULE(TK_CUDA_MODULE, m) {
         py::arg("num_tiles"), py::arg("step_values"), py::arg("lr"), py::arg("lr_device"),
         py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
         py::arg("amsgrad"), py::arg("maximize"), py::arg("grad_scale"), py::arg("found_inf"),
-        py::arg("fisher_scale"), py::arg("fisher"), py::arg("stream"), py::arg("device"));
+        py::arg("fisher_scale"), py::arg("fisher"), py::arg("stochastic"),
+        py::arg("seed"), py::arg("stream"), py::arg("device"));
   m.def("pack_stats", &pack_stats, py::arg("table"), py::arg("num_tensors"), py::arg("num_refs"));
   m.def("plan_stats", &plan_stats, py::arg("numels"), py::arg("block_sizes"));
   m.def("delta_stats", &delta_stats, py::arg("tensors"), py::arg("items"), py::arg("num_items"),

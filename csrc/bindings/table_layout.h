@@ -15,12 +15,12 @@ namespace trace_kernels::layout {
 
 // One row per tensor of an AdamW launch.
 enum MaskedField : int {
-  kParam, kGrad, kExpAvg, kExpAvgSq, kMaxExpAvgSq, kFisher, kIndices, kIndicesInt64,
-  kNumBlocks, kBlockSize, kNumel, kDType, kStep, kStepFp64, kMaskedFields
+  kParam, kGrad, kExpAvg, kExpAvgSq, kMaxExpAvgSq, kFisher, kMaster, kIndices, kIndicesInt64,
+  kNumBlocks, kBlockSize, kNumel, kElemBase, kDType, kStep, kStepFp64, kMaskedFields
 };
 constexpr const char* kMaskedFieldNames[kMaskedFields] = {
-    "param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "fisher", "indices",
-    "indices_int64", "num_blocks", "block_size", "numel", "dtype", "step", "step_fp64"};
+    "param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "fisher", "master", "indices",
+    "indices_int64", "num_blocks", "block_size", "numel", "elem_base", "dtype", "step", "step_fp64"};
 
 // One row per tensor of a delta_stats launch, followed by R reference addresses and R
 // reference dtype codes.
@@ -58,11 +58,13 @@ inline std::vector<MaskedTensor> parse_masked(const std::vector<int64_t>& table,
     m.exp_avg_sq = as_ptr<float>(r[kExpAvgSq]);
     m.max_exp_avg_sq = amsgrad ? as_ptr<float>(r[kMaxExpAvgSq]) : nullptr;
     m.fisher = as_ptr<float>(r[kFisher]);
+    m.master = as_ptr<float>(r[kMaster]);
     m.indices = as_ptr<const void>(r[kIndices]);
     m.indices_int64 = r[kIndicesInt64] != 0;
     m.num_blocks = r[kNumBlocks];
     m.block_size = r[kBlockSize];
     m.numel = r[kNumel];
+    m.elem_base = r[kElemBase];
     m.dtype = parse_dtype(r[kDType], where);
     m.step = as_ptr<const void>(r[kStep]);
     m.step_fp64 = r[kStepFp64] != 0;
@@ -82,6 +84,8 @@ inline std::vector<MaskedTensor> parse_masked(const std::vector<int64_t>& table,
     if (amsgrad && m.num_blocks > 0 && m.max_exp_avg_sq == nullptr) {
       fail(where + ": amsgrad needs max_exp_avg_sq");
     }
+    if (m.elem_base < 0) fail(where + ": negative element base");
+    m.coeffs = AdamWCoeffs{};
   }
   return out;
 }

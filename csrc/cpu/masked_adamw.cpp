@@ -4,6 +4,7 @@
 
 #include "isa_dispatch.h"
 #include "parallel.h"
+#include "trace_kernels/rounding.h"
 
 
 namespace trace_kernels::cpu {
@@ -22,34 +23,56 @@ constexpr int64_t kBlockPrefetchBytes = 512;
 struct StepArgs {
   float grad_divisor;
   float fisher_scale;
+  bool stochastic;  // bf16 parameters rounded stochastically (rounding.h)
+};
+
+// The compact streams of one tensor (state order): moments, Fisher, fp32 masters.
+struct Streams {
+  float* m;
+  float* v;
+  float* vmax;     // null unless amsgrad
+  float* fisher;   // null unless Fisher is accumulated
+  float* master;   // null unless the tensor keeps fp32 master values of its core
+  Streams at(int64_t s, bool ams, bool fis, bool mas) const {
+    return {m + s, v + s, ams ? vmax + s : nullptr, fis ? fisher + s : nullptr, mas ? master + s : nullptr};
+  }
 };
 
 TK_HD void accumulate_fisher(float* f, float g, float scale) { *f = *f + (scale * g) * g; }
 
-// One element: parameter and gradient at `param`/`grad`, state at position `s`.
-template <typename P, bool kAmsgrad, bool kFisher>
-TK_HD void update_element(P* param, const P* grad, int64_t s, float* m, float* v, float* vmax,
-                          float* fisher, float grad_divisor, float fisher_scale,
-                          const AdamWCoeffs& c) {
-  float p = load_as_float(param);
+// One element: parameter and gradient at `param`/`grad`, its place `s` in the streams, and
+// `e` its index in the whole parameter (the stochastic rounding's element). With masters the
+// update is applied to the fp32 master and the parameter receives its rounded value.
+template <typename P, bool kAmsgrad, bool kFisher, bool kMaster>
+TK_HD void update_element(P* param, const P* grad, int64_t s, int64_t e, float* m, float* v,
+                          float* vmax, float* fisher, float* master, float grad_divisor,
+                          float fisher_scale, bool stochastic, const AdamWCoeffs& c) {
+  float p = kMaster ? master[s] : load_as_float(param);
   const float g = load_as_float(grad) / grad_divisor;
   if (kFisher) accumulate_fisher(fisher + s, g, fisher_scale);
   adamw_update(p, g, m[s], v[s], kAmsgrad ? vmax + s : nullptr, c);
-  store_from_float(param, p);
+  if (kMaster) master[s] = p;
+  store_param(param, p, stochastic, c.round_key, e);
 }
 
-template <typename P, bool kAmsgrad, bool kFisher>
-TK_HD void update_contiguous(P* __restrict param, const P* __restrict grad,
-                             float* __restrict m, float* __restrict v, float* __restrict vmax,
-                             float* __restrict fisher, int64_t n, const StepArgs& a,
-                             const AdamWCoeffs& coeffs) {
-  // Scalars in locals: the compiler cannot prove the stores below leave them unchanged.
+// A contiguous run: `n` elements from `param`/`grad`, streams from position 0 of `st`,
+// parameter index `e0` of the first.
+template <typename P, bool kAmsgrad, bool kFisher, bool kMaster>
+TK_HD void update_contiguous(P* __restrict param, const P* __restrict grad, Streams st,
+                             int64_t e0, int64_t n, const StepArgs& a, const AdamWCoeffs& coeffs) {
+  // Scalars and pointers in locals: the compiler cannot prove the stores leave them unchanged.
   const AdamWCoeffs c = coeffs;
   const float grad_divisor = a.grad_divisor;
   const float fisher_scale = a.fisher_scale;
+  const bool stochastic = a.stochastic;
+  float* __restrict m = st.m;
+  float* __restrict v = st.v;
+  float* __restrict vmax = st.vmax;
+  float* __restrict fisher = st.fisher;
+  float* __restrict master = st.master;
   for (int64_t i = 0; i < n; ++i) {
-    update_element<P, kAmsgrad, kFisher>(param + i, grad + i, i, m, v, vmax, fisher, grad_divisor,
-                                         fisher_scale, c);
+    update_element<P, kAmsgrad, kFisher, kMaster>(param + i, grad + i, i, e0 + i, m, v, vmax, fisher,
+                                                  master, grad_divisor, fisher_scale, stochastic, c);
   }
 }
 
@@ -57,14 +80,14 @@ TK_HD void update_contiguous(P* __restrict param, const P* __restrict grad,
 // unique, so iterations are independent and the loop vectorises with gathers/scatters where
 // the ISA has them; the lines of later indices are prefetched since no hardware prefetcher
 // can predict them.
-template <typename P, typename I, bool kAmsgrad, bool kFisher>
+template <typename P, typename I, bool kAmsgrad, bool kFisher, bool kMaster>
 TK_HD void update_scattered(P* __restrict param, const P* __restrict grad,
-                            const I* __restrict idx, float* __restrict m, float* __restrict v,
-                            float* __restrict vmax, float* __restrict fisher, int64_t begin,
-                            int64_t end, const StepArgs& a, const AdamWCoeffs& coeffs) {
+                            const I* __restrict idx, const Streams& st, int64_t elem_base,
+                            int64_t begin, int64_t end, const StepArgs& a, const AdamWCoeffs& coeffs) {
   const AdamWCoeffs c = coeffs;
   const float grad_divisor = a.grad_divisor;
   const float fisher_scale = a.fisher_scale;
+  const bool stochastic = a.stochastic;
   for (int64_t j0 = begin; j0 < end; j0 += kGatherPrefetch) {
     const int64_t j1 = std::min(j0 + kGatherPrefetch, end);
     // Prefetch the next batch's lines, then update this batch (prefetched one batch ago).
@@ -75,8 +98,9 @@ TK_HD void update_scattered(P* __restrict param, const P* __restrict grad,
 #pragma GCC ivdep
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t e = static_cast<int64_t>(idx[j]);
-      update_element<P, kAmsgrad, kFisher>(param + e, grad + e, j, m, v, vmax, fisher,
-                                           grad_divisor, fisher_scale, c);
+      update_element<P, kAmsgrad, kFisher, kMaster>(param + e, grad + e, j, elem_base + e, st.m, st.v,
+                                                    st.vmax, st.fisher, st.master, grad_divisor,
+                                                    fisher_scale, stochastic, c);
     }
   }
 }
@@ -84,10 +108,9 @@ TK_HD void update_scattered(P* __restrict param, const P* __restrict grad,
 // Element level (block size 1): state is contiguous, parameter elements are found by
 // index. Runs of at least kMinContiguousRun consecutive indices (dense stretches of a
 // mask) take the contiguous SIMD path; the stretches between them are gathered.
-template <typename P, typename I, bool kAmsgrad, bool kFisher>
+template <typename P, typename I, bool kAmsgrad, bool kFisher, bool kMaster>
 TK_HD void update_gather(P* __restrict param, const P* __restrict grad, const I* __restrict idx,
-                         float* __restrict m, float* __restrict v, float* __restrict vmax,
-                         float* __restrict fisher, int64_t begin, int64_t end,
+                         const Streams& st, int64_t elem_base, int64_t begin, int64_t end,
                          const StepArgs& a, const AdamWCoeffs& c) {
   constexpr int64_t L = kMinContiguousRun;
   int64_t j = begin;
@@ -98,29 +121,30 @@ TK_HD void update_gather(P* __restrict param, const P* __restrict grad, const I*
     while (s + L <= end && static_cast<int64_t>(idx[s + L - 1]) - static_cast<int64_t>(idx[s]) != L - 1) ++s;
     if (s + L > end) s = end;
     if (s > j) {
-      update_scattered<P, I, kAmsgrad, kFisher>(param, grad, idx, m, v, vmax, fisher, j, s, a, c);
+      update_scattered<P, I, kAmsgrad, kFisher, kMaster>(param, grad, idx, st, elem_base, j, s, a, c);
     }
     if (s == end) break;
     const int64_t e0 = static_cast<int64_t>(idx[s]);
     int64_t run = L;
     while (s + run + 16 <= end && static_cast<int64_t>(idx[s + run + 15]) == e0 + run + 15) run += 16;
     while (s + run < end && static_cast<int64_t>(idx[s + run]) == e0 + run) ++run;
-    update_contiguous<P, kAmsgrad, kFisher>(param + e0, grad + e0, m + s, v + s,
-                                            kAmsgrad ? vmax + s : nullptr,
-                                            kFisher ? fisher + s : nullptr, run, a, c);
+    update_contiguous<P, kAmsgrad, kFisher, kMaster>(param + e0, grad + e0,
+                                                     st.at(s, kAmsgrad, kFisher, kMaster),
+                                                     elem_base + e0, run, a, c);
     j = s + run;
   }
 }
 
-template <typename P, typename I, bool kAmsgrad, bool kFisher>
+template <typename P, typename I, bool kAmsgrad, bool kFisher, bool kMaster>
 TK_HD void update_chunk(const MaskedTensor& t, int64_t begin, int64_t end, const StepArgs& a) {
   P* param = static_cast<P*>(t.param);
   const P* grad = static_cast<const P*>(t.grad);
   const I* idx = static_cast<const I*>(t.indices);
   const int64_t B = t.block_size;
+  const Streams st{t.exp_avg, t.exp_avg_sq, t.max_exp_avg_sq, t.fisher, t.master};
   if (B == 1) {
-    update_gather<P, I, kAmsgrad, kFisher>(param, grad, idx, t.exp_avg, t.exp_avg_sq,
-                                           t.max_exp_avg_sq, t.fisher, begin, end, a, t.coeffs);
+    update_gather<P, I, kAmsgrad, kFisher, kMaster>(param, grad, idx, st, t.elem_base, begin, end, a,
+                                                    t.coeffs);
     return;
   }
   // [begin, end) are compact positions; walk them block by block, each a contiguous run.
@@ -140,10 +164,9 @@ TK_HD void update_chunk(const MaskedTensor& t, int64_t begin, int64_t end, const
         __builtin_prefetch(reinterpret_cast<const char*>(grad + next) + k, 0);
       }
     }
-    update_contiguous<P, kAmsgrad, kFisher>(param + base, grad + base, t.exp_avg + pos,
-                                            t.exp_avg_sq + pos,
-                                            kAmsgrad ? t.max_exp_avg_sq + pos : nullptr,
-                                            kFisher ? t.fisher + pos : nullptr, run, a, t.coeffs);
+    update_contiguous<P, kAmsgrad, kFisher, kMaster>(param + base, grad + base,
+                                                     st.at(pos, kAmsgrad, kFisher, kMaster),
+                                                     t.elem_base + base, run, a, t.coeffs);
     pos += run;
   }
 }
@@ -151,12 +174,21 @@ TK_HD void update_chunk(const MaskedTensor& t, int64_t begin, int64_t end, const
 template <typename P, typename I>
 TK_HD void dispatch_flags(const MaskedTensor& t, int64_t begin, int64_t end, const StepArgs& a) {
   const bool ams = t.max_exp_avg_sq != nullptr;
-  if (t.fisher != nullptr) {
-    ams ? update_chunk<P, I, true, true>(t, begin, end, a)
-        : update_chunk<P, I, false, true>(t, begin, end, a);
+  const bool fis = t.fisher != nullptr;
+  if (t.master != nullptr) {
+    if (fis) {
+      ams ? update_chunk<P, I, true, true, true>(t, begin, end, a)
+          : update_chunk<P, I, false, true, true>(t, begin, end, a);
+    } else {
+      ams ? update_chunk<P, I, true, false, true>(t, begin, end, a)
+          : update_chunk<P, I, false, false, true>(t, begin, end, a);
+    }
+  } else if (fis) {
+    ams ? update_chunk<P, I, true, true, false>(t, begin, end, a)
+        : update_chunk<P, I, false, true, false>(t, begin, end, a);
   } else {
-    ams ? update_chunk<P, I, true, false>(t, begin, end, a)
-        : update_chunk<P, I, false, false>(t, begin, end, a);
+    ams ? update_chunk<P, I, true, false, false>(t, begin, end, a)
+        : update_chunk<P, I, false, false, false>(t, begin, end, a);
   }
 }
 
@@ -212,8 +244,8 @@ IndexError check_indices_typed(const I* idx, int64_t count, int64_t limit, int n
 }  // namespace
 
 void masked_adamw(const std::vector<MaskedTensor>& tensors, float grad_divisor, float fisher_scale,
-                  int num_threads) {
-  const StepArgs args{grad_divisor, fisher_scale};
+                  bool stochastic, int num_threads) {
+  const StepArgs args{grad_divisor, fisher_scale, stochastic};
   std::vector<int64_t> sizes;
   sizes.reserve(tensors.size());
   int64_t total = 0;

@@ -12,9 +12,12 @@ using trace_kernels::MaskedTensor;
 
 // `grad_divisor` folds grad_scale and maximize: g / grad_divisor (±1 when unscaled).
 // With `fisher` set on a tensor, the same pass also accumulates fisher_scale * g^2 there
-// (the probe's fused step, `adamw_fisher_`: one block covering the whole tensor).
+// (the probe's fused step, `adamw_fisher_`: one block covering the whole tensor); with
+// `master` set, the update is applied to those fp32 values and the parameter gets them
+// rounded. `stochastic`: bf16 parameters are rounded stochastically with each tensor's
+// coeffs.round_key (rounding.h).
 void masked_adamw(const std::vector<MaskedTensor>& tensors, float grad_divisor, float fisher_scale,
-                  int num_threads);
+                  bool stochastic, int num_threads);
 
 // Checks that indices are strictly increasing and below `limit`.
 // Returns -1 when valid, else the first offending position.

@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include "kernels.h"
+#include "trace_kernels/rounding.h"
 
 #ifdef TK_CUDA_HOST
 #define TK_LAUNCH(kernel, grid, block, stream, ...) \
@@ -16,16 +17,18 @@
 namespace trace_kernels::cuda {
 namespace {
 
-template <typename P, bool kAmsgrad, bool kFisher>
+template <typename P, bool kAmsgrad, bool kFisher, bool kMaster>
 __device__ __forceinline__ void update_one(const MaskedTensor& t, const AdamWCoeffs& k, int64_t c,
-                                           int64_t e, float divisor, float fisher_scale) {
+                                           int64_t e, float divisor, float fisher_scale,
+                                           bool stochastic) {
   P* param = static_cast<P*>(t.param);
   const P* grad = static_cast<const P*>(t.grad);
-  float p = load_as_float(param + e);
+  float p = kMaster ? t.master[c] : load_as_float(param + e);
   const float g = load_as_float(grad + e) / divisor;
   if (kFisher) t.fisher[c] = t.fisher[c] + (fisher_scale * g) * g;
   adamw_update(p, g, t.exp_avg[c], t.exp_avg_sq[c], kAmsgrad ? t.max_exp_avg_sq + c : nullptr, k);
-  store_from_float(param + e, p);
+  if (kMaster) t.master[c] = p;
+  store_param(param + e, p, stochastic, k.round_key, t.elem_base + e);
 }
 
 // Four consecutive elements at once: 16-byte loads and stores of the fp32 streams (moments,
@@ -34,9 +37,10 @@ __device__ __forceinline__ void update_one(const MaskedTensor& t, const AdamWCoe
 template <typename P> struct Pack4 { using type = uint2; };   // 4 x 16-bit
 template <> struct Pack4<float> { using type = float4; };
 
-template <typename P, bool kAmsgrad, bool kFisher>
+template <typename P, bool kAmsgrad, bool kFisher, bool kMaster>
 __device__ __forceinline__ void update_four(const MaskedTensor& t, const AdamWCoeffs& coeffs,
-                                            int64_t c, int64_t e, float divisor, float fisher_scale) {
+                                            int64_t c, int64_t e, float divisor, float fisher_scale,
+                                            bool stochastic) {
   using V = typename Pack4<P>::type;
   union Params { V v; P x[4]; };
   union Floats { float4 v; float x[4]; };
@@ -44,36 +48,40 @@ __device__ __forceinline__ void update_four(const MaskedTensor& t, const AdamWCo
   Params p4, g4;
   p4.v = *reinterpret_cast<const V*>(param);
   g4.v = *reinterpret_cast<const V*>(static_cast<const P*>(t.grad) + e);
-  Floats m4, v4, x4, f4;
+  Floats m4, v4, x4, f4, w4;
   m4.v = *reinterpret_cast<const float4*>(t.exp_avg + c);
   v4.v = *reinterpret_cast<const float4*>(t.exp_avg_sq + c);
   if (kAmsgrad) x4.v = *reinterpret_cast<const float4*>(t.max_exp_avg_sq + c);
   if (kFisher) f4.v = *reinterpret_cast<const float4*>(t.fisher + c);
+  if (kMaster) w4.v = *reinterpret_cast<const float4*>(t.master + c);
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
-    float p = load_as_float(&p4.x[k]);
+    float p = kMaster ? w4.x[k] : load_as_float(&p4.x[k]);
     const float g = load_as_float(&g4.x[k]) / divisor;
     if (kFisher) f4.x[k] = f4.x[k] + (fisher_scale * g) * g;
     adamw_update(p, g, m4.x[k], v4.x[k], kAmsgrad ? &x4.x[k] : nullptr, coeffs);
-    store_from_float(&p4.x[k], p);
+    if (kMaster) w4.x[k] = p;
+    store_param(&p4.x[k], p, stochastic, coeffs.round_key, t.elem_base + e + k);
   }
   *reinterpret_cast<V*>(param) = p4.v;
   *reinterpret_cast<float4*>(t.exp_avg + c) = m4.v;
   *reinterpret_cast<float4*>(t.exp_avg_sq + c) = v4.v;
   if (kAmsgrad) *reinterpret_cast<float4*>(t.max_exp_avg_sq + c) = x4.v;
   if (kFisher) *reinterpret_cast<float4*>(t.fisher + c) = f4.v;
+  if (kMaster) *reinterpret_cast<float4*>(t.master + c) = w4.v;
 }
 
 __device__ __forceinline__ uintptr_t address(const void* p) { return reinterpret_cast<uintptr_t>(p); }
 
 // Whether positions [c, c+4) of every stream can be read as one aligned vector each.
-template <typename P, bool kAmsgrad, bool kFisher>
+template <typename P, bool kAmsgrad, bool kFisher, bool kMaster>
 __device__ __forceinline__ bool vector_aligned(const MaskedTensor& t, int64_t c, int64_t e) {
   const uintptr_t elems = address(static_cast<const P*>(t.param) + e) |
                           address(static_cast<const P*>(t.grad) + e);
   uintptr_t states = address(t.exp_avg + c) | address(t.exp_avg_sq + c);
   if (kAmsgrad) states |= address(t.max_exp_avg_sq + c);
   if (kFisher) states |= address(t.fisher + c);
+  if (kMaster) states |= address(t.master + c);
   return elems % (4 * sizeof(P)) == 0 && states % 16 == 0;
 }
 
@@ -82,9 +90,9 @@ __device__ __forceinline__ int64_t block_index(const MaskedTensor& t, int64_t j)
   return static_cast<int64_t>(static_cast<const I*>(t.indices)[j]);
 }
 
-template <typename P, bool kAmsgrad, bool kFisher>
+template <typename P, bool kAmsgrad, bool kFisher, bool kMaster>
 __device__ void tile_update(const MaskedTensor& t, const AdamWCoeffs& k, const Tile& tile,
-                            float divisor, float fisher_scale) {
+                            float divisor, float fisher_scale, bool stochastic) {
   const int64_t B = t.block_size;
   int64_t end = min(tile.start + static_cast<int64_t>(kTile), t.num_blocks * B);
   if (tile.contiguous) {
@@ -94,20 +102,21 @@ __device__ void tile_update(const MaskedTensor& t, const AdamWCoeffs& k, const T
     const int64_t blk = t.indices_int64 ? block_index<int64_t>(t, j) : block_index<int32_t>(t, j);
     const int64_t base = blk * B - j * B;
     int64_t scalar_from = tile.start;
-    if (vector_aligned<P, kAmsgrad, kFisher>(t, tile.start, base + tile.start)) {
+    if (vector_aligned<P, kAmsgrad, kFisher, kMaster>(t, tile.start, base + tile.start)) {
       scalar_from = tile.start + (end - tile.start) / 4 * 4;
       for (int64_t c = tile.start + 4 * threadIdx.x; c < scalar_from; c += 4 * blockDim.x) {
-        update_four<P, kAmsgrad, kFisher>(t, k, c, base + c, divisor, fisher_scale);
+        update_four<P, kAmsgrad, kFisher, kMaster>(t, k, c, base + c, divisor, fisher_scale, stochastic);
       }
     }
     for (int64_t c = scalar_from + threadIdx.x; c < end; c += blockDim.x) {
-      update_one<P, kAmsgrad, kFisher>(t, k, c, base + c, divisor, fisher_scale);
+      update_one<P, kAmsgrad, kFisher, kMaster>(t, k, c, base + c, divisor, fisher_scale, stochastic);
     }
   } else {
     for (int64_t c = tile.start + threadIdx.x; c < end; c += blockDim.x) {
       const int64_t j = B == 1 ? c : c / B;
       const int64_t blk = t.indices_int64 ? block_index<int64_t>(t, j) : block_index<int32_t>(t, j);
-      update_one<P, kAmsgrad, kFisher>(t, k, c, blk * B + (c - j * B), divisor, fisher_scale);
+      update_one<P, kAmsgrad, kFisher, kMaster>(t, k, c, blk * B + (c - j * B), divisor, fisher_scale,
+                                                stochastic);
     }
   }
 }
@@ -125,6 +134,7 @@ __device__ __forceinline__ AdamWCoeffs tile_coeffs(const MaskedTensor& t, int32_
     }
     *shared = make_adamw_coeffs(lr, h.beta1, h.beta2, h.eps, h.weight_decay, step + 1.0,
                                 h.amsgrad != 0);
+    if (h.stochastic) shared->round_key = round_key(h.seed, step + 1.0);
   }
   __syncthreads();
   return *shared;
@@ -140,10 +150,19 @@ __global__ void masked_adamw_kernel(const MaskedTensor* tensors, const Tile* til
   const MaskedTensor& t = tensors[tile.tensor];
   const AdamWCoeffs k = tile_coeffs(t, tile.tensor, hyper, &shared);
   const float divisor = grad_scale != nullptr ? grad_sign * *grad_scale : grad_sign;
+  const bool stochastic = hyper.stochastic != 0;
+  // 16-bit parameters may keep fp32 masters of their core (per tensor: the branch is
+  // uniform within a thread block)
   switch (t.dtype) {
-    case DType::kFloat32: tile_update<float, kAmsgrad, kFisher>(t, k, tile, divisor, fisher_scale); break;
-    case DType::kBFloat16: tile_update<bf16_t, kAmsgrad, kFisher>(t, k, tile, divisor, fisher_scale); break;
-    case DType::kFloat16: tile_update<fp16_t, kAmsgrad, kFisher>(t, k, tile, divisor, fisher_scale); break;
+    case DType::kFloat32: tile_update<float, kAmsgrad, kFisher, false>(t, k, tile, divisor, fisher_scale, false); break;
+    case DType::kBFloat16:
+      if (t.master != nullptr) tile_update<bf16_t, kAmsgrad, kFisher, true>(t, k, tile, divisor, fisher_scale, stochastic);
+      else tile_update<bf16_t, kAmsgrad, kFisher, false>(t, k, tile, divisor, fisher_scale, stochastic);
+      break;
+    case DType::kFloat16:
+      if (t.master != nullptr) tile_update<fp16_t, kAmsgrad, kFisher, true>(t, k, tile, divisor, fisher_scale, false);
+      else tile_update<fp16_t, kAmsgrad, kFisher, false>(t, k, tile, divisor, fisher_scale, false);
+      break;
   }
 }
 

@@ -29,6 +29,8 @@ struct AdamWHyper {
   double weight_decay;
   const double* step_values;  // device array, one per tensor (tensors without a step pointer)
   int32_t amsgrad;
+  int32_t stochastic;         // bf16 parameters rounded stochastically, keyed by seed and step
+  uint64_t seed;
 };
 
 // A tile of up to kTile compact positions of one tensor. `contiguous`: it lies inside one

@@ -14,6 +14,7 @@ import torch
 
 from .continual.strategies import EWC, MTL, NAMES, LoRA, Replay, SeqFT, Strategy, Trace
 from .lm.train import TrainConfig
+from .method.probe import DEFAULT_EXCLUDE
 from .method.select import GRANULARITIES, SelectConfig
 from .tasks import SUITES, Task
 
@@ -49,7 +50,8 @@ class RunConfig:
     trace_probe_steps: int = 50
     trace_probe_lr: float | None = None
     trace_lr: float | None = 1e-2     # the core is small: it takes a larger step (see README)
-    trace_scope: str = "global"
+    trace_scope: str = "global"       # the budget over all tensors, or "per_tensor"
+    trace_exclude: list[str] | None = None   # name patterns never eligible (None: the default)
     trace_importance: str = "rank"
     trace_threshold: float = 0.5
     trace_specificity_unit: str = "block"   # where cosines are measured: block, row, tensor
@@ -174,6 +176,7 @@ def strategy_names_ok(name: str) -> None:
 def _trace_kwargs(cfg: RunConfig, general: Task | None) -> dict:
     return dict(probe_steps=cfg.trace_probe_steps, probe_lr=cfg.trace_probe_lr, lr=cfg.trace_lr,
                 sketch_dim=cfg.trace_sketch_dim,
+                exclude=DEFAULT_EXCLUDE if cfg.trace_exclude is None else tuple(cfg.trace_exclude),
                 general=general if cfg.trace_protect_base else None)
 
 
@@ -276,6 +279,9 @@ RUN_FLAGS = {
     "--sketch-dim": ("trace_sketch_dim", int, "trace: keep earlier updates as count sketches of "
                      "this many values per block (default: exact)"),
     "--protect": ("trace_protect", float, "trace: interference guard strength (0 off)"),
+    "--scope": ("trace_scope", str, "trace: the budget over all tensors (global) or per_tensor"),
+    "--trace-exclude": ("trace_exclude", _list, "trace: comma-separated name patterns never "
+                        "eligible ('' for none; default: embeddings, norms, biases, lm_head)"),
     "--protect-base": ("trace_protect_base", lambda x: x.lower() in ("1", "true", "yes", "on"),
                        "trace: also guard the base skill (true/false)"),
     "--lora-lr": ("lora_lr", float, "lora: learning rate"),

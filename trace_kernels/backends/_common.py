@@ -76,3 +76,42 @@ def adamw_entry_points(adamw):
               fishers, fisher_scale, **hyper)
 
     return masked_adamw_, adamw_fisher_
+
+
+# ---- stochastic rounding: csrc/include/trace_kernels/rounding.h, in torch ----------------
+
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x):
+    """rounding.h's mix32 on int64 tensors (or ints) holding uint32 values."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def round_key(seed: int, step: float) -> int:
+    """rounding.h's round_key: one tensor's stochastic-rounding key for one step."""
+    s = int(step) & _M32
+    return _mix32((seed & _M32) ^ _mix32(((seed >> 32) & _M32) ^ _mix32(s)))
+
+
+def round_bits(key: int, elements: torch.Tensor) -> torch.Tensor:
+    """rounding.h's round_bits: the 16 random bits of each element (int64 indices)."""
+    e = elements.to(torch.int64)
+    hi = _mix32(((e >> 32) + 0x9E3779B9) & _M32)
+    return _mix32((key ^ (e & _M32)) ^ hi) & 0xFFFF
+
+
+def to_param(x: torch.Tensor, dtype: torch.dtype, bits: torch.Tensor | None) -> torch.Tensor:
+    """fp32 → the parameter dtype: nearest even, or (bf16, with `bits`) stochastically."""
+    if bits is None or dtype != torch.bfloat16:
+        return x.to(dtype)
+    u = x.view(torch.int32).to(torch.int64) & _M32
+    mag = u & 0x7FFFFFFF
+    r = (u + bits) >> 16
+    r = torch.where(mag == 0x7F800000, u >> 16, r)      # ±inf stays
+    r = torch.where(mag > 0x7F800000, 0x7FC0, r)        # NaN: the canonical quiet NaN
+    return r.to(torch.int32).to(torch.int16).view(torch.bfloat16)

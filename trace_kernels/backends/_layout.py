@@ -9,8 +9,9 @@ from torch import Tensor
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
-MASKED_FIELDS = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "fisher", "indices",
-                 "indices_int64", "num_blocks", "block_size", "numel", "dtype", "step", "step_fp64")
+MASKED_FIELDS = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "fisher", "master",
+                 "indices", "indices_int64", "num_blocks", "block_size", "numel", "elem_base", "dtype",
+                 "step", "step_fp64")
 STATS_FIELDS = ("post", "pre", "fisher", "dtype", "numel", "block_size", "first_row")
 
 
@@ -19,14 +20,15 @@ def _addr(t: Tensor | None) -> int:
 
 
 def masked_row(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
-               max_exp_avg_sq: Tensor | None, fisher: Tensor | None, indices: Tensor,
-               block_size: int, step: Tensor | None) -> list[int]:
+               max_exp_avg_sq: Tensor | None, fisher: Tensor | None, master: Tensor | None,
+               indices: Tensor, block_size: int, elem_base: int, step: Tensor | None) -> list[int]:
     """One tensor of an AdamW launch. `step`: the step counter the native side reads (or,
-    on the CPU, increments), or None when the step is passed by value."""
+    on the CPU, increments), or None when the step is passed by value. `elem_base`: where
+    the storage starts in the whole parameter (a shard's offset; 0 unsharded)."""
     return [_addr(param), _addr(grad), _addr(exp_avg), _addr(exp_avg_sq), _addr(max_exp_avg_sq),
-            _addr(fisher), _addr(indices), int(indices.dtype == torch.int64), indices.numel(),
-            block_size, param.numel(), DTYPE_CODES[param.dtype], _addr(step),
-            int(step is not None and step.dtype == torch.float64)]
+            _addr(fisher), _addr(master), _addr(indices), int(indices.dtype == torch.int64),
+            indices.numel(), block_size, param.numel(), elem_base, DTYPE_CODES[param.dtype],
+            _addr(step), int(step is not None and step.dtype == torch.float64)]
 
 
 def stats_row(post: Tensor, pre: Tensor | None, fisher: Tensor | None, block_size: int,

@@ -25,7 +25,7 @@ def check_block_indices(indices: torch.Tensor, limit: int) -> tuple[int, str] | 
 
 def _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices, block_sizes,
            steps, fishers, fisher_scale, *, lr, beta1, beta2, eps, weight_decay, amsgrad,
-           maximize, grad_scale, found_inf):
+           maximize, grad_scale, found_inf, masters=(), elem_bases=(), stochastic=False, seed=0):
     ext = _ext()
     if inf_found(found_inf):
         return
@@ -37,11 +37,13 @@ def _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices,
     for i, p in enumerate(params):
         table += masked_row(p, grads[i], exp_avgs[i], exp_avg_sqs[i],
                             max_exp_avg_sqs[i] if amsgrad else None, fishers[i] if fishers else None,
-                            block_indices[i], block_sizes[i], steps[i] if native_steps else None)
+                            masters[i] if masters and masters[i].numel() else None, block_indices[i],
+                            block_sizes[i],
+                            elem_bases[i] if elem_bases else 0, steps[i] if native_steps else None)
     ext.masked_adamw(
         table, step_values, host_lr(lr), beta1, beta2, eps, weight_decay, amsgrad,
         maximize, float(grad_scale.item()) if grad_scale is not None else None, fisher_scale,
-        torch.get_num_threads(),
+        stochastic, seed, torch.get_num_threads(),
     )
 
 

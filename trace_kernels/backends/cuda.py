@@ -112,7 +112,7 @@ def tile_plan(ext, block_sizes: list[int], counts: list[int], device: torch.devi
 
 def _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices, block_sizes,
            steps, fishers, fisher_scale, *, lr, beta1, beta2, eps, weight_decay, amsgrad,
-           maximize, grad_scale, found_inf):
+           maximize, grad_scale, found_inf, masters=(), elem_bases=(), stochastic=False, seed=0):
     ext = _ext()
     device = params[0].device
     # Steps in this device's memory (fp32/fp64) are read by the kernel; others by value.
@@ -124,7 +124,9 @@ def _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices,
     for i, p in enumerate(params):
         rows += masked_row(p, grads[i], exp_avgs[i], exp_avg_sqs[i],
                            max_exp_avg_sqs[i] if amsgrad else None, fishers[i] if fishers else None,
-                           block_indices[i], block_sizes[i], steps[i] if device_steps else None)
+                           masters[i] if masters and masters[i].numel() else None, block_indices[i],
+                            block_sizes[i],
+                           elem_bases[i] if elem_bases else 0, steps[i] if device_steps else None)
     table = _bounded(_tables, ("adamw", device, amsgrad, tuple(rows)),
                      lambda: _on_device(ext.pack_masked(rows, len(params), amsgrad), device))
     step_values = None if device_steps else _per_step(steps, device)
@@ -140,7 +142,8 @@ def _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices,
         0.0 if lr_device is not None else host_lr(lr),
         lr_device.data_ptr() if lr_device is not None else 0, beta1, beta2, eps, weight_decay,
         amsgrad, maximize, scale.data_ptr() if scale is not None else 0,
-        found.data_ptr() if found is not None else 0, fisher_scale, bool(fishers), stream, index,
+        found.data_ptr() if found is not None else 0, fisher_scale, bool(fishers),
+        stochastic, seed, stream, index,
     )
     # the launch succeeded: advance the counters (by 0 where the step was skipped)
     if not device_steps:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..masks import expand_blocks
-from ._common import adamw_entry_points, advance_steps, host_lr, inf_found
+from ._common import adamw_entry_points, advance_steps, host_lr, inf_found, round_bits, round_key, to_param
 
 
 def _f32(x: float) -> float:
@@ -51,9 +51,10 @@ def _unscaled(g, grad_scale, maximize):
 
 def _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices, block_sizes,
            steps, fishers, fisher_scale, *, lr, beta1, beta2, eps, weight_decay, amsgrad,
-           maximize, grad_scale, found_inf):
+           maximize, grad_scale, found_inf, masters=(), elem_bases=(), stochastic=False, seed=0):
     """The selected elements gathered, updated one rounding at a time and scattered back;
-    with `fishers`, fisher += fisher_scale * g^2 (g unscaled) in state order first."""
+    with `fishers`, fisher += fisher_scale * g^2 (g unscaled) in state order first; with
+    `masters`, the update applied to them and the parameter given them rounded."""
     if inf_found(found_inf):
         return
     step_values = advance_steps(steps)
@@ -64,7 +65,7 @@ def _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices,
             continue
         ei = expand_blocks(idx, block_sizes[i])
         flat_p = p.view(-1)
-        pv = flat_p[ei].to(torch.float32)
+        pv = masters[i] if masters and masters[i].numel() else flat_p[ei].to(torch.float32)
         g = _unscaled(grads[i].view(-1)[ei], grad_scale, maximize)
         if fishers:
             fishers[i].view(-1).add_(g.mul(fisher_scale).mul_(g))
@@ -73,7 +74,11 @@ def _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices,
             lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
             step=step_values[i],
         )
-        flat_p[ei] = pv.to(p.dtype)
+        bits = None
+        if stochastic:
+            base = elem_bases[i] if elem_bases else 0
+            bits = round_bits(round_key(seed, step_values[i]), ei + base)
+        flat_p[ei] = to_param(pv, p.dtype, bits)
 
 
 masked_adamw_, adamw_fisher_ = adamw_entry_points(_adamw)

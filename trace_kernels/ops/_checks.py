@@ -86,6 +86,32 @@ def _check_lists(op, n, lists, amsgrad, max_exp_avg_sqs, params):
     _check_tensor_list(op, "max_exp_avg_sqs", max_exp_avg_sqs, n if amsgrad else len(max_exp_avg_sqs))
 
 
+def check_rounding(op, params, masters, elem_bases, stochastic, seed, sizes) -> None:
+    """fp32 masters (none, or one per parameter: its selected elements, `sizes[i]` values,
+    or an empty tensor for a parameter without), element bases, and stochastic rounding
+    (bf16 parameters only: fp16 has no unbiased rounding here yet) with a 63-bit seed."""
+    n = len(params)
+    if masters:
+        _check_tensor_list(op, "masters", masters, n)
+        for i, p in enumerate(params):
+            if masters[i].numel() == 0:
+                continue
+            if p.dtype == torch.float32:
+                _fail(TypeError, op, f"masters[{i}]: fp32 params[{i}] is its own master")
+            _check_fp32(op, "masters", i, masters[i], sizes[i], p.device, "the selected elements")
+    if elem_bases:
+        if len(elem_bases) != n or any(not isinstance(b, int) or isinstance(b, bool) or b < 0
+                                       for b in elem_bases):
+            _fail(ValueError, op, f"elem_bases must hold one int >= 0 per parameter ({n})")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        _fail(ValueError, op, f"seed must be an int in [0, 2**63), got {seed!r}")
+    if stochastic:
+        for i, p in enumerate(params):
+            if p.dtype == torch.float16:
+                _fail(TypeError, op, f"params[{i}] is fp16: stochastic rounding supports bf16 "
+                                     "(and fp32, which is not rounded)")
+
+
 def validate_masked_adamw(
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices, block_sizes, steps,
     lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, grad_scale, found_inf,
@@ -201,6 +227,15 @@ def int_sizes(op: str, block_sizes: Sequence[int]) -> list[int]:
         if not isinstance(b, int) or isinstance(b, bool):
             raise TypeError(f"{op}: block_sizes[{i}] must be an int, got {b!r}")
     return sizes
+
+
+ROUNDINGS = ("nearest", "stochastic")
+
+
+def stochastic_flag(op: str, rounding: str) -> bool:
+    if rounding not in ROUNDINGS:
+        _fail(ValueError, op, f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    return rounding == "stochastic"
 
 
 def split_lr(lr: float | Tensor) -> tuple[float, Tensor | None]:

@@ -15,13 +15,13 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ._checks import (bump_versions, int_sizes, split_lr, validate_adamw_fisher,
-                      validate_masked_adamw)
+from ._checks import (bump_versions, check_rounding, int_sizes, split_lr, stochastic_flag,
+                      validate_adamw_fisher, validate_masked_adamw)
 
 
 @torch.library.custom_op(
     "trace_kernels::masked_adamw_",
-    mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps"),
+    mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps", "masters"),
 )
 def _masked_adamw_op(
     params: list[Tensor],
@@ -42,13 +42,18 @@ def _masked_adamw_op(
     maximize: bool,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
+    masters: list[Tensor],
+    elem_bases: list[int],
+    stochastic: bool,
+    seed: int,
     backend: str,
     check_indices: bool,
 ) -> None:
     _masked_adamw_impl(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices, block_sizes,
         steps, lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale,
-        found_inf, backend, validate=True, check_indices=check_indices,
+        found_inf, masters, elem_bases, stochastic, seed, backend, validate=True,
+        check_indices=check_indices,
     )
 
 
@@ -60,7 +65,7 @@ def _masked_adamw_fake(*args, **kwargs) -> None:
 def _masked_adamw_impl(
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices, block_sizes, steps,
     lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale, found_inf,
-    backend, *, validate, check_indices,
+    masters, elem_bases, stochastic, seed, backend, *, validate, check_indices,
 ) -> None:
     device = params[0].device if params else torch.device("cpu")
     name = backends.choose(device, backend or None).name
@@ -70,13 +75,16 @@ def _masked_adamw_impl(
             steps, lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, grad_scale,
             found_inf, backends.index_checker(name) if check_indices else None,
         )
+        check_rounding("masked_adamw_", params, masters, elem_bases, stochastic, seed,
+                       [i.numel() * b for i, b in zip(block_indices, block_sizes)])
     if not params:
         return
     backends.module(name).masked_adamw_(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices, block_sizes,
         steps, lr=lr if lr_tensor is None else lr_tensor, beta1=beta1, beta2=beta2, eps=eps,
         weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, grad_scale=grad_scale,
-        found_inf=found_inf,
+        found_inf=found_inf, masters=masters, elem_bases=elem_bases, stochastic=stochastic,
+        seed=seed,
     )
     bump_versions(params)
 
@@ -102,6 +110,10 @@ def masked_adamw_(
     found_inf: Tensor | None = None,
     backend: str | None = None,
     check_indices: bool = True,
+    masters: Sequence[Tensor] | None = None,
+    elem_bases: Sequence[int] | None = None,
+    rounding: str = "nearest",
+    seed: int = 0,
 ) -> None:
     """AdamW over the selected blocks of each parameter, in place.
 
@@ -113,12 +125,20 @@ def masked_adamw_(
     the grads are divided by it; if ``found_inf`` is non-zero nothing changes at all.
     ``check_indices=False`` skips the O(k) index check for callers that validated the
     indices once already (MaskedAdamW does, when masks are set).
+
+    ``masters[i]`` (16-bit params): fp32 values of the selected elements in mask order; the
+    update is applied to them and the parameter receives them rounded. ``rounding``:
+    "nearest" (even) or "stochastic" (bf16: up with probability equal to the dropped
+    fraction, unbiased), its random bits a hash of ``seed``, the step and the element's
+    index in the whole parameter (``elem_bases[i]``: where the storage starts in it, for a
+    shard), so the same seed gives the same bits on every backend.
     """
     args = (
         list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs or []),
         list(block_indices), int_sizes("masked_adamw_", block_sizes), list(steps), *split_lr(lr),
         float(beta1), float(beta2), float(eps), float(weight_decay), bool(amsgrad),
-        bool(maximize), grad_scale, found_inf, backend or "",
+        bool(maximize), grad_scale, found_inf, list(masters or []), list(elem_bases or []),
+        stochastic_flag("masked_adamw_", rounding), seed, backend or "",
     )
     if torch.compiler.is_compiling():
         _masked_adamw_op(*args, bool(check_indices))
@@ -130,6 +150,7 @@ def masked_adamw_(
 def masked_adamw_trusted_(
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices, block_sizes, steps,
     *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale, found_inf, backend,
+    masters=(), elem_bases=(), stochastic=False, seed=0,
 ) -> None:
     """`masked_adamw_` without the per-call argument checks, for a caller that created the
     state and indices itself and validated the masks once (MaskedAdamW). Grads must match
@@ -137,7 +158,7 @@ def masked_adamw_trusted_(
     args = (
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices, block_sizes, steps,
         *split_lr(lr), beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale, found_inf,
-        backend or "",
+        list(masters), list(elem_bases), bool(stochastic), int(seed), backend or "",
     )
     if torch.compiler.is_compiling():
         _masked_adamw_op(*args, False)
@@ -168,11 +189,13 @@ def _adamw_fisher_op(
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
     fisher_scale: float,
+    stochastic: bool,
+    seed: int,
     backend: str,
 ) -> None:
     _adamw_fisher_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, steps, lr,
                        lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale,
-                       found_inf, fisher_scale, backend)
+                       found_inf, fisher_scale, stochastic, seed, backend)
 
 
 @_adamw_fisher_op.register_fake
@@ -182,10 +205,11 @@ def _adamw_fisher_fake(*args, **kwargs) -> None:
 
 def _adamw_fisher_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, steps, lr,
                        lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale,
-                       found_inf, fisher_scale, backend) -> None:
+                       found_inf, fisher_scale, stochastic, seed, backend) -> None:
     validate_adamw_fisher(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, steps,
                           lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, grad_scale,
                           found_inf, fisher_scale)
+    check_rounding("adamw_fisher_", params, [], [], stochastic, seed, [])
     if not params:
         return
     impl = backends.module(backends.choose(params[0].device, backend or None).name)
@@ -193,7 +217,8 @@ def _adamw_fisher_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fi
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, steps,
         fisher_scale=fisher_scale, lr=lr if lr_tensor is None else lr_tensor, beta1=beta1,
         beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-        grad_scale=grad_scale, found_inf=found_inf,
+        grad_scale=grad_scale, found_inf=found_inf, masters=[], elem_bases=[],
+        stochastic=stochastic, seed=seed,
     )
     bump_versions(params)
 
@@ -218,16 +243,20 @@ def adamw_fisher_(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     backend: str | None = None,
+    rounding: str = "nearest",
+    seed: int = 0,
 ) -> None:
     """Dense AdamW step (the warm-start probe's) that, in the same pass over memory, adds
     ``fisher_scale * g**2`` to ``fishers[i]`` (fp32, one value per element; ``g`` unscaled
     by ``grad_scale``): the empirical Fisher diagonal accumulates while the probe trains.
-    State is dense fp32; numerics are exactly those of `masked_adamw_` with a full mask."""
+    State is dense fp32; numerics are exactly those of `masked_adamw_` with a full mask.
+    ``rounding="stochastic"`` rounds bf16 parameters stochastically (see `masked_adamw_`):
+    full fp32 master weights would cost 4 bytes per parameter for a short probe."""
     args = (
         list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs or []),
         list(fishers), list(steps), *split_lr(lr), float(beta1), float(beta2), float(eps),
         float(weight_decay), bool(amsgrad), bool(maximize), grad_scale, found_inf,
-        float(fisher_scale), backend or "",
+        float(fisher_scale), stochastic_flag("adamw_fisher_", rounding), seed, backend or "",
     )
     if torch.compiler.is_compiling():
         _adamw_fisher_op(*args)

@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 
 #include "trace_kernels/macros.h"
 
@@ -29,6 +30,7 @@ struct AdamWCoeffs {
   bool has_decay;
   bool lerp_low;          // |lerp_weight| < 0.5
   bool amsgrad;
+  uint32_t round_key;     // stochastic rounding's key of this step (rounding.h), else 0
 };
 
 // Scalars of one step for one tensor, `step` already incremented (torch increments first).
@@ -50,6 +52,7 @@ TK_HD AdamWCoeffs make_adamw_coeffs(double lr, double beta1, double beta2, doubl
   c.eps = static_cast<float>(eps);
   c.neg_step_size = static_cast<float>(-(lr / bias_correction1));
   c.amsgrad = amsgrad;
+  c.round_key = 0;
   return c;
 }
 

@@ -23,10 +23,12 @@ struct MaskedTensor {
   float* exp_avg_sq;
   float* max_exp_avg_sq;  // null unless amsgrad
   float* fisher;          // null, or fp32 accumulators in state order: fisher += scale * g^2
+  float* master;          // null, or fp32 master values of the core in state order
   const void* indices;
   int64_t num_blocks;     // selected blocks
   int64_t block_size;
   int64_t numel;          // elements of the parameter's storage (indices are checked against it)
+  int64_t elem_base;      // index in the whole parameter of the storage's first element
   int32_t indices_int64;
   DType dtype;            // of param and grad
   const void* step;       // the parameter's step counter, or null (step_value holds the step);

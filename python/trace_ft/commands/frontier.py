@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from ..config import RunConfig, build_strategy
-from ..continual.frontier import GRIDS, QUICK_GRIDS, grid_points, point_label, write_outputs
+from ..continual.frontier import (DEFAULT_STRATEGIES, GRIDS, QUICK_GRIDS, grid_points, point_label,
+                                  write_outputs)
 from ..continual.report import versions
 from ..continual.sequence import TaskSequence, routed_entry, run_strategy
 from ..evaluate import METRICS
@@ -63,7 +64,7 @@ def frontier(cfg: RunConfig, out: str | Path | None = None, *, seeds: int = 3, q
         if key not in {f.name for f in dataclasses.fields(RunConfig)}:
             raise ValueError(f"--grid: {key!r} is not a setting")
         table[name][key] = values
-    names = strategies or list(table)
+    names = strategies or list(DEFAULT_STRATEGIES)
     for name in names:
         if name not in table:
             raise ValueError(f"no frontier for strategy {name!r}; choose from {', '.join(table)}")
@@ -105,10 +106,12 @@ def frontier(cfg: RunConfig, out: str | Path | None = None, *, seeds: int = 3, q
         seq = sequences[seed]
         point = dataclasses.replace(cfg, seed=seed, **params)
         strategy = build_strategy(name, point, general)
+        if name != "trace" and hasattr(strategy, "routes"):
+            strategy.routes = None  # the routed bound is trace's only
         entry = run_strategy(strategy, seq, base, codec, point.train_config(), seed=seed,
                              device=cfg.device, max_len=cfg.max_len, lora_rank=point.lora_rank)
         results["frontier"][name].append(_metric_entry(entry, params, seed))
-        if "routed" in entry:
+        if name == "trace" and "routed" in entry:
             results["frontier"]["trace_routed"].append(
                 _metric_entry(routed_entry(entry, seq.first), params, seed))
         results["columns"], results["first_task_column"] = seq.columns, seq.first

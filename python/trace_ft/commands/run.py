@@ -50,7 +50,7 @@ def run(cfg: RunConfig, out: str | Path | None = None, sweep: bool = False,
         "strategies": {},
     }
     for strategy in strategies:
-        if not cfg.routed and hasattr(strategy, "routes"):
+        if hasattr(strategy, "routes") and not (cfg.routed and strategy.name == "trace"):
             strategy.routes = None  # no values kept: no routed row
         entry = run_strategy(strategy, seq, base, codec, cfg.train_config(), seed=cfg.seed,
                              device=cfg.device, max_len=cfg.max_len, progress=progress, log=log,

@@ -22,7 +22,10 @@ GRIDS: dict[str, dict[str, list]] = {
     "lora": {"lora_lr": [1e-3, 3e-3, 1e-2], "lora_rank": [4, 16]},
     "ewc": {"ewc_lambda": [1e2, 1e3, 1e4, 1e5]},
     "replay": {"replay_buffer": [10, 50, 200]},
+    # on request (--frontier-strategies): the authors' whole-tensor rule
+    "trace_paper": {"trace_lr": [1e-4, 3e-4, 1e-3, 3e-3]},
 }
+DEFAULT_STRATEGIES = ("seqft", "trace", "lora", "ewc", "replay")
 # --quick: the same knobs, fewer points (2 seeds: about 15 minutes)
 QUICK_GRIDS: dict[str, dict[str, list]] = {
     "seqft": {"lr": [3e-4, 1e-3, 3e-3]},
@@ -30,6 +33,7 @@ QUICK_GRIDS: dict[str, dict[str, list]] = {
     "lora": {"lora_lr": [3e-3, 1e-2]},
     "ewc": {"ewc_lambda": [1e3, 1e4]},
     "replay": {"replay_buffer": [50]},
+    "trace_paper": {"trace_lr": [3e-4, 1e-3]},
 }
 
 

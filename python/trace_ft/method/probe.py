@@ -4,7 +4,9 @@
 `adamw_fisher_` step, which accumulates the empirical Fisher diagonal (mean of g² over the
 steps) in the same pass as the update. It then records the adaptation trace
 Δ = θ_probe − θ⁰ and restores θ⁰ bit for bit, together with every parameter's
-``requires_grad`` flag, its ``.grad`` and the module's train/eval mode.
+``requires_grad`` flag, its ``.grad`` and the module's train/eval mode. On an FSDP2 model
+each rank steps its own shards: Δ and Fisher stay sharded (DTensors), no rank gathers a
+parameter.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from trace_kernels import ops
+from trace_kernels.sharding import like, local_tensor
 
 # Embeddings, output heads, norms and biases are left out by default (METHOD.md: the
 # weight matrices of attention and MLP layers are eligible).
@@ -95,6 +98,8 @@ def probe(
     max_grad_norm: float | None = None,
     backend: str | None = None,
     progress: bool | str = False,
+    rounding: str = "auto",
+    seed: int | None = None,
 ) -> ProbeResult:
     """Warm-start probe of `steps` AdamW steps on the eligible parameters.
 
@@ -103,6 +108,11 @@ def probe(
         that does not fit twice on its accelerator); default: each parameter's device.
     delta_dtype: dtype of the stored Δ (bf16 halves its memory).
     progress: show a progress bar (a string is its label).
+    rounding: how the step writes bf16 parameters: "stochastic" (unbiased: a probe at a
+        fine-tuning lr otherwise loses most of its updates to rounding, and full fp32
+        masters would cost 4 bytes per parameter), "nearest", or "auto" (stochastic when
+        a parameter is bf16 and none is fp16). seed: of the stochastic rounding (None:
+        drawn from torch's generator).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -111,6 +121,11 @@ def probe(
     named = eligible_parameters(model, include, exclude)
     if not named:
         raise ValueError("no eligible parameters: check include/exclude patterns and requires_grad")
+    if rounding == "auto":
+        dtypes = {p.dtype for _, p in named}
+        rounding = "stochastic" if torch.bfloat16 in dtypes and torch.float16 not in dtypes else "nearest"
+    if rounding == "stochastic" and seed is None:
+        seed = int(torch.randint(0, 2**62, ()).item())
     eligible = {id(p) for _, p in named}
     params = [p for _, p in named]
     flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -119,7 +134,9 @@ def probe(
     home = [offload_device or p.device for p in params]
     with torch.no_grad():
         saved = [p.detach().to(d, copy=True) for p, d in zip(params, home)]
-    exp_avgs = [torch.zeros(p.numel(), dtype=torch.float32, device=p.device) for p in params]
+    # state for the storage each rank holds (a sharded parameter's local shard)
+    exp_avgs = [torch.zeros(local_tensor(p).numel(), dtype=torch.float32, device=local_tensor(p).device)
+                for p in params]
     exp_avg_sqs = [torch.zeros_like(m) for m in exp_avgs]
     fishers = [torch.zeros_like(m) for m in exp_avgs]
     step_counts = [torch.tensor(0.0) for _ in params]
@@ -142,11 +159,12 @@ def probe(
                 nn.utils.clip_grad_norm_(params, max_grad_norm)
             live = [i for i, p in enumerate(params) if p.grad is not None]
             ops.adamw_fisher_(
-                [params[i] for i in live], [params[i].grad.contiguous() for i in live],
+                [local_tensor(params[i]) for i in live],
+                [local_tensor(params[i].grad).contiguous() for i in live],
                 [exp_avgs[i] for i in live], [exp_avg_sqs[i] for i in live], [],
                 [fishers[i] for i in live], [step_counts[i] for i in live],
                 lr=lr, beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=weight_decay,
-                fisher_scale=1.0 / steps, backend=backend,
+                fisher_scale=1.0 / steps, backend=backend, rounding=rounding, seed=seed or 0,
             )
             for p in params:
                 p.grad = None
@@ -157,7 +175,7 @@ def probe(
         with torch.no_grad():
             for (name, p), pre, d, f in zip(named, saved, home, fishers):
                 deltas[name] = (p.detach().to(d, torch.float32) - pre.float()).to(delta_dtype)
-                fisher[name] = f.view(p.shape).to(d)
+                fisher[name] = like(p, f.view(local_tensor(p).shape)).to(d)
     finally:
         with torch.no_grad():
             for p, pre in zip(params, saved):

@@ -18,15 +18,19 @@ import torch
 from torch import Tensor, nn
 
 from trace_kernels import CoreMask
+from trace_kernels.sharding import local_selection, local_tensor
 
 
 def core_values(model: nn.Module, core: CoreMask) -> dict[str, Tensor]:
-    """The core elements of each tensor, in mask order (1-D, the parameter's dtype, CPU)."""
+    """The core elements of each tensor, in mask order (1-D, the parameter's dtype, CPU).
+    For a sharded parameter: this rank's core elements (its slice of the global order)."""
     params = dict(model.named_parameters())
     out = {}
     for n, e in core.nonempty().items():
-        where = e.element_indices().to(params[n].device)
-        out[n] = params[n].detach().reshape(-1)[where].cpu()
+        local, _ = local_selection(e, params[n], repr(n))
+        storage = local_tensor(params[n])
+        where = local.element_indices().to(storage.device)
+        out[n] = storage.detach().reshape(-1)[where].cpu()
     return out
 
 
@@ -35,12 +39,13 @@ def set_core_values(model: nn.Module, core: CoreMask, values: dict[str, Tensor])
     """Write `values` (as `core_values` gives them) into the core elements of `model`."""
     params = dict(model.named_parameters())
     for n, e in core.nonempty().items():
-        p = params[n]
+        local, _ = local_selection(e, params[n], repr(n))
+        storage = local_tensor(params[n])
         v = values[n]
-        if v.numel() != e.numel_selected:
-            raise ValueError(f"{n!r}: {v.numel()} values for a core of {e.numel_selected} elements")
-        where = e.element_indices().to(p.device)
-        p.view(-1).index_copy_(0, where, v.to(p.device, p.dtype))
+        if v.numel() != local.numel_selected:
+            raise ValueError(f"{n!r}: {v.numel()} values for a core of {local.numel_selected} elements")
+        where = local.element_indices().to(storage.device)
+        storage.view(-1).index_copy_(0, where, v.to(storage.device, storage.dtype))
 
 
 @dataclass

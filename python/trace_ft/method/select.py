@@ -29,6 +29,7 @@ from torch import Tensor
 
 from trace_kernels import CoreMask, ops
 from trace_kernels.masks import block_size_for
+from trace_kernels.sharding import all_reduce_sum, is_dtensor, local_tensor, shard_layout
 
 from .probe import ProbeResult
 from .sketch import BlockSketch, sketch_cosine
@@ -167,6 +168,53 @@ def _combine(l2: Tensor, fisher: Tensor, cfg: SelectConfig) -> Tensor:
     return cfg.weights[0] * a + cfg.weights[1] * b
 
 
+def _stats(deltas: list[Tensor], fishers: list[Tensor] | None, refs: list[list[Tensor]] | None,
+           sizes: list[int], names: list[str]) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """Per tensor and block: Σ d², Σ fisher, Σ d·ref and Σ ref² (fp64 tensors of the fp32
+    sums delta_stats gives). Plain tensors in one delta_stats pass; a sharded (FSDP2)
+    tensor's blocks from its shard's partial sums, added over the ranks."""
+    out: list = [None] * len(deltas)
+    plain = [i for i, d in enumerate(deltas) if not is_dtensor(d)]
+    if plain:
+        s = ops.delta_stats([deltas[i].contiguous() for i in plain], None,
+                            [fishers[i].reshape(-1).float().contiguous() for i in plain] if fishers else None,
+                            [refs[i] for i in plain] if refs else None, [sizes[i] for i in plain])
+        for k, i in enumerate(plain):
+            rows = slice(s.row_offsets[k], s.row_offsets[k + 1])
+            out[i] = (s.sum_sq[rows].double(), s.fisher_sum[rows].double(), s.dots[rows].double(),
+                      s.ref_sq[rows].double())
+    for i, d in enumerate(deltas):
+        if out[i] is None:
+            out[i] = _shard_stats(d, fishers[i] if fishers else None, refs[i] if refs else [],
+                                  sizes[i], names[i])
+    return out
+
+
+def _shard_stats(d: Tensor, fisher: Tensor | None, refs: list[Tensor], B: int, name: str):
+    """delta_stats of one sharded tensor: the rank's shard summed in sub-blocks that divide
+    both the blocks and the shard's ends, folded into the global blocks it meets, then
+    summed over the ranks. A block inside one shard is summed exactly as one process does;
+    a block across a shard boundary is the sum of the ranks' fp32 partial sums."""
+    shard = shard_layout(d, repr(name))
+    lo, hi, nb, R = shard.lo, shard.hi, d.numel() // B, len(refs)
+    out = [torch.zeros(nb, dtype=torch.float64), torch.zeros(nb, dtype=torch.float64),
+           torch.zeros(nb, R, dtype=torch.float64), torch.zeros(nb, R, dtype=torch.float64)]
+    n = hi - lo
+    if n:
+        b = math.gcd(B, math.gcd(lo, n))
+        local = local_tensor(d).reshape(-1).contiguous()
+        ref_local = [(local_tensor(r) if is_dtensor(r) else r.reshape(-1)[lo:hi]).reshape(-1).contiguous()
+                     for r in refs]
+        f = local_tensor(fisher).reshape(-1).float().contiguous() if fisher is not None else None
+        s = ops.delta_stats([local], None, [f] if f is not None else None, [ref_local] if R else None, [b])
+        where = (lo + torch.arange(n // b, dtype=torch.int64) * b) // B
+        for acc, part in zip(out, s[:4]):
+            acc.index_add_(0, where, part.double())
+    for acc in out:
+        all_reduce_sum(acc, d)
+    return tuple(out)
+
+
 def _block_stats(probe: ProbeResult, sizes: dict[str, int], earlier: Sequence[EarlierTask],
                  spec_sizes: dict[str, int] | None = None):
     """Per tensor: (sum_sq, fisher_sum, cos (blocks, tasks)) using delta_stats for exact
@@ -174,8 +222,8 @@ def _block_stats(probe: ProbeResult, sizes: dict[str, int], earlier: Sequence[Ea
     per specificity unit (`spec_sizes`, default the blocks) and given to every block in it."""
     spec_sizes = spec_sizes or sizes
     names = probe.names
-    deltas = [probe.deltas[n].contiguous() for n in names]
-    fishers = [probe.fisher[n].reshape(-1).float().contiguous() for n in names]
+    deltas = [probe.deltas[n] for n in names]
+    fishers = [probe.fisher[n] for n in names]
     exact_tasks = [t for t in earlier if any(isinstance(u, Tensor) for u in t.updates.values())]
     cos_cols: dict[str, list[Tensor]] = {n: [] for n in names}
     zeros: dict[str, Tensor] = {}
@@ -186,14 +234,17 @@ def _block_stats(probe: ProbeResult, sizes: dict[str, int], earlier: Sequence[Ea
             if u.numel() != deltas[i].numel():
                 raise ValueError(f"earlier update of {names[i]!r} has {u.numel()} elements, "
                                  f"the parameter has {deltas[i].numel()}")
-            return u.reshape(-1).to(deltas[i].device).contiguous()
+            if is_dtensor(u):  # kept sharded like the parameter
+                return u
+            return u.reshape(-1).to(local_tensor(deltas[i]).device).contiguous()
         if names[i] not in zeros:  # no exact update of this tensor: no similarity
-            zeros[names[i]] = torch.zeros(deltas[i].numel(), dtype=deltas[i].dtype, device=deltas[i].device)
+            zeros[names[i]] = torch.zeros(deltas[i].numel(), dtype=deltas[i].dtype,
+                                          device=local_tensor(deltas[i]).device)
         return zeros[names[i]]
 
     block_sizes = [sizes[n] for n in names]
     unit_sizes = [spec_sizes[n] for n in names]
-    stats = ops.delta_stats(deltas, None, fishers, None, block_sizes)
+    stats = _stats(deltas, fishers, None, block_sizes, names)
 
     def per_block(cos: Tensor, i: int) -> Tensor:  # one row per unit → one row per block
         k = unit_sizes[i] // block_sizes[i]
@@ -202,28 +253,28 @@ def _block_stats(probe: ProbeResult, sizes: dict[str, int], earlier: Sequence[Ea
     for g0 in range(0, len(exact_tasks), ops.MAX_REFS):
         group = exact_tasks[g0:g0 + ops.MAX_REFS]
         refs = [[ref_for(t, i) for t in group] for i in range(len(names))]
-        part = ops.delta_stats(deltas, None, None, refs, unit_sizes)
+        part = _stats(deltas, None, refs, unit_sizes, names)
         for i, n in enumerate(names):
-            rows = slice(part.row_offsets[i], part.row_offsets[i + 1])
-            ss = part.sum_sq[rows].double().unsqueeze(1)
-            denom = (ss * part.ref_sq[rows].double()).sqrt()
-            cos = torch.where(denom > 0, part.dots[rows].double() / denom.clamp_min(1e-300),
-                              torch.zeros_like(denom))
+            ss, _, dots, ref_sq = part[i]
+            denom = (ss.unsqueeze(1) * ref_sq).sqrt()
+            cos = torch.where(denom > 0, dots / denom.clamp_min(1e-300), torch.zeros_like(denom))
             cos_cols[n].append(per_block(cos, i))
     for task in earlier:
         for i, n in enumerate(names):
             u = task.updates.get(n)
             if isinstance(u, BlockSketch):
+                if is_dtensor(deltas[i]):
+                    raise ValueError(f"{n!r}: sketched earlier updates are not supported for a sharded "
+                                     "selection yet; keep exact updates (sketch_dim None)")
                 if u.block_size != unit_sizes[i]:
                     raise ValueError(f"sketch of {n!r} has block size {u.block_size}, specificity "
                                      f"uses {unit_sizes[i]}")
                 cos_cols[n].append(per_block(sketch_cosine(deltas[i], n, u).double().unsqueeze(1), i))
     out = {}
     for i, n in enumerate(names):
-        rows = slice(stats.row_offsets[i], stats.row_offsets[i + 1])
-        nb = rows.stop - rows.start
-        cos = torch.cat(cos_cols[n], 1) if cos_cols[n] else torch.zeros(nb, 0, dtype=torch.float64)
-        out[n] = (stats.sum_sq[rows].double(), stats.fisher_sum[rows].double(), cos)
+        sum_sq, fisher_sum = stats[i][0], stats[i][1]
+        cos = torch.cat(cos_cols[n], 1) if cos_cols[n] else torch.zeros(sum_sq.numel(), 0, dtype=torch.float64)
+        out[n] = (sum_sq, fisher_sum, cos)
     return out
 
 
@@ -370,7 +421,10 @@ def _protection(stats, sizes, earlier: Sequence[EarlierTask], cfg: SelectConfig)
             if f.numel() != stats[n][1].numel() * sizes[n]:
                 raise ValueError(f"earlier Fisher of {n!r} has {f.numel()} elements, the parameter "
                                  f"has {stats[n][1].numel() * sizes[n]}")
-            sums[n] = f.detach().reshape(-1, sizes[n]).double().sum(1).cpu()
+            if is_dtensor(f):  # sharded like the parameter: block sums over the ranks
+                sums[n] = _stats([f], [f], None, [sizes[n]], [n])[0][1]
+            else:
+                sums[n] = f.detach().reshape(-1, sizes[n]).double().sum(1).cpu()
         total = sum(float(v.sum()) for v in sums.values()) or 1.0
         for n, v in sums.items():
             old[n] += v / total

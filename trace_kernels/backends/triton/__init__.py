@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from .._common import adamw_entry_points, advance_steps, host_lr, inf_found, split_stats
+from .._common import adamw_entry_points, advance_steps, host_lr, inf_found, round_key, split_stats
 
 _IMPORT_ERROR: str | None = None
 try:
@@ -90,7 +90,7 @@ def _coeffs(lr, beta1, beta2, eps, weight_decay, steps: list[float]) -> torch.Te
 
 def _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices, block_sizes,
            steps, fishers, fisher_scale, *, lr, beta1, beta2, eps, weight_decay, amsgrad,
-           maximize, grad_scale, found_inf):
+           maximize, grad_scale, found_inf, masters=(), elem_bases=(), stochastic=False, seed=0):
     # With AMP, found_inf is read once on the host (the step's one synchronisation): host
     # step counters must not advance on a skipped step. grad_scale is read by the kernel.
     if inf_found(found_inf):
@@ -100,16 +100,20 @@ def _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices,
     device = params[0].device
     coeffs = _coeffs(lr, beta1, beta2, eps, weight_decay, step_values)
     scale = grad_scale.to(device, torch.float32).reshape(1) if grad_scale is not None else None
+    has_master = [bool(masters) and masters[i].numel() > 0 for i in range(len(params))]
+    keys = torch.tensor([round_key(seed, st) if stochastic else 0 for st in step_values], dtype=torch.int64)
     groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(params):
         if block_indices[i].numel() == 0:
             continue
         gather = block_sizes[i] < TILE
-        groups.setdefault((p.dtype, block_indices[i].dtype, gather), []).append(i)
-    for (pdt, idt, gather), members in groups.items():
+        sr = stochastic and p.dtype == torch.bfloat16
+        groups.setdefault((p.dtype, block_indices[i].dtype, gather, has_master[i], sr), []).append(i)
+    for (pdt, idt, gather, master, sr), members in groups.items():
         addr = [(params[i].data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(),
                  exp_avg_sqs[i].data_ptr(), max_exp_avg_sqs[i].data_ptr() if amsgrad else 0,
                  fishers[i].data_ptr() if fishers else 0, block_indices[i].data_ptr(),
+                 masters[i].data_ptr() if master else 0, elem_bases[i] if elem_bases else 0,
                  block_sizes[i], block_indices[i].numel()) for i in members]
         plan = _cached(("adamw", device, gather, tuple(addr)), lambda: _adamw_plan(addr, gather, device))
         with _device_guard(device):
@@ -117,20 +121,22 @@ def _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices,
                 plan["tile_tensor"], plan["tile_start"], *plan["tables"], plan["bsize"], plan["nsel"],
                 _to_device(coeffs[members], device),
                 scale if scale is not None else plan["nsel"],  # any pointer: unread without a scale
-                -1.0 if maximize else 1.0, float(fisher_scale),
+                -1.0 if maximize else 1.0, float(fisher_scale), plan["master"],
+                _to_device(keys[members], device), plan["elem_base"],
                 PDT=_tl_dtype(pdt), IDT=_tl_dtype(idt), TILE=TILE, GATHER=gather, AMSGRAD=amsgrad,
                 FISHER=bool(fishers), LERP_LOW=abs(1.0 - beta1) < 0.5,
-                HAS_SCALE=grad_scale is not None, **_launch_opts(),
+                HAS_SCALE=grad_scale is not None, HAS_MASTER=master, STOCHASTIC=sr, **_launch_opts(),
             )
 
 
 def _adamw_plan(addr, gather: bool, device) -> dict:
     cols = list(zip(*addr))
     tables = [torch.tensor(c, dtype=torch.int64, device=device) for c in cols[:7]]
-    bsize = torch.tensor(cols[7], dtype=torch.int64, device=device)
-    nsel = torch.tensor([b * k for b, k in zip(cols[7], cols[8])], dtype=torch.int64, device=device)
+    master, elem_base = (torch.tensor(c, dtype=torch.int64, device=device) for c in cols[7:9])
+    bsize = torch.tensor(cols[9], dtype=torch.int64, device=device)
+    nsel = torch.tensor([b * k for b, k in zip(cols[9], cols[10])], dtype=torch.int64, device=device)
     tile_tensor, tile_start = [], []
-    for t, (b, kk) in enumerate(zip(cols[7], cols[8])):
+    for t, (b, kk) in enumerate(zip(cols[9], cols[10])):
         if gather:  # tiles over compact positions
             starts = torch.arange(0, kk * b, TILE, dtype=torch.int64)
         else:  # tiles never cross a block: contiguous parameter runs
@@ -139,7 +145,8 @@ def _adamw_plan(addr, gather: bool, device) -> dict:
         tile_start.append(starts)
         tile_tensor.append(torch.full((starts.numel(),), t, dtype=torch.int32))
     tile_start = torch.cat(tile_start)
-    return {"tables": tables, "bsize": bsize, "nsel": nsel, "programs": tile_start.numel(),
+    return {"tables": tables, "master": master, "elem_base": elem_base, "bsize": bsize, "nsel": nsel,
+            "programs": tile_start.numel(),
             "tile_start": tile_start.to(device), "tile_tensor": torch.cat(tile_tensor).to(device)}
 
 

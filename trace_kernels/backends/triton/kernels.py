@@ -30,6 +30,30 @@ def _round_to(x, PDT: tl.constexpr):
 
 
 @triton.jit
+def _mix32(x):
+    """rounding.h's mix32 on uint32 (multiplication wraps modulo 2**32)."""
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _round_bf16_stochastic(x, key, elem):
+    """rounding.h's float_to_bf16_stochastic with round_bits(key, elem) (elem: int64)."""
+    e = elem.to(tl.uint64)
+    hi = _mix32((e >> 32).to(tl.uint32) + 0x9E3779B9)
+    bits = _mix32(key ^ e.to(tl.uint32) ^ hi) & 0xFFFF
+    u = x.to(tl.uint32, bitcast=True)
+    mag = u & 0x7FFFFFFF
+    r = (u + bits) >> 16
+    r = tl.where(mag == 0x7F800000, u >> 16, r)
+    r = tl.where(mag > 0x7F800000, 0x7FC0, r)
+    return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
 def _adamw_element(p, g, m, v, vmax, coeff_row, AMSGRAD: tl.constexpr, LERP_LOW: tl.constexpr):
     decay = tl.load(coeff_row + 0)
     w = tl.load(coeff_row + 1)
@@ -61,9 +85,10 @@ def masked_adamw_kernel(
     BSIZE, NSEL,                              # per tensor: block size, selected elements
     COEFFS,                                   # per tensor: NUM_COEFFS float32
     GRAD_SCALE, grad_sign, fisher_scale,      # GRAD_SCALE: one fp32 (read when HAS_SCALE)
+    MASTER, KEYS, ELEM_BASE,                  # per tensor: fp32 masters, rounding key, base
     PDT: tl.constexpr, IDT: tl.constexpr, TILE: tl.constexpr, GATHER: tl.constexpr,
     AMSGRAD: tl.constexpr, FISHER: tl.constexpr, LERP_LOW: tl.constexpr,
-    HAS_SCALE: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_MASTER: tl.constexpr, STOCHASTIC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     t = tl.load(tile_tensor + pid)
@@ -93,7 +118,11 @@ def masked_adamw_kernel(
     grad_divisor = grad_sign
     if HAS_SCALE:  # read on the device: no host synchronisation
         grad_divisor = grad_sign * tl.load(GRAD_SCALE)
-    p = tl.load(param + elem, mask=mask, other=0.0).to(tl.float32)
+    if HAS_MASTER:  # the update runs on the fp32 masters; the parameter gets them rounded
+        w_ptr = tl.load(MASTER + t).to(tl.pointer_type(tl.float32))
+        p = tl.load(w_ptr + c, mask=mask, other=0.0)
+    else:
+        p = tl.load(param + elem, mask=mask, other=0.0).to(tl.float32)
     g = tl.math.div_rn(tl.load(grad + elem, mask=mask, other=0.0).to(tl.float32), grad_divisor)
     m = tl.load(m_ptr + c, mask=mask, other=0.0)
     v = tl.load(v_ptr + c, mask=mask, other=0.0)
@@ -106,7 +135,14 @@ def masked_adamw_kernel(
         f = tl.load(f_ptr + c, mask=mask, other=0.0)
         tl.store(f_ptr + c, f + (fisher_scale * g) * g, mask=mask)
     p, m, v, vmax = _adamw_element(p, g, m, v, vmax, COEFFS + t * NUM_COEFFS, AMSGRAD, LERP_LOW)
-    tl.store(param + elem, _round_to(p, PDT), mask=mask)
+    if HAS_MASTER:
+        tl.store(w_ptr + c, p, mask=mask)
+    if STOCHASTIC:
+        key = tl.load(KEYS + t).to(tl.uint32)
+        out = _round_bf16_stochastic(p, key, elem + tl.load(ELEM_BASE + t))
+    else:
+        out = _round_to(p, PDT)
+    tl.store(param + elem, out, mask=mask)
     tl.store(m_ptr + c, m, mask=mask)
     tl.store(v_ptr + c, v, mask=mask)
     if AMSGRAD:

@@ -38,7 +38,8 @@ class Trace(Strategy):
         self.general = general   # a Task of general ability whose Fisher is protected too
         self.name = name
         self.selections: list[dict] = []
-        self.routes: list[TaskValues] = []   # each task's core values before and after it
+        # each task's core values before and after it (None: not kept, no routed row)
+        self.routes: list[TaskValues] | None = []
 
     @property
     def history(self) -> list[EarlierTask]:
@@ -55,9 +56,10 @@ class Trace(Strategy):
     def learn(self, ctx: Context, index, task, seen) -> TaskCost:
         self.protect_general(ctx, index)
         result, sel = self.probe_and_select(ctx, index, task)
-        before = core_values(ctx.model, sel.mask)
+        before = core_values(ctx.model, sel.mask) if self.routes is not None else None
         losses, state = self.train_core(ctx, index, task, sel.mask)
-        self.routes.append(TaskValues(sel.mask, before, core_values(ctx.model, sel.mask)))
+        if self.routes is not None:
+            self.routes.append(TaskValues(sel.mask, before, core_values(ctx.model, sel.mask)))
         self.remember(ctx, index, task, sel.mask, result)
         return self.cost(sel.mask, state, losses)
 

@@ -1,0 +1,334 @@
+"""Scenarios the distributed tests run under torchrun (gloo, CPU, one thread per rank).
+
+    torchrun --nproc-per-node 2 tests/distributed_worker.py SCENARIO OUT_DIR
+
+Each rank checks what it can see, raises on a failure (so torchrun fails) and writes
+OUT_DIR/<scenario>.<rank>.json with what the test asserts on. Every rank computes the
+one-process reference itself (same seed, the global batch), so no rank needs another's
+result to compare.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+torch.set_num_threads(1)
+sys.path.insert(0, str(Path(__file__).parent))
+
+from trace_kernels import CoreMask, MaskEntry, MaskedAdamW  # noqa: E402
+
+class Net(nn.Module):
+    """Rows that split 17/16 (a), 5/4 (mid), 4/3 (b), 3/2 (c) and 1/0 (scale) over 2 ranks."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(20, 33, bias=False)
+        self.mid = nn.Linear(33, 9, bias=False)
+        self.b = nn.Linear(9, 7, bias=False)
+        self.c = nn.Linear(7, 5, bias=False)
+        self.scale = nn.Parameter(torch.randn(1, 5) * 0.1)
+
+    def forward(self, x):
+        h = self.c(torch.tanh(self.b(torch.tanh(self.mid(torch.tanh(self.a(x)))))))
+        return h * (1 + self.scale)
+
+
+def masks(model: nn.Module, granularity, seed: int = 1) -> CoreMask:
+    g = torch.Generator().manual_seed(seed)
+    entries = {}
+    for n, p in model.named_parameters():
+        numel = p.numel()
+        b = {"element": 1, "row": p.shape[-1], "tensor": numel}.get(granularity, granularity)
+        if numel % b:
+            b = 1
+        flags = torch.rand(numel // b, generator=g) < 0.4
+        if granularity == "tensor":
+            flags[:] = n != "mid.weight"
+        entries[n] = MaskEntry(tuple(p.shape), b, torch.nonzero(flags).reshape(-1))
+    return CoreMask(entries)
+
+
+def batches(steps: int, rows: int = 8):
+    g = torch.Generator().manual_seed(5)
+    return [(torch.randn(rows, 20, generator=g), torch.randn(rows, 5, generator=g)) for _ in range(steps)]
+
+
+def loss_of(model, x, y):
+    return (model(x) - y).square().mean()
+
+
+def world():
+    return dist.get_rank(), dist.get_world_size()
+
+
+def my_half(x):
+    rank, size = world()
+    return x.chunk(size)[rank]
+
+
+def train(model, opt, data, local: bool):
+    for x, y in data:
+        if local:
+            x, y = my_half(x), my_half(y)
+        opt.zero_grad()
+        loss_of(model, x, y).backward()
+        opt.step()
+
+
+def full(p):
+    return p.full_tensor() if hasattr(p, "full_tensor") else p
+
+
+def compare(model, ref, before, core: CoreMask) -> dict:
+    """Max relative error of each parameter against the one-process reference, and the
+    number of unselected elements that changed (must be 0)."""
+    out = {}
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        got = full(p).detach()
+        rel = float((got - q).norm() / q.norm().clamp_min(1e-30))
+        frozen = ~core[n].to_dense() if n in core else torch.ones_like(got, dtype=torch.bool)
+        moved = int((got.view(torch.int32) != before[n].view(torch.int32))[frozen].sum())
+        out[n] = {"rel": rel, "frozen_moved": moved}
+        assert moved == 0, (n, moved)
+        assert rel <= 1e-5, (n, rel)
+    return out
+
+
+def shard(model, reshard: bool = True, mp: bool = False):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh("cpu", (world()[1],))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mp else MixedPrecisionPolicy()
+    for m in (model.a, model.mid, model.b, model.c):
+        fully_shard(m, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
+    return model
+
+
+def scenario_fsdp2(out: Path) -> dict:
+    """Every granularity, reshard on and off: FSDP2 equals one process; each rank's state is
+    its share of the core."""
+    results = {}
+    for granularity in ("element", "row", 3, "tensor"):
+        for reshard in (True, False):
+            ref = Net()
+            core = masks(ref, granularity)
+            before = {n: p.detach().clone() for n, p in ref.named_parameters()}
+            model = shard(copy.deepcopy(ref), reshard)
+            ropt = MaskedAdamW(ref.named_parameters(), lr=1e-2, weight_decay=0.1, masks=core)
+            opt = MaskedAdamW(model.named_parameters(), lr=1e-2, weight_decay=0.1, masks=core)
+            data = batches(3)
+            train(ref, ropt, data, local=False)
+            train(model, opt, data, local=True)
+            errs = compare(model, ref, before, core)
+            local = sum(lay.numel_selected for lay in opt._layout.values())
+            moments = sum(st["exp_avg"].numel() for st in opt.state.values())
+            assert moments == local, (moments, local)
+            totals = torch.tensor([local], dtype=torch.int64)
+            dist.all_reduce(totals)
+            assert int(totals) == core.numel_selected, (int(totals), core.numel_selected)
+            results[f"{granularity}-{reshard}"] = {"errors": errs, "local_core": local,
+                                                   "state_bytes": opt.state_bytes()["moments"]}
+    # mixed precision (bf16 compute, fp32 master shards): only core elements of the fp32
+    # masters move, and they do move
+    ref = Net()
+    core = masks(ref, "row")
+    before = {n: p.detach().clone() for n, p in ref.named_parameters()}
+    model = shard(copy.deepcopy(ref), True, mp=True)
+    opt = MaskedAdamW(model.named_parameters(), lr=1e-2, masks=core)
+    train(model, opt, batches(2), local=True)
+    moved_core = 0
+    for n, p in model.named_parameters():
+        got = full(p).detach()
+        assert got.dtype == torch.float32
+        changed = got != before[n]
+        assert not changed[~core[n].to_dense()].any(), n
+        moved_core += int(changed[core[n].to_dense()].sum())
+    assert moved_core > 0
+    results["mixed-precision"] = {"core_elements_moved": moved_core}
+    return results
+
+
+def scenario_ddp(out: Path) -> dict:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ref = Net()
+    core = masks(ref, "element")
+    before = {n: p.detach().clone() for n, p in ref.named_parameters()}
+    model = DDP(copy.deepcopy(ref))
+    ropt = MaskedAdamW(ref.named_parameters(), lr=1e-2, masks=core)
+    opt = MaskedAdamW(model.module.named_parameters(), lr=1e-2, masks=core)
+    data = batches(3)
+    train(ref, ropt, data, local=False)
+    train(model, opt, data, local=True)
+    return {"errors": compare(model.module, ref, before, core)}
+
+
+def scenario_refused(out: Path) -> dict:
+    """Layouts the kernels cannot serve are refused at construction, naming the parameter
+    and the placement; nothing is constructed."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world()[1],))
+    messages = {}
+    for name, placements in (("by_column", [Shard(1)]), ("replicated", [Replicate()])):
+        w = nn.Parameter(distribute_tensor(torch.randn(6, 8), mesh, placements))
+        core = CoreMask.from_dense({name: torch.ones(6, 8, dtype=torch.bool)})
+        try:
+            MaskedAdamW([(name, w)], lr=1e-3, masks=core)
+        except ValueError as exc:
+            messages[name] = str(exc)
+            assert name in str(exc) and "placements" in str(exc), exc
+        else:
+            raise AssertionError(f"{name}: not refused")
+    return messages
+
+
+def _fsdp_pair(core_granularity="row"):
+    ref = Net()
+    core = masks(ref, core_granularity)
+    for n, p in ref.named_parameters():  # as TRACE trains: tensors without core are frozen
+        p.requires_grad_(core[n].num_selected > 0)
+    model = shard(copy.deepcopy(ref))
+    opt = MaskedAdamW(model.named_parameters(), lr=1e-2, weight_decay=0.1, masks=core)
+    return ref, model, opt, core
+
+
+def _snapshot(model):
+    return {n: full(p).detach().clone() for n, p in model.named_parameters()}
+
+
+def scenario_checkpoint(out: Path) -> dict:
+    """torch.distributed.checkpoint round trip (same world size); a full state from these
+    ranks loaded into 2 ranks again and into one process: the next step is identical."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict,
+                                                         set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    data = batches(4)
+    granularity = os.environ.get("CKPT_GRANULARITY", "row")
+    ref, model, opt, core = _fsdp_pair(granularity)
+    train(model, opt, data[:2], local=True)
+    ckpt = out / f"dcp-{granularity}"
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+             checkpoint_id=str(ckpt))
+    full_opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full_model = get_model_state_dict(model, options=full_opts)
+    full_optim = get_optimizer_state_dict(model, opt, options=full_opts)
+    if dist.get_rank() == 0:
+        torch.save({"model": full_model, "optim": full_optim}, out / f"full-{granularity}.pt")
+    dist.barrier()
+    train(model, opt, data[2:3], local=True)
+    expected = _snapshot(model)
+
+    # 1. sharded checkpoint into fresh ranks
+    _, m2, o2, _ = _fsdp_pair(granularity)
+    state = {"model": get_model_state_dict(m2), "optim": get_optimizer_state_dict(m2, o2)}
+    dcp.load(state, checkpoint_id=str(ckpt))
+    set_model_state_dict(m2, state["model"])
+    set_optimizer_state_dict(m2, o2, state["optim"])
+    train(m2, o2, data[2:3], local=True)
+    got = _snapshot(m2)
+    sharded_equal = all(torch.equal(got[n], expected[n]) for n in expected)
+    assert sharded_equal, "dcp round trip: the next step differs"
+
+    # 2. the full state into 2 ranks
+    saved = torch.load(out / f"full-{granularity}.pt", weights_only=False)
+    _, m3, o3, _ = _fsdp_pair(granularity)
+    set_model_state_dict(m3, saved["model"], options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(m3, o3, saved["optim"], options=StateDictOptions(full_state_dict=True))
+    train(m3, o3, data[2:3], local=True)
+    got = _snapshot(m3)
+    assert all(torch.equal(got[n], expected[n]) for n in expected), "full state into 2 ranks"
+
+    # 3. the full state into one process (every rank does it alone, on the global batch);
+    # read again: loading into the ranks turned the dict's tensors into DTensors
+    saved = torch.load(out / f"full-{granularity}.pt", weights_only=False)
+    one = Net()
+    one.load_state_dict(saved["model"])
+    for n, p in one.named_parameters():
+        p.requires_grad_(core[n].num_selected > 0)
+    o1 = MaskedAdamW(one.named_parameters(), lr=1e-2, weight_decay=0.1, masks=core)
+    fsd = saved["optim"]
+    names = [n for n, _ in one.named_parameters()]
+    o1.load_state_dict({"state": {names.index(k): v for k, v in fsd["state"].items()},
+                        "param_groups": [{**g, "params": [names.index(k) for k in g["params"]]}
+                                         for g in fsd["param_groups"]]})
+    train(one, o1, data[2:3], local=False)
+    rel = {n: float((p.detach() - expected[n]).norm() / expected[n].norm()) for n, p in one.named_parameters()}
+    assert max(rel.values()) <= 1e-5, rel
+    return {"sharded_round_trip_equal": sharded_equal, "one_process_rel": rel}
+
+
+def scenario_select(out: Path) -> dict:
+    """The probe on FSDP2 shards and the selection from them: Δ and Fisher stay sharded and
+    equal one process's; every rank derives the same core, one process's core."""
+    from trace_ft import EarlierTask, SelectConfig, probe, select_core
+
+    data = batches(4)
+
+    def loss(model, batch):
+        return loss_of(model, *batch)
+
+    ref = Net()
+    model = shard(copy.deepcopy(ref))
+    local_data = [(my_half(x), my_half(y)) for x, y in data]
+    kw = dict(steps=4, lr=1e-2, exclude=("scale", r"c\.weight"), loss_fn=loss,  # not in blocks of 3
+              max_grad_norm=1.0)
+    one = probe(ref, data, **kw)
+    mine = probe(model, local_data, **kw)
+    errors = {}
+    for n in one.deltas:
+        d, f = full(mine.deltas[n]), full(mine.fisher[n])
+        errors[n] = [float((d - one.deltas[n]).norm() / one.deltas[n].norm()),
+                     float((f - one.fisher[n]).norm() / one.fisher[n].norm())]
+        assert max(errors[n]) <= 1e-5, (n, errors[n])
+    # an earlier task to be specific against (its update: the same probe on other data)
+    earlier_one = EarlierTask(updates=probe(ref, data[::-1], **kw).deltas,
+                              core=masks(ref, "row", seed=9), fisher={n: t.clone() for n, t in one.fisher.items()})
+    earlier_mine = EarlierTask(updates=probe(model, [(my_half(x), my_half(y)) for x, y in data[::-1]], **kw).deltas,
+                               core=earlier_one.core, fisher=dict(mine.fisher))
+    same = {}
+    for granularity in ("element", "row", 3, "tensor"):
+        for unit in ("block", "row"):
+            cfg = SelectConfig(granularity=granularity, budget=0.2, specificity_unit=unit, protect=0.5)
+            a = select_core(one, [earlier_one], cfg).mask
+            b = select_core(mine, [earlier_mine], cfg).mask
+            key = f"{granularity}-{unit}"
+            same[key] = a == b
+            gathered = [None] * world()[1]
+            dist.all_gather_object(gathered, {n: e.indices.tolist() for n, e in b.items()})
+            assert all(g == gathered[0] for g in gathered), f"{key}: ranks disagree"
+    return {"errors": errors, "same_as_one_process": same}
+
+
+SCENARIOS = {"fsdp2": scenario_fsdp2, "ddp": scenario_ddp, "refused": scenario_refused,
+             "checkpoint": scenario_checkpoint, "select": scenario_select}
+
+
+def main() -> None:
+    name, out = sys.argv[1], Path(sys.argv[2])
+    dist.init_process_group("gloo")
+    try:
+        result = SCENARIOS[name](out)
+        (out / f"{name}.{dist.get_rank()}.json").write_text(json.dumps(result, indent=1, default=str))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
