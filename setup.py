@@ -34,6 +34,12 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _headers() -> list[str]:
+    """Headers every extension includes: listed as depends so an edit to one relinks."""
+    return sorted(str(p.relative_to(ROOT)) for d in ("csrc/include", "csrc/bindings")
+                  for p in (ROOT / d).rglob("*.h"))
+
+
 def cpu_extension() -> Pybind11Extension:
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))
     sources.append("csrc/bindings/cpu_module.cpp")
@@ -54,6 +60,7 @@ def cpu_extension() -> Pybind11Extension:
         extra_compile_args=compile_args,
         extra_link_args=["-fopenmp"],
         define_macros=[("TRACE_KERNELS_VERSION", f'"{VERSION}"')],
+        depends=_headers(),
     )
 
 
@@ -89,6 +96,8 @@ class CUDAExtension(Pybind11Extension):
             library_dirs=[str(home / "lib64"), str(home / "lib")],
             libraries=["cudart_static", "dl", "rt", "pthread"],
             define_macros=[("TRACE_KERNELS_CUDA_ARCHS", '"' + ";".join(cuda_archs()) + '"')],
+            # The .cu files are compiled outside setuptools; listing them relinks on an edit.
+            depends=_headers() + list(cu_sources),
         )
         self.cu_sources = cu_sources
         self.cuda_home = home

@@ -4,6 +4,9 @@
 // Host builds (-DTK_CUDA_HOST, csrc/cuda/host/) run this same source on the CPU.
 #include <cuda_runtime.h>
 
+#include <array>
+#include <utility>
+
 #include "kernels.h"
 #include "trace_kernels/rounding.h"
 
@@ -174,15 +177,16 @@ __device__ __forceinline__ float load_any(const void* base, DType dtype, int64_t
   }
 }
 
-constexpr int kMaxWidth = 2 + 2 * kMaxRefs;
-
-// Sums of one element into acc (layout: d², fisher, d·ref[R], ref²[R]).
-__device__ __forceinline__ void accumulate(const StatsTensor& t, int R, int64_t e, double* acc) {
+// Sums of one element into acc (layout: d², fisher, d·ref[R], ref²[R]). R is a template
+// argument so the accumulators stay in registers (a run-time R indexes local memory).
+template <int R>
+__device__ __forceinline__ void accumulate(const StatsTensor& t, int64_t e, double* acc) {
   float d = load_any(t.post, t.dtype, e);
   if (t.pre != nullptr) d = d - load_any(t.pre, t.dtype, e);
   const double dd = d;
   acc[0] += dd * dd;
   if (t.fisher != nullptr) acc[1] += t.fisher[e];
+#pragma unroll
   for (int r = 0; r < R; ++r) {
     const double x = load_any(t.refs[r], t.ref_dtypes[r], e);
     acc[2 + r] += dd * x;
@@ -190,37 +194,51 @@ __device__ __forceinline__ void accumulate(const StatsTensor& t, int R, int64_t 
   }
 }
 
-__global__ void delta_stats_kernel(const StatsTensor* tensors, const StatsItem* items, int R,
+template <int R>
+__global__ void delta_stats_kernel(const StatsTensor* tensors, const StatsItem* items,
                                    double* partials, double* out) {
+  constexpr int kWidth = 2 + 2 * R;
   const StatsItem item = items[blockIdx.x];
   const StatsTensor& t = tensors[item.tensor];
-  const int width = 2 + 2 * R;
-  double acc[kMaxWidth];
-  for (int k = 0; k < width; ++k) acc[k] = 0.0;
+  double acc[kWidth];
+#pragma unroll
+  for (int k = 0; k < kWidth; ++k) acc[k] = 0.0;
   if (item.partial < 0) {
     // whole short blocks: thread i sums block (begin / B + i) in element order
     const int64_t B = t.block_size;
     const int64_t b = item.begin / B + threadIdx.x;
     if (b * B >= item.end) return;
-    for (int64_t e = b * B; e < b * B + B; ++e) accumulate(t, R, e, acc);
-    double* row = out + (t.first_row + b) * width;
-    for (int k = 0; k < width; ++k) row[k] = acc[k];
+    for (int64_t e = b * B; e < b * B + B; ++e) accumulate<R>(t, e, acc);
+    double* row = out + (t.first_row + b) * kWidth;
+#pragma unroll
+    for (int k = 0; k < kWidth; ++k) row[k] = acc[k];
     return;
   }
   // a segment of a long block: strided per thread, then a fixed-order tree in shared memory
-  for (int64_t e = item.begin + threadIdx.x; e < item.end; e += blockDim.x) accumulate(t, R, e, acc);
+  for (int64_t e = item.begin + threadIdx.x; e < item.end; e += blockDim.x) accumulate<R>(t, e, acc);
   __shared__ double shared[kThreads];
-  for (int k = 0; k < width; ++k) {
+#pragma unroll
+  for (int k = 0; k < kWidth; ++k) {
     shared[threadIdx.x] = acc[k];
     __syncthreads();
     for (int s = blockDim.x / 2; s > 0; s /= 2) {
       if (threadIdx.x < s) shared[threadIdx.x] += shared[threadIdx.x + s];
       __syncthreads();
     }
-    if (threadIdx.x == 0) partials[item.partial * width + k] = shared[0];
+    if (threadIdx.x == 0) partials[item.partial * kWidth + k] = shared[0];
     __syncthreads();
   }
 }
+
+using StatsKernel = void (*)(const StatsTensor*, const StatsItem*, double*, double*);
+
+template <int... Rs>
+constexpr std::array<StatsKernel, sizeof...(Rs)> stats_kernels(std::integer_sequence<int, Rs...>) {
+  return {delta_stats_kernel<Rs>...};
+}
+
+// delta_stats_kernel<R> for R = 0 .. kMaxRefs
+constexpr auto kStatsKernels = stats_kernels(std::make_integer_sequence<int, kMaxRefs + 1>{});
 
 __global__ void sum_partials_kernel(const double* partials, const StatsSplit* splits,
                                     int64_t num_splits, int width, double* out) {
@@ -299,8 +317,8 @@ int launch_delta_stats(const StatsTensor* tensors, const StatsItem* items, int64
                        int64_t num_splits, double* out, void* stream) {
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (num_items > 0) {
-    TK_LAUNCH(delta_stats_kernel, static_cast<unsigned>(num_items), kThreads, s, tensors, items,
-              num_refs, partials, out);
+    const StatsKernel kernel = kStatsKernels[num_refs];
+    TK_LAUNCH(kernel, static_cast<unsigned>(num_items), kThreads, s, tensors, items, partials, out);
     if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return static_cast<int>(e);
   }
   if (num_splits > 0) {

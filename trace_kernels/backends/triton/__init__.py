@@ -31,7 +31,11 @@ except Exception as exc:  # noqa: BLE001 - any failure means the backend is unav
 INSTALL_HINT = "install it with `pip install triton` (or the `triton` extra of trace-kernels)"
 TILE = 1024            # compact elements per masked-AdamW program
 STATS_COLS_MAX = 2048  # longest block segment one delta_stats program sums
-STATS_TILE = 4096      # elements per delta_stats program when blocks are short
+STATS_TILE = 1024      # elements per delta_stats program when blocks are short (4096 spills at R=16)
+# Warps per delta_stats program, chosen from tools/gpu_compile_report.py: with fp64
+# accumulators, 4 warps spill on 2-D tiles and 8 on some 1-element-block tiles (sm_80).
+def _stats_warps(cols: int) -> int:
+    return 4 if cols == 1 else 8
 
 
 def available() -> str | None:
@@ -212,7 +216,8 @@ def delta_stats(post, pre, fishers, refs, block_sizes, num_refs, outputs):
                     torch.cat(tt).to(device), torch.cat(ts).to(device), torch.cat(to).to(device),
                     *tables, partials if split else final,
                     PDT=_tl_dtype(pdt), RDT=_tl_dtype(rdts[0]) if R else tl.float32, R=R, ROWS=rows_,
-                    COLS=cols_, HAS_PRE=bool(pre), HAS_FISHER=bool(fishers), **_launch_opts(),
+                    COLS=cols_, HAS_PRE=bool(pre), HAS_FISHER=bool(fishers), num_warps=_stats_warps(cols_),
+                    **_launch_opts(),
                 )
     if splits:
         dest = torch.cat([s[0] for s in splits]).to(device)

@@ -191,7 +191,7 @@ def delta_stats_kernel(
         tl.store(out_rows + 1, tl.sum(f, axis=1), mask=row_ok)
     else:
         tl.store(out_rows + 1, tl.zeros([ROWS], dtype=tl.float64), mask=row_ok)
-    for r in tl.static_range(R):
+    for r in range(R):  # not unrolled: unrolling hoists every reference load and spills
         ref_ptr = tl.load(REFS + t * R + r).to(tl.pointer_type(RDT))
         ref = tl.load(ref_ptr + elem, mask=mask, other=0.0).to(tl.float32).to(tl.float64)
         tl.store(out_rows + 2 + r, tl.sum(d64 * ref, axis=1), mask=row_ok)
