@@ -52,6 +52,7 @@ class RunConfig:
     trace_lr: float | None = 1e-2     # the core is small: it takes a larger step (see README)
     trace_scope: str = "global"       # the budget over all tensors, or "per_tensor"
     trace_exclude: list[str] | None = None   # name patterns never eligible (None: the default)
+    trace_master_weights: bool | None = None  # fp32 masters of 16-bit cores (None: on for 16-bit)
     trace_importance: str = "rank"
     trace_threshold: float = 0.5
     trace_specificity_unit: str = "block"   # where cosines are measured: block, row, tensor
@@ -177,6 +178,7 @@ def _trace_kwargs(cfg: RunConfig, general: Task | None) -> dict:
     return dict(probe_steps=cfg.trace_probe_steps, probe_lr=cfg.trace_probe_lr, lr=cfg.trace_lr,
                 sketch_dim=cfg.trace_sketch_dim,
                 exclude=DEFAULT_EXCLUDE if cfg.trace_exclude is None else tuple(cfg.trace_exclude),
+                master_weights=cfg.trace_master_weights,
                 general=general if cfg.trace_protect_base else None)
 
 
@@ -239,6 +241,10 @@ def _list(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
+def _flag(text: str) -> bool:
+    return text.lower() in ("1", "true", "yes", "on")
+
+
 def _floats(text: str) -> list[float]:
     return [float(x) for x in _list(text)]
 
@@ -257,7 +263,7 @@ RUN_FLAGS = {
                      "trace_row, trace_tensor, seqft, lora, ewc, replay, mtl"),
     "--model": ("model", str, "'builtin' or a local Hugging Face causal-LM directory"),
     "--size": ("size", str, "built-in model size: tiny, small, medium"),
-    "--dtype": ("dtype", str, "float32, bfloat16 or float16 (--model only)"),
+    "--dtype": ("dtype", str, "float32, bfloat16 or float16: the model's parameters"),
     "--device": ("device", str, "cpu or cuda"),
     "--cache-dir": ("cache_dir", str, "where the built-in base model is cached (default ~/.cache/trace-ft)"),
     "--steps": ("steps", int, "training steps per task"),
@@ -279,11 +285,12 @@ RUN_FLAGS = {
     "--sketch-dim": ("trace_sketch_dim", int, "trace: keep earlier updates as count sketches of "
                      "this many values per block (default: exact)"),
     "--protect": ("trace_protect", float, "trace: interference guard strength (0 off)"),
+    "--master-weights": ("trace_master_weights", _flag, "trace: fp32 master values of the core of "
+                         "16-bit parameters (true/false; default: on for 16-bit)"),
     "--scope": ("trace_scope", str, "trace: the budget over all tensors (global) or per_tensor"),
     "--trace-exclude": ("trace_exclude", _list, "trace: comma-separated name patterns never "
                         "eligible ('' for none; default: embeddings, norms, biases, lm_head)"),
-    "--protect-base": ("trace_protect_base", lambda x: x.lower() in ("1", "true", "yes", "on"),
-                       "trace: also guard the base skill (true/false)"),
+    "--protect-base": ("trace_protect_base", _flag, "trace: also guard the base skill (true/false)"),
     "--lora-lr": ("lora_lr", float, "lora: learning rate"),
     "--lora-rank": ("lora_rank", int, "lora: rank"),
     "--ewc-lambda": ("ewc_lambda", float, "ewc: penalty strength"),

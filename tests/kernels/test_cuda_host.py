@@ -239,3 +239,21 @@ def test_the_host_build_lays_out_the_tables_as_the_device_build(host_ext):
     for name in ("MASKED_TENSOR_BYTES", "TILE_BYTES", "STATS_TENSOR_BYTES", "STATS_ITEM_BYTES",
                  "STATS_SPLIT_BYTES", "MASKED_FIELDS", "STATS_FIELDS", "MAX_REFS", "TILE"):
         assert getattr(ext, name) == getattr(host_ext, name), name
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("granularity", [1, "row"])
+def test_masters_and_stochastic_rounding(cuda_on_cpu, gen, rounding, granularity):
+    """fp32 masters of bf16 cores (the scalar and the vector path) and stochastic rounding
+    keyed by seed, step and element: the reference's bits."""
+    shapes = [(5, 1028), (3, 1027), (37, 129), (1001,)]
+    prob = make_problem(shapes, [granularity] * 4, 0.5, torch.bfloat16, gen)
+    sizes = [i.numel() * b for i, b in zip(prob["idx"], prob["sizes"])]
+    masters = [torch.randn(n, generator=gen) * 0.5 for n in sizes]
+    ref, mine = clone_problem(prob), clone_problem(prob)
+    mref, mmine = [m.clone() for m in masters], [m.clone() for m in masters]
+    for P, M, impl in ((ref, mref, reference), (mine, mmine, cuda_backend)):
+        run(P, impl, masters=M, elem_bases=[0, 9, 0, 3], stochastic=rounding == "stochastic", seed=7)
+    assert_same(mine, ref, ("params", "m", "v", "steps"))
+    for i, (a, b) in enumerate(zip(mmine, mref)):
+        assert_bits_equal(a, b, f"masters[{i}]")

@@ -128,11 +128,12 @@ def builtin_model(size: str | BuiltinSpec = "small", cache_dir: str | Path | Non
 def open_model(model: str | Path, *, size: str = "small", cache_dir: str | Path | None = None,
                dtype: str = "float32", device: str | torch.device = "cpu",
                progress: bool = True) -> tuple[nn.Module, Codec, Path]:
-    """"builtin" (the built-in model of `size`, from the cache; its dtype stays fp32) or a
-    local Hugging Face model directory, on `device`. Returns (model, codec, directory)."""
+    """"builtin" (the built-in model of `size`, from the cache, pretrained in fp32) or a
+    local Hugging Face model directory, in `dtype` on `device`. Returns (model, codec,
+    directory)."""
     if str(model) == "builtin":
         net, codec, path = builtin_model(size, cache_dir, progress=progress)
-        return net.to(device), codec, path
+        return net.to(device=device, dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype), codec, path
     net, codec = load_model(model, dtype, device)
     return net, codec, Path(model)
 

@@ -105,7 +105,8 @@ class TracePipeline:
     @staticmethod
     def optimizer(model: nn.Module, core: CoreMask, *, lr: float,
                   betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                  weight_decay: float = 0.0, backend: str | None = None) -> MaskedAdamW:
+                  weight_decay: float = 0.0, backend: str | None = None,
+                  master_weights: bool | None = None) -> MaskedAdamW:
         """`MaskedAdamW` over the tensors that hold core elements (raises if the core is
         empty or does not fit the model). Freezing the others is `freeze_outside`'s."""
         params = dict(model.named_parameters())
@@ -114,7 +115,8 @@ class TracePipeline:
         if not live:
             raise ValueError("the core is empty: nothing would be trained (raise the budget)")
         return MaskedAdamW([(n, p) for n, p in params.items() if n in live], lr=lr, betas=betas,
-                           eps=eps, weight_decay=weight_decay, masks=live, backend=backend)
+                           eps=eps, weight_decay=weight_decay, masks=live, backend=backend,
+                           master_weights=master_weights)
 
     # -- 3. after training --
     def fisher(self, model: nn.Module, batches: Iterable,

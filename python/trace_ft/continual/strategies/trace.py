@@ -30,8 +30,10 @@ class Trace(Strategy):
     def __init__(self, select: SelectConfig | None = None, probe_steps: int = 50,
                  probe_lr: float | None = None, lr: float | None = None,
                  sketch_dim: int | None = None, exclude=DEFAULT_EXCLUDE,
-                 fisher_batches: int = 20, general=None, name: str = "trace") -> None:
+                 fisher_batches: int = 20, general=None, name: str = "trace",
+                 master_weights: bool | None = None) -> None:
         super().__init__(lr)
+        self.master_weights = master_weights
         self.pipeline = TracePipeline(select, probe_steps=probe_steps, probe_lr=probe_lr,
                                       sketch_dim=sketch_dim, exclude=exclude,
                                       fisher_batches=fisher_batches)
@@ -50,7 +52,7 @@ class Trace(Strategy):
         self.pipeline.history = list(earlier)
 
     def config(self) -> dict:
-        return {"lr": self.lr, **self.pipeline.config(),
+        return {"lr": self.lr, **self.pipeline.config(), "master_weights": self.master_weights,
                 "protect_general": None if self.general is None else self.general.name}
 
     def learn(self, ctx: Context, index, task, seen) -> TaskCost:
@@ -94,7 +96,7 @@ class Trace(Strategy):
             return [], 0
         model = ctx.model
         opt = self.pipeline.optimizer(model, core, lr=cfg.lr, betas=cfg.betas,
-                                      weight_decay=cfg.weight_decay)
+                                      weight_decay=cfg.weight_decay, master_weights=self.master_weights)
         if optimizer_state is not None:
             load_optimizer_state(opt, optimizer_state)
         flags = freeze_outside(model, core)
