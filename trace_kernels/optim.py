@@ -24,13 +24,13 @@ from torch.optim import Optimizer
 
 from . import backends, ops
 from .masks import CoreMask, MaskEntry
+from .ops._checks import bump_versions
 from .sharding import (ShardLayout, chunk_rows, compact_offset, is_dtensor, local_tensor, localize,
                        shard_layout)
 
 # compact per-element state, in mask order ("master": fp32 values of a 16-bit parameter's core)
 _MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master")
 _UNMASKED = ("freeze", "dense")
-_BUCKET_KEYS = ("params", "grads", "m", "v", "vmax", "idx", "sizes", "steps", "masters", "bases")
 _ROUNDINGS = ("nearest", "stochastic")
 _NO_MASTER = torch.empty(0)  # a parameter without fp32 masters (fp32, or master_weights=False)
 
@@ -64,6 +64,34 @@ class _Layout:
         else:
             local, offset = localize(entry, shard.lo, shard.hi, tuple(storage.shape))
         return cls(entry, local, local.indices.to(storage.device), offset, shard)
+
+
+def _storage_key(p: Tensor) -> tuple:
+    s = local_tensor(p)
+    return s.data_ptr(), s.dtype, s.device
+
+
+@dataclass
+class _DevicePlan:
+    params: list[Tensor]   # the parameters (their gradients are read at each step)
+    lists: dict            # the trusted op's lists, but for the gradients
+    native: Any            # the backend's own plan, or None
+
+
+@dataclass
+class _GroupPlan:
+    """One group's planned step (see `MaskedAdamW.step`)."""
+
+    version: int
+    params: list[Tensor]
+    amsgrad: bool
+    devices: dict          # device -> _DevicePlan
+    storages: list[tuple]  # each parameter's storage address, dtype and device when planned
+
+    def fits(self, version: int, active: list[Tensor], amsgrad: bool) -> bool:
+        return (version == self.version and amsgrad == self.amsgrad and len(active) == len(self.params)
+                and all(a is b for a, b in zip(active, self.params))
+                and all(_storage_key(p) == k for p, k in zip(active, self.storages)))
 
 
 def _named_groups(params: Any) -> list[dict[str, Any]]:
@@ -169,8 +197,12 @@ class MaskedAdamW(Optimizer):
         self._backend = backend
         self._master_weights = master_weights
         self._stochastic = rounding == "stochastic"
-        self._seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else seed
+        if seed is None:  # drawn only when used: a nearest-rounding run draws nothing
+            seed = int(torch.randint(0, 2**62, ()).item()) if self._stochastic else 0
+        self._seed = seed
         self._layout: dict[Tensor, _Layout] = self._resolve(masks)
+        self._plans: dict[int, _GroupPlan] = {}
+        self._version = 0  # bumped whenever what a plan holds may have changed
         for device in {p.device for p in self._layout}:
             backends.choose(device, backend)  # fail now, not at the first step
 
@@ -246,6 +278,7 @@ class MaskedAdamW(Optimizer):
         if hasattr(self, "_layout"):  # after construction: extend the layout
             for p, lay in self._resolve({}).items():
                 self._layout.setdefault(p, lay)
+            self._version += 1
 
     def _entry_from_value(self, p: Tensor, m: Any) -> MaskEntry:
         if isinstance(m, MaskEntry):
@@ -277,6 +310,7 @@ class MaskedAdamW(Optimizer):
             if old is None or cur is None or not old.entry.same_selection(cur.entry):
                 self.state.pop(p, None)
         self._layout = new
+        self._version += 1
 
     @property
     def trainable_elements(self) -> int:
@@ -308,6 +342,7 @@ class MaskedAdamW(Optimizer):
         state["master"] = local_tensor(p).detach().reshape(-1)[where].to(torch.float32)
 
     def _init_state(self, p: Tensor, lay: _Layout, amsgrad: bool) -> dict[str, Any]:
+        self._version += 1
         state = self.state[p]
         n = lay.numel_selected
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
@@ -321,65 +356,94 @@ class MaskedAdamW(Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """One AdamW step over the core elements. GradScaler's grad_scale/found_inf are
-        honoured (set on the optimizer by torch.amp.GradScaler.step)."""
+        honoured (set on the optimizer by torch.amp.GradScaler.step).
+
+        What stays the same from step to step (the parameters stepped, their state, mask
+        indices, the native tables) is planned once per group and kept until it changes:
+        masks, groups or state (`set_masks`, `add_param_group`, `load_state_dict`, new state),
+        a parameter's storage (moved or cast: `model.to(...)`), or which parameters have a
+        gradient. A step then reads only the gradients, which may be new tensors every step."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        for group in self.param_groups:
+        for gi, group in enumerate(self.param_groups):
+            active = [p for p in group["params"] if p.grad is not None
+                      and (lay := self._layout.get(p)) is not None and lay.entry.numel_selected]
+            plan = self._plans.get(gi)
+            if plan is None or not plan.fits(self._version, active, group["amsgrad"]):
+                plan = self._plans[gi] = self._plan_group(active, group["amsgrad"])
             beta1, beta2 = group["betas"]
-            amsgrad = group["amsgrad"]
-            buckets: dict[torch.device, dict[str, list]] = {}
-            for p in group["params"]:
-                lay = self._layout.get(p)
-                # a rank without local core elements of a sharded parameter still keeps its
-                # step and (empty) state, so every rank's state names every core parameter
-                if lay is None or lay.entry.numel_selected == 0 or p.grad is None:
-                    continue
-                g = p.grad
-                if g.is_sparse:
-                    raise ValueError(f"MaskedAdamW does not support sparse gradients ({self._describe(p)})")
-                if is_dtensor(p) != is_dtensor(g):
-                    raise ValueError(f"parameter {self._describe(p)} and its gradient are not sharded alike")
-                storage, g = local_tensor(p), local_tensor(g)
-                if g.shape != storage.shape or g.device != storage.device:
-                    raise ValueError(
-                        f"gradient of {self._describe(p)} is {tuple(g.shape)} on {g.device}, its "
-                        f"parameter's storage {tuple(storage.shape)} on {storage.device}")
-                state = self.state[p] if p in self.state else self._init_state(p, lay, amsgrad)
-                if amsgrad and "max_exp_avg_sq" not in state:
-                    state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"])
-                if "master" not in state and self._keeps_master(p):  # e.g. loaded without
-                    self._init_master(p, lay, state)
-                b = buckets.get(storage.device)
-                if b is None:
-                    b = buckets[storage.device] = {k: [] for k in _BUCKET_KEYS}
-                b["params"].append(storage)
-                b["grads"].append(g if g.is_contiguous() else g.contiguous())
-                b["m"].append(state["exp_avg"])
-                b["v"].append(state["exp_avg_sq"])
-                if amsgrad:
-                    b["vmax"].append(state["max_exp_avg_sq"])
-                b["idx"].append(lay.indices)
-                b["sizes"].append(lay.block_size)
-                b["steps"].append(state["step"])
-                b["masters"].append(state.get("master", _NO_MASTER))
-                b["bases"].append(lay.shard.lo if lay.shard is not None else 0)
-            for device, b in buckets.items():
-                ops.masked_adamw_trusted_(
-                    b["params"], b["grads"], b["m"], b["v"], b["vmax"], b["idx"], b["sizes"],
-                    b["steps"], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                    weight_decay=group["weight_decay"], amsgrad=amsgrad,
-                    maximize=group["maximize"],
-                    grad_scale=grad_scale.to(device) if grad_scale is not None else None,
-                    found_inf=found_inf.to(device) if found_inf is not None else None,
-                    backend=self._backend,
-                    masters=b["masters"] if any(m.numel() for m in b["masters"]) else (),
-                    elem_bases=b["bases"], stochastic=self._stochastic, seed=self._seed,
-                )
+            hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                         weight_decay=group["weight_decay"], maximize=group["maximize"],
+                         stochastic=self._stochastic, seed=self._seed)
+            for device, dp in plan.devices.items():
+                grads = []
+                for p in dp.params:
+                    g = p.grad
+                    if g.is_sparse:
+                        raise ValueError(f"MaskedAdamW does not support sparse gradients ({self._describe(p)})")
+                    g = local_tensor(g)
+                    grads.append(g if g.is_contiguous() else g.contiguous())
+                scale = grad_scale.to(device) if grad_scale is not None else None
+                inf = found_inf.to(device) if found_inf is not None else None
+                if dp.native is not None and not torch.compiler.is_compiling():
+                    dp.native.step(grads, grad_scale=scale, found_inf=inf, **hyper)
+                    bump_versions(dp.lists["params"])
+                else:  # the registered op: traceable by torch.compile
+                    l = dp.lists
+                    ops.masked_adamw_trusted_(
+                        l["params"], grads, l["m"], l["v"], l["vmax"], l["idx"], l["sizes"], l["steps"],
+                        amsgrad=plan.amsgrad, grad_scale=scale, found_inf=inf, backend=self._backend,
+                        masters=l["masters"], elem_bases=l["bases"], **hyper)
         return loss
+
+    def _plan_group(self, active: list[Tensor], amsgrad: bool) -> _GroupPlan:
+        """State for every parameter stepped (created here if new), checked, bucketed by
+        device, and each bucket's backend plan."""
+        for p in active:
+            lay = self._layout[p]
+            storage = local_tensor(p)
+            if lay.indices.device != storage.device:  # the parameter moved: so do its mask and state
+                self._layout[p] = lay = _Layout.of(lay.entry, p, self._describe(p))
+                for k, v in self.state.get(p, {}).items():
+                    if isinstance(v, Tensor) and v.dim():
+                        self.state[p][k] = v.to(storage.device)
+            g = p.grad
+            if is_dtensor(p) != is_dtensor(g):
+                raise ValueError(f"parameter {self._describe(p)} and its gradient are not sharded alike")
+            g = local_tensor(g)
+            if g.shape != storage.shape or g.device != storage.device:
+                raise ValueError(
+                    f"gradient of {self._describe(p)} is {tuple(g.shape)} on {g.device}, its "
+                    f"parameter's storage {tuple(storage.shape)} on {storage.device}")
+            state = self.state[p] if p in self.state else self._init_state(p, lay, amsgrad)
+            if amsgrad and "max_exp_avg_sq" not in state:
+                state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"])
+            if "master" not in state and self._keeps_master(p):  # e.g. loaded without
+                self._init_master(p, lay, state)
+        buckets: dict[torch.device, list[Tensor]] = {}
+        for p in active:
+            buckets.setdefault(local_tensor(p).device, []).append(p)
+        devices = {}
+        for device, params in buckets.items():
+            states = [self.state[p] for p in params]
+            lays = [self._layout[p] for p in params]
+            masters = [st.get("master", _NO_MASTER) for st in states]
+            lists = {
+                "params": [local_tensor(p) for p in params], "m": [st["exp_avg"] for st in states],
+                "v": [st["exp_avg_sq"] for st in states],
+                "vmax": [st["max_exp_avg_sq"] for st in states] if amsgrad else [],
+                "idx": [lay.indices for lay in lays], "sizes": [lay.block_size for lay in lays],
+                "steps": [st["step"] for st in states],
+                "masters": masters if any(m.numel() for m in masters) else [],
+                "bases": [lay.shard.lo if lay.shard is not None else 0 for lay in lays]}
+            native = backends.plan_masked_adamw(backends.choose(device, self._backend).name, lists, amsgrad)
+            devices[device] = _DevicePlan(params, lists, native)
+        return _GroupPlan(self._version, active, amsgrad, devices,
+                          [_storage_key(p) for p in active])
 
     # ---- checkpoints --------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -444,6 +508,7 @@ class MaskedAdamW(Optimizer):
             kept[p] = moved
             state[pid] = st
         super().load_state_dict({**state_dict, "state": state})
+        self._version += 1
         for p, moved in kept.items():
             st = self.state[p]
             lay = self._layout[p]

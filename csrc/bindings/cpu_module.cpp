@@ -29,16 +29,16 @@ namespace {
 // `steps[t]` is the (already incremented) step.
 // `stochastic`: bf16 parameters are rounded stochastically, keyed by `seed` and each
 // tensor's step (rounding.h).
-void masked_adamw(const std::vector<int64_t>& table, const std::vector<double>& steps, double lr,
-                  double beta1, double beta2, double eps, double weight_decay, bool amsgrad,
-                  bool maximize, std::optional<double> grad_scale, double fisher_scale,
-                  bool stochastic, uint64_t seed, int num_threads) {
+
+// Rows accepted: fp32 step counters only, selected blocks inside the storage given
+// (indices are sorted and unique, as ops and MaskedAdamW check, so the first and the last
+// decide).
+std::vector<tkc::MaskedTensor> checked_rows(const std::vector<int64_t>& table,
+                                            const std::vector<double>& steps, bool amsgrad) {
   std::vector<tkc::MaskedTensor> tensors = layout::parse_masked(table, steps, amsgrad);
   for (const tkc::MaskedTensor& m : tensors) {
     if (m.step != nullptr && m.step_fp64) layout::fail("masked_adamw: the cpu backend counts fp32 steps");
     if (m.num_blocks == 0) continue;
-    // the selected blocks must lie in the storage given (indices are sorted and unique,
-    // as ops and MaskedAdamW check, so the first and the last decide)
     const int64_t first = m.indices_int64 ? static_cast<const int64_t*>(m.indices)[0]
                                           : static_cast<const int32_t*>(m.indices)[0];
     const int64_t last = m.indices_int64 ? static_cast<const int64_t*>(m.indices)[m.num_blocks - 1]
@@ -48,7 +48,24 @@ void masked_adamw(const std::vector<int64_t>& table, const std::vector<double>& 
                    " outside a storage of " + std::to_string(m.numel / m.block_size) + " blocks");
     }
   }
-  // Only now, with every row accepted, touch the step counters.
+  return tensors;
+}
+
+struct Hyper {
+  double lr, beta1, beta2, eps, weight_decay;
+  bool amsgrad, maximize;
+  std::optional<double> grad_scale;
+  double fisher_scale;
+  bool stochastic;
+  uint64_t seed;
+};
+
+// One step over accepted rows: advance the step counters, make each tensor's coefficients,
+// run the kernel (tensors without selected blocks still count the step, as torch counts it
+// for any parameter with a gradient).
+void run_step(std::vector<tkc::MaskedTensor>& tensors, const Hyper& h, int num_threads) {
+  std::vector<tkc::MaskedTensor> work;
+  work.reserve(tensors.size());
   for (tkc::MaskedTensor& m : tensors) {
     double step = m.step_value;
     if (m.step != nullptr) {
@@ -56,22 +73,61 @@ void masked_adamw(const std::vector<int64_t>& table, const std::vector<double>& 
       *counter = *counter + 1.0f;
       step = *counter;
     }
-    m.coeffs = trace_kernels::make_adamw_coeffs(lr, beta1, beta2, eps, weight_decay, step, amsgrad);
-    if (stochastic) m.coeffs.round_key = trace_kernels::round_key(seed, step);
-  }
-  // Tensors without selected blocks still count the step, as torch counts it for any
-  // parameter with a gradient.
-  std::vector<tkc::MaskedTensor> work;
-  work.reserve(tensors.size());
-  for (const tkc::MaskedTensor& m : tensors) {
+    m.coeffs = trace_kernels::make_adamw_coeffs(h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, step,
+                                                h.amsgrad);
+    if (h.stochastic) m.coeffs.round_key = trace_kernels::round_key(h.seed, step);
     if (m.num_blocks > 0) work.push_back(m);
   }
-  double divisor = grad_scale.value_or(1.0);
-  if (maximize) divisor = -divisor;
+  double divisor = h.grad_scale.value_or(1.0);
+  if (h.maximize) divisor = -divisor;
   py::gil_scoped_release release;
-  tkc::masked_adamw(work, static_cast<float>(divisor), static_cast<float>(fisher_scale), stochastic,
+  tkc::masked_adamw(work, static_cast<float>(divisor), static_cast<float>(h.fisher_scale), h.stochastic,
                     num_threads);
 }
+
+void masked_adamw(const std::vector<int64_t>& table, const std::vector<double>& steps, double lr,
+                  double beta1, double beta2, double eps, double weight_decay, bool amsgrad,
+                  bool maximize, std::optional<double> grad_scale, double fisher_scale,
+                  bool stochastic, uint64_t seed, int num_threads) {
+  std::vector<tkc::MaskedTensor> tensors = checked_rows(table, steps, amsgrad);
+  run_step(tensors, {lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale, fisher_scale,
+                     stochastic, seed}, num_threads);
+}
+
+// A masked AdamW step planned once: the rows parsed and checked at construction (their
+// grad fields are the parameters' addresses until a step gives the gradients), so a
+// step converts only the gradients' addresses. For MaskedAdamW, which keeps the plan
+// while its parameters, state and masks stay the same.
+class AdamWPlan {
+ public:
+  AdamWPlan(const std::vector<int64_t>& table, int num_tensors, bool amsgrad)
+      : tensors_(checked_rows(table, std::vector<double>(num_tensors, 0.0), amsgrad)), amsgrad_(amsgrad) {
+    for (const tkc::MaskedTensor& m : tensors_) {
+      if (m.step == nullptr) layout::fail("AdamWPlan: every row needs its step counter");
+    }
+  }
+
+  void step(const std::vector<int64_t>& grads, double lr, double beta1, double beta2, double eps,
+            double weight_decay, bool maximize, std::optional<double> grad_scale, bool stochastic,
+            uint64_t seed, int num_threads) {
+    if (grads.size() != tensors_.size()) {
+      layout::fail("AdamWPlan.step: " + std::to_string(grads.size()) + " gradients for " +
+                   std::to_string(tensors_.size()) + " tensors");
+    }
+    for (size_t t = 0; t < grads.size(); ++t) {
+      if (grads[t] == 0 && tensors_[t].num_blocks > 0) layout::fail("AdamWPlan.step: a null gradient");
+      tensors_[t].grad = layout::as_ptr<const void>(grads[t]);
+    }
+    run_step(tensors_, {lr, beta1, beta2, eps, weight_decay, amsgrad_, maximize, grad_scale, 0.0,
+                        stochastic, seed}, num_threads);
+  }
+
+  size_t size() const { return tensors_.size(); }
+
+ private:
+  std::vector<tkc::MaskedTensor> tensors_;
+  bool amsgrad_;
+};
 
 void delta_stats(const std::vector<int64_t>& table, int num_tensors, int num_refs,
                  int64_t sum_sq, int64_t fisher_sum, int64_t dots, int64_t ref_sq,
@@ -114,6 +170,13 @@ PYBIND11_MODULE(_C, m) {
   m.attr("MASKED_FIELDS") = py::tuple(py::cast(layout::masked_field_names()));
   m.attr("STATS_FIELDS") = py::tuple(py::cast(layout::stats_field_names()));
   m.attr("MAX_REFS") = trace_kernels::kMaxRefs;
+  py::class_<AdamWPlan>(m, "AdamWPlan")
+      .def(py::init<const std::vector<int64_t>&, int, bool>(), py::arg("table"), py::arg("num_tensors"),
+           py::arg("amsgrad"))
+      .def("step", &AdamWPlan::step, py::arg("grads"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"),
+           py::arg("eps"), py::arg("weight_decay"), py::arg("maximize"), py::arg("grad_scale"),
+           py::arg("stochastic"), py::arg("seed"), py::arg("num_threads"))
+      .def("__len__", &AdamWPlan::size);
   m.def("masked_adamw", &masked_adamw, py::arg("table"), py::arg("steps"), py::arg("lr"),
         py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
         py::arg("amsgrad"), py::arg("maximize"), py::arg("grad_scale"), py::arg("fisher_scale"),

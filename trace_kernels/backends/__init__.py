@@ -117,6 +117,14 @@ def index_checker(name: str):
     return check_block_indices
 
 
+def plan_masked_adamw(name: str, lists: dict, amsgrad: bool):
+    """Backend `name`'s own plan of a masked step over `lists` (MaskedAdamW's per-device
+    lists: params, m, v, vmax, idx, sizes, steps, masters, bases), built once and stepped
+    with only the gradients; None when the backend has none (the op is called instead)."""
+    planner = getattr(module(name), "plan_masked_adamw", None)
+    return planner(lists, amsgrad) if planner is not None else None
+
+
 def module(name: str) -> ModuleType:
     """The Python module implementing backend `name`."""
     if name == "reference":

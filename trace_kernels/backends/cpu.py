@@ -50,6 +50,37 @@ def _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices,
 masked_adamw_, adamw_fisher_ = adamw_entry_points(_adamw)
 
 
+class NativePlan:
+    """A masked step planned in the extension (rows parsed and checked once): a step hands
+    over only the gradients' addresses. It holds the tensors it points into."""
+
+    def __init__(self, lists: dict, amsgrad: bool) -> None:
+        table: list[int] = []
+        masters = lists["masters"]
+        for i, p in enumerate(lists["params"]):
+            table += masked_row(p, p, lists["m"][i], lists["v"][i], lists["vmax"][i] if amsgrad else None,
+                                None, masters[i] if masters and masters[i].numel() else None,
+                                lists["idx"][i], lists["sizes"][i], lists["bases"][i], lists["steps"][i])
+        self.native = _ext().AdamWPlan(table, len(lists["params"]), amsgrad)
+        self.keep = dict(lists)  # the addresses in the plan stay valid while it lives
+
+    def step(self, grads, *, lr, beta1, beta2, eps, weight_decay, maximize, grad_scale, found_inf,
+             stochastic, seed) -> None:
+        if inf_found(found_inf):
+            return
+        self.native.step([g.data_ptr() for g in grads], host_lr(lr), beta1, beta2, eps, weight_decay,
+                         maximize, float(grad_scale.item()) if grad_scale is not None else None,
+                         stochastic, seed, torch.get_num_threads())
+
+
+def plan_masked_adamw(lists: dict, amsgrad: bool) -> NativePlan | None:
+    """The native plan when the step counters are fp32 on the CPU (as MaskedAdamW keeps
+    them; the extension counts them); None otherwise."""
+    if not all(s.dtype == torch.float32 and s.device.type == "cpu" for s in lists["steps"]):
+        return None
+    return NativePlan(lists, amsgrad)
+
+
 def delta_stats(post, pre, fishers, refs, block_sizes, num_refs, outputs):
     ext = _ext()
     table: list[int] = []
