@@ -129,6 +129,32 @@ class MaskEntry:
         """Bool tensor of the parameter's shape, True on selected elements."""
         return self.block_mask().repeat_interleave(self.block_size).reshape(self.shape)
 
+    def coarsest(self) -> MaskEntry:
+        """The same selection, in the same element order, at the largest block size that
+        holds it exactly (e.g. a full element mask as one whole-tensor block; whole rows
+        picked element by element as row blocks). Kernels step coarse blocks as contiguous
+        runs, without reading an index per element."""
+        k = self.num_selected
+        if k == 0:
+            return self
+        idx = self.indices.to(torch.int64)
+        starts = torch.ones(k, dtype=torch.bool)
+        starts[1:] = idx[1:] != idx[:-1] + 1
+        first = torch.nonzero(starts).reshape(-1)
+        lengths = torch.diff(first, append=torch.tensor([k]))
+        vals = torch.cat([idx[first], lengths, torch.tensor([self.num_blocks])])
+        while vals.numel() > 1:  # gcd of all values, pairwise
+            if vals.numel() % 2:
+                vals = torch.cat([vals, vals[-1:]])
+            vals = torch.gcd(vals[0::2], vals[1::2])
+            if int(vals.min()) == 1:
+                return self
+        g = int(vals[0])
+        if g <= 1:
+            return self
+        coarse = idx[idx % g == 0] // g
+        return MaskEntry(self.shape, self.block_size * g, coarse.to(index_dtype(self.num_blocks // g)))
+
     def with_block_size(self, block_size: int) -> MaskEntry:
         """The same selection at a finer block size that divides this one."""
         if self.block_size % block_size:

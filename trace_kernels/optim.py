@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import backends, ops
+from .core_grads import core_rows
 from .masks import CoreMask, MaskEntry
 from .ops._checks import bump_versions
 from .sharding import (ShardLayout, chunk_rows, compact_offset, is_dtensor, local_tensor, localize,
@@ -45,6 +46,8 @@ class _Layout:
     indices: Tensor             # local.indices on the parameter's device
     offset: int                 # the first local core element's place in the global compact order
     shard: ShardLayout | None
+    kernel: MaskEntry           # `local` at its coarsest block size: what the kernels step
+    kernel_indices: Tensor      # kernel.indices on the parameter's device
 
     @property
     def block_size(self) -> int:
@@ -63,7 +66,9 @@ class _Layout:
             local, offset = entry, 0
         else:
             local, offset = localize(entry, shard.lo, shard.hi, tuple(storage.shape))
-        return cls(entry, local, local.indices.to(storage.device), offset, shard)
+        kernel = local.coarsest()
+        return cls(entry, local, local.indices.to(storage.device), offset, shard, kernel,
+                   kernel.indices.to(storage.device))
 
 
 def _storage_key(p: Tensor) -> tuple:
@@ -71,11 +76,40 @@ def _storage_key(p: Tensor) -> tuple:
     return s.data_ptr(), s.dtype, s.device
 
 
+def _carrier(p: Tensor) -> Tensor | None:
+    """The carrier of `p`'s compact (core rows only) gradient when it has one this step
+    (see `core_grads`); None when `p`'s gradient is its own ``.grad``."""
+    c = getattr(p, "trace_core_grad", None)
+    if c is None or c.grad is None:
+        return None
+    if p.grad is not None:
+        raise ValueError("a parameter with a core-rows gradient (install_core_grads) also has a "
+                         "full gradient: something else computed one; remove one of the two")
+    return c
+
+
+def _has_grad(p: Tensor) -> bool:
+    return p.grad is not None or _carrier(p) is not None
+
+
+@dataclass
+class _Compact:
+    """A weight stepped from its core rows: gathered into `rows_buffer`, stepped there with
+    the entry moved onto those rows (`indices`), and written back."""
+
+    weight: Tensor      # the weight's rows, 2-D
+    rows: Tensor
+    rows_buffer: Tensor
+    indices: Tensor     # the core's blocks in the rows buffer, at their coarsest block size
+    block_size: int
+
+
 @dataclass
 class _DevicePlan:
     params: list[Tensor]   # the parameters (their gradients are read at each step)
     lists: dict            # the trusted op's lists, but for the gradients
     native: Any            # the backend's own plan, or None
+    compact: list          # per parameter, its _Compact or None
 
 
 @dataclass
@@ -87,11 +121,13 @@ class _GroupPlan:
     amsgrad: bool
     devices: dict          # device -> _DevicePlan
     storages: list[tuple]  # each parameter's storage address, dtype and device when planned
+    carriers: list         # each parameter's compact-gradient carrier when planned, or None
 
     def fits(self, version: int, active: list[Tensor], amsgrad: bool) -> bool:
         return (version == self.version and amsgrad == self.amsgrad and len(active) == len(self.params)
                 and all(a is b for a, b in zip(active, self.params))
-                and all(_storage_key(p) == k for p, k in zip(active, self.storages)))
+                and all(_storage_key(p) == k for p, k in zip(active, self.storages))
+                and all(_carrier(p) is c for p, c in zip(active, self.carriers)))
 
 
 def _named_groups(params: Any) -> list[dict[str, Any]]:
@@ -250,6 +286,8 @@ class MaskedAdamW(Optimizer):
             )
         layout = {}
         for p in names:
+            if getattr(p, "trace_rows", None) is not None:
+                continue  # a compact-gradient carrier (core_grads): stepped with its weight
             e = entries.get(p)
             if e is None and self._unmasked == "dense":
                 n = p.numel()
@@ -370,8 +408,8 @@ class MaskedAdamW(Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         for gi, group in enumerate(self.param_groups):
-            active = [p for p in group["params"] if p.grad is not None
-                      and (lay := self._layout.get(p)) is not None and lay.entry.numel_selected]
+            active = [p for p in group["params"] if (lay := self._layout.get(p)) is not None
+                      and lay.entry.numel_selected and _has_grad(p)]
             plan = self._plans.get(gi)
             if plan is None or not plan.fits(self._version, active, group["amsgrad"]):
                 plan = self._plans[gi] = self._plan_group(active, group["amsgrad"])
@@ -381,12 +419,14 @@ class MaskedAdamW(Optimizer):
                          stochastic=self._stochastic, seed=self._seed)
             for device, dp in plan.devices.items():
                 grads = []
-                for p in dp.params:
-                    g = p.grad
+                for p, c in zip(dp.params, dp.compact):
+                    g = p.grad if c is None else p.trace_core_grad.grad
                     if g.is_sparse:
                         raise ValueError(f"MaskedAdamW does not support sparse gradients ({self._describe(p)})")
                     g = local_tensor(g)
                     grads.append(g if g.is_contiguous() else g.contiguous())
+                    if c is not None:
+                        torch.index_select(c.weight, 0, c.rows, out=c.rows_buffer)
                 scale = grad_scale.to(device) if grad_scale is not None else None
                 inf = found_inf.to(device) if found_inf is not None else None
                 if dp.native is not None and not torch.compiler.is_compiling():
@@ -398,7 +438,21 @@ class MaskedAdamW(Optimizer):
                         l["params"], grads, l["m"], l["v"], l["vmax"], l["idx"], l["sizes"], l["steps"],
                         amsgrad=plan.amsgrad, grad_scale=scale, found_inf=inf, backend=self._backend,
                         masters=l["masters"], elem_bases=l["bases"], **hyper)
+                for c in dp.compact:
+                    if c is not None:
+                        c.weight.index_copy_(0, c.rows, c.rows_buffer)
         return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's zero_grad, and the compact gradients of the parameters it steps."""
+        super().zero_grad(set_to_none)
+        for p in self._layout:
+            c = getattr(p, "trace_core_grad", None)
+            if c is not None and c.grad is not None:
+                if set_to_none:
+                    c.grad = None
+                else:
+                    c.grad.zero_()
 
     def _plan_group(self, active: list[Tensor], amsgrad: bool) -> _GroupPlan:
         """State for every parameter stepped (created here if new), checked, bucketed by
@@ -411,14 +465,18 @@ class MaskedAdamW(Optimizer):
                 for k, v in self.state.get(p, {}).items():
                     if isinstance(v, Tensor) and v.dim():
                         self.state[p][k] = v.to(storage.device)
-            g = p.grad
+            c = _carrier(p)
+            if c is not None:
+                self._check_carrier(p, c, lay)
+            g = p.grad if c is None else c.grad
             if is_dtensor(p) != is_dtensor(g):
                 raise ValueError(f"parameter {self._describe(p)} and its gradient are not sharded alike")
             g = local_tensor(g)
-            if g.shape != storage.shape or g.device != storage.device:
+            want = storage.shape if c is None else c.shape
+            if g.shape != want or g.device != storage.device:
                 raise ValueError(
                     f"gradient of {self._describe(p)} is {tuple(g.shape)} on {g.device}, its "
-                    f"parameter's storage {tuple(storage.shape)} on {storage.device}")
+                    f"parameter's storage {tuple(want)} on {storage.device}")
             state = self.state[p] if p in self.state else self._init_state(p, lay, amsgrad)
             if amsgrad and "max_exp_avg_sq" not in state:
                 state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"])
@@ -432,18 +490,47 @@ class MaskedAdamW(Optimizer):
             states = [self.state[p] for p in params]
             lays = [self._layout[p] for p in params]
             masters = [st.get("master", _NO_MASTER) for st in states]
+            compact = [self._compact(p, lay) if _carrier(p) is not None else None
+                       for p, lay in zip(params, lays)]
             lists = {
-                "params": [local_tensor(p) for p in params], "m": [st["exp_avg"] for st in states],
+                "params": [local_tensor(p) if c is None else c.rows_buffer for p, c in zip(params, compact)],
+                "m": [st["exp_avg"] for st in states],
                 "v": [st["exp_avg_sq"] for st in states],
                 "vmax": [st["max_exp_avg_sq"] for st in states] if amsgrad else [],
-                "idx": [lay.indices for lay in lays], "sizes": [lay.block_size for lay in lays],
+                "idx": [lay.kernel_indices if c is None else c.indices for lay, c in zip(lays, compact)],
+                "sizes": [lay.kernel.block_size if c is None else c.block_size for lay, c in zip(lays, compact)],
                 "steps": [st["step"] for st in states],
                 "masters": masters if any(m.numel() for m in masters) else [],
+                # stochastic rounding keys on the element's place in what the kernel steps
+                # (for a core-rows weight: in its rows buffer, so its bits differ from the
+                # full-gradient path's; the rounding is as unbiased)
                 "bases": [lay.shard.lo if lay.shard is not None else 0 for lay in lays]}
             native = backends.plan_masked_adamw(backends.choose(device, self._backend).name, lists, amsgrad)
-            devices[device] = _DevicePlan(params, lists, native)
+            devices[device] = _DevicePlan(params, lists, native, compact)
         return _GroupPlan(self._version, active, amsgrad, devices,
-                          [_storage_key(p) for p in active])
+                          [_storage_key(p) for p in active], [_carrier(p) for p in active])
+
+    def _check_carrier(self, p: Tensor, c: Tensor, lay: _Layout) -> None:
+        if lay.shard is not None:
+            raise ValueError(f"{self._describe(p)}: core-rows gradients need an unsharded weight")
+        if not any(c is q for g in self.param_groups for q in g["params"]):
+            raise ValueError(
+                f"{self._describe(p)} has a core-rows gradient whose carrier is not in this "
+                "optimizer: pass it too (model.named_parameters() includes it), so zero_grad, "
+                "GradScaler and gradient clipping see it")
+
+    @staticmethod
+    def _compact(p: Tensor, lay: _Layout) -> _Compact:
+        rows = p.trace_core_grad.trace_rows
+        weight = local_tensor(p).view(p.shape[0], -1)
+        found = core_rows(lay.entry, weight.shape[1])
+        if found is None or not torch.equal(found[0], rows.cpu()):
+            raise ValueError("the core-rows gradient was installed for another core than the "
+                             "optimizer's mask (install_core_grads after set_masks)")
+        kernel = found[1].coarsest()
+        return _Compact(weight, rows.to(weight.device),
+                        torch.empty((rows.numel(), weight.shape[1]), dtype=weight.dtype, device=weight.device),
+                        kernel.indices.to(weight.device), kernel.block_size)
 
     # ---- checkpoints --------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

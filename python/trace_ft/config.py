@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .continual.strategies import EWC, MTL, NAMES, LoRA, Replay, SeqFT, Strategy, Trace
+from .lm.parallel import MODES as PARALLEL_MODES
 from .lm.train import TrainConfig
 from .method.probe import DEFAULT_EXCLUDE
 from .method.select import GRANULARITIES, SelectConfig
@@ -44,6 +45,7 @@ class RunConfig:
     max_len: int | None = None
     seed: int = 0
     threads: int | None = None
+    parallel: str | None = None       # "ddp" under torchrun: data parallel ranks (None: one process)
     # trace
     trace_budget: float = 0.05
     trace_granularity: str = "element"
@@ -53,6 +55,7 @@ class RunConfig:
     trace_scope: str = "global"       # the budget over all tensors, or "per_tensor"
     trace_exclude: list[str] | None = None   # name patterns never eligible (None: the default)
     trace_master_weights: bool | None = None  # fp32 masters of 16-bit cores (None: on for 16-bit)
+    trace_core_grads: bool = True     # linear layers with a few core rows: those rows' gradients only
     trace_importance: str = "rank"
     trace_threshold: float = 0.5
     trace_specificity_unit: str = "block"   # where cosines are measured: block, row, tensor
@@ -108,6 +111,15 @@ class RunConfig:
             raise ValueError("n_train and n_test must be >= 1")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.parallel == "fsdp2":
+            raise ValueError("--parallel fsdp2 is not supported by the commands yet (MaskedAdamW, the "
+                             "probe and the selection run under fully_shard from Python; see the "
+                             "README's Distributed section); use --parallel ddp")
+        if self.parallel is not None and self.parallel not in PARALLEL_MODES:
+            raise ValueError(f"parallel must be one of {', '.join(PARALLEL_MODES)}, got {self.parallel!r}")
+        if self.parallel is not None and ("RANK" not in os.environ or "WORLD_SIZE" not in os.environ):
+            raise ValueError("--parallel needs a torchrun launch: torchrun --nproc-per-node N -m "
+                             "trace_ft run --parallel ddp ...")
         if self.trace_probe_steps < 1:
             raise ValueError(f"trace_probe_steps must be >= 1, got {self.trace_probe_steps}")
         for name in ("trace_probe_lr", "trace_lr", "lora_lr", "ewc_lr"):
@@ -178,7 +190,7 @@ def _trace_kwargs(cfg: RunConfig, general: Task | None) -> dict:
     return dict(probe_steps=cfg.trace_probe_steps, probe_lr=cfg.trace_probe_lr, lr=cfg.trace_lr,
                 sketch_dim=cfg.trace_sketch_dim,
                 exclude=DEFAULT_EXCLUDE if cfg.trace_exclude is None else tuple(cfg.trace_exclude),
-                master_weights=cfg.trace_master_weights,
+                master_weights=cfg.trace_master_weights, core_grads=cfg.trace_core_grads,
                 general=general if cfg.trace_protect_base else None)
 
 
@@ -265,6 +277,8 @@ RUN_FLAGS = {
     "--size": ("size", str, "built-in model size: tiny, small, medium"),
     "--dtype": ("dtype", str, "float32, bfloat16 or float16: the model's parameters"),
     "--device": ("device", str, "cpu or cuda"),
+    "--parallel": ("parallel", str, "ddp: data parallel over the ranks of a torchrun launch (each "
+                   "global batch split across ranks; rank 0 scores and writes)"),
     "--cache-dir": ("cache_dir", str, "where the built-in base model is cached (default ~/.cache/trace-ft)"),
     "--steps": ("steps", int, "training steps per task"),
     "--batch-size": ("batch_size", int, "examples per step"),
@@ -287,6 +301,8 @@ RUN_FLAGS = {
     "--protect": ("trace_protect", float, "trace: interference guard strength (0 off)"),
     "--master-weights": ("trace_master_weights", _flag, "trace: fp32 master values of the core of "
                          "16-bit parameters (true/false; default: on for 16-bit)"),
+    "--core-grads": ("trace_core_grads", _flag, "trace: linear layers whose core lies in at most half "
+                     "their rows compute only those rows' weight gradients (true/false)"),
     "--scope": ("trace_scope", str, "trace: the budget over all tensors (global) or per_tensor"),
     "--trace-exclude": ("trace_exclude", _list, "trace: comma-separated name patterns never "
                         "eligible ('' for none; default: embeddings, norms, biases, lm_head)"),

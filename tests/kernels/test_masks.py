@@ -131,3 +131,31 @@ def test_check_shapes_names_the_first_misfit():
         mask.check_shapes({"b": (2, 3)}, "the core")
     with pytest.raises(ValueError, match=r"'a' has shape \[2, 3\] in the mask, \[3, 2\] in the model"):
         mask.check_shapes({"a": (3, 2)})
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_coarsest_keeps_the_selection_and_its_order(seed):
+    g = torch.Generator().manual_seed(seed)
+    rows, cols = int(torch.randint(1, 9, (1,), generator=g)), int(torch.randint(1, 13, (1,), generator=g))
+    kind = seed % 3
+    if kind == 0:    # whole rows, picked element by element
+        keep = torch.rand(rows, generator=g) < 0.5
+        dense = keep[:, None].expand(rows, cols)
+    elif kind == 1:  # scattered elements
+        dense = torch.rand(rows, cols, generator=g) < 0.3
+    else:            # everything
+        dense = torch.ones(rows, cols, dtype=torch.bool)
+    e = MaskEntry.from_bool(dense)
+    c = e.coarsest()
+    assert torch.equal(c.element_indices(), e.element_indices())
+    assert c.shape == e.shape and c.block_size % e.block_size == 0
+    if kind == 2:
+        assert c.block_size == rows * cols and c.indices.tolist() == [0]
+    if kind == 0 and keep.any():
+        assert c.block_size % cols == 0
+    # nothing coarser holds it: doubling any factor breaks it
+    for f in (2, 3, 5):
+        b = c.block_size * f
+        if e.numel % b == 0:
+            blocks = dense.reshape(-1, b)
+            assert not (blocks.all(1) | ~blocks.any(1)).all()

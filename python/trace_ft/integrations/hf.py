@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from trace_kernels import CoreMask, MaskedAdamW
+from trace_kernels.core_grads import CoreGrads, install_core_grads
 
 from ..method.pipeline import TracePipeline, freeze_outside, record_updates
 from ..method.probe import DEFAULT_EXCLUDE, ProbeResult, default_loss
@@ -43,6 +44,7 @@ class TraceState:
     probe: ProbeResult | None = None
     selection: Selection | None = None
     before: dict | None = None      # the core's values before training (for the history)
+    core_grads: CoreGrads | None = None  # the layers computing core-rows gradients only
 
 
 def load_core(checkpoint: str | Path) -> CoreMask:
@@ -76,6 +78,7 @@ def trace_optimizer(
     core: CoreMask | str | Path | None = None,
     max_grad_norm: float | None = 1.0,
     freeze_others: bool = True,
+    core_grads: bool = True,
     exclude=DEFAULT_EXCLUDE,
     loss_fn: Callable[[nn.Module, object], Tensor] = default_loss,
     backend: str | None = None,
@@ -92,6 +95,9 @@ def trace_optimizer(
     core: a core to use instead of probing (`load_core(checkpoint)` on resume, or a file).
     freeze_others: set ``requires_grad=False`` on tensors without a core element, so
         backward skips their gradients (the probe restores the flags it changes).
+    core_grads: linear layers whose core lies in a few rows compute only those rows'
+        weight gradients (`trace_kernels.core_grads`; `TraceCallback` removes them when
+        training ends, or call ``opt.trace.core_grads.remove()``).
     The result's ``.trace`` holds the core, probe result and selection.
 
     Distributed runs: every rank must train the same core. Probe on one rank, save
@@ -116,11 +122,19 @@ def trace_optimizer(
             model, probe_batches, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
             max_grad_norm=max_grad_norm, loss_fn=_on_device(loss_fn, device), backend=backend)
         state = TraceState(core=sel.mask, probe=result, selection=sel)
-    # checked (shapes, not empty) before any flag changes
-    opt = TracePipeline.optimizer(model, state.core, lr=lr, betas=betas, eps=eps,
-                                  weight_decay=weight_decay, backend=backend)
+    TracePipeline.check(model, state.core)  # before any flag changes
     if freeze_others:
         freeze_outside(model, state.core)
+    if core_grads:
+        state.core_grads = install_core_grads(model, state.core)
+    try:
+        opt = TracePipeline.optimizer(model, state.core, lr=lr, betas=betas, eps=eps,
+                                      weight_decay=weight_decay, backend=backend,
+                                      core_grads=state.core_grads)
+    except BaseException:
+        if state.core_grads is not None:
+            state.core_grads.remove()
+        raise
     state.before = core_values(model, state.core)
     opt.trace = state
     return opt
@@ -157,9 +171,12 @@ class TraceCallback(_trainer_callback_base()):
         return control
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
+        trace = self.optimizer.trace
+        if trace.core_grads is not None:  # the model's layers as they were
+            trace.core_grads.remove()
+            trace.core_grads = None
         if self.history is None or not state.is_world_process_zero:
             return control
-        trace = self.optimizer.trace
         updates = {}
         if trace.probe is not None:
             unit = trace.selection.config.specificity_unit if trace.selection else "block"

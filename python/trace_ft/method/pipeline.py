@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from trace_kernels import CoreMask, MaskedAdamW
+from trace_kernels.core_grads import CoreGrads
 
 from .probe import DEFAULT_EXCLUDE, ProbeResult, default_loss, eligible_parameters, empirical_fisher, probe
 from .select import EarlierTask, Selection, SelectConfig, select_core, specificity_size
@@ -90,31 +91,41 @@ class TracePipeline:
                          betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                          weight_decay: float = 0.0, max_grad_norm: float | None = None,
                          loss_fn: Callable[[nn.Module, object], Tensor] = default_loss,
-                         backend: str | None = None,
-                         progress: bool | str = False) -> tuple[ProbeResult, Selection]:
+                         backend: str | None = None, progress: bool | str = False,
+                         sync_grads: Callable[[list[Tensor]], None] | None = None,
+                         ) -> tuple[ProbeResult, Selection]:
         """The warm-start probe from the model's current weights (left exactly as they
         were), and the core chosen against `history`. `lr` is the training lr; the probe
         uses `probe_lr` when set."""
         result = probe(model, batches, self.probe_steps, self.probe_lr or lr, betas=betas, eps=eps,
                        weight_decay=weight_decay, exclude=self.exclude,
                        max_grad_norm=max_grad_norm, loss_fn=loss_fn, backend=backend,
-                       progress=progress)
+                       progress=progress, sync_grads=sync_grads)
         return result, select_core(result, self.history, self.select_config)
 
     # -- 2. the optimizer over the core --
     @staticmethod
-    def optimizer(model: nn.Module, core: CoreMask, *, lr: float,
-                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                  weight_decay: float = 0.0, backend: str | None = None,
-                  master_weights: bool | None = None) -> MaskedAdamW:
-        """`MaskedAdamW` over the tensors that hold core elements (raises if the core is
-        empty or does not fit the model). Freezing the others is `freeze_outside`'s."""
-        params = dict(model.named_parameters())
-        core.check_shapes({n: tuple(p.shape) for n, p in params.items()}, "the core")
+    def check(model: nn.Module, core: CoreMask) -> CoreMask:
+        """Raise if the core does not fit the model or is empty; its non-empty entries."""
+        core.check_shapes({n: tuple(p.shape) for n, p in model.named_parameters()}, "the core")
         live = core.nonempty()
         if not live:
             raise ValueError("the core is empty: nothing would be trained (raise the budget)")
-        return MaskedAdamW([(n, p) for n, p in params.items() if n in live], lr=lr, betas=betas,
+        return live
+
+    @staticmethod
+    def optimizer(model: nn.Module, core: CoreMask, *, lr: float,
+                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                  weight_decay: float = 0.0, backend: str | None = None,
+                  master_weights: bool | None = None, core_grads: CoreGrads | None = None) -> MaskedAdamW:
+        """`MaskedAdamW` over the tensors that hold core elements (raises if the core is
+        empty or does not fit the model), and the carriers of `core_grads` (the layers whose
+        backward computes the core rows' weight gradients only). Freezing the others is
+        `freeze_outside`'s."""
+        live = TracePipeline.check(model, core)
+        params = dict(model.named_parameters())
+        carriers = core_grads.named_parameters() if core_grads is not None else []
+        return MaskedAdamW([(n, p) for n, p in params.items() if n in live] + carriers, lr=lr, betas=betas,
                            eps=eps, weight_decay=weight_decay, masks=live, backend=backend,
                            master_weights=master_weights)
 

@@ -1,5 +1,7 @@
 """trace_ft strategies on a tiny Llama: what each one trains, and the EWC penalty."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -105,3 +107,32 @@ def test_trace_guard_records_fisher_and_protects_the_general_task():
     assert all(float(f.float().sum()) >= 0 for f in strat.history[1].fisher.values())
     assert sum(float(f.float().sum()) for f in strat.history[1].fisher.values()) > 0
     assert strat.config()["protect_general"] == "base"
+
+
+def test_trace_trains_row_cores_from_core_rows_gradients(monkeypatch):
+    """A row-level core: the linear layers compute their core rows' gradients only, and the
+    task ends where the full-gradient run ends (no clipping: its norm is over what each
+    path computes)."""
+    import trace_ft.continual.strategies.trace as trace_mod
+
+    installed = []
+    install = trace_mod.install_core_grads
+
+    def spy(model, core):
+        handle = install(model, core)
+        installed.append(handle.names)
+        return handle
+
+    results = []
+    for core_grads in (False, True):
+        ctx = _ctx()
+        ctx = dataclasses.replace(ctx, train=dataclasses.replace(ctx.train, max_grad_norm=None))
+        strat = Trace(SelectConfig(budget=0.1, granularity="row"), probe_steps=3, core_grads=core_grads)
+        if core_grads:
+            monkeypatch.setattr(trace_mod, "install_core_grads", spy)
+        strat.learn(ctx, 1, TASKS[0], [])
+        results.append(dict(ctx.model.named_parameters()))
+    assert installed and any("mlp" in n for n in installed[0])
+    assert not any("core_grad" in n for n in results[1])
+    for n, p in results[0].items():
+        torch.testing.assert_close(results[1][n], p, rtol=1e-4, atol=1e-5, msg=n)

@@ -14,11 +14,14 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 
+import torch
+
 from trace_kernels import CoreMask, MaskedAdamW
+from trace_kernels.core_grads import install_core_grads
 
 from ...lm.train import load_optimizer_state, train_loop
 from ...method.pipeline import TracePipeline, freeze_outside, restore_flags
-from ...method.probe import DEFAULT_EXCLUDE, ProbeResult
+from ...method.probe import DEFAULT_EXCLUDE, ProbeResult, default_loss
 from ...method.routing import TaskValues, core_values
 from ...method.select import EarlierTask, Selection, SelectConfig
 from .base import Context, Strategy, TaskCost, final_loss, optimizer_state_bytes
@@ -31,9 +34,10 @@ class Trace(Strategy):
                  probe_lr: float | None = None, lr: float | None = None,
                  sketch_dim: int | None = None, exclude=DEFAULT_EXCLUDE,
                  fisher_batches: int = 20, general=None, name: str = "trace",
-                 master_weights: bool | None = None) -> None:
+                 master_weights: bool | None = None, core_grads: bool = True) -> None:
         super().__init__(lr)
         self.master_weights = master_weights
+        self.core_grads = core_grads
         self.pipeline = TracePipeline(select, probe_steps=probe_steps, probe_lr=probe_lr,
                                       sketch_dim=sketch_dim, exclude=exclude,
                                       fisher_batches=fisher_batches)
@@ -53,6 +57,7 @@ class Trace(Strategy):
 
     def config(self) -> dict:
         return {"lr": self.lr, **self.pipeline.config(), "master_weights": self.master_weights,
+                "core_grads": self.core_grads,
                 "protect_general": None if self.general is None else self.general.name}
 
     def learn(self, ctx: Context, index, task, seen) -> TaskCost:
@@ -78,11 +83,17 @@ class Trace(Strategy):
         """The warm-start probe from the current weights, and the core chosen against
         `self.history`."""
         cfg = self.train_config(ctx)
-        return self.pipeline.probe_and_select(
+        par = ctx.parallel
+        dp = {} if par is None else {"loss_fn": par.loss(default_loss), "sync_grads": par.sync_grads}
+        result, sel = self.pipeline.probe_and_select(
             ctx.model, ctx.batches([task], self.pipeline.probe_steps, salt=10_000 + index),
             lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
             max_grad_norm=cfg.max_grad_norm,
-            progress=ctx.progress and f"{self.desc(ctx, index, task)} (probe)")
+            progress=ctx.progress and f"{self.desc(ctx, index, task)} (probe)", **dp)
+        if par is not None:  # every rank must train the same core
+            par.check_same(f"the core of {task.name}", b"".join(
+                n.encode() + e.indices.to(torch.int64).numpy().tobytes() for n, e in sel.mask.items()))
+        return result, sel
 
     def train_core(self, ctx: Context, index: int, task, core: CoreMask, *, start_step: int = 0,
                    optimizer_state: dict | None = None,
@@ -95,19 +106,25 @@ class Trace(Strategy):
         if not core.nonempty():
             return [], 0
         model = ctx.model
-        opt = self.pipeline.optimizer(model, core, lr=cfg.lr, betas=cfg.betas,
-                                      weight_decay=cfg.weight_decay, master_weights=self.master_weights)
-        if optimizer_state is not None:
-            load_optimizer_state(opt, optimizer_state)
+        self.pipeline.check(model, core)  # before any flag changes
         flags = freeze_outside(model, core)
+        # linear layers whose core is a few rows: backward computes only those rows' gradients
+        grads = install_core_grads(model, core) if self.core_grads else None
         try:
+            opt = self.pipeline.optimizer(model, core, lr=cfg.lr, betas=cfg.betas,
+                                          weight_decay=cfg.weight_decay, master_weights=self.master_weights,
+                                          core_grads=grads)
+            if optimizer_state is not None:
+                load_optimizer_state(opt, optimizer_state)
             batches = itertools.islice(ctx.batches([task], cfg.steps, salt=index), start_step, None)
             losses = train_loop(model, opt, batches, cfg, desc=self.desc(ctx, index, task),
-                                progress=ctx.progress, start_step=start_step,
+                                progress=ctx.progress, start_step=start_step, parallel=ctx.parallel,
                                 on_step=None if on_step is None else
                                 (lambda done, ls: on_step(done, ls, opt)))
             return losses, optimizer_state_bytes(opt)
         finally:
+            if grads is not None:
+                grads.remove()
             restore_flags(flags)
 
     def trained_fisher(self, ctx: Context, index: int, task) -> dict:

@@ -1,0 +1,192 @@
+"""Core-only weight gradients for linear layers.
+
+A linear layer y = x Wᵀ + b whose core lies in a few rows of W needs only those rows of the
+weight gradient: gW[R] = gy[:, R]ᵀ x, a k × in matrix instead of out × in. `install_core_grads`
+makes each such layer's backward compute the input gradient in full and the weight gradient
+for its core rows only, into a small *carrier* parameter registered next to the weight
+(``weight_core_grad``). The carrier's values are never used (its storage is one element);
+autograd accumulates its ``.grad`` like any parameter's, so gradient accumulation,
+``model.zero_grad()``, ``clip_grad_norm_(model.parameters(), …)`` and
+``torch.amp.GradScaler`` see the compact gradients. `MaskedAdamW` steps the weight from its
+carrier's gradient; no full-size weight gradient is made. The weight itself gets no
+``.grad`` and ``requires_grad=False`` while installed (so DDP and FSDP wait for no gradient
+of it; `remove` restores the flag).
+
+The carriers are not part of the model's ``state_dict`` (saved and loaded models are
+unchanged). ``CoreGrads.remove()`` (or leaving its ``with`` block) restores the layers.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .masks import CoreMask, MaskEntry
+from .sharding import is_dtensor
+
+CARRIER = "weight_core_grad"  # the carrier's name in its module
+
+
+def core_rows(entry: MaskEntry, cols: int) -> tuple[Tensor, MaskEntry] | None:
+    """The rows of a (rows × `cols`) weight that hold core elements, ascending, and the
+    entry moved onto the compact (k × cols) matrix of those rows: the same blocks in the
+    same order, so state kept in mask order is the same for both. None when the blocks
+    neither lie inside rows nor cover whole rows."""
+    bs = entry.block_size
+    if cols % bs and bs % cols:
+        return None
+    starts = entry.indices.to(torch.int64) * bs
+    first = starts // cols
+    if bs > cols:  # a block covers bs/cols whole rows
+        span = torch.arange(bs // cols, dtype=torch.int64)
+        rows = (first[:, None] + span).reshape(-1)
+    else:
+        rows = first
+    rows = torch.unique(rows, sorted=True)
+    place = torch.searchsorted(rows, first)
+    compact = (place * cols + starts % cols) // bs
+    return rows, MaskEntry((int(rows.numel()), cols), bs, compact)
+
+
+class _CoreLinear(torch.autograd.Function):
+    """F.linear whose backward gives the weight gradient of `rows` only (to the carrier)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, carrier, rows, compute_dtype):
+        xc = x if compute_dtype is None else x.to(compute_dtype)
+        wc = weight if compute_dtype is None else weight.to(compute_dtype)
+        bc = bias if compute_dtype is None or bias is None else bias.to(compute_dtype)
+        ctx.save_for_backward(xc, wc, rows)
+        ctx.x_dtype, ctx.carrier_dtype = x.dtype, carrier.dtype
+        ctx.has_bias = bias is not None
+        return F.linear(xc, wc, bc)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w, rows = ctx.saved_tensors
+        gy = gy.to(w.dtype)
+        gx = gb = gc = None
+        if ctx.needs_input_grad[0]:
+            gx = gy.matmul(w).to(ctx.x_dtype)
+        gy2 = gy.reshape(-1, gy.shape[-1])
+        if ctx.needs_input_grad[3]:
+            gc = gy2.index_select(1, rows).t().matmul(x.reshape(-1, x.shape[-1])).to(ctx.carrier_dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = gy2.sum(0)
+        return gx, None, gb, gc, None, None
+
+
+def _core_forward(self: nn.Linear, x: Tensor) -> Tensor:
+    carrier = getattr(self, CARRIER)
+    if not (torch.is_grad_enabled() and carrier.requires_grad):
+        return F.linear(x, self.weight, self.bias)
+    dtype = None
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind):
+        dtype = torch.get_autocast_dtype(kind)
+    return _CoreLinear.apply(x, self.weight, self.bias, carrier, carrier.trace_rows, dtype)
+
+
+def _drop_carrier(module, state_dict, prefix, local_metadata):
+    state_dict.pop(prefix + CARRIER, None)
+
+
+def _ignore_missing_carrier(module, incompatible):
+    missing = [k for k in incompatible.missing_keys if k.endswith("." + CARRIER) or k == CARRIER]
+    for k in missing:
+        incompatible.missing_keys.remove(k)
+
+
+@dataclass
+class _Installed:
+    name: str
+    module: nn.Linear
+    forward: object          # the instance's own forward before (None: the class's)
+    hooks: list
+    requires_grad: bool      # the weight's flag before
+
+
+class CoreGrads:
+    """The layers `install_core_grads` changed (a context manager: leaving it removes them)."""
+
+    def __init__(self, installed: list[_Installed]) -> None:
+        self._installed = installed
+
+    @property
+    def names(self) -> list[str]:
+        """The weights whose gradients are compact."""
+        return [f"{i.name}.weight" if i.name else "weight" for i in self._installed]
+
+    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The carriers, named as the model names them."""
+        return [(f"{i.name}.{CARRIER}" if i.name else CARRIER, getattr(i.module, CARRIER))
+                for i in self._installed]
+
+    def remove(self) -> None:
+        """Restore the layers (the carriers and their gradients are dropped)."""
+        for i in self._installed:
+            weight = i.module.weight
+            if getattr(weight, "trace_core_grad", None) is not None:
+                del weight.trace_core_grad
+            weight.requires_grad_(i.requires_grad)
+            del i.module._parameters[CARRIER]
+            if i.forward is None:
+                i.module.__dict__.pop("forward", None)
+            else:
+                i.module.forward = i.forward
+            for h in i.hooks:
+                h.remove()
+        self._installed = []
+
+    def __enter__(self) -> CoreGrads:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def install_core_grads(model: nn.Module, core: CoreMask, *, max_row_fraction: float = 0.5) -> CoreGrads:
+    """Give every `nn.Linear` of `model` whose weight's core lies in at most
+    `max_row_fraction` of its rows a backward that computes only those rows' weight
+    gradient (see the module's docstring). Layers where it would not save work (a core in
+    most rows), weights shared between modules, sharded (DTensor) weights and blocks that
+    straddle rows keep the full gradient. Returns the handle that removes it."""
+    if not 0.0 < max_row_fraction <= 1.0:
+        raise ValueError(f"max_row_fraction must be in (0, 1], got {max_row_fraction}")
+    counts: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        counts[id(p)] = counts.get(id(p), 0) + 1
+    installed = []
+    try:
+        for name, module in model.named_modules():
+            key = f"{name}.weight" if name else "weight"
+            entry = core.get(key)
+            if (type(module) is not nn.Linear or entry is None or not entry.num_selected
+                    or CARRIER in module._parameters):
+                continue
+            weight = module.weight
+            if is_dtensor(weight) or counts.get(id(weight), 0) != 1 or entry.shape != tuple(weight.shape):
+                continue
+            found = core_rows(entry, weight.shape[1])
+            if found is None or found[0].numel() > max_row_fraction * weight.shape[0]:
+                continue
+            rows = found[0].to(weight.device)
+            carrier = nn.Parameter(torch.empty_strided((rows.numel(), weight.shape[1]), (0, 0),
+                                                       dtype=weight.dtype, device=weight.device))
+            carrier.trace_rows = rows
+            own = module.__dict__.get("forward")
+            module.register_parameter(CARRIER, carrier)
+            weight.trace_core_grad = carrier
+            module.forward = types.MethodType(_core_forward, module)
+            hooks = [module._register_state_dict_hook(_drop_carrier),
+                     module.register_load_state_dict_post_hook(_ignore_missing_carrier)]
+            installed.append(_Installed(name, module, own, hooks, weight.requires_grad))
+            weight.requires_grad_(False)
+    except BaseException:
+        CoreGrads(installed).remove()
+        raise
+    return CoreGrads(installed)
