@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--resume", action="store_true", help="reuse the runs an interrupted frontier "
                    "in --out finished")
     f.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_settings(f, skip={"strategies", "sweep_granularity", "sweep_budget", "sweep_probe_steps", "seed"})
+    add_settings(f, skip={"strategies", "sweep_granularity", "sweep_budget", "sweep_probe_steps", "seed",
+                          "parallel"})
     e = sub.add_parser("export", help="write the model as it stood after one task of a history",
                        description="Rebuild the model as it stood right after TASK from a later "
                        "model of the history (default: the newest task's output), by setting every "

@@ -10,6 +10,7 @@ with the same model and history as an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from ..config import RunConfig, build_strategy
 from ..continual.strategies.base import Context
 from ..evaluate import Evaluator
 from ..lm.model import open_model, save_model, weights_sha256
+from ..lm.parallel import DataParallel
 from ..method.routing import core_values, set_core_values
 from ..store.atomic import sha256_file
 from ..store.checkpoint import AdaptCheckpoint, CheckpointError
@@ -47,12 +49,31 @@ def adapt(cfg: RunConfig, model: str, task: str, history: str | Path, out: str |
 
     core: a CoreMask file (e.g. from `transfer`) to train instead of probing and selecting.
     on_step(done): called after every training step (after any checkpoint of that step).
+    With ``cfg.parallel`` (under torchrun) every rank trains its share of each batch; rank 0
+    alone scores and writes the model, the history and the checkpoints (the others return
+    None).
     """
+    cfg.validate()
+    parallel = DataParallel(cfg.device) if cfg.parallel else None
+    try:
+        return _adapt(cfg, model, task, history, out, eval_history=eval_history, resume=resume,
+                      checkpoint_every=checkpoint_every, checkpoint_dir=checkpoint_dir, core=core,
+                      overwrite=overwrite, ignore_dtype=ignore_dtype, progress=progress, log=log,
+                      on_step=on_step, parallel=parallel)
+    finally:
+        if parallel is not None:
+            parallel.close()
+
+
+def _adapt(cfg: RunConfig, model, task, history, out, *, eval_history, resume, checkpoint_every,
+           checkpoint_dir, core, overwrite, ignore_dtype, progress, log, on_step,
+           parallel: DataParallel | None) -> dict | None:
     from tqdm.auto import tqdm
 
-    log = log or (lambda msg: tqdm.write(msg))
+    main = parallel is None or parallel.is_main
+    log = (log or (lambda msg: tqdm.write(msg))) if main else (lambda msg: None)
+    progress = progress and main
     t0 = time.perf_counter()
-    cfg.validate()
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
     if cfg.trace_protect_base:
@@ -78,12 +99,17 @@ def adapt(cfg: RunConfig, model: str, task: str, history: str | Path, out: str |
                                f"--core {core}")
     fingerprint = model_fingerprint(net)
     hist = TaskHistory.open(history, fingerprint, create=True, ignore_dtype=ignore_dtype)
-    with hist.hold():  # the only writer until the task is appended
+    if parallel is not None:
+        parallel.barrier()  # every rank has read its inputs before rank 0 writes anything
+    with hist.hold() if main else contextlib.nullcontext():  # rank 0: the only writer until the end
         data = data_fingerprint(new_task)
         if resume and len(hist) and hist.entries[-1]["data"] == data and \
                 hist.entries[-1]["summary"].get("checkpoint") == str(ckpt.path) and \
                 ckpt.state()["inputs"]["history_tasks"] == len(hist) - 1:
-            ckpt.remove()  # killed after the history was written: nothing left to do
+            if parallel is not None:
+                parallel.barrier()  # every rank has read the checkpoint
+            if main:
+                ckpt.remove()  # killed after the history was written: nothing left to do
             log(f"task {new_task.name!r} was already added to {history}; removed the checkpoint")
             return {"task": new_task.name, "index": len(hist), "already_done": True,
                     **hist.entries[-1]["summary"]}
@@ -100,7 +126,7 @@ def adapt(cfg: RunConfig, model: str, task: str, history: str | Path, out: str |
         index = len(hist) + 1
         torch.manual_seed(cfg.seed)
         ctx = Context(model=net, codec=codec, train=cfg.train_config(), seed=cfg.seed,
-                      progress=progress, max_len=cfg.max_len, num_tasks=index)
+                      progress=progress, max_len=cfg.max_len, num_tasks=index, parallel=parallel)
         inputs = {"model_fingerprint": fingerprint["sha256"], "model_weights": model_in,
                   "task": data, "history_tasks": len(hist),
                   "core": None if core is None else sha256_file(core), "config": dataclasses.asdict(cfg)}
@@ -122,14 +148,15 @@ def adapt(cfg: RunConfig, model: str, task: str, history: str | Path, out: str |
                 mask = sel.mask
                 updates = strategy.recorded_updates(result.deltas, mask)
                 info = {"probe_loss": result.losses[-1]}
-            ckpt.start(inputs, mask, updates, info)
+            if main:
+                ckpt.start(inputs, mask, updates, info)
             start, opt_state, losses = 0, None, []
             before = core_values(net, mask)
 
         # 2. train the core, checkpointing every `checkpoint_every` steps and at the end
         # a checkpoint holds the core elements' values, not whole tensors
         def save(done: int, run_losses: list[float], opt) -> None:
-            if done % checkpoint_every == 0 or done == cfg.steps:
+            if main and (done % checkpoint_every == 0 or done == cfg.steps):
                 ckpt.save_step(done, core_values(net, mask), opt.state_dict(), losses + run_losses)
             if on_step is not None:
                 on_step(done)
@@ -138,6 +165,9 @@ def adapt(cfg: RunConfig, model: str, task: str, history: str | Path, out: str |
                                                       optimizer_state=opt_state, on_step=save)
         losses = losses + run_losses
         fisher = strategy.trained_fisher(ctx, index, new_task)
+        if not main:
+            parallel.barrier()  # rank 0 scores and writes
+            return None
 
         # 3. score, save the model, then append to the history (the manifest is written last)
         earlier_tasks = hist.tasks() if eval_history else []
@@ -166,6 +196,8 @@ def adapt(cfg: RunConfig, model: str, task: str, history: str | Path, out: str |
                             summary=summary)
         hist.append(record, fingerprint)
         ckpt.remove()
+        if parallel is not None:
+            parallel.barrier()
         log(format_summary(new_task.name, index, summary, history))
         return {"task": new_task.name, "index": index, "already_done": False, **summary}
 

@@ -15,16 +15,30 @@ from ..continual.report import summary_table, versions, write_outputs
 from ..continual.sequence import TaskSequence, routed_entry, run_strategy
 from ..lm.memory import memory_note
 from ..lm.model import open_model
+from ..lm.parallel import DataParallel
 from ..tasks import BASE, builtin_task, resolve_tasks
+
 
 def run(cfg: RunConfig, out: str | Path | None = None, sweep: bool = False,
         progress: bool = True, log=None) -> dict:
     """Run every strategy of `cfg` (or the sweep) and write results.json, report.md and
-    accuracy.png to `out` (default runs/<timestamp>/). Returns the results."""
+    accuracy.png to `out` (default runs/<timestamp>/). Returns the results (None on the
+    ranks other than 0 of a `--parallel` run, which train but neither score nor write)."""
+    cfg.validate()
+    parallel = DataParallel(cfg.device) if cfg.parallel else None
+    try:
+        return _run(cfg, out, sweep, progress, log, parallel)
+    finally:
+        if parallel is not None:
+            parallel.close()
+
+
+def _run(cfg: RunConfig, out, sweep: bool, progress: bool, log, parallel: DataParallel | None) -> dict | None:
     from tqdm.auto import tqdm
 
-    log = log or (lambda msg: tqdm.write(msg))
-    cfg.validate()
+    main = parallel is None or parallel.is_main
+    log = (log or (lambda msg: tqdm.write(msg))) if main else (lambda msg: None)
+    progress = progress and main
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(out) if out is not None else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -38,7 +52,7 @@ def run(cfg: RunConfig, out: str | Path | None = None, sweep: bool = False,
                   else [build_strategy(s, cfg, general) for s in cfg.strategies])
     base, codec, model_dir = open_model(cfg.model, size=cfg.size, cache_dir=cfg.cache_dir,
                                         dtype=cfg.dtype, device=cfg.device, progress=progress)
-    seq = TaskSequence.build(tasks, general, base, codec)
+    seq = TaskSequence.build(tasks, general, base, codec, score=main)
     total_params = sum(p.numel() for p in base.parameters())
     log(f"model: {model_dir} ({total_params:,} parameters); tasks: {', '.join(t.name for t in tasks)}; "
         f"strategies: {', '.join(s.name for s in strategies)}")
@@ -54,7 +68,9 @@ def run(cfg: RunConfig, out: str | Path | None = None, sweep: bool = False,
             strategy.routes = None  # no values kept: no routed row
         entry = run_strategy(strategy, seq, base, codec, cfg.train_config(), seed=cfg.seed,
                              device=cfg.device, max_len=cfg.max_len, progress=progress, log=log,
-                             lora_rank=cfg.lora_rank)
+                             lora_rank=cfg.lora_rank, parallel=parallel)
+        if not main:
+            continue
         results["strategies"][strategy.name] = entry
         if strategy.name == "trace" and "routed" in entry:
             results["strategies"]["trace_routed"] = routed_entry(entry, seq.first)
@@ -62,7 +78,13 @@ def run(cfg: RunConfig, out: str | Path | None = None, sweep: bool = False,
             f"{k}={'-' if v is None else f'{v:.1f}'}" for k, v in entry["metrics"].items())
             + f" ({entry['costs']['seconds']:.0f} s)")
     results["seconds"] = time.perf_counter() - t_start
+    if not main:
+        parallel.barrier()  # rank 0 writes
+        return None
+    results["parallel"] = None if parallel is None else {"mode": cfg.parallel, "world": parallel.world}
     write_outputs(results, out)
+    if parallel is not None:
+        parallel.barrier()
     log("\n" + summary_table(results) + "\n")
     log(f"wrote {out}/results.json, report.md, accuracy.png ({results['seconds']:.0f} s)")
     return results

@@ -37,10 +37,13 @@ class TaskSequence:
     row0: dict[str, list[float]]    # per metric, the untrained model's scores
 
     @classmethod
-    def build(cls, tasks: list[Task], general: Task | None, base: nn.Module, codec: Codec) -> TaskSequence:
+    def build(cls, tasks: list[Task], general: Task | None, base: nn.Module, codec: Codec,
+              score: bool = True) -> TaskSequence:
+        """`score=False` (the ranks other than 0 of a parallel run): no scores."""
         eval_tasks = ([general] if general is not None else []) + tasks
         evaluator = Evaluator(eval_tasks, codec)
-        return cls(tasks, eval_tasks, len(eval_tasks) - len(tasks), evaluator, evaluator(base))
+        row0 = evaluator(base) if score else {m: [None] * len(eval_tasks) for m in METRICS}
+        return cls(tasks, eval_tasks, len(eval_tasks) - len(tasks), evaluator, row0)
 
     @property
     def columns(self) -> list[str]:
@@ -50,16 +53,21 @@ class TaskSequence:
 def run_strategy(strategy: Strategy, seq: TaskSequence, base: nn.Module, codec: Codec,
                  train: TrainConfig, *, seed: int, device: str = "cpu", max_len: int | None = None,
                  progress: bool = False, log: Callable[[str], None] = lambda msg: None,
-                 lora_rank: int = 8) -> dict:
+                 lora_rank: int = 8, parallel=None) -> dict | None:
     """Train a copy of `base` through `seq` with `strategy`; its results entry. A TRACE
-    strategy's entry also holds ``routed``: the task-routed final row (see `routed_row`)."""
+    strategy's entry also holds ``routed``: the task-routed final row (see `routed_row`).
+    With `parallel` (data parallel ranks) every rank trains; rank 0 alone scores and
+    returns the entry, the others return None."""
     torch.manual_seed(seed)
     T = len(seq.tasks)
     rows = {m: [list(seq.row0[m])] + [[None] * len(seq.eval_tasks) for _ in range(T)] for m in METRICS}
     ctx = Context(model=copy.deepcopy(base), codec=codec, train=train, seed=seed,
-                  progress=progress, max_len=max_len, num_tasks=T)
+                  progress=progress and (parallel is None or parallel.is_main), max_len=max_len,
+                  num_tasks=T, parallel=parallel)
 
     def evaluate(j: int) -> None:
+        if not ctx.is_main:
+            return
         scores = seq.evaluator(ctx.model)
         for m in METRICS:
             rows[m][j] = scores[m]
@@ -70,6 +78,8 @@ def run_strategy(strategy: Strategy, seq: TaskSequence, base: nn.Module, codec: 
     with PeakMemory(device) as mem:
         costs = strategy.fit(ctx, seq.tasks, evaluate)
     seconds = time.perf_counter() - t0
+    if not ctx.is_main:
+        return None
     total_params = sum(p.numel() for p in base.parameters())
     trainable = [c.trainable for c in costs]
     entry = {

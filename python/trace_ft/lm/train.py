@@ -77,6 +77,7 @@ def train_loop(
     progress: bool = True,
     start_step: int = 0,
     on_step: Callable[[int, list[float]], None] | None = None,
+    parallel=None,
 ) -> list[float]:
     """Steps `start_step` … `cfg.steps − 1` with the schedule applied to every group's lr;
     returns the loss per step run (without the penalty).
@@ -84,7 +85,8 @@ def train_loop(
     To resume, restore the model and optimizer state of step `start_step`, keep the groups'
     lr at the base value, and pass batches that start at that step.
     `on_step(done, losses)` runs after each step (`done` steps completed in all), e.g. to
-    save a checkpoint."""
+    save a checkpoint. `parallel` (a `lm.parallel.DataParallel`): each rank trains on its rows
+    of every batch and the gradients are summed over ranks before clipping."""
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
@@ -93,6 +95,8 @@ def train_loop(
     if not 0 <= start_step <= cfg.steps:
         raise ValueError(f"start_step must be in [0, {cfg.steps}], got {start_step}")
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s + start_step, cfg))
+    if parallel is not None:
+        loss_fn = parallel.loss(loss_fn)
     losses: list[float] = []
     model.train()
     bar = tqdm(total=cfg.steps, initial=start_step, desc=desc, disable=not progress, leave=False,
@@ -101,8 +105,12 @@ def train_loop(
         for step, batch in zip(range(start_step, cfg.steps), batches):
             batch = {k: v.to(device) for k, v in batch.items()}
             loss = loss_fn(model, batch)
-            total = loss + penalty() if penalty is not None else loss
+            total = loss
+            if penalty is not None:  # on every rank: its gradient, summed over ranks, once
+                total = loss + penalty() / (parallel.world if parallel is not None else 1)
             total.backward()
+            if parallel is not None:
+                parallel.sync_grads(params)
             if cfg.max_grad_norm is not None:
                 nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg.max_grad_norm)
             optimizer.step()

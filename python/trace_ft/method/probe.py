@@ -100,6 +100,7 @@ def probe(
     progress: bool | str = False,
     rounding: str = "auto",
     seed: int | None = None,
+    sync_grads: Callable[[list[Tensor]], None] | None = None,
 ) -> ProbeResult:
     """Warm-start probe of `steps` AdamW steps on the eligible parameters.
 
@@ -113,6 +114,8 @@ def probe(
         masters would cost 4 bytes per parameter), "nearest", or "auto" (stochastic when
         a parameter is bf16 and none is fp16). seed: of the stochastic rounding (None:
         drawn from torch's generator).
+    sync_grads: called with the eligible parameters after each backward, before clipping
+        (data parallelism: sums the ranks' gradients; `loss_fn` then gives each rank's share).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -155,6 +158,8 @@ def probe(
             loss.backward()
             losses.append(float(loss.detach()))
             bar.update(1)
+            if sync_grads is not None:
+                sync_grads(params)
             if max_grad_norm is not None:
                 nn.utils.clip_grad_norm_(params, max_grad_norm)
             live = [i for i, p in enumerate(params) if p.grad is not None]

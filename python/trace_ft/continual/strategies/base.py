@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ...lm.batches import EncodedSet, sample_batches
+from ...lm.parallel import DataParallel
 from ...lm.text import Codec
 from ...lm.train import TrainConfig, train_loop
 from ...tasks import Task
@@ -41,7 +42,13 @@ class Context:
     progress: bool = True
     max_len: int | None = None
     num_tasks: int = 0
+    parallel: DataParallel | None = None   # data parallel ranks (`--parallel ddp`), or one process
     _encoded: dict = field(default_factory=dict)
+
+    @property
+    def is_main(self) -> bool:
+        """The rank that scores, reports and writes (the only one without `parallel`)."""
+        return self.parallel is None or self.parallel.is_main
 
     def encoded(self, task: Task) -> EncodedSet:
         if task.name not in self._encoded:
@@ -78,7 +85,8 @@ def train_adamw(ctx: Context, model: nn.Module, batches, cfg: TrainConfig, desc:
     loop: what every baseline trains with."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    losses = train_loop(model, opt, batches, cfg, penalty=penalty, desc=desc, progress=ctx.progress)
+    losses = train_loop(model, opt, batches, cfg, penalty=penalty, desc=desc, progress=ctx.progress,
+                        parallel=ctx.parallel)
     return TaskCost(trainable=sum(p.numel() for p in params), state_bytes=optimizer_state_bytes(opt),
                     final_loss=final_loss(losses))
 

@@ -1,0 +1,103 @@
+"""Data parallelism for the commands (`--parallel ddp` under torchrun).
+
+Every rank holds the whole model. Each global batch (the one a single process would draw)
+is split by rows across the ranks; each rank's loss is its share of the global token mean,
+so the gradients summed over ranks (one all-reduce after each backward, before clipping)
+are the single process's gradient up to summation order, and every rank takes the same
+step. This is DDP's arithmetic without its module wrapper: the strategies change which
+tensors require gradients from task to task (and TRACE's core-rows carriers come and go),
+which a `DistributedDataParallel` built once cannot follow.
+
+What is not a training step runs on every rank on the whole batch (Fisher passes: the same
+numbers everywhere) or on rank 0 only (scoring, reports, files).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+MODES = ("ddp",)
+
+
+def tokens(batch: dict[str, Tensor]) -> int:
+    """The tokens a causal-LM loss averages over: labels not -100 after the one-token shift
+    (rows when the batch has no labels)."""
+    labels = batch.get("labels") if isinstance(batch, dict) else None
+    if labels is None:
+        return int(next(iter(batch.values())).shape[0])
+    return int((labels[..., 1:] != -100).sum())
+
+
+class DataParallel:
+    """The ranks of a torchrun launch (see the module's docstring)."""
+
+    def __init__(self, device: str = "cpu") -> None:
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            raise ValueError("--parallel needs a torchrun launch (torchrun --nproc-per-node N "
+                             "-m trace_ft run --parallel ddp ...)")
+        self.owns_group = not dist.is_initialized()
+        if self.owns_group:
+            dist.init_process_group("nccl" if str(device).startswith("cuda") else "gloo")
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.device = torch.device(device)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def local(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """This rank's rows of a global batch (contiguous, as even as the rows allow)."""
+        rows = int(next(iter(batch.values())).shape[0])
+        if rows < self.world:
+            raise ValueError(f"a batch of {rows} rows cannot be split over {self.world} ranks "
+                             "(raise --batch-size)")
+        return {k: torch.tensor_split(v, self.world)[self.rank] for k, v in batch.items()}
+
+    def loss(self, loss_fn: Callable[[nn.Module, dict], Tensor]) -> Callable[[nn.Module, dict], Tensor]:
+        """`loss_fn` on this rank's rows, weighted by its share of the global tokens: its
+        gradient summed over ranks is the global batch's; its value is the global mean."""
+        def local_loss(model: nn.Module, batch: dict) -> Tensor:
+            mine = self.local(batch)
+            counts = torch.tensor([float(tokens(mine))], dtype=torch.float64, device=self.device)
+            total = counts.clone()
+            dist.all_reduce(total)
+            loss = loss_fn(model, mine)
+            scaled = loss * (counts.item() / total.item())
+            mean = scaled.detach().to(torch.float64).reshape(1)
+            dist.all_reduce(mean)
+            return scaled + (mean.to(scaled.dtype).reshape(scaled.shape) - scaled).detach()
+        return local_loss
+
+    def sync_grads(self, params: Sequence[Tensor]) -> None:
+        """Sum the ranks' gradients (one all-reduce per dtype)."""
+        by_dtype: dict[torch.dtype, list[Tensor]] = {}
+        for p in params:
+            if p.grad is not None:
+                by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+        for grads in by_dtype.values():
+            flat = _flatten_dense_tensors(grads)
+            dist.all_reduce(flat)
+            for g, s in zip(grads, _unflatten_dense_tensors(flat, grads)):
+                g.copy_(s)
+
+    def check_same(self, what: str, data: bytes) -> None:
+        """Raise on every rank if the ranks hold different `data` (e.g. the selected core)."""
+        digest = hashlib.sha256(data).hexdigest()
+        seen: list = [None] * self.world
+        dist.all_gather_object(seen, digest)
+        if len(set(seen)) != 1:
+            raise RuntimeError(f"ranks disagree on {what}: {seen}")
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
