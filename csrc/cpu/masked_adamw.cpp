@@ -50,7 +50,7 @@ TK_HD void update_element(P* param, const P* grad, int64_t s, int64_t e, float* 
   float p = kMaster ? master[s] : load_as_float(param);
   const float g = load_as_float(grad) / grad_divisor;
   if (kFisher) accumulate_fisher(fisher + s, g, fisher_scale);
-  adamw_update(p, g, m[s], v[s], kAmsgrad ? vmax + s : nullptr, c);
+  adamw_update_fixed<kAmsgrad>(p, g, m[s], v[s], kAmsgrad ? vmax + s : nullptr, c);
   if (kMaster) master[s] = p;
   store_param(param, p, stochastic, c.round_key, e);
 }

@@ -29,7 +29,7 @@ __device__ __forceinline__ void update_one(const MaskedTensor& t, const AdamWCoe
   float p = kMaster ? t.master[c] : load_as_float(param + e);
   const float g = load_as_float(grad + e) / divisor;
   if (kFisher) t.fisher[c] = t.fisher[c] + (fisher_scale * g) * g;
-  adamw_update(p, g, t.exp_avg[c], t.exp_avg_sq[c], kAmsgrad ? t.max_exp_avg_sq + c : nullptr, k);
+  adamw_update_fixed<kAmsgrad>(p, g, t.exp_avg[c], t.exp_avg_sq[c], kAmsgrad ? t.max_exp_avg_sq + c : nullptr, k);
   if (kMaster) t.master[c] = p;
   store_param(param + e, p, stochastic, k.round_key, t.elem_base + e);
 }
@@ -62,7 +62,7 @@ __device__ __forceinline__ void update_four(const MaskedTensor& t, const AdamWCo
     float p = kMaster ? w4.x[k] : load_as_float(&p4.x[k]);
     const float g = load_as_float(&g4.x[k]) / divisor;
     if (kFisher) f4.x[k] = f4.x[k] + (fisher_scale * g) * g;
-    adamw_update(p, g, m4.x[k], v4.x[k], kAmsgrad ? &x4.x[k] : nullptr, coeffs);
+    adamw_update_fixed<kAmsgrad>(p, g, m4.x[k], v4.x[k], kAmsgrad ? &x4.x[k] : nullptr, coeffs);
     if (kMaster) w4.x[k] = p;
     store_param(&p4.x[k], p, stochastic, coeffs.round_key, t.elem_base + e + k);
   }

@@ -56,14 +56,18 @@ TK_HD AdamWCoeffs make_adamw_coeffs(double lr, double beta1, double beta2, doubl
   return c;
 }
 
-// g is the gradient already unscaled and negated for maximize.
-TK_HD void adamw_update(float& p, float g, float& m, float& v, float* vmax,
-                        const AdamWCoeffs& c) {
+// g is the gradient already unscaled and negated for maximize. kAmsgrad fixed at compile
+// time (callers that know it): the loop then has no store behind a run-time branch, which
+// the vectoriser could only remove by unswitching the whole loop body (and stops doing once
+// the body grows, e.g. with the Fisher stream).
+template <bool kAmsgrad>
+TK_HD void adamw_update_fixed(float& p, float g, float& m, float& v, float* vmax,
+                              const AdamWCoeffs& c) {
   if (c.has_decay) p = p * c.decay;
   m = c.lerp_low ? m + c.lerp_weight * (g - m) : g - (g - m) * c.lerp_weight_c;
   v = v * c.beta2 + (c.grad_sq_weight * g) * g;
   float second = v;
-  if (c.amsgrad) {
+  if (kAmsgrad) {
     // torch.maximum propagates NaN
     const float prev = *vmax;
     second = (v > prev || v != v) ? v : prev;
@@ -71,6 +75,15 @@ TK_HD void adamw_update(float& p, float g, float& m, float& v, float* vmax,
   }
   const float denom = std::sqrt(second) / c.bias_correction2_sqrt + c.eps;
   p = p + (c.neg_step_size * m) / denom;
+}
+
+TK_HD void adamw_update(float& p, float g, float& m, float& v, float* vmax,
+                        const AdamWCoeffs& c) {
+  if (c.amsgrad) {
+    adamw_update_fixed<true>(p, g, m, v, vmax, c);
+  } else {
+    adamw_update_fixed<false>(p, g, m, v, vmax, c);
+  }
 }
 
 }  // namespace trace_kernels
