@@ -78,7 +78,7 @@ def trace_optimizer(
     core: CoreMask | str | Path | None = None,
     max_grad_norm: float | None = 1.0,
     freeze_others: bool = True,
-    core_grads: bool = True,
+    core_grads: bool = False,
     exclude=DEFAULT_EXCLUDE,
     loss_fn: Callable[[nn.Module, object], Tensor] = default_loss,
     backend: str | None = None,
@@ -97,7 +97,9 @@ def trace_optimizer(
         backward skips their gradients (the probe restores the flags it changes).
     core_grads: linear layers whose core lies in a few rows compute only those rows'
         weight gradients (`trace_kernels.core_grads`; `TraceCallback` removes them when
-        training ends, or call ``opt.trace.core_grads.remove()``).
+        training ends, or call ``opt.trace.core_grads.remove()``). Off by default: the
+        Trainer's clipping then measures the core rows' gradients instead of the whole
+        tensors', which changes the training (see the README).
     The result's ``.trace`` holds the core, probe result and selection.
 
     Distributed runs: every rank must train the same core. Probe on one rank, save

@@ -34,7 +34,7 @@ class Trace(Strategy):
                  probe_lr: float | None = None, lr: float | None = None,
                  sketch_dim: int | None = None, exclude=DEFAULT_EXCLUDE,
                  fisher_batches: int = 20, general=None, name: str = "trace",
-                 master_weights: bool | None = None, core_grads: bool = True) -> None:
+                 master_weights: bool | None = None, core_grads: bool = False) -> None:
         super().__init__(lr)
         self.master_weights = master_weights
         self.core_grads = core_grads
