@@ -53,7 +53,10 @@ def test_bad_input_raises_before_any_change(backend, case, gen):
     if backend == "cpu":
         pytest.importorskip("trace_kernels._C")
     prob = make_problem(SHAPES, ["row", 1], 0.5, torch.float32, gen, nan_frozen=False)
-    # make sure tensor 1 has a few indices to corrupt
+    # make sure both tensors have selected blocks to corrupt (a random row selection can be empty)
+    prob["idx"][0] = torch.tensor([0, 2], dtype=torch.int32)
+    n0 = 2 * prob["sizes"][0]
+    prob["m"][0], prob["v"][0] = torch.zeros(n0), torch.zeros(n0)
     prob["idx"][1] = torch.tensor([2, 5, 9], dtype=torch.int32)
     prob["m"][1], prob["v"][1] = torch.zeros(3), torch.zeros(3)
     mutate, exc, pattern = MUTATIONS[case]
