@@ -35,19 +35,9 @@ def build(seed: int = 0):
 
 
 def core_for(model, granularity: str, density: float = 0.05):
-    import torch
+    from bench_train_step import core_for as random_core  # the same random cores
 
-    from trace_kernels import CoreMask, MaskEntry
-
-    g = torch.Generator().manual_seed(1)
-    entries = {}
-    for n, p in model.named_parameters():
-        if p.dim() != 2 or "embed" in n or "lm_head" in n:
-            continue
-        b = 1 if granularity == "element" else p.shape[-1]
-        flags = torch.rand(p.numel() // b, generator=g) < density
-        entries[n] = MaskEntry(tuple(p.shape), b, torch.nonzero(flags).reshape(-1))
-    return CoreMask(entries)
+    return random_core(model, granularity, density)
 
 
 def worker(mode: str, granularity: str, steps: int, out: str) -> None:

@@ -28,7 +28,7 @@ from cuda_archs import fatbin_entries, needed_libraries  # noqa: E402
 PTX_DRIVER = {(9, 0): ("13.0", "580.65"), (8, 8): ("12.9", "575.51"), (8, 7): ("12.8", "570.26"),
               (8, 5): ("12.5", "555.42"), (8, 4): ("12.4", "550.54"), (8, 3): ("12.3", "545.23"),
               (8, 2): ("12.2", "535.54"), (8, 1): ("12.1", "530.30"), (8, 0): ("12.0", "525.60")}
-FORBIDDEN = ("libtorch", "libc10", "libcudart", "libtorch_python")
+FORBIDDEN = ("libtorch", "libc10", "libcudart")  # prefixes: libtorch_python, libtorch_cuda, ...
 
 
 def requested(raw: str) -> list[int]:

@@ -88,16 +88,13 @@ def _carrier(p: Tensor) -> Tensor | None:
     return c
 
 
-def _has_grad(p: Tensor) -> bool:
-    return p.grad is not None or _carrier(p) is not None
-
-
 @dataclass
 class _Compact:
     """A weight stepped from its core rows: gathered into `rows_buffer`, stepped there with
     the entry moved onto those rows (`indices`), and written back."""
 
     weight: Tensor      # the weight's rows, 2-D
+    carrier: Tensor     # the parameter whose .grad holds the rows' gradient
     rows: Tensor
     rows_buffer: Tensor
     indices: Tensor     # the core's blocks in the rows buffer, at their coarsest block size
@@ -123,11 +120,11 @@ class _GroupPlan:
     storages: list[tuple]  # each parameter's storage address, dtype and device when planned
     carriers: list         # each parameter's compact-gradient carrier when planned, or None
 
-    def fits(self, version: int, active: list[Tensor], amsgrad: bool) -> bool:
+    def fits(self, version: int, active: list[Tensor], carriers: list, amsgrad: bool) -> bool:
         return (version == self.version and amsgrad == self.amsgrad and len(active) == len(self.params)
                 and all(a is b for a, b in zip(active, self.params))
                 and all(_storage_key(p) == k for p, k in zip(active, self.storages))
-                and all(_carrier(p) is c for p, c in zip(active, self.carriers)))
+                and all(a is b for a, b in zip(carriers, self.carriers)))
 
 
 def _named_groups(params: Any) -> list[dict[str, Any]]:
@@ -408,11 +405,18 @@ class MaskedAdamW(Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         for gi, group in enumerate(self.param_groups):
-            active = [p for p in group["params"] if (lay := self._layout.get(p)) is not None
-                      and lay.entry.numel_selected and _has_grad(p)]
+            active, carriers = [], []
+            for p in group["params"]:
+                lay = self._layout.get(p)
+                if lay is None or not lay.entry.numel_selected:
+                    continue
+                c = _carrier(p)
+                if p.grad is not None or c is not None:
+                    active.append(p)
+                    carriers.append(c)
             plan = self._plans.get(gi)
-            if plan is None or not plan.fits(self._version, active, group["amsgrad"]):
-                plan = self._plans[gi] = self._plan_group(active, group["amsgrad"])
+            if plan is None or not plan.fits(self._version, active, carriers, group["amsgrad"]):
+                plan = self._plans[gi] = self._plan_group(active, carriers, group["amsgrad"])
             beta1, beta2 = group["betas"]
             hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                          weight_decay=group["weight_decay"], maximize=group["maximize"],
@@ -420,7 +424,7 @@ class MaskedAdamW(Optimizer):
             for device, dp in plan.devices.items():
                 grads = []
                 for p, c in zip(dp.params, dp.compact):
-                    g = p.grad if c is None else p.trace_core_grad.grad
+                    g = p.grad if c is None else c.carrier.grad
                     if g.is_sparse:
                         raise ValueError(f"MaskedAdamW does not support sparse gradients ({self._describe(p)})")
                     g = local_tensor(g)
@@ -443,21 +447,11 @@ class MaskedAdamW(Optimizer):
                         c.weight.index_copy_(0, c.rows, c.rows_buffer)
         return loss
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """torch's zero_grad, and the compact gradients of the parameters it steps."""
-        super().zero_grad(set_to_none)
-        for p in self._layout:
-            c = getattr(p, "trace_core_grad", None)
-            if c is not None and c.grad is not None:
-                if set_to_none:
-                    c.grad = None
-                else:
-                    c.grad.zero_()
-
-    def _plan_group(self, active: list[Tensor], amsgrad: bool) -> _GroupPlan:
+    def _plan_group(self, active: list[Tensor], carriers: list, amsgrad: bool) -> _GroupPlan:
         """State for every parameter stepped (created here if new), checked, bucketed by
-        device, and each bucket's backend plan."""
-        for p in active:
+        device, and each bucket's backend plan. `carriers`: each parameter's compact-gradient
+        carrier, or None (its gradient is its own)."""
+        for p, c in zip(active, carriers):
             lay = self._layout[p]
             storage = local_tensor(p)
             if lay.indices.device != storage.device:  # the parameter moved: so do its mask and state
@@ -465,7 +459,6 @@ class MaskedAdamW(Optimizer):
                 for k, v in self.state.get(p, {}).items():
                     if isinstance(v, Tensor) and v.dim():
                         self.state[p][k] = v.to(storage.device)
-            c = _carrier(p)
             if c is not None:
                 self._check_carrier(p, c, lay)
             g = p.grad if c is None else c.grad
@@ -482,16 +475,17 @@ class MaskedAdamW(Optimizer):
                 state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"])
             if "master" not in state and self._keeps_master(p):  # e.g. loaded without
                 self._init_master(p, lay, state)
-        buckets: dict[torch.device, list[Tensor]] = {}
-        for p in active:
-            buckets.setdefault(local_tensor(p).device, []).append(p)
+        buckets: dict[torch.device, list[tuple[Tensor, Tensor | None]]] = {}
+        for p, c in zip(active, carriers):
+            buckets.setdefault(local_tensor(p).device, []).append((p, c))
         devices = {}
-        for device, params in buckets.items():
+        for device, pairs in buckets.items():
+            params = [p for p, _ in pairs]
             states = [self.state[p] for p in params]
             lays = [self._layout[p] for p in params]
             masters = [st.get("master", _NO_MASTER) for st in states]
-            compact = [self._compact(p, lay) if _carrier(p) is not None else None
-                       for p, lay in zip(params, lays)]
+            compact = [self._compact(p, c, lay) if c is not None else None
+                       for (p, c), lay in zip(pairs, lays)]
             lists = {
                 "params": [local_tensor(p) if c is None else c.rows_buffer for p, c in zip(params, compact)],
                 "m": [st["exp_avg"] for st in states],
@@ -508,7 +502,7 @@ class MaskedAdamW(Optimizer):
             native = backends.plan_masked_adamw(backends.choose(device, self._backend).name, lists, amsgrad)
             devices[device] = _DevicePlan(params, lists, native, compact)
         return _GroupPlan(self._version, active, amsgrad, devices,
-                          [_storage_key(p) for p in active], [_carrier(p) for p in active])
+                          [_storage_key(p) for p in active], carriers)
 
     def _check_carrier(self, p: Tensor, c: Tensor, lay: _Layout) -> None:
         if lay.shard is not None:
@@ -520,15 +514,15 @@ class MaskedAdamW(Optimizer):
                 "GradScaler and gradient clipping see it")
 
     @staticmethod
-    def _compact(p: Tensor, lay: _Layout) -> _Compact:
-        rows = p.trace_core_grad.trace_rows
+    def _compact(p: Tensor, carrier: Tensor, lay: _Layout) -> _Compact:
+        rows = carrier.trace_rows
         weight = local_tensor(p).view(p.shape[0], -1)
         found = core_rows(lay.entry, weight.shape[1])
         if found is None or not torch.equal(found[0], rows.cpu()):
             raise ValueError("the core-rows gradient was installed for another core than the "
                              "optimizer's mask (install_core_grads after set_masks)")
         kernel = found[1].coarsest()
-        return _Compact(weight, rows.to(weight.device),
+        return _Compact(weight, carrier, rows.to(weight.device),
                         torch.empty((rows.numel(), weight.shape[1]), dtype=weight.dtype, device=weight.device),
                         kernel.indices.to(weight.device), kernel.block_size)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .continual.strategies import EWC, MTL, NAMES, LoRA, Replay, SeqFT, Strategy, Trace
-from .lm.parallel import MODES as PARALLEL_MODES
+from .lm.parallel import MODES as PARALLEL_MODES, check_launch
 from .lm.train import TrainConfig
 from .method.probe import DEFAULT_EXCLUDE
 from .method.select import GRANULARITIES, SelectConfig
@@ -117,9 +117,8 @@ class RunConfig:
                              "README's Distributed section); use --parallel ddp")
         if self.parallel is not None and self.parallel not in PARALLEL_MODES:
             raise ValueError(f"parallel must be one of {', '.join(PARALLEL_MODES)}, got {self.parallel!r}")
-        if self.parallel is not None and ("RANK" not in os.environ or "WORLD_SIZE" not in os.environ):
-            raise ValueError("--parallel needs a torchrun launch: torchrun --nproc-per-node N -m "
-                             "trace_ft run --parallel ddp ...")
+        if self.parallel is not None:
+            check_launch()
         if self.trace_probe_steps < 1:
             raise ValueError(f"trace_probe_steps must be >= 1, got {self.trace_probe_steps}")
         for name in ("trace_probe_lr", "trace_lr", "lora_lr", "ewc_lr"):

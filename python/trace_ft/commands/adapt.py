@@ -24,7 +24,7 @@ from ..config import RunConfig, build_strategy
 from ..continual.strategies.base import Context
 from ..evaluate import Evaluator
 from ..lm.model import open_model, save_model, weights_sha256
-from ..lm.parallel import DataParallel
+from ..lm.parallel import DataParallel, is_main
 from ..method.routing import core_values, set_core_values
 from ..store.atomic import sha256_file
 from ..store.checkpoint import AdaptCheckpoint, CheckpointError
@@ -70,7 +70,7 @@ def _adapt(cfg: RunConfig, model, task, history, out, *, eval_history, resume, c
            parallel: DataParallel | None) -> dict | None:
     from tqdm.auto import tqdm
 
-    main = parallel is None or parallel.is_main
+    main = is_main(parallel)
     log = (log or (lambda msg: tqdm.write(msg))) if main else (lambda msg: None)
     progress = progress and main
     t0 = time.perf_counter()

@@ -15,7 +15,7 @@ from ..continual.report import summary_table, versions, write_outputs
 from ..continual.sequence import TaskSequence, routed_entry, run_strategy
 from ..lm.memory import memory_note
 from ..lm.model import open_model
-from ..lm.parallel import DataParallel
+from ..lm.parallel import DataParallel, is_main
 from ..tasks import BASE, builtin_task, resolve_tasks
 
 
@@ -36,7 +36,7 @@ def run(cfg: RunConfig, out: str | Path | None = None, sweep: bool = False,
 def _run(cfg: RunConfig, out, sweep: bool, progress: bool, log, parallel: DataParallel | None) -> dict | None:
     from tqdm.auto import tqdm
 
-    main = parallel is None or parallel.is_main
+    main = is_main(parallel)
     log = (log or (lambda msg: tqdm.write(msg))) if main else (lambda msg: None)
     progress = progress and main
     if cfg.threads:

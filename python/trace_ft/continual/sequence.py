@@ -16,6 +16,7 @@ from torch import nn
 
 from ..evaluate import METRICS, Evaluator
 from ..lm.memory import PeakMemory
+from ..lm.parallel import is_main
 from ..lm.text import Codec
 from ..lm.train import TrainConfig
 from ..method.routing import check_disjoint, set_back
@@ -62,7 +63,7 @@ def run_strategy(strategy: Strategy, seq: TaskSequence, base: nn.Module, codec: 
     T = len(seq.tasks)
     rows = {m: [list(seq.row0[m])] + [[None] * len(seq.eval_tasks) for _ in range(T)] for m in METRICS}
     ctx = Context(model=copy.deepcopy(base), codec=codec, train=train, seed=seed,
-                  progress=progress and (parallel is None or parallel.is_main), max_len=max_len,
+                  progress=progress and is_main(parallel), max_len=max_len,
                   num_tasks=T, parallel=parallel)
 
     def evaluate(j: int) -> None:

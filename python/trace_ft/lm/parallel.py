@@ -26,6 +26,18 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 MODES = ("ddp",)
 
 
+def check_launch() -> None:
+    """Raise unless this process is a rank of a torchrun launch."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise ValueError("--parallel needs a torchrun launch: torchrun --nproc-per-node N -m "
+                         "trace_ft run --parallel ddp ...")
+
+
+def is_main(parallel: DataParallel | None) -> bool:
+    """Whether this process scores, reports and writes: rank 0, or the only process."""
+    return parallel is None or parallel.is_main
+
+
 def tokens(batch: dict[str, Tensor]) -> int:
     """The tokens a causal-LM loss averages over: labels not -100 after the one-token shift
     (rows when the batch has no labels)."""
@@ -39,9 +51,7 @@ class DataParallel:
     """The ranks of a torchrun launch (see the module's docstring)."""
 
     def __init__(self, device: str = "cpu") -> None:
-        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-            raise ValueError("--parallel needs a torchrun launch (torchrun --nproc-per-node N "
-                             "-m trace_ft run --parallel ddp ...)")
+        check_launch()
         self.owns_group = not dist.is_initialized()
         if self.owns_group:
             dist.init_process_group("nccl" if str(device).startswith("cuda") else "gloo")
@@ -65,14 +75,15 @@ class DataParallel:
         gradient summed over ranks is the global batch's; its value is the global mean."""
         def local_loss(model: nn.Module, batch: dict) -> Tensor:
             mine = self.local(batch)
-            counts = torch.tensor([float(tokens(mine))], dtype=torch.float64, device=self.device)
-            total = counts.clone()
-            dist.all_reduce(total)
+            n = float(tokens(mine))
             loss = loss_fn(model, mine)
-            scaled = loss * (counts.item() / total.item())
-            mean = scaled.detach().to(torch.float64).reshape(1)
-            dist.all_reduce(mean)
-            return scaled + (mean.to(scaled.dtype).reshape(scaled.shape) - scaled).detach()
+            # one all-reduce: the global token count and the global sum of token losses
+            sums = torch.stack([torch.tensor(n, dtype=torch.float64), loss.detach().double().cpu() * n])
+            sums = sums.to(self.device)
+            dist.all_reduce(sums)
+            total, mean = sums[0].item(), (sums[1] / sums[0]).item()
+            scaled = loss * (n / total)
+            return scaled + (mean - scaled).detach()
         return local_loss
 
     def sync_grads(self, params: Sequence[Tensor]) -> None:

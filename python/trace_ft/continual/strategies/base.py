@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ...lm.batches import EncodedSet, sample_batches
-from ...lm.parallel import DataParallel
+from ...lm.parallel import DataParallel, is_main
 from ...lm.text import Codec
 from ...lm.train import TrainConfig, train_loop
 from ...tasks import Task
@@ -48,7 +48,7 @@ class Context:
     @property
     def is_main(self) -> bool:
         """The rank that scores, reports and writes (the only one without `parallel`)."""
-        return self.parallel is None or self.parallel.is_main
+        return is_main(self.parallel)
 
     def encoded(self, task: Task) -> EncodedSet:
         if task.name not in self._encoded:

@@ -92,7 +92,8 @@ class Trace(Strategy):
             progress=ctx.progress and f"{self.desc(ctx, index, task)} (probe)", **dp)
         if par is not None:  # every rank must train the same core
             par.check_same(f"the core of {task.name}", b"".join(
-                n.encode() + e.indices.to(torch.int64).numpy().tobytes() for n, e in sel.mask.items()))
+                n.encode() + e.block_size.to_bytes(8, "little") + e.indices.to(torch.int64).numpy().tobytes()
+                for n, e in sel.mask.items()))
         return result, sel
 
     def train_core(self, ctx: Context, index: int, task, core: CoreMask, *, start_step: int = 0,
