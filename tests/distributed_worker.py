@@ -159,6 +159,35 @@ def scenario_fsdp2(out: Path) -> dict:
     return results
 
 
+def scenario_swapped(out: Path) -> dict:
+    """accelerate's FSDP2 way: the optimizer is built (and here already stepped once) on
+    the full model; then the model is sharded and each parameter in the optimizer's groups
+    is swapped for its DTensor. The optimizer follows: masks onto the shards, state cut to
+    each rank's slice. The run equals one process."""
+    results = {}
+    for granularity in ("element", "row", 3):
+        ref = Net()
+        core = masks(ref, granularity)
+        before = {n: p.detach().clone() for n, p in ref.named_parameters()}
+        model = copy.deepcopy(ref)
+        ropt = MaskedAdamW(ref.named_parameters(), lr=1e-2, weight_decay=0.1, masks=core)
+        opt = MaskedAdamW(model.named_parameters(), lr=1e-2, weight_decay=0.1, masks=core)
+        data = batches(3)
+        train(ref, ropt, data, local=False)
+        train(model, opt, data[:1], local=False)      # one step unsharded, on the global batch
+        shard(model)
+        new = dict(model.named_parameters())
+        for group in opt.param_groups:                 # what accelerate's switch does
+            group["params"] = [new[n] for n in group["param_names"]]
+        train(model, opt, data[1:], local=True)
+        errs = compare(model, ref, before, core)
+        local = sum(lay.numel_selected for lay in opt._layout.values())
+        moments = sum(st["exp_avg"].numel() for st in opt.state.values())
+        assert moments == local and all(any(p is q for q in new.values()) for p in opt.state), (moments, local)
+        results[str(granularity)] = {"errors": errs, "local_core": local}
+    return results
+
+
 def scenario_ddp(out: Path) -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -315,7 +344,7 @@ def scenario_select(out: Path) -> dict:
     return {"errors": errors, "same_as_one_process": same}
 
 
-SCENARIOS = {"fsdp2": scenario_fsdp2, "ddp": scenario_ddp, "refused": scenario_refused,
+SCENARIOS = {"fsdp2": scenario_fsdp2, "swapped": scenario_swapped, "ddp": scenario_ddp, "refused": scenario_refused,
              "checkpoint": scenario_checkpoint, "select": scenario_select}
 
 

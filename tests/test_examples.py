@@ -34,3 +34,22 @@ def test_trainer_example_trains_only_the_core(tmp_path, builtin_cache):
     assert "elements changed outside the core: 0" in out.stdout
     assert (tmp_path / "run" / "checkpoint-2" / "trace_core.safetensors").is_file()
     assert (tmp_path / "h" / "manifest.json").is_file()
+
+
+@pytest.mark.slow
+def test_trainer_example_recipe_under_torchrun(tmp_path, builtin_cache):
+    """The example's --fsdp2 path on 2 CPU ranks: the Trainer builds the optimizer from the
+    recipe, rank 0 probes and sends the core (accelerate runs DDP on CPU ranks; the FSDP2
+    path itself is tests/ft/integrations/test_hf.py's)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    env = {**os.environ, "TRACE_FT_CACHE": str(builtin_cache), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", "0", "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0",
+                          str(TRAINER_EXAMPLE), "--steps", "4", "--out", str(tmp_path / "run"),
+                          "--history", str(tmp_path / "h"), "--fsdp2"],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("elements changed outside the core: 0") == 1  # rank 0 reports
+    assert (tmp_path / "run" / "checkpoint-2" / "trace_core.safetensors").is_file()
+    assert (tmp_path / "h" / "manifest.json").is_file()

@@ -234,6 +234,7 @@ class MaskedAdamW(Optimizer):
             seed = int(torch.randint(0, 2**62, ()).item()) if self._stochastic else 0
         self._seed = seed
         self._layout: dict[Tensor, _Layout] = self._resolve(masks)
+        self._bound = self._flat_params()  # the parameters the layout and state are keyed by
         self._plans: dict[int, _GroupPlan] = {}
         self._version = 0  # bumped whenever what a plan holds may have changed
         for device in {p.device for p in self._layout}:
@@ -289,30 +290,79 @@ class MaskedAdamW(Optimizer):
             if e is None and self._unmasked == "dense":
                 n = p.numel()
                 e = MaskEntry(tuple(p.shape), max(n, 1), torch.arange(1 if n else 0, dtype=torch.int32))
-            if e is None:
-                continue
-            if e.shape != tuple(p.shape):
-                raise ValueError(
-                    f"mask for {self._describe(p)} has shape {e.shape}, parameter has {tuple(p.shape)}"
-                )
-            if not p.is_contiguous():
-                raise ValueError(f"parameter {self._describe(p)} is not contiguous; masks need flat storage")
-            if p.dtype not in ops.PARAM_DTYPES:
-                raise TypeError(f"parameter {self._describe(p)} has unsupported dtype {p.dtype}")
-            if self._stochastic and p.dtype == torch.float16:
-                raise TypeError(f"parameter {self._describe(p)} is fp16: stochastic rounding "
-                                "supports bf16 parameters (use master_weights for fp16)")
-            layout[p] = _Layout.of(e, p, self._describe(p))
+            if e is not None:
+                layout[p] = self._layout_of(e, p)
         return layout
+
+    def _layout_of(self, e: MaskEntry, p: Tensor) -> _Layout:
+        """`e` on `p`'s storage, after checking that the kernels can step `p`."""
+        if e.shape != tuple(p.shape):
+            raise ValueError(
+                f"mask for {self._describe(p)} has shape {e.shape}, parameter has {tuple(p.shape)}"
+            )
+        if not p.is_contiguous():
+            raise ValueError(f"parameter {self._describe(p)} is not contiguous; masks need flat storage")
+        if p.dtype not in ops.PARAM_DTYPES:
+            raise TypeError(f"parameter {self._describe(p)} has unsupported dtype {p.dtype}")
+        if self._stochastic and p.dtype == torch.float16:
+            raise TypeError(f"parameter {self._describe(p)} is fp16: stochastic rounding "
+                            "supports bf16 parameters (use master_weights for fp16)")
+        return _Layout.of(e, p, self._describe(p))
+
+    def _flat_params(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _rebind(self) -> None:
+        """Follow parameters replaced in ``param_groups`` since the optimizer last looked.
+        accelerate's FSDP2 preparation does this: the optimizer is built on the full model,
+        then each parameter in its groups is swapped for its sharded DTensor. A replacement
+        takes over the parameter at its place: its mask (global, so it is mapped onto the new
+        shard) and its state (global compact moments are cut to the new shard's slice)."""
+        flat = self._flat_params()
+        bound = self._bound
+        if len(flat) == len(bound) and all(a is b for a, b in zip(flat, bound)):
+            return
+        if len(flat) != len(bound):
+            raise ValueError("parameters were added to or removed from param_groups directly; "
+                             "use add_param_group (MaskedAdamW maps masks by a parameter's place)")
+        for old, new in zip(bound, flat):
+            if old is new:
+                continue
+            lay = self._layout.pop(old, None)
+            state = self.state.pop(old, None)
+            if lay is None:
+                if state:
+                    self.state[new] = state
+                continue
+            if tuple(new.shape) != tuple(old.shape):
+                raise ValueError(f"parameter {self._describe(new)} was replaced by one of shape "
+                                 f"{tuple(new.shape)}; its mask is for {tuple(old.shape)}")
+            new_lay = self._layout[new] = self._layout_of(lay.entry, new)
+            if state:
+                if lay.shard is not None and new_lay.local != lay.local:
+                    raise ValueError(f"parameter {self._describe(new)} was resharded after its state "
+                                     "was made; save and load a checkpoint instead")
+                device = new_lay.indices.device
+                for k in _MOMENTS:
+                    if k in state:
+                        state[k] = _rank_slice(state[k], new_lay, f"state {k} of {self._describe(new)}"
+                                               ).to(device).contiguous()
+                state["block_indices"], state["block_size"] = _recorded_mask(new_lay)
+                self.state[new] = state
+        self._bound = flat
+        self._version += 1
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (as torch's optimizers do). Its parameters have no mask yet: they are
         frozen with unmasked="freeze", trained densely with "dense"; `set_masks` assigns
         masks to them."""
+        if hasattr(self, "_layout"):
+            self._rebind()
         super().add_param_group(_named_groups([param_group])[0])
         if hasattr(self, "_layout"):  # after construction: extend the layout
             for p, lay in self._resolve({}).items():
                 self._layout.setdefault(p, lay)
+            self._bound = self._flat_params()
             self._version += 1
 
     def _entry_from_value(self, p: Tensor, m: Any) -> MaskEntry:
@@ -337,6 +387,7 @@ class MaskedAdamW(Optimizer):
     def set_masks(self, masks: CoreMask | Mapping[Tensor, Any]) -> None:
         """Switch to new masks (a new task). Parameters whose selection changed lose their
         state (moments and step); unchanged ones keep it."""
+        self._rebind()
         new = self._resolve(masks)
         for device in {p.device for p in new}:
             backends.choose(device, self._backend)
@@ -402,6 +453,7 @@ class MaskedAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._rebind()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         for gi, group in enumerate(self.param_groups):
@@ -532,6 +584,7 @@ class MaskedAdamW(Optimizer):
         slice of the global compact state, as a ShardedTensor that says where the slice lies
         (`torch.distributed.checkpoint` saves each rank's slice once and reshards on load;
         gathered, it is the one-process state), and the mask is the global one."""
+        self._rebind()
         sd = super().state_dict()
         params = list(chain.from_iterable(g["params"] for g in self.param_groups))
         for pid, st in sd["state"].items():
@@ -555,6 +608,7 @@ class MaskedAdamW(Optimizer):
         global compact state (a full state dict, any world size), of which the rank keeps
         its slice.
         """
+        self._rebind()
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups) or any(
             len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups)

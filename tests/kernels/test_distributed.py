@@ -41,6 +41,17 @@ def test_fsdp2_equals_one_process_at_every_granularity(tmp_path):
 
 
 @pytest.mark.slow
+def test_parameters_swapped_for_shards_after_construction(tmp_path):
+    """accelerate builds the optimizer on the full model and then swaps its parameters for
+    the FSDP2 shards: masks and (already made) state follow, and the run equals one process."""
+    ranks = launch("swapped", tmp_path)
+    for res in ranks:
+        for case, r in res.items():
+            assert all(e["rel"] <= 1e-5 and e["frozen_moved"] == 0 for e in r["errors"].values()), case
+    assert ranks[0]["row"]["local_core"] != ranks[1]["row"]["local_core"]
+
+
+@pytest.mark.slow
 def test_ddp_equals_one_process(tmp_path):
     (res, _) = launch("ddp", tmp_path)
     assert all(e["rel"] <= 1e-5 and e["frozen_moved"] == 0 for e in res["errors"].values())

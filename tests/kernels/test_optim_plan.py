@@ -136,3 +136,31 @@ def test_a_skipped_grad_scaler_step_keeps_the_plan_and_the_counters(gen):
         o.grad_scale = torch.tensor(4.0)
     t.step(); t.check()
     assert all(s["step"].item() == 2 for s in t.opt.state.values())
+
+
+def test_parameters_replaced_in_groups_take_over_mask_and_state(gen):
+    """What accelerate's FSDP2 preparation does to an optimizer built on the full model:
+    each parameter in the groups is swapped for another tensor. The replacement takes over
+    the mask and the state at its place; the run goes on as if nothing was swapped, and the
+    old tensor is no longer touched."""
+    t = Twins(gen, lambda m: random_masks(m, gen))
+    t.step()
+    group = t.opt.param_groups[0]
+    old = group["params"][0]
+    swapped = torch.nn.Parameter(old.detach().clone())
+    group["params"][0] = swapped
+    kept = old.detach().clone()
+    for _ in range(2):
+        swapped.grad = torch.randn(swapped.shape, generator=t.gen)
+        for p, q in zip(list(t.model.parameters())[1:], list(t.twin.parameters())[1:]):
+            p.grad = torch.randn(p.shape, generator=t.gen)
+            q.grad = p.grad.clone()
+        next(t.twin.parameters()).grad = swapped.grad.clone()
+        t.opt.step()
+        t.topt.step()
+    assert torch.equal(bits(old), bits(kept))
+    assert torch.equal(bits(swapped), bits(next(t.twin.parameters())))
+    assert old not in t.opt.state and t.opt.state[swapped]["step"].item() == 3
+    group["params"].append(torch.nn.Parameter(torch.zeros(3)))
+    with pytest.raises(ValueError, match="add_param_group"):
+        t.opt.step()

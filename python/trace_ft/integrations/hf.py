@@ -4,6 +4,14 @@
     trainer = Trainer(model=model, args=args, train_dataset=ds,
                       optimizers=(opt, None), callbacks=[TraceCallback(opt)])
 
+Under FSDP the Trainer refuses a ready optimizer; hand it the recipe instead, and it
+builds the optimizer on the model before accelerate shards it (MaskedAdamW then follows
+its parameters onto the shards)::
+
+    recipe = trace_optimizer_recipe(probe_batches, lr=args.learning_rate, budget=0.05)
+    trainer = Trainer(model=model, args=args, train_dataset=ds,
+                      optimizer_cls_and_kwargs=recipe, callbacks=[TraceCallback(recipe)])
+
 `trace_optimizer` probes the task on `probe_batches`, selects its core (against a task
 history, if given) and returns a `MaskedAdamW` over the core. The Trainer keeps
 everything else: it builds its LR scheduler on this optimizer, clips gradients, accumulates
@@ -24,10 +32,11 @@ from torch import Tensor, nn
 
 from trace_kernels import CoreMask, MaskedAdamW
 from trace_kernels.core_grads import CoreGrads, install_core_grads
+from trace_kernels.sharding import is_dtensor
 
 from ..method.pipeline import TracePipeline, freeze_outside, record_updates
 from ..method.probe import DEFAULT_EXCLUDE, ProbeResult, default_loss
-from ..method.routing import core_values
+from ..method.routing import full_core_values
 from ..method.select import Selection, SelectConfig
 from ..store.atomic import write_with
 from ..store.history import TaskHistory, TaskRecord, model_fingerprint
@@ -102,9 +111,12 @@ def trace_optimizer(
         tensors', which changes the training (see the README).
     The result's ``.trace`` holds the core, probe result and selection.
 
-    Distributed runs: every rank must train the same core. Probe on one rank, save
-    ``opt.trace.core``, and pass ``core=`` on every rank (GPU backward passes are not
-    bit-deterministic, so separate probes can break ties differently).
+    Distributed runs (torch.distributed initialised, world > 1): every rank must train the
+    same core, and GPU backward passes are not bit-deterministic, so separate probes could
+    break ties differently. On an unsharded model rank 0 probes alone (on its
+    `probe_batches`; the others may pass None) and sends the core to the others, who wait.
+    On an FSDP2-sharded model every rank probes its shards together and all derive the
+    same core.
     """
     if isinstance(history, (str, Path)):
         history = TaskHistory.open(history, model, create=True)
@@ -114,16 +126,19 @@ def trace_optimizer(
         core = core if isinstance(core, CoreMask) else CoreMask.load(core)
         state = TraceState(core=core)
     else:
-        if probe_batches is None:
-            raise ValueError("trace_optimizer needs probe_batches (or a core to reuse)")
-        pipeline = TracePipeline(replace(select or SelectConfig(granularity="element"), **select_overrides),
-                                 probe_steps=probe_steps, probe_lr=probe_lr, exclude=exclude)
-        pipeline.history = history.earlier() if history is not None else []
-        device = next(model.parameters()).device
-        result, sel = pipeline.probe_and_select(
-            model, probe_batches, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-            max_grad_norm=max_grad_norm, loss_fn=_on_device(loss_fn, device), backend=backend)
-        state = TraceState(core=sel.mask, probe=result, selection=sel)
+        def probe_here() -> TraceState:
+            if probe_batches is None:
+                raise ValueError("trace_optimizer needs probe_batches (or a core to reuse)")
+            pipeline = TracePipeline(replace(select or SelectConfig(granularity="element"), **select_overrides),
+                                     probe_steps=probe_steps, probe_lr=probe_lr, exclude=exclude)
+            pipeline.history = history.earlier() if history is not None else []
+            device = next(model.parameters()).device
+            result, sel = pipeline.probe_and_select(
+                model, probe_batches, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                max_grad_norm=max_grad_norm, loss_fn=_on_device(loss_fn, device), backend=backend)
+            return TraceState(core=sel.mask, probe=result, selection=sel)
+
+        state = _probe_once(model, probe_here)
     TracePipeline.check(model, state.core)  # before any flag changes
     if freeze_others:
         freeze_outside(model, state.core)
@@ -137,9 +152,68 @@ def trace_optimizer(
         if state.core_grads is not None:
             state.core_grads.remove()
         raise
-    state.before = core_values(model, state.core)
+    state.before = full_core_values(model, state.core)  # collective when sharded
     opt.trace = state
     return opt
+
+
+def _probe_once(model: nn.Module, probe_here: Callable[[], TraceState]) -> TraceState:
+    """`probe_here()` on every rank of a sharded model (its probe is collective) or in one
+    process; on rank 0 alone for an unsharded model in a distributed run, whose core the
+    other ranks receive. A failure on rank 0 reaches every rank as an error, not a hang."""
+    import torch.distributed as dist
+
+    sharded = any(is_dtensor(p) for p in model.parameters())
+    if sharded or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return probe_here()
+    sent: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            state = probe_here()
+            sent[0] = state.core
+        except Exception as exc:
+            sent[0] = f"{type(exc).__name__}: {exc}"
+            dist.broadcast_object_list(sent, src=0)
+            raise
+    dist.broadcast_object_list(sent, src=0)
+    if isinstance(sent[0], str):
+        raise RuntimeError(f"trace_optimizer: the probe failed on rank 0: {sent[0]}")
+    return state if dist.get_rank() == 0 else TraceState(core=sent[0])
+
+
+class _Builder:
+    """An optimizer factory as the Trainer uses one: called with no arguments, then the
+    result with the model and the keywords."""
+
+    def __init__(self) -> None:
+        self.optimizer: MaskedAdamW | None = None
+
+    def __call__(self) -> Callable[..., MaskedAdamW]:
+        return self.build
+
+    def build(self, model: nn.Module, **kwargs) -> MaskedAdamW:
+        self.optimizer = trace_optimizer(model, **kwargs)
+        return self.optimizer
+
+
+class TraceOptimizerRecipe(tuple):
+    """``(factory, keywords)`` for ``Trainer(optimizer_cls_and_kwargs=...)``; ``.optimizer``
+    is the `MaskedAdamW` once the Trainer has built it (in ``train()``)."""
+
+    @property
+    def optimizer(self) -> MaskedAdamW:
+        if self[0].optimizer is None:
+            raise RuntimeError("the Trainer has not built the optimizer yet (it does in train())")
+        return self[0].optimizer
+
+
+def trace_optimizer_recipe(probe_batches: Iterable | None = None, **kwargs) -> TraceOptimizerRecipe:
+    """`trace_optimizer`'s arguments, less the model, for ``Trainer(optimizer_cls_and_kwargs=
+    ...)``: the way when the Trainer builds the optimizer itself, which it must under FSDP.
+    It builds it on the model before accelerate wraps or shards it; under FSDP2 accelerate
+    then swaps the optimizer's parameters for their shards, and `MaskedAdamW` maps the core
+    onto them. Pass the recipe to `TraceCallback` in place of the optimizer."""
+    return TraceOptimizerRecipe((_Builder(), {"probe_batches": probe_batches, **kwargs}))
 
 
 def _trainer_callback_base():
@@ -155,15 +229,21 @@ class TraceCallback(_trainer_callback_base()):
     task to the history when training ends (its core and its probe update, exact or
     sketched to `sketch_dim` values per block)."""
 
-    def __init__(self, optimizer: MaskedAdamW, history: TaskHistory | str | Path | None = None,
-                 task: str | None = None, test=(), sketch_dim: int | None = None,
-                 hyperparameters: dict | None = None) -> None:
-        if not hasattr(optimizer, "trace"):
-            raise TypeError("TraceCallback takes the optimizer returned by trace_optimizer")
+    def __init__(self, optimizer: MaskedAdamW | TraceOptimizerRecipe,
+                 history: TaskHistory | str | Path | None = None, task: str | None = None, test=(),
+                 sketch_dim: int | None = None, hyperparameters: dict | None = None) -> None:
+        if not (hasattr(optimizer, "trace") or isinstance(optimizer, TraceOptimizerRecipe)):
+            raise TypeError("TraceCallback takes the optimizer returned by trace_optimizer "
+                            "(or the recipe from trace_optimizer_recipe)")
         if (history is None) != (task is None):
             raise ValueError("give both history and task (the name to record), or neither")
-        self.optimizer, self.history, self.task = optimizer, history, task
+        self._optimizer, self.history, self.task = optimizer, history, task
         self.test, self.sketch_dim, self.hyperparameters = list(test), sketch_dim, hyperparameters or {}
+
+    @property
+    def optimizer(self) -> MaskedAdamW:
+        opt = self._optimizer
+        return opt.optimizer if isinstance(opt, TraceOptimizerRecipe) else opt
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
@@ -177,7 +257,10 @@ class TraceCallback(_trainer_callback_base()):
         if trace.core_grads is not None:  # the model's layers as they were
             trace.core_grads.remove()
             trace.core_grads = None
-        if self.history is None or not state.is_world_process_zero:
+        if self.history is None:
+            return control
+        after = full_core_values(model, trace.core)  # collective when sharded: every rank
+        if not state.is_world_process_zero:
             return control
         updates = {}
         if trace.probe is not None:
@@ -188,12 +271,11 @@ class TraceCallback(_trainer_callback_base()):
             history = TaskHistory.open(history, model, create=True)
         history.append(TaskRecord(
             name=self.task, core=trace.core, updates=updates, test=self.test, before=trace.before or {},
-            after=core_values(model, trace.core),
-            hyperparameters={**self.hyperparameters, "trainer_steps": state.global_step},
+            after=after, hyperparameters={**self.hyperparameters, "trainer_steps": state.global_step},
             summary={"core_elements": trace.core.numel_selected, "eligible_elements": trace.core.numel,
                      "state_bytes": int(self.optimizer.state_bytes()["total"])},
         ), model_fingerprint(model))
         return control
 
 
-__all__ = ["trace_optimizer", "TraceCallback", "TraceState", "load_core", "CORE_FILE"]
+__all__ = ["trace_optimizer", "trace_optimizer_recipe", "TraceOptimizerRecipe", "TraceCallback", "TraceState", "load_core", "CORE_FILE"]

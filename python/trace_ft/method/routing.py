@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from trace_kernels import CoreMask
-from trace_kernels.sharding import local_selection, local_tensor
+from trace_kernels.sharding import is_dtensor, local_selection, local_tensor
 
 
 def core_values(model: nn.Module, core: CoreMask) -> dict[str, Tensor]:
@@ -31,6 +31,18 @@ def core_values(model: nn.Module, core: CoreMask) -> dict[str, Tensor]:
         storage = local_tensor(params[n])
         where = local.element_indices().to(storage.device)
         out[n] = storage.detach().reshape(-1)[where].cpu()
+    return out
+
+
+def full_core_values(model: nn.Module, core: CoreMask) -> dict[str, Tensor]:
+    """`core_values` of the whole tensors, whatever the sharding: a sharded parameter is
+    gathered one tensor at a time, so every rank must call this together."""
+    params = dict(model.named_parameters())
+    out = {}
+    for n, e in core.nonempty().items():
+        p = params[n]
+        whole = p.full_tensor() if is_dtensor(p) else p
+        out[n] = whole.detach().reshape(-1)[e.element_indices().to(whole.device)].cpu()
     return out
 
 

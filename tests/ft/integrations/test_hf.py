@@ -99,3 +99,47 @@ def test_trace_optimizer_refuses_bad_input():
             {"model.layers.0.mlp.up_proj.weight": torch.zeros(64, 32, dtype=torch.bool)}))
     with pytest.raises(TypeError, match="optimizer returned by trace_optimizer"):
         TraceCallback(torch.optim.AdamW(model.parameters()))
+
+
+def _launch(args: list[str], ranks: int) -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).with_name("trainer_fsdp2_worker.py")
+    cmd = [sys.executable, str(worker), *args] if ranks == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port", "0",
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", str(worker), *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+
+
+@pytest.mark.slow
+def test_trainer_under_fsdp2_equals_one_process_and_resumes(tmp_path):
+    """The Trainer builds MaskedAdamW from the recipe on the full model; accelerate shards
+    the model (FSDP2, 2 gloo ranks) and swaps the optimizer's parameters for the shards.
+    The run equals one process on the same global batch, each rank keeps state for its
+    share of the core, and a run resumed from the sharded (DCP) checkpoint ends exactly
+    where the uninterrupted one does."""
+    from trace_kernels import CoreMask
+
+    _launch([str(tmp_path / "single"), "--single"], 1)
+    _launch([str(tmp_path / "fsdp")], 2)
+    _launch([str(tmp_path / "resumed"), str(tmp_path / "fsdp" / "checkpoint-3")], 2)
+    one, two, resumed = (torch.load(tmp_path / d / "final.pt") for d in ("single", "fsdp", "resumed"))
+    core = CoreMask.load(tmp_path / "fsdp" / "core.safetensors")
+    assert core == CoreMask.load(tmp_path / "single" / "core.safetensors")  # rank 0's probe, sent
+    assert len(two["sharded"]) == len(one["final"])
+    a, b = two["state_per_rank"]
+    assert a > 0 and b > 0 and a + b == one["state_per_rank"][0] == core.numel_selected
+    for n, q in one["final"].items():
+        p = two["final"][n]
+        assert float((p - q).norm() / q.norm()) <= 1e-5, n
+        assert torch.equal(resumed["final"][n], p), n
+    assert (tmp_path / "fsdp" / "checkpoint-3" / CORE_FILE).is_file()
+    model = fresh_model()
+    rec, ref = (TaskHistory.open(tmp_path / d / "history", model).record(0) for d in ("fsdp", "single"))
+    assert rec.core == core and all(torch.allclose(rec.after[n], ref.after[n], rtol=1e-5, atol=1e-7)
+                                    for n in ref.after)
