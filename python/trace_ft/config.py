@@ -20,6 +20,17 @@ from .method.select import GRANULARITIES, SelectConfig
 from .tasks import SUITES, Task
 
 DEFAULT_STRATEGIES = ("trace", "seqft", "lora", "ewc", "replay", "mtl")
+# strategies that cannot run on a model sharded by --parallel fsdp2, and why
+FSDP2_REFUSED = {"lora": "lora inserts adapter modules into the model after it is sharded"}
+
+
+def check_sharded_strategies(names) -> None:
+    """Raise, naming them, if `names` hold strategies --parallel fsdp2 cannot run."""
+    refused = [n for n in names if n in FSDP2_REFUSED]
+    if refused:
+        raise ValueError(f"--parallel fsdp2 does not run {', '.join(refused)}: "
+                         + "; ".join(FSDP2_REFUSED[n] for n in refused)
+                         + " (leave it out with --strategies, or use --parallel ddp)")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -45,7 +56,7 @@ class RunConfig:
     max_len: int | None = None
     seed: int = 0
     threads: int | None = None
-    parallel: str | None = None       # "ddp" under torchrun: data parallel ranks (None: one process)
+    parallel: str | None = None       # "ddp"/"fsdp2" under torchrun: data parallel ranks (None: one process)
     # trace
     trace_budget: float = 0.05
     trace_granularity: str = "element"
@@ -111,12 +122,12 @@ class RunConfig:
             raise ValueError("n_train and n_test must be >= 1")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
-        if self.parallel == "fsdp2":
-            raise ValueError("--parallel fsdp2 is not supported by the commands yet (MaskedAdamW, the "
-                             "probe and the selection run under fully_shard from Python; see the "
-                             "README's Distributed section); use --parallel ddp")
         if self.parallel is not None and self.parallel not in PARALLEL_MODES:
             raise ValueError(f"parallel must be one of {', '.join(PARALLEL_MODES)}, got {self.parallel!r}")
+        if self.parallel == "fsdp2":
+            if self.trace_core_grads:
+                raise ValueError("--core-grads true needs unsharded weights; with --parallel fsdp2 "
+                                 "train with full gradients (the default)")
         if self.parallel is not None:
             check_launch()
         if self.trace_probe_steps < 1:
@@ -276,8 +287,9 @@ RUN_FLAGS = {
     "--size": ("size", str, "built-in model size: tiny, small, medium"),
     "--dtype": ("dtype", str, "float32, bfloat16 or float16: the model's parameters"),
     "--device": ("device", str, "cpu or cuda"),
-    "--parallel": ("parallel", str, "ddp: data parallel over the ranks of a torchrun launch (each "
-                   "global batch split across ranks; rank 0 scores and writes)"),
+    "--parallel": ("parallel", str, "ddp or fsdp2: data parallel over the ranks of a torchrun launch "
+                   "(each global batch split across ranks; fsdp2 also shards the model, its "
+                   "gradients and optimizer state; rank 0 scores and writes)"),
     "--cache-dir": ("cache_dir", str, "where the built-in base model is cached (default ~/.cache/trace-ft)"),
     "--steps": ("steps", int, "training steps per task"),
     "--batch-size": ("batch_size", int, "examples per step"),

@@ -11,6 +11,7 @@ with the same model and history as an uninterrupted run.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import time
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from ..continual.strategies.base import Context
 from ..evaluate import Evaluator
 from ..lm.model import open_model, save_model, weights_sha256
 from ..lm.parallel import DataParallel, is_main
-from ..method.routing import core_values, set_core_values
+from ..method.routing import core_values, full_core_values, set_core_values
 from ..store.atomic import sha256_file
 from ..store.checkpoint import AdaptCheckpoint, CheckpointError
 from ..store.history import TaskHistory, TaskRecord, data_fingerprint, model_fingerprint
@@ -54,7 +55,7 @@ def adapt(cfg: RunConfig, model: str, task: str, history: str | Path, out: str |
     None).
     """
     cfg.validate()
-    parallel = DataParallel(cfg.device) if cfg.parallel else None
+    parallel = DataParallel(cfg.device, cfg.parallel) if cfg.parallel else None
     try:
         return _adapt(cfg, model, task, history, out, eval_history=eval_history, resume=resume,
                       checkpoint_every=checkpoint_every, checkpoint_dir=checkpoint_dir, core=core,
@@ -127,11 +128,13 @@ def _adapt(cfg: RunConfig, model, task, history, out, *, eval_history, resume, c
         torch.manual_seed(cfg.seed)
         ctx = Context(model=net, codec=codec, train=cfg.train_config(), seed=cfg.seed,
                       progress=progress, max_len=cfg.max_len, num_tasks=index, parallel=parallel)
+        sharded = parallel is not None and parallel.sharded
         inputs = {"model_fingerprint": fingerprint["sha256"], "model_weights": model_in,
                   "task": data, "history_tasks": len(hist),
                   "core": None if core is None else sha256_file(core), "config": dataclasses.asdict(cfg)}
 
-        # 1. probe and select (or take the given core), checkpointed once
+        # 1. probe and select (or take the given core), checkpointed once. With --parallel
+        # fsdp2 the ranks train a sharded copy; `net` stays whole (rank 0 scores and saves it)
         if resume:
             state = ckpt.check_inputs(inputs)
             mask, updates, info = ckpt.selection(state)
@@ -140,13 +143,16 @@ def _adapt(cfg: RunConfig, model, task, history, out, *, eval_history, resume, c
             before = core_values(net, mask)  # the input model, as the interrupted run had it
             if tensors:  # only core elements ever change: put them back
                 set_core_values(net, mask, tensors)
-        else:
+        if sharded:
+            ctx.model = parallel.prepare(copy.deepcopy(net))
+        if not resume:
             if core_mask is not None:
                 mask, updates, info = core_mask, {}, {"probe_loss": None, "source": str(core)}
             else:
                 result, sel = strategy.probe_and_select(ctx, index, new_task)
                 mask = sel.mask
-                updates = strategy.recorded_updates(result.deltas, mask)
+                deltas = parallel.gather_tensors(result.deltas) if sharded else result.deltas
+                updates = strategy.recorded_updates(deltas, mask)
                 info = {"probe_loss": result.losses[-1]}
             if main:
                 ckpt.start(inputs, mask, updates, info)
@@ -156,8 +162,14 @@ def _adapt(cfg: RunConfig, model, task, history, out, *, eval_history, resume, c
         # 2. train the core, checkpointing every `checkpoint_every` steps and at the end
         # a checkpoint holds the core elements' values, not whole tensors
         def save(done: int, run_losses: list[float], opt) -> None:
-            if main and (done % checkpoint_every == 0 or done == cfg.steps):
-                ckpt.save_step(done, core_values(net, mask), opt.state_dict(), losses + run_losses)
+            if done % checkpoint_every == 0 or done == cfg.steps:
+                if sharded:  # every rank takes part in gathering
+                    values = full_core_values(ctx.model, mask)
+                    opt_state = parallel.optimizer_state(ctx.model, opt)
+                if main:
+                    if not sharded:
+                        values, opt_state = core_values(net, mask), opt.state_dict()
+                    ckpt.save_step(done, values, opt_state, losses + run_losses)
             if on_step is not None:
                 on_step(done)
 
@@ -165,6 +177,9 @@ def _adapt(cfg: RunConfig, model, task, history, out, *, eval_history, resume, c
                                                       optimizer_state=opt_state, on_step=save)
         losses = losses + run_losses
         fisher = strategy.trained_fisher(ctx, index, new_task)
+        if sharded:
+            fisher = parallel.gather_tensors(fisher)
+            parallel.gather_into(ctx.model, net if main else None)
         if not main:
             parallel.barrier()  # rank 0 scores and writes
             return None

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import RunConfig, build_strategy, sweep_strategies
+from ..config import RunConfig, build_strategy, check_sharded_strategies, sweep_strategies
 from ..continual.report import summary_table, versions, write_outputs
 from ..continual.sequence import TaskSequence, routed_entry, run_strategy
 from ..lm.memory import memory_note
@@ -25,7 +25,9 @@ def run(cfg: RunConfig, out: str | Path | None = None, sweep: bool = False,
     accuracy.png to `out` (default runs/<timestamp>/). Returns the results (None on the
     ranks other than 0 of a `--parallel` run, which train but neither score nor write)."""
     cfg.validate()
-    parallel = DataParallel(cfg.device) if cfg.parallel else None
+    if cfg.parallel == "fsdp2" and not sweep:  # before any rank starts
+        check_sharded_strategies(cfg.strategies)
+    parallel = DataParallel(cfg.device, cfg.parallel) if cfg.parallel else None
     try:
         return _run(cfg, out, sweep, progress, log, parallel)
     finally:

@@ -65,11 +65,23 @@ def run_strategy(strategy: Strategy, seq: TaskSequence, base: nn.Module, codec: 
     ctx = Context(model=copy.deepcopy(base), codec=codec, train=train, seed=seed,
                   progress=progress and is_main(parallel), max_len=max_len,
                   num_tasks=T, parallel=parallel)
+    sharded = parallel is not None and parallel.sharded
+    # a sharded model is scored through rank 0's whole copy, gathered after each task
+    whole = copy.deepcopy(base) if sharded and ctx.is_main else None
+    if sharded:
+        parallel.prepare(ctx.model)
+
+    def scored_model() -> nn.Module | None:
+        if sharded:
+            parallel.gather_into(ctx.model, whole)  # every rank takes part
+            return whole
+        return ctx.model
 
     def evaluate(j: int) -> None:
+        model = scored_model() if sharded else ctx.model
         if not ctx.is_main:
             return
-        scores = seq.evaluator(ctx.model)
+        scores = seq.evaluator(model)
         for m in METRICS:
             rows[m][j] = scores[m]
         log(f"{strategy.name:>10s} after {j}/{T} {seq.tasks[j - 1].name:>8s}: "
@@ -101,7 +113,7 @@ def run_strategy(strategy: Strategy, seq: TaskSequence, base: nn.Module, codec: 
     }
     routes = getattr(strategy, "routes", None)
     if routes:
-        entry["routed"] = routed_row(ctx.model, base, routes, seq)
+        entry["routed"] = routed_row(whole if sharded else ctx.model, base, routes, seq)
         entry["routed"]["lora_bytes_per_task"] = adapter_bytes(base, lora_rank)
     return entry
 

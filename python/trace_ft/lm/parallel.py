@@ -1,12 +1,18 @@
-"""Data parallelism for the commands (`--parallel ddp` under torchrun).
+"""Data parallelism for the commands (`--parallel ddp|fsdp2` under torchrun).
 
-Every rank holds the whole model. Each global batch (the one a single process would draw)
-is split by rows across the ranks; each rank's loss is its share of the global token mean,
-so the gradients summed over ranks (one all-reduce after each backward, before clipping)
-are the single process's gradient up to summation order, and every rank takes the same
-step. This is DDP's arithmetic without its module wrapper: the strategies change which
-tensors require gradients from task to task (and TRACE's core-rows carriers come and go),
-which a `DistributedDataParallel` built once cannot follow.
+Each global batch (the one a single process would draw) is split by rows across the
+ranks; each rank's loss is its share of the global token mean, so the gradients summed
+over ranks are the single process's gradient up to summation order, and every rank takes
+the same step.
+
+- ``ddp``: every rank holds the whole model; one all-reduce after each backward, before
+  clipping. DDP's arithmetic without its module wrapper: the strategies change which
+  tensors require gradients from task to task (and TRACE's core-rows carriers come and
+  go), which a `DistributedDataParallel` built once cannot follow.
+- ``fsdp2``: the model is sharded with `fully_shard` (each decoder layer, then the root),
+  FSDP2 reduce-scatters the gradients (summed, not averaged: the loss is already weighted)
+  and each rank keeps optimizer state for its shards only. Scoring needs the whole model:
+  the ranks gather it into rank 0's unsharded copy (`gather_into`), which scores.
 
 What is not a training step runs on every rank on the whole batch (Fisher passes: the same
 numbers everywhere) or on rank 0 only (scoring, reports, files).
@@ -23,7 +29,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-MODES = ("ddp",)
+MODES = ("ddp", "fsdp2")
 
 
 def check_launch() -> None:
@@ -50,8 +56,11 @@ def tokens(batch: dict[str, Tensor]) -> int:
 class DataParallel:
     """The ranks of a torchrun launch (see the module's docstring)."""
 
-    def __init__(self, device: str = "cpu") -> None:
+    def __init__(self, device: str = "cpu", mode: str = "ddp") -> None:
+        if mode not in MODES:
+            raise ValueError(f"parallel mode must be one of {', '.join(MODES)}, got {mode!r}")
         check_launch()
+        self.mode = mode
         self.owns_group = not dist.is_initialized()
         if self.owns_group:
             dist.init_process_group("nccl" if str(device).startswith("cuda") else "gloo")
@@ -61,6 +70,39 @@ class DataParallel:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def sharded(self) -> bool:
+        return self.mode == "fsdp2"
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """fsdp2: shard `model` in place (each block of its layer list, then the root), with
+        gradients summed over ranks. ddp: `model` as it is."""
+        if not self.sharded:
+            return model
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        mesh = init_device_mesh(self.device.type, (self.world,))
+        layers = getattr(getattr(model, "model", model), "layers", None)
+        for layer in layers if isinstance(layers, nn.ModuleList) else ():
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        for m in model.modules():
+            if isinstance(m, FSDPModule):  # a plain sum (gloo has no pre-scaled sum)
+                m.set_gradient_divide_factor(1.0)
+                m.set_force_sum_reduction_for_comms(True)
+        return model
+
+    def gather_into(self, model: nn.Module, whole: nn.Module | None) -> None:
+        """fsdp2: every rank sends its shards; rank 0 loads the whole model into `whole`
+        (its unsharded copy; None on the other ranks)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.is_main:
+            device = next(whole.parameters()).device
+            whole.load_state_dict({k: v.to(device) for k, v in state.items()})
 
     def local(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """This rank's rows of a global batch (contiguous, as even as the rows allow)."""
@@ -86,8 +128,39 @@ class DataParallel:
             return scaled + (mean - scaled).detach()
         return local_loss
 
+    def gather_tensors(self, values: dict) -> dict:
+        """Whole tensors for sharded ones (every rank takes part, every rank gets them);
+        other values as they are."""
+        return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in values.items()}
+
+    def optimizer_state(self, model: nn.Module, optimizer) -> dict | None:
+        """fsdp2: the whole optimizer state keyed by parameter names, gathered to rank 0
+        (None elsewhere; every rank takes part). ddp: the optimizer's state_dict."""
+        if not self.sharded:
+            return optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        state = get_optimizer_state_dict(model, optimizer,
+                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return state if self.is_main else None
+
+    def load_optimizer_state(self, model: nn.Module, optimizer, state: dict) -> None:
+        """Load what `optimizer_state` gave (every rank passes the whole state)."""
+        if not self.sharded:
+            optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        # torch matches the groups' keys exactly: drop what a scheduler added (initial_lr)
+        keys = {"params", *optimizer.param_groups[0]}
+        groups = [{k: v for k, v in g.items() if k in keys} for g in state["param_groups"]]
+        set_optimizer_state_dict(model, optimizer, {**state, "param_groups": groups},
+                                 options=StateDictOptions(full_state_dict=True))
+
     def sync_grads(self, params: Sequence[Tensor]) -> None:
-        """Sum the ranks' gradients (one all-reduce per dtype)."""
+        """Sum the ranks' gradients (one all-reduce per dtype; FSDP2 has reduced them)."""
+        if self.sharded:
+            return
         by_dtype: dict[torch.dtype, list[Tensor]] = {}
         for p in params:
             if p.grad is not None:

@@ -51,11 +51,16 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     return model(**batch).loss
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, parallel=None,
+                         model: nn.Module | None = None) -> None:
     """Load a state_dict saved during `train_loop` (whose groups then held a scheduled lr)
-    and keep the groups' base lr, which `train_loop` schedules from."""
+    and keep the groups' base lr, which `train_loop` schedules from. A sharded run loads
+    the whole state its `parallel.optimizer_state` gathered."""
     base = [g["lr"] for g in optimizer.param_groups]
-    optimizer.load_state_dict(state)
+    if parallel is not None and parallel.sharded:
+        parallel.load_optimizer_state(model, optimizer, state)
+    else:
+        optimizer.load_state_dict(state)
     _restore_base_lr(optimizer, base)
 
 
@@ -106,8 +111,9 @@ def train_loop(
             batch = {k: v.to(device) for k, v in batch.items()}
             loss = loss_fn(model, batch)
             total = loss
-            if penalty is not None:  # on every rank: its gradient, summed over ranks, once
-                total = loss + penalty() / (parallel.world if parallel is not None else 1)
+            if penalty is not None:  # its gradient, summed over ranks, counted once
+                whole = parallel is not None and not getattr(penalty, "local", False)
+                total = loss + penalty() / (parallel.world if whole else 1)
             total.backward()
             if parallel is not None:
                 parallel.sync_grads(params)

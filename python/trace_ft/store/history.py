@@ -142,6 +142,14 @@ def _write_test(examples: Sequence[Example], path: Path) -> None:
 
 # ---- the history ----------------------------------------------------------------------
 
+def _rmdir_if_empty(d: Path) -> bool:
+    try:
+        d.rmdir()
+        return True
+    except OSError:
+        return False
+
+
 class TaskHistory:
     """A history directory. `open` it (verifying it), read records with `record(i)` or
     `earlier()`, and `append` a task (atomically)."""
@@ -292,7 +300,8 @@ class TaskHistory:
             yield
             return
         # The highest directory this lock creates: removed again if nothing is recorded in
-        # it, so a run refused after taking the lock leaves the file system as it was.
+        # it, so a run refused after taking the lock leaves the file system as it was (but
+        # not what another writer put there meanwhile, e.g. adapt's checkpoint beside it).
         created = next((d for d in reversed([self.path, *self.path.parents]) if not d.exists()), None)
         self.path.mkdir(parents=True, exist_ok=True)
         lock = self.path / ".lock"
@@ -313,8 +322,11 @@ class TaskHistory:
             self._held = False
             os.close(fd)
             if not (self.path / MANIFEST).exists():
-                if created is not None:
-                    shutil.rmtree(created, ignore_errors=True)
+                if created is not None:  # the history directory is this lock's: remove it, and
+                    shutil.rmtree(self.path, ignore_errors=True)
+                    for d in self.path.parents:  # the parents it made while nothing else is there
+                        if d == created.parent or not _rmdir_if_empty(d):
+                            break
                 elif new_lock:
                     lock.unlink(missing_ok=True)
 

@@ -15,10 +15,13 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from trace_kernels.sharding import local_tensor
+
 from ...lm.batches import EncodedSet, sample_batches
 from ...lm.parallel import DataParallel, is_main
 from ...lm.text import Codec
 from ...lm.train import TrainConfig, train_loop
+from ...method.probe import default_loss
 from ...tasks import Task
 
 
@@ -50,6 +53,13 @@ class Context:
         """The rank that scores, reports and writes (the only one without `parallel`)."""
         return is_main(self.parallel)
 
+    def whole_batch_loss(self) -> Callable[[nn.Module, dict], torch.Tensor]:
+        """The loss of a pass over whole batches outside training (Fisher estimates): on
+        every rank as it is, or on a sharded model (whose backward sums the ranks'
+        gradients) each rank's rows, weighted, so the summed gradient is the batch's."""
+        return self.parallel.loss(default_loss) if self.parallel is not None and self.parallel.sharded \
+            else default_loss
+
     def encoded(self, task: Task) -> EncodedSet:
         if task.name not in self._encoded:
             self._encoded[task.name] = EncodedSet(task.train, self.codec, self.max_len)
@@ -68,13 +78,15 @@ def final_loss(losses: list[float]) -> float | None:
 
 
 def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor the optimizer keeps as state (moments, steps, mask indices)."""
+    """Bytes of every tensor the optimizer keeps as state on this rank (moments, steps,
+    mask indices)."""
     if hasattr(opt, "state_bytes"):
         return int(opt.state_bytes()["total"])
     total = 0
     for st in opt.state.values():
         for v in st.values():
             if isinstance(v, torch.Tensor):
+                v = local_tensor(v)  # this rank's shard of a sharded state
                 total += v.numel() * v.element_size()
     return total
 

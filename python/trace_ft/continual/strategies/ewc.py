@@ -5,21 +5,31 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from trace_kernels.sharding import is_dtensor
+
 from ...method.probe import empirical_fisher
 from .base import Context, Strategy, TaskCost, train_adamw
 
 
+def _local(t: Tensor) -> Tensor:
+    """A sharded tensor's shard on this rank (differentiable), else the tensor."""
+    return t.to_local() if is_dtensor(t) else t
+
+
 class EWCPenalty:
-    """(λ/2)·Σ_p Σ F_p (θ_p − θ*_p)² over the parameters with a Fisher estimate."""
+    """(λ/2)·Σ_p Σ F_p (θ_p − θ*_p)² over the parameters with a Fisher estimate. On a
+    sharded model each rank sums over its own shards (`local` is True): the ranks' values
+    add up to the penalty, and each shard's gradient is the penalty's."""
 
     def __init__(self, model: nn.Module, fisher: dict[str, Tensor], anchor: dict[str, Tensor],
                  lam: float) -> None:
         named = dict(model.named_parameters())
-        self.terms = [(named[n], fisher[n], anchor[n]) for n in fisher]
+        self.terms = [(named[n], _local(fisher[n]), _local(anchor[n])) for n in fisher]
+        self.local = any(is_dtensor(p) for p, _, _ in self.terms)
         self.lam = lam
 
     def __call__(self) -> Tensor:
-        total = sum(((p - a).square() * f).sum() for p, f, a in self.terms)
+        total = sum(((_local(p) - a).square() * f).sum() for p, f, a in self.terms)
         return 0.5 * self.lam * total
 
 
@@ -46,9 +56,9 @@ class EWC(Strategy):
         cost = train_adamw(ctx, model, ctx.batches([task], cfg.steps, salt=index), cfg,
                            self.desc(ctx, index, task), penalty=penalty)
         f = empirical_fisher(model, ctx.batches([task], self.fisher_batches, salt=20_000 + index),
-                             self.fisher_batches)
+                             self.fisher_batches, loss_fn=ctx.whole_batch_loss())
         self.fisher = f if self.fisher is None else {n: self.fisher[n] + f[n] for n in f}
-        extra_state = 2 * sum(t.numel() * t.element_size() for t in self.fisher.values())
+        extra_state = 2 * sum(_local(t).numel() * t.element_size() for t in self.fisher.values())
         cost.state_bytes += extra_state
         cost.extra["ewc_bytes"] = extra_state
         return cost

@@ -22,7 +22,7 @@ from trace_kernels.core_grads import install_core_grads
 from ...lm.train import load_optimizer_state, train_loop
 from ...method.pipeline import TracePipeline, freeze_outside, restore_flags
 from ...method.probe import DEFAULT_EXCLUDE, ProbeResult, default_loss
-from ...method.routing import TaskValues, core_values
+from ...method.routing import TaskValues, full_core_values
 from ...method.select import EarlierTask, Selection, SelectConfig
 from .base import Context, Strategy, TaskCost, final_loss, optimizer_state_bytes
 
@@ -63,10 +63,11 @@ class Trace(Strategy):
     def learn(self, ctx: Context, index, task, seen) -> TaskCost:
         self.protect_general(ctx, index)
         result, sel = self.probe_and_select(ctx, index, task)
-        before = core_values(ctx.model, sel.mask) if self.routes is not None else None
+        # whole-tensor values (gathered on every rank when sharded), for the routed row
+        before = full_core_values(ctx.model, sel.mask) if self.routes is not None else None
         losses, state = self.train_core(ctx, index, task, sel.mask)
         if self.routes is not None:
-            self.routes.append(TaskValues(sel.mask, before, core_values(ctx.model, sel.mask)))
+            self.routes.append(TaskValues(sel.mask, before, full_core_values(ctx.model, sel.mask)))
         self.remember(ctx, index, task, sel.mask, result)
         return self.cost(sel.mask, state, losses)
 
@@ -77,7 +78,8 @@ class Trace(Strategy):
             self.history.append(EarlierTask(fisher=self._fisher(ctx, self.general, salt=30_000)))
 
     def _fisher(self, ctx: Context, task, salt: int) -> dict:
-        return self.pipeline.fisher(ctx.model, ctx.batches([task], self.pipeline.fisher_batches, salt=salt))
+        return self.pipeline.fisher(ctx.model, ctx.batches([task], self.pipeline.fisher_batches, salt=salt),
+                                    loss_fn=ctx.whole_batch_loss())
 
     def probe_and_select(self, ctx: Context, index: int, task) -> tuple[ProbeResult, Selection]:
         """The warm-start probe from the current weights, and the core chosen against
@@ -116,7 +118,7 @@ class Trace(Strategy):
                                           weight_decay=cfg.weight_decay, master_weights=self.master_weights,
                                           core_grads=grads)
             if optimizer_state is not None:
-                load_optimizer_state(opt, optimizer_state)
+                load_optimizer_state(opt, optimizer_state, ctx.parallel, model)
             batches = itertools.islice(ctx.batches([task], cfg.steps, salt=index), start_step, None)
             losses = train_loop(model, opt, batches, cfg, desc=self.desc(ctx, index, task),
                                 progress=ctx.progress, start_step=start_step, parallel=ctx.parallel,
