@@ -1,7 +1,9 @@
 """MaskedAdamW on one rank against two (DDP and FSDP2), on a ~20M-parameter Llama config,
 5 % row-level and element-level cores: time per training step (forward, backward, masked
 step) as a ratio to the one-process step measured in the same run, and each rank's bytes
-of parameters, gradients and optimizer state.
+of parameters, gradients and optimizer state. Then the probe (`trace_ft`'s warm start) on
+one process against FSDP2 shards: each rank's bytes of Δ, Fisher and probe moments, and
+how far the probe raised the process's peak resident memory.
 
     python bench/bench_distributed.py [--steps 12] [--out bench/results/distributed_cpu]
 
@@ -54,6 +56,8 @@ def worker(mode: str, granularity: str, steps: int, out: str) -> None:
     rank = dist.get_rank() if distributed else 0
     world = dist.get_world_size() if distributed else 1
     model = build()
+    if granularity == "probe":
+        return probe_worker(model, mode, rank, world, steps, out)
     core = core_for(model, granularity)
     for n, p in model.named_parameters():
         p.requires_grad_(n in core)
@@ -102,6 +106,45 @@ def worker(mode: str, granularity: str, steps: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+def probe_worker(model, mode: str, rank: int, world: int, steps: int, out: str) -> None:
+    """The warm-start probe over every matrix, on the whole model or on FSDP2 shards."""
+    import resource
+
+    import torch
+    import torch.distributed as dist
+
+    from trace_ft.method.probe import probe
+    from trace_kernels.sharding import local_tensor
+
+    if mode == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 128, (8, 64), generator=g).chunk(world)[rank]
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    t0 = time.perf_counter()
+    result = probe(model, [{"input_ids": ids, "labels": ids}], steps, 1e-4)
+    seconds = (time.perf_counter() - t0) / steps
+    peak_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def size(tensors):
+        return sum(local_tensor(t).numel() * local_tensor(t).element_size() for t in tensors.values())
+
+    row = {"mode": mode, "granularity": "probe", "rank": rank, "world": world,
+           "step_seconds": seconds, "delta_bytes": size(result.deltas), "fisher_bytes": size(result.fisher),
+           "peak_rss_growth": peak_after - peak_before,
+           "param_bytes": sum(local_tensor(p).numel() * local_tensor(p).element_size() for p in model.parameters()),
+           "parameters": sum(p.numel() for p in build().parameters()) if rank == 0 else None}
+    Path(out).with_suffix(f".{mode}.probe.{rank}.json").write_text(json.dumps(row))
+    if world > 1:
+        dist.destroy_process_group()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=12)
@@ -126,10 +169,25 @@ def main() -> None:
             subprocess.run(cmd, check=True, env=env)
             for f in sorted(tmp.glob(f"m.{mode}.{granularity}.*.json")):
                 rows.append(json.loads(f.read_text()))
+    for mode in ("single", "fsdp2"):
+        # large blocks straight from mmap, so freed memory leaves the resident set: glibc's
+        # growing mmap threshold otherwise keeps the transient per-layer buffers of FSDP2
+        # in its heap, and the peak resident set then hides what is live
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads if mode == "single" else max(1, threads // 2)),
+               "MALLOC_MMAP_THRESHOLD_": "65536"}
+        me = [str(Path(__file__).resolve()), "--worker", mode, "probe", "--steps", "5", "--out", str(tmp / "m")]
+        cmd = ([sys.executable, *me] if mode == "single" else
+               [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                "--master-port", "0", "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", *me])
+        subprocess.run(cmd, check=True, env=env)
+        for f in sorted(tmp.glob(f"m.{mode}.probe.*.json")):
+            rows.append(json.loads(f.read_text()))
     base = {r["granularity"]: r["step_seconds"] for r in rows if r["mode"] == "single"}
     for r in rows:
         r["step_ratio"] = r["step_seconds"] / base[r["granularity"]]
     Path(args.out + ".json").write_text(json.dumps(rows, indent=1))
+    probes = [r for r in rows if r["granularity"] == "probe"]
+    rows = [r for r in rows if r["granularity"] != "probe"]
     lines = ["# MaskedAdamW on 1 rank against 2 (DDP, FSDP2), CPU gloo", "",
              f"Llama config of {rows[0]['parameters']:,} parameters, 5 % cores of the attention and "
              f"MLP matrices; batch 8 × 64 tokens (split over the ranks); {args.steps} steps, median "
@@ -142,6 +200,19 @@ def main() -> None:
         lines.append(f"| {r['granularity']} 5 % | {r['mode']} | {r['rank']} | {r['step_seconds']:.3f} | "
                      f"{r['step_ratio']:.2f} | {r['param_bytes'] / 2**20:.1f} | {r['grad_bytes'] / 2**20:.1f} | "
                      f"{r['state_bytes'] / 2**10:.1f} |")
+    one = next(r for r in probes if r["mode"] == "single")
+    lines += ["", "The probe (5 warm-start steps over every matrix, Δ and Fisher kept), one process "
+              "against 2 FSDP2 ranks; '× one process': the rank's share. Run with "
+              "MALLOC_MMAP_THRESHOLD_=65536 so that the peak resident set follows live memory "
+              "(with glibc's default, freed FSDP2 buffers stay resident and every rank's peak "
+              "looks like one process's).", "",
+              "| mode | rank | probe step (s) | parameter MiB | Δ MiB | Fisher MiB | × one process (Δ + Fisher) | peak RSS growth MiB | × one process (peak) |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in probes:
+        share = (r["delta_bytes"] + r["fisher_bytes"]) / (one["delta_bytes"] + one["fisher_bytes"])
+        lines.append(f"| {r['mode']} | {r['rank']} | {r['step_seconds']:.3f} | {r['param_bytes'] / 2**20:.1f} | "
+                     f"{r['delta_bytes'] / 2**20:.1f} | {r['fisher_bytes'] / 2**20:.1f} | {share:.2f} | "
+                     f"{r['peak_rss_growth'] / 2**20:.1f} | {r['peak_rss_growth'] / one['peak_rss_growth']:.2f} |")
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
