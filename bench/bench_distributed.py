@@ -157,31 +157,23 @@ def main() -> None:
     threads = os.cpu_count() or 2
     tmp = Path(args.out + ".parts")
     tmp.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for granularity in ("row", "element"):
-        for mode in ("single", "ddp", "fsdp2"):
-            env = {**os.environ, "OMP_NUM_THREADS": str(threads if mode == "single" else max(1, threads // 2))}
-            me = [str(Path(__file__).resolve()), "--worker", mode, granularity, "--steps", str(args.steps),
-                  "--out", str(tmp / "m")]
-            cmd = ([sys.executable, *me] if mode == "single" else
-                   [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                    "--master-port", "0", "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", *me])
-            subprocess.run(cmd, check=True, env=env)
-            for f in sorted(tmp.glob(f"m.{mode}.{granularity}.*.json")):
-                rows.append(json.loads(f.read_text()))
-    for mode in ("single", "fsdp2"):
-        # large blocks straight from mmap, so freed memory leaves the resident set: glibc's
-        # growing mmap threshold otherwise keeps the transient per-layer buffers of FSDP2
-        # in its heap, and the peak resident set then hides what is live
+    def measure(mode: str, what: str, steps: int, extra_env: dict | None = None) -> list[dict]:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads if mode == "single" else max(1, threads // 2)),
-               "MALLOC_MMAP_THRESHOLD_": "65536"}
-        me = [str(Path(__file__).resolve()), "--worker", mode, "probe", "--steps", "5", "--out", str(tmp / "m")]
+               **(extra_env or {})}
+        me = [str(Path(__file__).resolve()), "--worker", mode, what, "--steps", str(steps), "--out", str(tmp / "m")]
         cmd = ([sys.executable, *me] if mode == "single" else
                [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                 "--master-port", "0", "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", *me])
         subprocess.run(cmd, check=True, env=env)
-        for f in sorted(tmp.glob(f"m.{mode}.probe.*.json")):
-            rows.append(json.loads(f.read_text()))
+        return [json.loads(f.read_text()) for f in sorted(tmp.glob(f"m.{mode}.{what}.*.json"))]
+
+    rows = [r for granularity in ("row", "element") for mode in ("single", "ddp", "fsdp2")
+            for r in measure(mode, granularity, args.steps)]
+    # large blocks straight from mmap, so freed memory leaves the resident set: glibc's
+    # growing mmap threshold otherwise keeps the transient per-layer buffers of FSDP2 in
+    # its heap, and the peak resident set then hides what is live
+    rows += [r for mode in ("single", "fsdp2")
+             for r in measure(mode, "probe", 5, {"MALLOC_MMAP_THRESHOLD_": "65536"})]
     base = {r["granularity"]: r["step_seconds"] for r in rows if r["mode"] == "single"}
     for r in rows:
         r["step_ratio"] = r["step_seconds"] / base[r["granularity"]]
