@@ -160,3 +160,20 @@ def test_whole_tensor_cores_under_deepspeed_zero3(tmp_path):
     assert all(r["partitioned"] for r in result.values())  # ZeRO-3 held every tensor in parts
     assert all(r["rel"] <= 1e-5 for r in result.values())
     assert all(r["unchanged"] != r["core"] for r in result.values())  # the core moved, nothing else
+
+
+@pytest.mark.slow
+def test_trace_optimizer_probes_on_rank_0_and_shares_the_core(tmp_path):
+    """An unsharded model on 2 ranks: rank 0 alone probes, the other rank gets the same
+    core; a probe that fails on rank 0 ends every rank with an error, not a hang."""
+    import json
+
+    (tmp_path / "ok").mkdir()
+    _launch([str(tmp_path / "ok"), "ok"], 2, "probe_once_worker.py")
+    a, b = (json.loads((tmp_path / "ok" / f"probe_once.{r}.json").read_text()) for r in range(2))
+    assert a["probed"] and not b["probed"]
+    assert a["core"] == b["core"] > 0 and a["digest"] == b["digest"]
+    (tmp_path / "fail").mkdir()
+    _launch([str(tmp_path / "fail"), "fail"], 2, "probe_once_worker.py")
+    a, b = (json.loads((tmp_path / "fail" / f"probe_once.{r}.json").read_text()) for r in range(2))
+    assert "error" in a and "probe failed on rank 0" in b["error"], (a, b)
