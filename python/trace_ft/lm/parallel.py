@@ -61,11 +61,15 @@ class DataParallel:
             raise ValueError(f"parallel mode must be one of {', '.join(MODES)}, got {mode!r}")
         check_launch()
         self.mode = mode
+        self.device = torch.device(device)
+        if self.device.type == "cuda":  # one GPU per rank: "cuda" means the rank's own
+            if self.device.index is None:
+                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(self.device)
         self.owns_group = not dist.is_initialized()
         if self.owns_group:
-            dist.init_process_group("nccl" if str(device).startswith("cuda") else "gloo")
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.device = torch.device(device)
 
     @property
     def is_main(self) -> bool:
