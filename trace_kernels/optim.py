@@ -172,6 +172,9 @@ class MaskedAdamW(Optimizer):
     ``foreach`` and ``fused`` are accepted for drop-in compatibility (the step is always one
     fused multi-tensor call); ``capturable``, ``differentiable`` and sparse gradients are
     rejected.
+
+    A parameter replaced in ``param_groups`` (accelerate swaps each for its FSDP2 shard
+    after the optimizer is built) hands its mask and state to the one that replaces it.
     """
 
     _step_supports_amp_scaling = True  # GradScaler passes grad_scale/found_inf to the kernel
