@@ -78,7 +78,7 @@ def run_strategy(strategy: Strategy, seq: TaskSequence, base: nn.Module, codec: 
         return ctx.model
 
     def evaluate(j: int) -> None:
-        model = scored_model() if sharded else ctx.model
+        model = scored_model()
         if not ctx.is_main:
             return
         scores = seq.evaluator(model)

@@ -14,8 +14,9 @@ the same step.
   and each rank keeps optimizer state for its shards only. Scoring needs the whole model:
   the ranks gather it into rank 0's unsharded copy (`gather_into`), which scores.
 
-What is not a training step runs on every rank on the whole batch (Fisher passes: the same
-numbers everywhere) or on rank 0 only (scoring, reports, files).
+What is not a training step runs on every rank (Fisher passes: under ddp over the whole
+batch, the same numbers everywhere; under fsdp2 split like a training step) or on rank 0
+only (scoring, reports, files).
 """
 
 from __future__ import annotations
