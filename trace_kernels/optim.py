@@ -255,8 +255,7 @@ class MaskedAdamW(Optimizer):
         name = self._param_names().get(p)
         if name is not None:
             return repr(name)
-        flat = list(chain.from_iterable(g["params"] for g in self.param_groups))
-        return f"params[{next(i for i, q in enumerate(flat) if q is p)}]"
+        return f"params[{next(i for i, q in enumerate(self._flat_params()) if q is p)}]"
 
     def _resolve(self, masks: Any) -> dict[Tensor, _Layout]:
         names = self._param_names()
@@ -313,6 +312,7 @@ class MaskedAdamW(Optimizer):
         return _Layout.of(e, p, self._describe(p))
 
     def _flat_params(self) -> list[Tensor]:
+        """Every parameter of every group, in order (torch's state_dict numbering)."""
         return [p for g in self.param_groups for p in g["params"]]
 
     def _rebind(self) -> None:
@@ -562,7 +562,7 @@ class MaskedAdamW(Optimizer):
     def _check_carrier(self, p: Tensor, c: Tensor, lay: _Layout) -> None:
         if lay.shard is not None:
             raise ValueError(f"{self._describe(p)}: core-rows gradients need an unsharded weight")
-        if not any(c is q for g in self.param_groups for q in g["params"]):
+        if not any(c is q for q in self._flat_params()):
             raise ValueError(
                 f"{self._describe(p)} has a core-rows gradient whose carrier is not in this "
                 "optimizer: pass it too (model.named_parameters() includes it), so zero_grad, "
@@ -589,7 +589,7 @@ class MaskedAdamW(Optimizer):
         gathered, it is the one-process state), and the mask is the global one."""
         self._rebind()
         sd = super().state_dict()
-        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        params = self._flat_params()
         for pid, st in sd["state"].items():
             lay = self._layout.get(params[pid]) if isinstance(pid, int) and pid < len(params) else None
             if lay is not None and lay.shard is not None:
@@ -617,8 +617,7 @@ class MaskedAdamW(Optimizer):
             len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups)
         ):
             raise ValueError("loaded state dict has different parameter groups than this optimizer")
-        id_map = dict(zip(chain.from_iterable(g["params"] for g in saved_groups),
-                          chain.from_iterable(g["params"] for g in self.param_groups)))
+        id_map = dict(zip(chain.from_iterable(g["params"] for g in saved_groups), self._flat_params()))
         kept: dict[Tensor, dict[str, Tensor]] = {}
         state = {}
         for pid, st in state_dict["state"].items():
