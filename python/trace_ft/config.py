@@ -20,6 +20,7 @@ from .method.select import GRANULARITIES, SelectConfig
 from .tasks import SUITES, Task
 
 DEFAULT_STRATEGIES = ("trace", "seqft", "lora", "ewc", "replay", "mtl")
+DTYPES = ("float32", "bfloat16", "float16")
 # strategies that cannot run on a model sharded by --parallel fsdp2, and why
 FSDP2_REFUSED = {"lora": "lora inserts adapter modules into the model after it is sharded"}
 
@@ -31,7 +32,6 @@ def check_sharded_strategies(names) -> None:
         raise ValueError(f"--parallel fsdp2 does not run {', '.join(refused)}: "
                          + "; ".join(FSDP2_REFUSED[n] for n in refused)
                          + " (leave it out with --strategies, or use --parallel ddp)")
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -124,9 +124,8 @@ class RunConfig:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.parallel is not None and self.parallel not in PARALLEL_MODES:
             raise ValueError(f"parallel must be one of {', '.join(PARALLEL_MODES)}, got {self.parallel!r}")
-        if self.parallel == "fsdp2":
-            if self.trace_core_grads:
-                raise ValueError("--core-grads true needs unsharded weights; with --parallel fsdp2 "
+        if self.parallel == "fsdp2" and self.trace_core_grads:
+            raise ValueError("--core-grads true needs unsharded weights; with --parallel fsdp2 "
                                  "train with full gradients (the default)")
         if self.parallel is not None:
             check_launch()

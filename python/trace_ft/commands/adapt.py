@@ -164,11 +164,10 @@ def _adapt(cfg: RunConfig, model, task, history, out, *, eval_history, resume, c
         def save(done: int, run_losses: list[float], opt) -> None:
             if done % checkpoint_every == 0 or done == cfg.steps:
                 if sharded:  # every rank takes part in gathering
-                    values = full_core_values(ctx.model, mask)
-                    opt_state = parallel.optimizer_state(ctx.model, opt)
+                    values, opt_state = full_core_values(ctx.model, mask), parallel.optimizer_state(ctx.model, opt)
+                elif main:
+                    values, opt_state = core_values(net, mask), opt.state_dict()
                 if main:
-                    if not sharded:
-                        values, opt_state = core_values(net, mask), opt.state_dict()
                     ckpt.save_step(done, values, opt_state, losses + run_losses)
             if on_step is not None:
                 on_step(done)

@@ -166,16 +166,17 @@ def _probe_once(model: nn.Module, probe_here: Callable[[], TraceState]) -> Trace
     sharded = any(is_dtensor(p) for p in model.parameters())
     if sharded or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return probe_here()
-    sent: list = [None]
+    sent: list = [None]  # rank 0's core, or its error as text
+    failure = None
     if dist.get_rank() == 0:
         try:
             state = probe_here()
             sent[0] = state.core
         except Exception as exc:
-            sent[0] = f"{type(exc).__name__}: {exc}"
-            dist.broadcast_object_list(sent, src=0)
-            raise
+            failure, sent[0] = exc, f"{type(exc).__name__}: {exc}"
     dist.broadcast_object_list(sent, src=0)
+    if failure is not None:
+        raise failure
     if isinstance(sent[0], str):
         raise RuntimeError(f"trace_optimizer: the probe failed on rank 0: {sent[0]}")
     return state if dist.get_rank() == 0 else TraceState(core=sent[0])

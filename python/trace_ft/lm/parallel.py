@@ -139,10 +139,8 @@ class DataParallel:
         return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in values.items()}
 
     def optimizer_state(self, model: nn.Module, optimizer) -> dict | None:
-        """fsdp2: the whole optimizer state keyed by parameter names, gathered to rank 0
-        (None elsewhere; every rank takes part). ddp: the optimizer's state_dict."""
-        if not self.sharded:
-            return optimizer.state_dict()
+        """The whole optimizer state of a sharded model, keyed by parameter names, gathered
+        to rank 0 (None elsewhere; every rank takes part)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         state = get_optimizer_state_dict(model, optimizer,
@@ -150,10 +148,8 @@ class DataParallel:
         return state if self.is_main else None
 
     def load_optimizer_state(self, model: nn.Module, optimizer, state: dict) -> None:
-        """Load what `optimizer_state` gave (every rank passes the whole state)."""
-        if not self.sharded:
-            optimizer.load_state_dict(state)
-            return
+        """Load what `optimizer_state` gave into the shards (every rank passes the whole
+        state)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         # torch matches the groups' keys exactly: drop what a scheduler added (initial_lr)

@@ -111,8 +111,9 @@ def train_loop(
             batch = {k: v.to(device) for k, v in batch.items()}
             loss = loss_fn(model, batch)
             total = loss
-            if penalty is not None:  # its gradient, summed over ranks, counted once
-                whole = parallel is not None and not getattr(penalty, "local", False)
+            if penalty is not None:  # its gradient, summed over ranks, counted once: each
+                # rank's share of a whole-model penalty, or on a sharded model its shards' part
+                whole = parallel is not None and not parallel.sharded
                 total = loss + penalty() / (parallel.world if whole else 1)
             total.backward()
             if parallel is not None:

@@ -18,14 +18,13 @@ def _local(t: Tensor) -> Tensor:
 
 class EWCPenalty:
     """(λ/2)·Σ_p Σ F_p (θ_p − θ*_p)² over the parameters with a Fisher estimate. On a
-    sharded model each rank sums over its own shards (`local` is True): the ranks' values
-    add up to the penalty, and each shard's gradient is the penalty's."""
+    sharded model each rank sums over its own shards: the ranks' values add up to the
+    penalty, and each shard's gradient is the penalty's."""
 
     def __init__(self, model: nn.Module, fisher: dict[str, Tensor], anchor: dict[str, Tensor],
                  lam: float) -> None:
         named = dict(model.named_parameters())
         self.terms = [(named[n], _local(fisher[n]), _local(anchor[n])) for n in fisher]
-        self.local = any(is_dtensor(p) for p, _, _ in self.terms)
         self.lam = lam
 
     def __call__(self) -> Tensor:
