@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import torch
 
@@ -131,3 +134,18 @@ def assert_stats_close(a, b, exact):
             assert torch.equal(x, y), f"{name}: {int((x != y).sum())} elements differ"
         else:  # fp64 sums in another order, rounded once to fp32
             torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-30, msg=name)
+
+
+def torchrun(args, *, timeout: int, env: dict | None = None, check: bool = True,
+             ranks: int = 2) -> subprocess.CompletedProcess:
+    """`args` (a script or ``-m module``, and its arguments) on `ranks` gloo ranks under
+    torchrun, one thread each, on free ports. `timeout` ends a launch whose ranks hang;
+    with `check`, a failure on any rank fails the test with its output."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
+           "--master-port", "0", "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0",
+           *map(str, args)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    if check:
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+    return out

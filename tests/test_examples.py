@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import torchrun
+
 EXAMPLE = Path(__file__).parents[1] / "examples" / "masked_finetune.py"
 
 
@@ -43,13 +45,8 @@ def test_trainer_example_recipe_under_torchrun(tmp_path, builtin_cache):
     path itself is tests/ft/integrations/test_hf.py's)."""
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
-    env = {**os.environ, "TRACE_FT_CACHE": str(builtin_cache), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                          "--master-port", "0", "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0",
-                          str(TRAINER_EXAMPLE), "--steps", "4", "--out", str(tmp_path / "run"),
-                          "--history", str(tmp_path / "h"), "--fsdp2"],
-                         capture_output=True, text=True, timeout=600, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = torchrun([TRAINER_EXAMPLE, "--steps", "4", "--out", tmp_path / "run", "--history", tmp_path / "h",
+                    "--fsdp2"], timeout=600, env={"TRACE_FT_CACHE": str(builtin_cache)})
     assert out.stdout.count("elements changed outside the core: 0") == 1  # rank 0 reports
     assert (tmp_path / "run" / "checkpoint-2" / "trace_core.safetensors").is_file()
     assert (tmp_path / "h" / "manifest.json").is_file()

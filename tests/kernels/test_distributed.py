@@ -4,13 +4,12 @@ batch, unselected elements stay bit-exact, each rank keeps state for its own sha
 core; unservable layouts are refused; checkpoints round-trip the FSDP2 way."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from helpers import torchrun
 
 WORKER = Path(__file__).parents[1] / "distributed_worker.py"
 
@@ -19,12 +18,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="no
 
 def launch(scenario: str, tmp_path: Path, env: dict | None = None, timeout: int = 240) -> list[dict]:
     """Run a scenario on 2 ranks; a failure on any rank fails here with its output."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-port", "0", "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0",
-           str(WORKER), scenario, str(tmp_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+    torchrun([WORKER, scenario, tmp_path], timeout=timeout, env=env)
     return [json.loads((tmp_path / f"{scenario}.{r}.json").read_text()) for r in range(2)]
 
 

@@ -5,22 +5,17 @@ flips on reduction-order noise, are listed); an interrupted parallel adapt resum
 uninterrupted run's weights."""
 
 import json
-import os
-import subprocess
-import sys
+from pathlib import Path
 
 import pytest
 import torch
-from pathlib import Path
 
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
+from helpers import torchrun
 from trace_ft.cli import main
 
-
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
-            "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0"]
 WORKER = Path(__file__).with_name("adapt_parallel_worker.py")
 
 
@@ -32,11 +27,7 @@ def _args(cache, out):
 
 
 def _torchrun(args, check=True):
-    out = subprocess.run(TORCHRUN + args, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if check:
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
-    return out
+    return torchrun(args, timeout=600, check=check)
 
 
 @pytest.mark.slow

@@ -107,11 +107,13 @@ def _launch(args: list[str], ranks: int, worker: str = "trainer_fsdp2_worker.py"
     import sys
     from pathlib import Path
 
+    from helpers import torchrun
+
     worker = Path(__file__).with_name(worker)
-    cmd = [sys.executable, str(worker), *args] if ranks == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port", "0",
-        "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", str(worker), *args]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+    if ranks > 1:
+        torchrun([worker, *args], timeout=300, ranks=ranks)
+        return
+    out = subprocess.run([sys.executable, str(worker), *args], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
 
