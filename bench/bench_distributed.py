@@ -16,8 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -155,8 +157,7 @@ def main() -> None:
         worker(*args.worker, args.steps, args.out)
         return
     threads = os.cpu_count() or 2
-    tmp = Path(args.out + ".parts")
-    tmp.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_distributed."))  # each worker's row, until merged
     def measure(mode: str, what: str, steps: int, extra_env: dict | None = None) -> list[dict]:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads if mode == "single" else max(1, threads // 2)),
                **(extra_env or {})}
@@ -178,6 +179,7 @@ def main() -> None:
     for r in rows:
         r["step_ratio"] = r["step_seconds"] / base[r["granularity"]]
     Path(args.out + ".json").write_text(json.dumps(rows, indent=1))
+    shutil.rmtree(tmp)
     probes = [r for r in rows if r["granularity"] == "probe"]
     rows = [r for r in rows if r["granularity"] != "probe"]
     lines = ["# MaskedAdamW on 1 rank against 2 (DDP, FSDP2), CPU gloo", "",
