@@ -76,16 +76,18 @@ def main() -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         params = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True))
-    if not trainer.is_world_process_zero():
-        return
-
-    core = opt.trace.core
-    outside = sum(int(((p.detach() != before[n]) & ~core.to_dense(n)).sum()) if n in core else
-                  int((p.detach() != before[n]).sum()) for n, p in params.items())
-    print(f"core: {core.numel_selected:,} of {core.numel:,} eligible elements ({core.density:.2%})")
-    print(f"optimizer state (this rank's): {opt.state_bytes()['total']:,} bytes")
-    print(f"elements changed outside the core: {outside}")
-    print(f"final training loss: {trainer.state.log_history[-1].get('train_loss', float('nan')):.4f}")
+    if trainer.is_world_process_zero():
+        core = opt.trace.core
+        outside = sum(int(((p.detach() != before[n]) & ~core.to_dense(n)).sum()) if n in core else
+                      int((p.detach() != before[n]).sum()) for n, p in params.items())
+        print(f"core: {core.numel_selected:,} of {core.numel:,} eligible elements ({core.density:.2%})")
+        print(f"optimizer state (this rank's): {opt.state_bytes()['total']:,} bytes")
+        print(f"elements changed outside the core: {outside}")
+        print(f"final training loss: {trainer.state.log_history[-1].get('train_loss', float('nan')):.4f}")
+    # Under torchrun, a rank that exits with its process group alive can abort in gloo's
+    # teardown ("terminate called without an active exception"); end it on every rank.
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -86,6 +86,7 @@ def main() -> None:
     if rank == 0:
         (out / "deepspeed.json").write_text(json.dumps(result, indent=1))
     dist.barrier()
+    dist.destroy_process_group()  # exiting with it alive can abort in gloo's teardown
 
 
 if __name__ == "__main__":

@@ -80,6 +80,10 @@ def main() -> None:
                     "sharded": sharded, "losses": [e["loss"] for e in trainer.state.log_history
                                                    if "loss" in e]}, out / "final.pt")
         opt.trace.core.save(out / "core.safetensors")
+    # A rank that exits with its process group alive can abort in gloo's teardown
+    # ("terminate called without an active exception"), one run in three here.
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":
