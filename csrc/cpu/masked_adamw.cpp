@@ -12,8 +12,18 @@ namespace {
 
 // Items per chunk: ~1 MB of traffic at 28 bytes per element, enough to amortise scheduling.
 constexpr int64_t kChunkItems = 1 << 15;
-// Element-level gathers run in batches of this many indices, prefetching the next batch.
-constexpr int64_t kGatherPrefetch = 64;
+// Element-level gathers run in batches of this many indices. The lines of later indices
+// are prefetched in two stages: into L1 kPrefetchNear indices ahead and, where the mask is
+// sparse, into L2 kPrefetchFar indices ahead. L1 alone holds too few misses in flight to
+// cover DRAM latency when most lines are skipped (AMD EPYC, 64M elements at 5 %: 0.72x ->
+// 0.54x torch's fused step; at 1 %: 0.24x -> 0.14x).
+constexpr int64_t kGatherBatch = 64;
+constexpr int64_t kPrefetchNear = 32;
+constexpr int64_t kPrefetchFar = 256;
+// Mean index gap from which a stretch counts as sparse. Denser stretches touch nearly every
+// line, the hardware prefetcher follows them, and extra prefetch instructions only cost
+// issue slots (25 %, stand-alone loop: 25 -> 36 ms with the far stage).
+constexpr int64_t kSparseGap = 8;
 // Consecutive indices from which an element-level mask takes the contiguous (SIMD) path.
 constexpr int64_t kMinContiguousRun = 16;
 // Bytes of the next block's parameter and gradient prefetched when a block starts.
@@ -88,12 +98,19 @@ TK_HD void update_scattered(P* __restrict param, const P* __restrict grad,
   const float grad_divisor = a.grad_divisor;
   const float fisher_scale = a.fisher_scale;
   const bool stochastic = a.stochastic;
-  for (int64_t j0 = begin; j0 < end; j0 += kGatherPrefetch) {
-    const int64_t j1 = std::min(j0 + kGatherPrefetch, end);
-    // Prefetch the next batch's lines, then update this batch (prefetched one batch ago).
-    for (int64_t j = j1; j < std::min(j1 + kGatherPrefetch, end); ++j) {
-      __builtin_prefetch(param + idx[j], 1);
-      __builtin_prefetch(grad + idx[j], 0);
+  const int64_t span = static_cast<int64_t>(idx[end - 1]) - static_cast<int64_t>(idx[begin]);
+  const bool sparse = span >= kSparseGap * (end - begin);
+  for (int64_t j0 = begin; j0 < end; j0 += kGatherBatch) {
+    const int64_t j1 = std::min(j0 + kGatherBatch, end);
+    if (sparse) {
+      for (int64_t j = j0 + kPrefetchFar; j < std::min(j1 + kPrefetchFar, end); ++j) {
+        __builtin_prefetch(param + idx[j], 1, 1);
+        __builtin_prefetch(grad + idx[j], 0, 1);
+      }
+    }
+    for (int64_t j = j0 + kPrefetchNear; j < std::min(j1 + kPrefetchNear, end); ++j) {
+      __builtin_prefetch(param + idx[j], 1, 3);
+      __builtin_prefetch(grad + idx[j], 0, 3);
     }
 #pragma GCC ivdep
     for (int64_t j = j0; j < j1; ++j) {
