@@ -87,6 +87,24 @@ def test_large_block_sizes_and_tails(native_backend, gen):
     assert_same(nat, ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_sparse_gathers_past_every_prefetch_distance(native_backend, gen, dtype, index_dtype):
+    # ~5,000 indices about 50 elements apart: stretches long and sparse enough that the CPU
+    # kernel prefetches far ahead (into L2) as well as near, up to the stretch's last index
+    prob = make_problem([(257, 1001), (3, 4099)], [1, 1], 0.02, dtype, gen)
+    prob["idx"] = [i.to(index_dtype) for i in prob["idx"]]
+    assert prob["idx"][0].numel() > 4000
+    ref, nat = clone_problem(prob), clone_problem(prob)
+    run(ref, "reference", steps=2)
+    run(nat, native_backend, steps=2)
+    assert_same(nat, ref)
+    for p0, p1, idx in zip(prob["params"], nat["params"], prob["idx"]):
+        sel = torch.zeros(p0.numel(), dtype=torch.bool)
+        sel[idx.long()] = True
+        assert torch.equal(bits(p0).reshape(-1)[~sel], bits(p1).reshape(-1)[~sel])
+
+
 def test_empty_selection_is_a_noop(gen):
     for backend in ["reference"] + (["cpu"] if backends.choose("cpu").name == "cpu" else []):
         prob = make_problem(SHAPES, [1] * 5, 0.0, torch.float32, gen)
