@@ -1,10 +1,12 @@
 """Core-only weight gradients for linear layers.
 
 A linear layer y = x Wᵀ + b whose core lies in a few rows of W needs only those rows of the
-weight gradient: gW[R] = gy[:, R]ᵀ x, a k × in matrix instead of out × in. `install_core_grads`
-makes each such layer's backward compute the input gradient in full and the weight gradient
-for its core rows only, into a small *carrier* parameter registered next to the weight
-(``weight_core_grad``). The carrier's values are never used (its storage is one element);
+weight gradient: gW[R] = gy[:, R]ᵀ x, a k × in matrix instead of out × in. A core of a few
+scattered elements, spread over most rows, needs only those elements: gW[r, c] is the dot
+product of gy's column r with x's column c (`ops.sampled_dot`), k dot products instead of
+out × in. `install_core_grads` makes each such layer's backward compute the input gradient
+in full and the weight gradient for its core rows (k × in) or core elements (k × 1) only,
+into a small *carrier* parameter registered next to the weight (``weight_core_grad``). The carrier's values are never used (its storage is one element);
 autograd accumulates its ``.grad`` like any parameter's, so gradient accumulation,
 ``model.zero_grad()``, ``clip_grad_norm_(model.parameters(), …)`` and
 ``torch.amp.GradScaler`` see the compact gradients. `MaskedAdamW` steps the weight from its
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .masks import CoreMask, MaskEntry
+from .ops.sampled_dot import sampled_dot
 from .sharding import is_dtensor
 
 CARRIER = "weight_core_grad"  # the carrier's name in its module
@@ -53,31 +56,35 @@ def core_rows(entry: MaskEntry, cols: int) -> tuple[Tensor, MaskEntry] | None:
 
 
 class _CoreLinear(torch.autograd.Function):
-    """F.linear whose backward gives the weight gradient of `rows` only (to the carrier)."""
+    """F.linear whose backward gives the weight gradient of `rows` only (to the carrier), or
+    with `cols` of the elements (rows[i], cols[i]) only."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, carrier, rows, compute_dtype):
+    def forward(ctx, x, weight, bias, carrier, rows, cols, compute_dtype):
         xc = x if compute_dtype is None else x.to(compute_dtype)
         wc = weight if compute_dtype is None else weight.to(compute_dtype)
         bc = bias if compute_dtype is None or bias is None else bias.to(compute_dtype)
-        ctx.save_for_backward(xc, wc, rows)
+        ctx.save_for_backward(xc, wc, rows, cols)
         ctx.x_dtype, ctx.carrier_dtype = x.dtype, carrier.dtype
         ctx.has_bias = bias is not None
         return F.linear(xc, wc, bc)
 
     @staticmethod
     def backward(ctx, gy):
-        x, w, rows = ctx.saved_tensors
+        x, w, rows, cols = ctx.saved_tensors
         gy = gy.to(w.dtype)
         gx = gb = gc = None
         if ctx.needs_input_grad[0]:
             gx = gy.matmul(w).to(ctx.x_dtype)
         gy2 = gy.reshape(-1, gy.shape[-1])
-        if ctx.needs_input_grad[3]:
-            gc = gy2.index_select(1, rows).t().matmul(x.reshape(-1, x.shape[-1])).to(ctx.carrier_dtype)
+        x2 = x.reshape(-1, x.shape[-1])
+        if ctx.needs_input_grad[3] and cols is None:
+            gc = gy2.index_select(1, rows).t().matmul(x2).to(ctx.carrier_dtype)
+        elif ctx.needs_input_grad[3]:  # fp32 sums, whatever the compute dtype
+            gc = sampled_dot(gy2.t().float(), x2.t().float(), rows, cols).view(-1, 1).to(ctx.carrier_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = gy2.sum(0)
-        return gx, None, gb, gc, None, None
+        return gx, None, gb, gc, None, None, None
 
 
 def _core_forward(self: nn.Linear, x: Tensor) -> Tensor:
@@ -88,7 +95,7 @@ def _core_forward(self: nn.Linear, x: Tensor) -> Tensor:
     kind = x.device.type
     if torch.is_autocast_enabled(kind):
         dtype = torch.get_autocast_dtype(kind)
-    return _CoreLinear.apply(x, self.weight, self.bias, carrier, carrier.trace_rows, dtype)
+    return _CoreLinear.apply(x, self.weight, self.bias, carrier, *carrier.trace_pick, dtype)
 
 
 def _drop_carrier(module, state_dict, prefix, local_metadata):
@@ -149,14 +156,22 @@ class CoreGrads:
         self.remove()
 
 
-def install_core_grads(model: nn.Module, core: CoreMask, *, max_row_fraction: float = 0.5) -> CoreGrads:
+def install_core_grads(model: nn.Module, core: CoreMask, *, max_row_fraction: float = 0.5,
+                       max_element_fraction: float = 0.1) -> CoreGrads:
     """Give every `nn.Linear` of `model` whose weight's core lies in at most
     `max_row_fraction` of its rows a backward that computes only those rows' weight
-    gradient (see the module's docstring). Layers where it would not save work (a core in
-    most rows), weights shared between modules, sharded (DTensor) weights and blocks that
-    straddle rows keep the full gradient. Returns the handle that removes it."""
+    gradient, and every other one whose core is at most `max_element_fraction` of its
+    elements a backward that computes only those elements' (see the module's docstring).
+    Layers where it would not save work (a dense core), weights shared between modules,
+    sharded (DTensor) weights and blocks that straddle rows keep the full gradient. Returns
+    the handle that removes it.
+
+    Measured on 2 AMD EPYC cores, 1,024 tokens, 512 × 1376 weights: the element path costs
+    0.2× the full weight-gradient product at 5 % of the elements and about 1× at 25 %."""
     if not 0.0 < max_row_fraction <= 1.0:
         raise ValueError(f"max_row_fraction must be in (0, 1], got {max_row_fraction}")
+    if not 0.0 <= max_element_fraction <= 1.0:
+        raise ValueError(f"max_element_fraction must be in [0, 1], got {max_element_fraction}")
     counts: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         counts[id(p)] = counts.get(id(p), 0) + 1
@@ -171,13 +186,21 @@ def install_core_grads(model: nn.Module, core: CoreMask, *, max_row_fraction: fl
             weight = module.weight
             if is_dtensor(weight) or counts.get(id(weight), 0) != 1 or entry.shape != tuple(weight.shape):
                 continue
-            found = core_rows(entry, weight.shape[1])
-            if found is None or found[0].numel() > max_row_fraction * weight.shape[0]:
+            cols = weight.shape[1]
+            found = core_rows(entry, cols)
+            if found is not None and found[0].numel() <= max_row_fraction * weight.shape[0]:
+                rows = found[0].to(weight.device)
+                pick = (rows, None)
+            elif entry.density <= max_element_fraction:
+                rows = core_rows(entry, 1)[0].to(weight.device)  # the core's elements
+                pick = (rows // cols, rows % cols)
+                cols = 1
+            else:
                 continue
-            rows = found[0].to(weight.device)
-            carrier = nn.Parameter(torch.empty_strided((rows.numel(), weight.shape[1]), (0, 0),
+            carrier = nn.Parameter(torch.empty_strided((rows.numel(), cols), (0, 0),
                                                        dtype=weight.dtype, device=weight.device))
-            carrier.trace_rows = rows
+            carrier.trace_rows = rows  # of the weight viewed as (-1, cols)
+            carrier.trace_pick = pick
             own = module.__dict__.get("forward")
             module.register_parameter(CARRIER, carrier)
             weight.trace_core_grad = carrier

@@ -571,7 +571,7 @@ class MaskedAdamW(Optimizer):
     @staticmethod
     def _compact(p: Tensor, carrier: Tensor, lay: _Layout) -> _Compact:
         rows = carrier.trace_rows
-        weight = local_tensor(p).view(p.shape[0], -1)
+        weight = local_tensor(p).view(-1, carrier.shape[1])  # (out, in) for rows, (numel, 1) for elements
         found = core_rows(lay.entry, weight.shape[1])
         if found is None or not torch.equal(found[0], rows.cpu()):
             raise ValueError("the core-rows gradient was installed for another core than the "

@@ -11,6 +11,7 @@
 
 #include "../cpu/delta_stats.h"
 #include "../cpu/masked_adamw.h"
+#include "../cpu/sampled_dot.h"
 #include "trace_kernels/rounding.h"
 #include "table_layout.h"
 
@@ -154,6 +155,16 @@ std::optional<std::pair<int64_t, std::string>> check_block_indices(int64_t addre
   return std::make_pair(e.position, std::string(e.kind == 1 ? "out of range" : "not strictly increasing"));
 }
 
+// Bounds are the caller's: trace_kernels/ops/sampled_dot.py checks rows and cols against
+// a's and b's vectors before the call.
+void sampled_dot(int64_t a, int64_t b, int64_t length, int64_t rows, int64_t cols, int64_t count,
+                 int64_t out, int num_threads) {
+  py::gil_scoped_release release;
+  tkc::sampled_dot(layout::as_ptr<const float>(a), layout::as_ptr<const float>(b), length,
+                   layout::as_ptr<const int64_t>(rows), layout::as_ptr<const int64_t>(cols), count,
+                   layout::as_ptr<float>(out), num_threads);
+}
+
 bool openmp_enabled() {
 #ifdef _OPENMP
   return true;
@@ -189,6 +200,9 @@ PYBIND11_MODULE(_C, m) {
         "Per-block sums of d^2, fisher, d*ref and ref^2 (fp64 accumulation, fp32 out).");
   m.def("check_block_indices", &check_block_indices, py::arg("address"), py::arg("int64"),
         py::arg("count"), py::arg("limit"), py::arg("num_threads"));
+  m.def("sampled_dot", &sampled_dot, py::arg("a"), py::arg("b"), py::arg("length"), py::arg("rows"),
+        py::arg("cols"), py::arg("count"), py::arg("out"), py::arg("num_threads"),
+        "out[i] = dot(a[rows[i]], b[cols[i]]): selected entries of a b^T (fp32, checked by the caller).");
   m.def("openmp_enabled", &openmp_enabled);
   m.def("isa_levels", []() {
     std::vector<std::string> levels;

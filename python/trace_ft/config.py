@@ -66,7 +66,7 @@ class RunConfig:
     trace_scope: str = "global"       # the budget over all tensors, or "per_tensor"
     trace_exclude: list[str] | None = None   # name patterns never eligible (None: the default)
     trace_master_weights: bool | None = None  # fp32 masters of 16-bit cores (None: on for 16-bit)
-    trace_core_grads: bool = False    # linear layers with a few core rows: those rows' gradients only
+    trace_core_grads: bool = False    # linear layers with a few core rows or elements: their gradients only
     trace_importance: str = "rank"
     trace_threshold: float = 0.5
     trace_specificity_unit: str = "block"   # where cosines are measured: block, row, tensor
@@ -312,8 +312,9 @@ RUN_FLAGS = {
     "--master-weights": ("trace_master_weights", _flag, "trace: fp32 master values of the core of "
                          "16-bit parameters (true/false; default: on for 16-bit)"),
     "--core-grads": ("trace_core_grads", _flag, "trace: linear layers whose core lies in at most half "
-                     "their rows compute only those rows' weight gradients (true/false; gradient "
-                     "clipping then measures those rows only)"),
+                     "their rows (or is at most 10 %% of their elements) compute only those rows' "
+                     "(elements') weight gradients (true/false; gradient clipping then measures "
+                     "the core only)"),
     "--scope": ("trace_scope", str, "trace: the budget over all tensors (global) or per_tensor"),
     "--trace-exclude": ("trace_exclude", _list, "trace: comma-separated name patterns never "
                         "eligible ('' for none; default: embeddings, norms, biases, lm_head)"),

@@ -1,8 +1,9 @@
-"""Core-rows weight gradients (`install_core_grads`): the compact gradient equals the dense
-gradient's core rows up to matmul reduction order (fp32: rtol 1e-5; bf16: the bf16
-rounding of the same sums, rtol 2e-2), and MaskedAdamW stepped from it moves exactly
-the elements the full-gradient path moves, to the same values (bit for bit when the
-gradients are equal), with no full-size weight gradient made."""
+"""Core-only weight gradients (`install_core_grads`): the compact gradient equals the dense
+gradient's core rows or core elements up to matmul reduction order (fp32: rtol 1e-5;
+bf16: the bf16 rounding of the same sums, rtol 2e-2), and MaskedAdamW stepped from it
+moves exactly the elements the full-gradient path moves, to the same values (bit for bit
+when the gradients are equal), with no full-size weight gradient made. `sampled_dot`, the
+element path's kernel, against the dense product on odd sizes."""
 
 import copy
 
@@ -10,8 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from trace_kernels import CoreMask, MaskEntry, MaskedAdamW, install_core_grads
+from trace_kernels import CoreMask, MaskEntry, MaskedAdamW, install_core_grads, ops
 from trace_kernels.core_grads import CARRIER, core_rows
+
+# install_core_grads arguments for each compact mode: core rows, or core elements only
+MODES = {"rows": dict(max_row_fraction=1.0), "elements": dict(max_row_fraction=1e-9, max_element_fraction=1.0)}
 
 pytest.importorskip("trace_kernels._C")
 
@@ -53,10 +57,10 @@ def test_core_rows_refuses_blocks_across_rows():
     assert core_rows(MaskEntry((9, 12), 9, torch.tensor([0, 5])), 12) is None
 
 
-def run_steps(net, core, compact, steps=3, micro=2, dtype=torch.float32, clip=None, **kw):
+def run_steps(net, core, compact, steps=3, micro=2, dtype=torch.float32, clip=None, mode="rows", **kw):
     for n, p in net.named_parameters():
         p.requires_grad_(n in core)
-    handle = install_core_grads(net, core, max_row_fraction=1.0) if compact else None
+    handle = install_core_grads(net, core, **MODES[mode]) if compact else None
     opt = MaskedAdamW(net.named_parameters(), lr=1e-2, weight_decay=0.1, masks=core, backend="cpu", **kw)
     gen = torch.Generator().manual_seed(5)
     norms = []
@@ -74,15 +78,18 @@ def run_steps(net, core, compact, steps=3, micro=2, dtype=torch.float32, clip=No
     return handle, opt, norms
 
 
-@pytest.mark.parametrize("granularity", ["row", "element"])
-def test_steps_match_the_full_gradient_path(granularity):
+@pytest.mark.parametrize("granularity,mode", [("row", "rows"), ("element", "rows"), ("element", "elements"),
+                                              ("row", "elements")])
+def test_steps_match_the_full_gradient_path(granularity, mode):
     gen = torch.Generator().manual_seed(1)
     dense = model()
     core = weights_core(dense, gen, granularity)
     mine = copy.deepcopy(dense)
     before = copy.deepcopy(dense.state_dict())
     run_steps(dense, core, False)
-    handle, opt, _ = run_steps(mine, core, True)
+    handle, opt, _ = run_steps(mine, core, True, mode=mode)
+    assert all(getattr(m, CARRIER).shape[1] == (1 if mode == "elements" else m.in_features)
+               for m in mine if hasattr(m, CARRIER))
     assert sorted(handle.names) == sorted(core)
     sd = mine.state_dict()
     assert not any(CARRIER in k for k in sd)
@@ -98,68 +105,74 @@ def test_steps_match_the_full_gradient_path(granularity):
     assert "forward" not in mine[0].__dict__ and mine[0].weight.requires_grad
 
 
-def test_gradients_equal_the_dense_rows_and_accumulate():
+@pytest.mark.parametrize("mode", MODES)
+def test_gradients_equal_the_dense_rows_and_accumulate(mode):
     gen = torch.Generator().manual_seed(2)
     dense = model()
-    core = weights_core(dense, gen)
+    core = weights_core(dense, gen, "element" if mode == "elements" else "row")
     mine = copy.deepcopy(dense)
     x = torch.randn(2, 4, 13, generator=gen)
     xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
     for net, xx in zip((dense, mine), xs):
         if net is mine:
-            install_core_grads(net, core, max_row_fraction=1.0)
+            install_core_grads(net, core, **MODES[mode])
         for _ in range(2):  # accumulated over two backward passes
             net(xx).square().sum().backward()
     torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=1e-5, atol=1e-6)
     for i in (0, 2, 4):
-        rows = getattr(mine[i], CARRIER).trace_rows
-        torch.testing.assert_close(getattr(mine[i], CARRIER).grad, dense[i].weight.grad[rows], rtol=1e-5, atol=1e-6)
+        carrier = getattr(mine[i], CARRIER)
+        want = dense[i].weight.grad.reshape(-1, carrier.shape[1])[carrier.trace_rows]
+        torch.testing.assert_close(carrier.grad, want, rtol=1e-5, atol=1e-6)
         assert mine[i].weight.grad is None
     torch.testing.assert_close(mine[0].bias.grad, dense[0].bias.grad, rtol=1e-5, atol=1e-6)
 
 
-def test_clipping_through_model_parameters_counts_the_compact_gradients():
+@pytest.mark.parametrize("mode", MODES)
+def test_clipping_through_model_parameters_counts_the_compact_gradients(mode):
     gen = torch.Generator().manual_seed(3)
     net = model()
     core = weights_core(net, gen)
     dense = copy.deepcopy(net)
-    _, _, norms = run_steps(net, core, True, steps=1, clip=1e-3)
+    _, _, norms = run_steps(net, core, True, steps=1, clip=1e-3, mode=mode)
     for n, p in dense.named_parameters():
         p.requires_grad_(n in core)
     g = torch.Generator().manual_seed(5)
     for _ in range(2):
         dense(torch.randn(6, 5, 13, generator=g)).square().mean().backward()
     params = dict(dense.named_parameters())
-    want = torch.stack([params[n].grad.reshape(params[n].shape[0], -1)[core_rows(e, params[n].shape[1])[0]].norm()
+    cols = {"rows": lambda n: params[n].shape[1], "elements": lambda n: 1}[mode]
+    want = torch.stack([params[n].grad.reshape(-1, cols(n))[core_rows(e, cols(n))[0]].norm()
                         for n, e in core.items()]).norm()
     assert norms[0] == pytest.approx(float(want), rel=1e-5)
 
 
-def test_bf16_with_masters_matches_the_full_gradient_path():
+@pytest.mark.parametrize("mode", MODES)
+def test_bf16_with_masters_matches_the_full_gradient_path(mode):
     gen = torch.Generator().manual_seed(4)
     dense = model(torch.bfloat16)
-    core = weights_core(dense, gen)
+    core = weights_core(dense, gen, "element" if mode == "elements" else "row")
     mine = copy.deepcopy(dense)
     run_steps(dense, core, False, dtype=torch.bfloat16)
-    run_steps(mine, core, True, dtype=torch.bfloat16)
+    run_steps(mine, core, True, dtype=torch.bfloat16, mode=mode)
     for (name, ref), got in zip(dense.state_dict().items(), mine.state_dict().values()):
         close = torch.isclose(got.float(), ref.float(), rtol=2e-2, atol=1e-3)
         assert close.float().mean() > 0.99, name
 
 
-def installed(seed):
-    """A model with a row core, the rest frozen, core-rows gradients installed."""
+def installed(seed, mode="rows"):
+    """A model with a row core, the rest frozen, compact gradients installed."""
     gen = torch.Generator().manual_seed(seed)
     net = model()
     core = weights_core(net, gen)
     for n, p in net.named_parameters():
         p.requires_grad_(n in core)
-    install_core_grads(net, core, max_row_fraction=1.0)
+    install_core_grads(net, core, **MODES[mode])
     return gen, net, core
 
 
-def test_grad_scaler_skips_a_step_with_an_inf_in_a_compact_gradient():
-    gen, net, core = installed(6)
+@pytest.mark.parametrize("mode", MODES)
+def test_grad_scaler_skips_a_step_with_an_inf_in_a_compact_gradient(mode):
+    gen, net, core = installed(6, mode)
     opt = MaskedAdamW(net.named_parameters(), lr=1e-2, masks=core, backend="cpu")
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     before = copy.deepcopy(net.state_dict())
@@ -185,14 +198,68 @@ def test_refusals_name_the_parameter():
         opt.step()
     with pytest.raises(ValueError, match="max_row_fraction"):
         install_core_grads(net, core, max_row_fraction=0)
+    with pytest.raises(ValueError, match="max_element_fraction"):
+        install_core_grads(net, core, max_element_fraction=1.5)
 
 
 def test_layers_where_it_saves_nothing_keep_the_full_gradient():
     net = model()
     shapes = {n: tuple(p.shape) for n, p in net.named_parameters() if n.endswith("weight")}
     core = CoreMask.full(shapes, "row")  # every row: nothing to save
-    with install_core_grads(net, core) as handle:
+    with install_core_grads(net, core) as handle:  # nor sparse enough for the element path
         assert handle.names == []
     with install_core_grads(net, core, max_row_fraction=1.0) as handle:
         assert len(handle.names) == 3
     assert not any(CARRIER in n for n, _ in net.named_parameters())
+
+
+def test_layers_take_rows_when_the_core_is_in_few_rows_else_elements_when_it_is_sparse():
+    net = model()
+    gen = torch.Generator().manual_seed(8)
+    shapes = {n: tuple(p.shape) for n, p in net.named_parameters() if n.endswith("weight")}
+    # one element in every row: no row to skip, 1/13 or 1/40 of the elements
+    spread = CoreMask.from_indices({n: ((r, c), 1, torch.arange(r) * c + torch.arange(r) % c)
+                                    for n, (r, c) in shapes.items()})
+    with install_core_grads(net, spread) as handle:
+        assert sorted(handle.names) == ["0.weight", "2.weight", "4.weight"]
+        assert all(getattr(net[i], CARRIER).shape[1] == 1 for i in (0, 2, 4))
+    with install_core_grads(net, spread, max_element_fraction=0.0) as handle:
+        assert handle.names == []  # most rows hold core elements: nothing cheaper to do
+    rows = row_core(gen, shapes, 0.2, "row")
+    with install_core_grads(net, rows, max_row_fraction=0.5) as handle:
+        assert all(getattr(net[int(n[0])], CARRIER).shape[1] == shapes[n][1] for n in handle.names)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_sampled_dot_equals_the_dense_product_on_odd_sizes(backend):
+    gen = torch.Generator().manual_seed(9)
+    a, b = torch.randn(37, 1031, generator=gen), torch.randn(53, 1031, generator=gen)
+    rows = torch.randint(0, 37, (5001,), generator=gen)
+    cols = torch.randint(0, 53, (5001,), generator=gen)
+    got = ops.sampled_dot(a, b, rows, cols, backend=backend)
+    torch.testing.assert_close(got, (a.double() @ b.double().t())[rows, cols].float(), rtol=1e-5, atol=1e-4)
+    if backend == "cpu":  # one summation order whatever the thread count
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            assert torch.equal(ops.sampled_dot(a, b, rows, cols, backend=backend), got)
+        finally:
+            torch.set_num_threads(threads)
+    assert ops.sampled_dot(a, b, rows[:0], cols[:0], backend=backend).shape == (0,)
+
+
+def test_sampled_dot_refuses_bad_input_by_name():
+    a, b = torch.randn(4, 8), torch.randn(5, 8)
+    ok = torch.tensor([0, 3])
+    with pytest.raises(ValueError, match="rows holds an index outside"):
+        ops.sampled_dot(a, b, torch.tensor([0, 4]), ok)
+    with pytest.raises(ValueError, match="cols holds an index outside"):
+        ops.sampled_dot(a, b, ok, torch.tensor([-1, 0]))
+    with pytest.raises(ValueError, match="b must be a 2-D float32"):
+        ops.sampled_dot(a, b.double(), ok, ok)
+    with pytest.raises(ValueError, match="second dimension"):
+        ops.sampled_dot(a, torch.randn(5, 9), ok, ok)
+    with pytest.raises(ValueError, match="rows must be a 1-D int64"):
+        ops.sampled_dot(a, b, ok.int(), ok)
+    with pytest.raises(ValueError, match="differ in length"):
+        ops.sampled_dot(a, b, ok, ok[:1])

@@ -91,3 +91,10 @@ def delta_stats(post, pre, fishers, refs, block_sizes, num_refs, outputs):
         row += t.numel() // block_sizes[i]
     ext.delta_stats(table, len(post), num_refs, *(o.data_ptr() for o in outputs),
                     torch.get_num_threads())
+
+
+def sampled_dot(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(rows.numel(), dtype=torch.float32)
+    _ext().sampled_dot(a.data_ptr(), b.data_ptr(), a.shape[1], rows.data_ptr(), cols.data_ptr(),
+                       rows.numel(), out.data_ptr(), torch.get_num_threads())
+    return out

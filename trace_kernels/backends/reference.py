@@ -111,3 +111,13 @@ def delta_stats(post, pre, fishers, refs, block_sizes, num_refs, outputs):
             rr = ref.double() if b > 1 else ref
             dots[rows, r] = block_sum(dd * rr)
             ref_sq[rows, r] = block_sum(rr * rr)
+
+
+def sampled_dot(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                chunk: int = 1 << 14) -> torch.Tensor:
+    """out[i] = a[rows[i]] · b[cols[i]], in chunks so the gathered vectors stay small."""
+    out = torch.empty(rows.numel(), dtype=torch.float32, device=a.device)
+    for s in range(0, rows.numel(), chunk):
+        r, c = rows[s:s + chunk], cols[s:s + chunk]
+        out[s:s + chunk] = (a.index_select(0, r) * b.index_select(0, c)).sum(1)
+    return out

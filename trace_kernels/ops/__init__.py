@@ -4,6 +4,8 @@
   once, optimizer state for the selected elements only; `adamw_fisher_`: the dense
   probe step that also accumulates the Fisher diagonal in the same pass.
 - `delta_stats` (`delta_stats.py`): per-block sums for importance and specificity.
+- `sampled_dot` (`sampled_dot.py`): selected entries of a product A·Bᵀ (element-level
+  core weight gradients).
 
 Every argument is checked (`_checks.py`) before any backend runs, so bad input raises a
 ValueError/TypeError that names the argument and leaves every tensor untouched.
@@ -12,6 +14,7 @@ ValueError/TypeError that names the argument and leaves every tensor untouched.
 from ._checks import INDEX_DTYPES, MAX_REFS, PARAM_DTYPES
 from .adamw import adamw_fisher_, masked_adamw_, masked_adamw_trusted_
 from .delta_stats import DeltaStats, delta_stats
+from .sampled_dot import sampled_dot
 
-__all__ = ["masked_adamw_", "masked_adamw_trusted_", "adamw_fisher_", "delta_stats", "DeltaStats",
+__all__ = ["masked_adamw_", "masked_adamw_trusted_", "adamw_fisher_", "delta_stats", "DeltaStats", "sampled_dot",
            "PARAM_DTYPES", "INDEX_DTYPES", "MAX_REFS"]

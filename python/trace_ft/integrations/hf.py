@@ -53,7 +53,7 @@ class TraceState:
     probe: ProbeResult | None = None
     selection: Selection | None = None
     before: dict | None = None      # the core's values before training (for the history)
-    core_grads: CoreGrads | None = None  # the layers computing core-rows gradients only
+    core_grads: CoreGrads | None = None  # the layers computing their core's gradients only
 
 
 def load_core(checkpoint: str | Path) -> CoreMask:
@@ -104,10 +104,10 @@ def trace_optimizer(
     core: a core to use instead of probing (`load_core(checkpoint)` on resume, or a file).
     freeze_others: set ``requires_grad=False`` on tensors without a core element, so
         backward skips their gradients (the probe restores the flags it changes).
-    core_grads: linear layers whose core lies in a few rows compute only those rows'
-        weight gradients (`trace_kernels.core_grads`; `TraceCallback` removes them when
+    core_grads: linear layers whose core lies in a few rows (or is a few scattered
+        elements) compute only those rows' (elements') weight gradients (`trace_kernels.core_grads`; `TraceCallback` removes them when
         training ends, or call ``opt.trace.core_grads.remove()``). Off by default: the
-        Trainer's clipping then measures the core rows' gradients instead of the whole
+        Trainer's clipping then measures the core's gradients instead of the whole
         tensors', which changes the training (see the README).
     The result's ``.trace`` holds the core, probe result and selection.
 

@@ -1,0 +1,41 @@
+"""`sampled_dot`: selected entries of a product A·Bᵀ, the rest never computed.
+
+A weight gradient is gyᵀ·x (output gradient by input, summed over tokens); an element-level
+core needs only its own entries of it, each the dot product of one column of gy with one
+column of x. Given gyᵀ and xᵀ (the tokens along each row), this computes those dot products
+and nothing else: k · tokens multiply-adds instead of out · in · tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import backends
+
+
+def sampled_dot(a: Tensor, b: Tensor, rows: Tensor, cols: Tensor, *, backend: str | None = None) -> Tensor:
+    """fp32 ``out[i] = a[rows[i]] · b[cols[i]]`` for 2-D fp32 `a` (R × n) and `b` (C × n)
+    and int64 index vectors `rows`, `cols` of one length. The native CPU kernel sums each
+    product in a fixed order whatever the thread count; other devices use torch ops."""
+    op = "sampled_dot"
+    for name, t in (("a", a), ("b", b)):
+        if not isinstance(t, Tensor) or t.dim() != 2 or t.dtype != torch.float32:
+            raise ValueError(f"{op}: {name} must be a 2-D float32 tensor, got "
+                             f"{getattr(t, 'dtype', type(t))} of shape {tuple(getattr(t, 'shape', ()))}")
+    if a.shape[1] != b.shape[1] or a.device != b.device:
+        raise ValueError(f"{op}: a {tuple(a.shape)} on {a.device} and b {tuple(b.shape)} on {b.device} "
+                         "must share their second dimension and device")
+    for name, t, limit in (("rows", rows, a.shape[0]), ("cols", cols, b.shape[0])):
+        if not isinstance(t, Tensor) or t.dim() != 1 or t.dtype != torch.int64 or t.device != a.device:
+            raise ValueError(f"{op}: {name} must be a 1-D int64 tensor on {a.device}")
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= limit):
+            raise ValueError(f"{op}: {name} holds an index outside [0, {limit})")
+    if rows.numel() != cols.numel():
+        raise ValueError(f"{op}: rows ({rows.numel()}) and cols ({cols.numel()}) differ in length")
+    choice = backends.choose(a.device, backend).name
+    a, b = a.contiguous(), b.contiguous()
+    rows, cols = rows.contiguous(), cols.contiguous()
+    if choice == "cpu":
+        return backends.module("cpu").sampled_dot(a, b, rows, cols)
+    return backends.module("reference").sampled_dot(a, b, rows, cols)
