@@ -1,8 +1,9 @@
 """A training step (forward, backward, optimizer step) on a ~58M-parameter Llama config,
 batch 4 × 256 tokens, CPU: full fine-tuning with torch.optim.AdamW(fused=True) against TRACE
 with cores of 5 % elements, 5 % rows and 10 % whole tensors (the authors' rule), the tensors
-without core frozen and `MaskedAdamW` on the core; rows with core-rows gradients
-(`install_core_grads`) and without.
+without core frozen and `MaskedAdamW` on the core; with core-only weight gradients
+(`install_core_grads`: core rows, or core elements where they spread over most rows) and,
+for rows and elements, without.
 
     python bench/bench_train_step.py [--steps 6] [--device cpu|cuda] [--out bench/results/train_step_cpu]
 
@@ -27,9 +28,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-CASES = {  # name: (granularity, density, core-rows gradients)
+CASES = {  # name: (granularity, density, compact (core-only) weight gradients)
     "full fine-tuning (torch fused AdamW)": (None, 1.0, False),
     "trace element 5 %": ("element", 0.05, True),
+    "trace element 5 %, full weight gradients": ("element", 0.05, False),
     "trace row 5 %": ("row", 0.05, True),
     "trace row 5 %, full weight gradients": ("row", 0.05, False),
     "trace whole tensors 10 %": ("tensor", 0.10, True),
