@@ -233,3 +233,12 @@ def test_found_inf_of_two_devices_skips_and_keeps_device_steps(gen):
     for key in ("params", "m", "v", "steps"):
         for i, (a, b) in enumerate(zip(prob[key], before[key])):
             assert_bits_equal(a.cpu(), b.cpu(), f"{key}[{i}]")
+
+
+def test_sampled_dot_on_cuda_equals_the_dense_product():
+    gen = torch.Generator().manual_seed(11)
+    a, b = torch.randn(37, 1031, generator=gen), torch.randn(53, 1031, generator=gen)
+    rows, cols = torch.randint(0, 37, (5001,), generator=gen), torch.randint(0, 53, (5001,), generator=gen)
+    got = ops.sampled_dot(a.cuda(), b.cuda(), rows.cuda(), cols.cuda())
+    assert got.device.type == "cuda"
+    torch.testing.assert_close(got.cpu(), (a.double() @ b.double().t())[rows, cols].float(), rtol=1e-5, atol=1e-4)
