@@ -194,5 +194,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def entry() -> None:
+    """The `trace-ft` program: `main`, then exit with its code. A torchrun rank whose command
+    made and destroyed a process group ends without the interpreter's teardown, where gloo
+    can abort a finished rank (`trace_ft.lm.parallel.exit_rank`)."""
+    code = main()
+    parallel = sys.modules.get("trace_ft.lm.parallel")
+    if parallel is not None and parallel.ended_a_group:
+        parallel.exit_rank(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -25,7 +25,7 @@ from ..config import RunConfig, build_strategy
 from ..continual.strategies.base import Context
 from ..evaluate import Evaluator
 from ..lm.model import open_model, save_model, weights_sha256
-from ..lm.parallel import DataParallel, is_main
+from ..lm.parallel import DataParallel, is_main, main_first
 from ..method.routing import core_values, full_core_values, set_core_values
 from ..store.atomic import sha256_file
 from ..store.checkpoint import AdaptCheckpoint, CheckpointError
@@ -93,8 +93,8 @@ def _adapt(cfg: RunConfig, model, task, history, out, *, eval_history, resume, c
         raise ValueError(f"--out {out} already exists (pass --overwrite to replace it)")
     (new_task,) = resolve_tasks([task], cfg.seed, cfg.n_train, cfg.n_test)  # bad data fails here
     core_mask = CoreMask.load(core) if core is not None else None
-    net, codec, model_dir = open_model(model, size=cfg.size, cache_dir=cfg.cache_dir, dtype=cfg.dtype,
-                                       device=cfg.device, progress=False)
+    net, codec, model_dir = main_first(parallel, lambda: open_model(  # rank 0 fills a fresh cache
+        model, size=cfg.size, cache_dir=cfg.cache_dir, dtype=cfg.dtype, device=cfg.device, progress=False))
     if core_mask is not None:
         core_mask.check_shapes({n: tuple(p.shape) for n, p in net.named_parameters()},
                                f"--core {core}")

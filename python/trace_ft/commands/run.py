@@ -15,7 +15,7 @@ from ..continual.report import summary_table, versions, write_outputs
 from ..continual.sequence import TaskSequence, routed_entry, run_strategy
 from ..lm.memory import memory_note
 from ..lm.model import open_model
-from ..lm.parallel import DataParallel, is_main
+from ..lm.parallel import DataParallel, is_main, main_first
 from ..tasks import BASE, builtin_task, resolve_tasks
 
 
@@ -52,8 +52,9 @@ def _run(cfg: RunConfig, out, sweep: bool, progress: bool, log, parallel: DataPa
         raise ValueError("trace_protect_base needs the built-in model's base skill")
     strategies = (sweep_strategies(cfg, general) if sweep
                   else [build_strategy(s, cfg, general) for s in cfg.strategies])
-    base, codec, model_dir = open_model(cfg.model, size=cfg.size, cache_dir=cfg.cache_dir,
-                                        dtype=cfg.dtype, device=cfg.device, progress=progress)
+    base, codec, model_dir = main_first(parallel, lambda: open_model(  # rank 0 fills a fresh cache
+        cfg.model, size=cfg.size, cache_dir=cfg.cache_dir, dtype=cfg.dtype, device=cfg.device,
+        progress=progress))
     seq = TaskSequence.build(tasks, general, base, codec, score=main)
     total_params = sum(p.numel() for p in base.parameters())
     log(f"model: {model_dir} ({total_params:,} parameters); tasks: {', '.join(t.name for t in tasks)}; "

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from collections.abc import Callable, Sequence
 
 import torch
@@ -38,6 +39,44 @@ def check_launch() -> None:
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise ValueError("--parallel needs a torchrun launch: torchrun --nproc-per-node N -m "
                          "trace_ft run --parallel ddp ...")
+
+
+# Set once a DataParallel has destroyed the process group it made: the program may then end
+# its rank with `exit_rank` (the command-line entry point does).
+ended_a_group = False
+
+
+def exit_rank(code: int) -> None:
+    """End a torchrun rank now, without the interpreter's teardown. After the work is done
+    and written (and the process group destroyed), gloo can still abort a rank during
+    teardown ("terminate called without an active exception", pytorch/pytorch#190489),
+    which torchrun reports as a failed launch; seen in CI one launch in tens."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def main_first(parallel: DataParallel | None, fn: Callable[[], object]):
+    """`fn()` on rank 0, then, once it succeeded, on the other ranks: for work the ranks
+    would race on, such as the first use of a cache. A failure on rank 0 raises on every
+    rank (no rank is left waiting). Without `parallel`, just `fn()`."""
+    if parallel is None:
+        return fn()
+    failure: list = [None]
+    result = None
+    if parallel.is_main:
+        try:
+            result = fn()
+        except Exception as exc:  # noqa: BLE001 - sent to the other ranks, then raised
+            failure = [f"{type(exc).__name__}: {exc}"]
+            dist.broadcast_object_list(failure, src=0)
+            raise
+    dist.broadcast_object_list(failure, src=0)
+    if parallel.is_main:
+        return result
+    if failure[0] is not None:
+        raise RuntimeError(f"rank 0 failed: {failure[0]}")
+    return fn()
 
 
 def is_main(parallel: DataParallel | None) -> bool:
@@ -184,5 +223,7 @@ class DataParallel:
         dist.barrier()
 
     def close(self) -> None:
+        global ended_a_group
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+            ended_a_group = True

@@ -10,6 +10,7 @@ import sys
 
 from trace_ft.commands.adapt import adapt
 from trace_ft.config import RunConfig
+from trace_ft.lm.parallel import exit_rank
 
 
 def main() -> None:
@@ -27,3 +28,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_rank(0)  # as the trace-ft program ends a rank

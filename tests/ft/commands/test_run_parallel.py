@@ -78,14 +78,17 @@ def test_parallel_needs_torchrun(builtin_cache, tmp_path, monkeypatch, capsys):
 def test_adapt_on_two_ranks_equals_one_process(builtin_cache, tmp_path, mode):
     from trace_ft.store.history import TaskHistory
 
-    small = ["--size", "tiny", "--cache-dir", str(builtin_cache), "--quiet", "--steps", "8",
+    # ddp starts from an empty cache: rank 0 pretrains the base model while rank 1 waits
+    # (both ranks used to pretrain and race to install it), then the one process reuses it
+    cache = tmp_path / "cache" if mode == "ddp" else builtin_cache
+    small = ["--size", "tiny", "--cache-dir", str(cache), "--quiet", "--steps", "8",
              "--probe-steps", "3", "--n-train", "64", "--n-test", "16", "--batch-size", "8",
              "--threads", "1", "--checkpoint-every", "3"]
     one, two = tmp_path / "one", tmp_path / "two"
-    assert main(["adapt", "--model", "builtin", "--task", "rev", "--history", str(one / "hist"),
-                 "--out", str(one / "m"), *small]) == 0
     _torchrun(["-m", "trace_ft", "adapt", "--model", "builtin", "--task", "rev", "--history",
                str(two / "hist"), "--out", str(two / "m"), *small, "--parallel", mode])
+    assert main(["adapt", "--model", "builtin", "--task", "rev", "--history", str(one / "hist"),
+                 "--out", str(one / "m"), *small]) == 0
     a, b = (TaskHistory.open(d / "hist").entries[0] for d in (one, two))
     assert b["summary"]["core_elements"] == a["summary"]["core_elements"]
     assert b["summary"]["final_loss"] == pytest.approx(a["summary"]["final_loss"], rel=1e-4)
@@ -119,3 +122,14 @@ def test_parallel_adapt_resumes_after_an_interruption(builtin_cache, tmp_path, m
     launch("cut", resume=1)
     a, b = (load_file(str(tmp_path / d / "m" / "model.safetensors")) for d in ("whole", "cut"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_model_rank_0_cannot_open_stops_every_rank(tmp_path):
+    """Rank 0 opens the model first (`main_first`): its failure reaches rank 1, which would
+    otherwise wait for it, and both ranks end with the error."""
+    out = _torchrun(["-m", "trace_ft", "adapt", "--model", str(tmp_path / "missing"), "--task", "rev",
+                     "--history", str(tmp_path / "hist"), "--out", str(tmp_path / "m"), "--size", "tiny",
+                     "--threads", "1", "--parallel", "ddp"], check=False)
+    assert out.returncode != 0
+    assert "not a Hugging Face model directory" in out.stderr
+    assert "rank 0 failed: ValueError" in out.stderr
