@@ -114,8 +114,10 @@ def delta_stats(post, pre, fishers, refs, block_sizes, num_refs, outputs):
 
 
 def sampled_dot(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                chunk: int = 1 << 14) -> torch.Tensor:
-    """out[i] = a[rows[i]] · b[cols[i]], in chunks so the gathered vectors stay small."""
+                budget: int = 1 << 24) -> torch.Tensor:
+    """out[i] = a[rows[i]] · b[cols[i]], in chunks of at most `budget` gathered values per
+    operand (64 MiB of fp32), whatever the vectors' length."""
+    chunk = max(1, budget // max(1, a.shape[1]))
     out = torch.empty(rows.numel(), dtype=torch.float32, device=a.device)
     for s in range(0, rows.numel(), chunk):
         r, c = rows[s:s + chunk], cols[s:s + chunk]
