@@ -155,7 +155,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         worker(*args.worker, args.steps, args.out)
-        return
+        from trace_ft.lm.parallel import exit_rank
+
+        exit_rank(0)  # skip the interpreter's teardown, where gloo can abort a finished rank
     threads = os.cpu_count() or 2
     tmp = Path(tempfile.mkdtemp(prefix="bench_distributed."))  # each worker's row, until merged
     def measure(mode: str, what: str, steps: int, extra_env: dict | None = None) -> list[dict]:

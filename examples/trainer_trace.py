@@ -84,10 +84,14 @@ def main() -> None:
         print(f"optimizer state (this rank's): {opt.state_bytes()['total']:,} bytes")
         print(f"elements changed outside the core: {outside}")
         print(f"final training loss: {trainer.state.log_history[-1].get('train_loss', float('nan')):.4f}")
-    # Under torchrun, a rank that exits with its process group alive can abort in gloo's
-    # teardown ("terminate called without an active exception"); end it on every rank.
     trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()
+    trainer.accelerator.end_training()  # destroys the process group on every rank
+    if torch.distributed.is_torchelastic_launched():
+        # gloo can still abort a finished rank in the interpreter's teardown ("terminate
+        # called without an active exception", pytorch/pytorch#190489): skip it
+        from trace_ft.lm.parallel import exit_rank
+
+        exit_rank(0)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 from test_hf import fresh_model  # noqa: E402
 from trace_ft.integrations.hf import trace_optimizer  # noqa: E402
 from trace_ft.lm.batches import EncodedSet  # noqa: E402
+from trace_ft.lm.parallel import exit_rank  # noqa: E402
 from trace_ft.lm.text import CharTokenizer  # noqa: E402
 from trace_ft.tasks import builtin_task  # noqa: E402
 
@@ -46,3 +47,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_rank(0)  # skip the interpreter's teardown, where gloo can abort a finished rank

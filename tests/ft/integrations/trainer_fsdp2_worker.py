@@ -26,6 +26,7 @@ from transformers import Trainer, TrainingArguments  # noqa: E402
 
 from trace_ft.integrations.hf import TraceCallback, load_core, trace_optimizer_recipe  # noqa: E402
 from trace_ft.lm.batches import EncodedSet  # noqa: E402
+from trace_ft.lm.parallel import exit_rank  # noqa: E402
 from trace_ft.lm.text import CharTokenizer  # noqa: E402
 from trace_ft.tasks import builtin_task  # noqa: E402
 
@@ -80,11 +81,10 @@ def main() -> None:
                     "sharded": sharded, "losses": [e["loss"] for e in trainer.state.log_history
                                                    if "loss" in e]}, out / "final.pt")
         opt.trace.core.save(out / "core.safetensors")
-    # A rank that exits with its process group alive can abort in gloo's teardown
-    # ("terminate called without an active exception"), one run in three here.
     trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()
+    trainer.accelerator.end_training()  # destroys the process group
 
 
 if __name__ == "__main__":
     main()
+    exit_rank(0)  # skip the interpreter's teardown, where gloo can abort a finished rank
