@@ -6,9 +6,10 @@ scattered elements, spread over most rows, needs only those elements: gW[r, c] i
 product of gy's column r with x's column c (`ops.sampled_dot`), k dot products instead of
 out × in. `install_core_grads` makes each such layer's backward compute the input gradient
 in full and the weight gradient for its core rows (k × in) or core elements (k × 1) only,
-into a small *carrier* parameter registered next to the weight (``weight_core_grad``). The carrier's values are never used (its storage is one element);
-autograd accumulates its ``.grad`` like any parameter's, so gradient accumulation,
-``model.zero_grad()``, ``clip_grad_norm_(model.parameters(), …)`` and
+into a small *carrier* parameter registered next to the weight (``weight_core_grad``). The
+carrier's values are never used (its storage is one element); autograd accumulates its
+``.grad`` like any parameter's, so gradient accumulation, ``model.zero_grad()``,
+``clip_grad_norm_(model.parameters(), …)`` and
 ``torch.amp.GradScaler`` see the compact gradients. `MaskedAdamW` steps the weight from its
 carrier's gradient; no full-size weight gradient is made. The weight itself gets no
 ``.grad`` and ``requires_grad=False`` while installed (so DDP and FSDP wait for no gradient
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .masks import CoreMask, MaskEntry
-from .ops.sampled_dot import sampled_dot
+from .ops.sampled_dot import sampled_dot_trusted
 from .sharding import is_dtensor
 
 CARRIER = "weight_core_grad"  # the carrier's name in its module
@@ -81,7 +82,7 @@ class _CoreLinear(torch.autograd.Function):
         if ctx.needs_input_grad[3] and cols is None:
             gc = gy2.index_select(1, rows).t().matmul(x2).to(ctx.carrier_dtype)
         elif ctx.needs_input_grad[3]:  # fp32 sums, whatever the compute dtype
-            gc = sampled_dot(gy2.t().float(), x2.t().float(), rows, cols).view(-1, 1).to(ctx.carrier_dtype)
+            gc = sampled_dot_trusted(gy2.t().float(), x2.t().float(), rows, cols).view(-1, 1).to(ctx.carrier_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = gy2.sum(0)
         return gx, None, gb, gc, None, None, None
