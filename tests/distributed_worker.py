@@ -303,10 +303,21 @@ def scenario_checkpoint(out: Path) -> dict:
     return {"sharded_round_trip_equal": sharded_equal, "one_process_rel": rel}
 
 
+def _dyadic(like: torch.Tensor, g: torch.Generator, low: int) -> torch.Tensor:
+    """Integers in [low, 100] times 2^-8: every block sum of squares, products or Fisher
+    values of the worker's tensors (at most 660 elements, < 2^24 units) is exact in fp32,
+    so the sum is the same in any order and on any CPU."""
+    return torch.randint(low, 101, tuple(like.shape), generator=g).float() * 2.0 ** -8
+
+
 def scenario_select(out: Path) -> dict:
-    """The probe on FSDP2 shards and the selection from them: Δ and Fisher stay sharded and
-    equal one process's; every rank derives the same core, one process's core."""
-    from trace_ft import EarlierTask, SelectConfig, probe, select_core
+    """The probe on FSDP2 shards equals one process's to its tolerance; the selection from
+    sharded inputs equals one process's bit for bit on identical inputs (values whose block
+    sums are exact, so the order ranks add partial sums in cannot flip a block at the
+    budget's edge), and every rank derives the same core from its own probe."""
+    from torch.distributed.tensor import distribute_tensor
+
+    from trace_ft import EarlierTask, ProbeResult, SelectConfig, probe, select_core
 
     data = batches(4)
 
@@ -326,23 +337,36 @@ def scenario_select(out: Path) -> dict:
         errors[n] = [float((d - one.deltas[n]).norm() / one.deltas[n].norm()),
                      float((f - one.fisher[n]).norm() / one.fisher[n].norm())]
         assert max(errors[n]) <= 1e-5, (n, errors[n])
-    # an earlier task to be specific against (its update: the same probe on other data)
-    earlier_one = EarlierTask(updates=probe(ref, data[::-1], **kw).deltas,
-                              core=masks(ref, "row", seed=9), fisher={n: t.clone() for n, t in one.fisher.items()})
-    earlier_mine = EarlierTask(updates=probe(model, [(my_half(x), my_half(y)) for x, y in data[::-1]], **kw).deltas,
-                               core=earlier_one.core, fisher=dict(mine.fisher))
-    same = {}
+
+    # identical inputs for both: one process's tensors, and the same values sharded as the
+    # probe's are (placements and mesh of its DTensors)
+    g = torch.Generator().manual_seed(11)
+    names = list(one.deltas)
+
+    def pair(low: int):
+        plain = {n: _dyadic(one.deltas[n], g, low) for n in names}
+        sharded = {n: distribute_tensor(t, mine.deltas[n].device_mesh, mine.deltas[n].placements)
+                   for n, t in plain.items()}
+        return plain, sharded
+
+    (d1, dn), (f1, fn), (u1, un), (e1, en) = pair(-100), pair(1), pair(-100), pair(1)
+    # the real probes' earlier update (the same probe on other data), for the ranks-agree check
+    earlier_mine = probe(model, [(my_half(x), my_half(y)) for x, y in data[::-1]], **kw).deltas
+    same, chosen = {}, {}
     for granularity in ("element", "row", 3, "tensor"):
+        # an earlier core at row level would cover every tensor for whole-tensor selection
+        earlier_core = masks(ref, "tensor" if granularity == "tensor" else "row", seed=9)
         for unit in ("block", "row"):
-            cfg = SelectConfig(granularity=granularity, budget=0.2, specificity_unit=unit, protect=0.5)
-            a = select_core(one, [earlier_one], cfg).mask
-            b = select_core(mine, [earlier_mine], cfg).mask
+            cfg = SelectConfig(granularity=granularity, budget=0.4, specificity_unit=unit, protect=0.5)
             key = f"{granularity}-{unit}"
-            same[key] = a == b
+            a = select_core(ProbeResult(d1, f1, steps=4), [EarlierTask(u1, earlier_core, e1)], cfg).mask
+            b = select_core(ProbeResult(dn, fn, steps=4), [EarlierTask(un, earlier_core, en)], cfg).mask
+            same[key], chosen[key] = a == b, a.numel_selected
+            c = select_core(mine, [EarlierTask(earlier_mine, earlier_core, dict(mine.fisher))], cfg).mask
             gathered = [None] * world()[1]
-            dist.all_gather_object(gathered, {n: e.indices.tolist() for n, e in b.items()})
-            assert all(g == gathered[0] for g in gathered), f"{key}: ranks disagree"
-    return {"errors": errors, "same_as_one_process": same}
+            dist.all_gather_object(gathered, {n: e.indices.tolist() for n, e in c.items()})
+            assert all(gr == gathered[0] for gr in gathered), f"{key}: ranks disagree"
+    return {"errors": errors, "same_as_one_process": same, "chosen": chosen}
 
 
 SCENARIOS = {"fsdp2": scenario_fsdp2, "swapped": scenario_swapped, "ddp": scenario_ddp, "refused": scenario_refused,
