@@ -94,7 +94,8 @@ def _adapt(cfg: RunConfig, model, task, history, out, *, eval_history, resume, c
     (new_task,) = resolve_tasks([task], cfg.seed, cfg.n_train, cfg.n_test)  # bad data fails here
     core_mask = CoreMask.load(core) if core is not None else None
     net, codec, model_dir = main_first(parallel, lambda: open_model(  # rank 0 fills a fresh cache
-        model, size=cfg.size, cache_dir=cfg.cache_dir, dtype=cfg.dtype, device=cfg.device, progress=False))
+        model, size=cfg.size, cache_dir=cfg.cache_dir, dtype=cfg.dtype, device=cfg.device, progress=False,
+        chat=cfg.chat))
     if core_mask is not None:
         core_mask.check_shapes({n: tuple(p.shape) for n, p in net.named_parameters()},
                                f"--core {core}")

