@@ -87,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the metric of the plot and the comparison (default exact)")
     f.add_argument("--grid", action="append", default=[], metavar="STRATEGY:KEY=V1,V2",
                    help="replace one knob's values, e.g. trace:trace_lr=1e-3,3e-3 (repeatable)")
-    f.add_argument("--frontier-strategies", help="comma-separated: which frontiers (default all: "
-                   "seqft, trace, lora, ewc, replay)")
+    f.add_argument("--frontier-strategies", help="comma-separated: which frontiers (default: seqft, "
+                   "trace, lora, ewc, replay; for a real model, whose grids span lr 1e-5 to 1e-3: "
+                   "seqft, lora, trace, trace_guard)")
     f.add_argument("--resume", action="store_true", help="reuse the runs an interrupted frontier "
                    "in --out finished")
     f.add_argument("--quiet", action="store_true", help="no progress bars")

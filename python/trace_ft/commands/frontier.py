@@ -18,15 +18,15 @@ from pathlib import Path
 
 import torch
 
-from ..config import RunConfig, build_strategy
-from ..continual.frontier import (DEFAULT_STRATEGIES, GRIDS, QUICK_GRIDS, grid_points, point_label,
-                                  write_outputs)
+from ..config import RunConfig, build_strategy, general_tasks
+from ..continual.frontier import (DEFAULT_STRATEGIES, GRIDS, QUICK_GRIDS, REAL_GRIDS, REAL_STRATEGIES,
+                                  grid_points, point_label, write_outputs)
 from ..continual.report import versions
 from ..continual.sequence import TaskSequence, routed_entry, run_strategy
-from ..evaluate import METRICS
+from ..evaluate import METRICS, general_perplexity
 from ..lm.model import open_model
 from ..store.atomic import write_bytes
-from ..tasks import BASE, builtin_task, resolve_tasks
+from ..tasks import resolve_tasks
 
 def _metric_entry(entry: dict, params: dict, seed: int) -> dict:
     m = entry["metrics"]
@@ -37,6 +37,9 @@ def _metric_entry(entry: dict, params: dict, seed: int) -> dict:
                               "fwt": v["FWT"], "base_delta": v["base_change"]}
                           for k, v in entry["metrics_by"].items()},
            "seconds": entry["costs"]["seconds"], "trainable_fraction": entry["costs"]["trainable_fraction"]}
+    if "general" in entry:  # a real model's perplexity on general prose
+        out["ppl_delta"] = entry["general"]["perplexity_change"]
+        out["perplexity"] = entry["general"]["perplexity"]
     for key in ("routing_exact",):
         if key in entry:
             out[key] = entry[key]
@@ -57,14 +60,15 @@ def frontier(cfg: RunConfig, out: str | Path | None = None, *, seeds: int = 3, q
         raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
-    table = {k: dict(v) for k, v in (QUICK_GRIDS if quick else GRIDS).items()}
+    real = cfg.model != "builtin"
+    table = {k: dict(v) for k, v in (REAL_GRIDS if real else QUICK_GRIDS if quick else GRIDS).items()}
     for name, key, values in grids:
         if name not in table:
             raise ValueError(f"--grid: no frontier for strategy {name!r} (one of {', '.join(table)})")
         if key not in {f.name for f in dataclasses.fields(RunConfig)}:
             raise ValueError(f"--grid: {key!r} is not a setting")
         table[name][key] = values
-    names = strategies or list(DEFAULT_STRATEGIES)
+    names = strategies or list(REAL_STRATEGIES if real else DEFAULT_STRATEGIES)
     for name in names:
         if name not in table:
             raise ValueError(f"no frontier for strategy {name!r}; choose from {', '.join(table)}")
@@ -88,9 +92,10 @@ def frontier(cfg: RunConfig, out: str | Path | None = None, *, seeds: int = 3, q
         results["frontier"].update(saved["frontier"])
     done = {(n, json.dumps(e["params"], sort_keys=True), e["seed"])
             for n, es in results["frontier"].items() for e in es}
-    general = builtin_task(BASE, seed=0, n_train=cfg.n_train, n_test=cfg.n_test) if cfg.model == "builtin" else None
+    general, guard = general_tasks(cfg)
     base, codec, model_dir = open_model(cfg.model, size=cfg.size, cache_dir=cfg.cache_dir,
-                                        dtype=cfg.dtype, device=cfg.device, progress=progress)
+                                        dtype=cfg.dtype, device=cfg.device, progress=progress, chat=cfg.chat)
+    perplexity = None if cfg.model == "builtin" else general_perplexity(codec, base)
     results["model"] = str(model_dir)
     t_start = time.perf_counter()
     bar = tqdm(total=len(runs), desc="frontier", disable=not progress, dynamic_ncols=True)
@@ -102,10 +107,10 @@ def frontier(cfg: RunConfig, out: str | Path | None = None, *, seeds: int = 3, q
             continue
         if seed not in sequences:
             tasks = resolve_tasks(cfg.task_names, seed, cfg.n_train, cfg.n_test)
-            sequences = {seed: TaskSequence.build(tasks, general, base, codec)}
+            sequences = {seed: TaskSequence.build(tasks, general, base, codec, perplexity=perplexity)}
         seq = sequences[seed]
         point = dataclasses.replace(cfg, seed=seed, **params)
-        strategy = build_strategy(name, point, general)
+        strategy = build_strategy(name, point, guard)
         if name != "trace" and hasattr(strategy, "routes"):
             strategy.routes = None  # the routed bound is trace's only
         entry = run_strategy(strategy, seq, base, codec, point.train_config(), seed=seed,

@@ -10,13 +10,14 @@ from pathlib import Path
 
 import torch
 
-from ..config import RunConfig, build_strategy, check_sharded_strategies, sweep_strategies
+from ..config import RunConfig, build_strategy, check_sharded_strategies, general_tasks, sweep_strategies
 from ..continual.report import summary_table, versions, write_outputs
 from ..continual.sequence import TaskSequence, routed_entry, run_strategy
+from ..evaluate import general_perplexity
 from ..lm.memory import memory_note
 from ..lm.model import open_model
 from ..lm.parallel import DataParallel, is_main, main_first
-from ..tasks import BASE, builtin_task, resolve_tasks
+from ..tasks import resolve_tasks
 
 
 def run(cfg: RunConfig, out: str | Path | None = None, sweep: bool = False,
@@ -46,23 +47,23 @@ def _run(cfg: RunConfig, out, sweep: bool, progress: bool, log, parallel: DataPa
     out = Path(out) if out is not None else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     t_start = time.perf_counter()
     tasks = resolve_tasks(cfg.task_names, cfg.seed, cfg.n_train, cfg.n_test)  # bad tasks fail first
-    # task 0: the built-in base skill (its training split only feeds trace's Fisher guard)
-    general = builtin_task(BASE, seed=0, n_train=cfg.n_train, n_test=cfg.n_test) if cfg.model == "builtin" else None
-    if cfg.trace_protect_base and general is None:
-        raise ValueError("trace_protect_base needs the built-in model's base skill")
-    strategies = (sweep_strategies(cfg, general) if sweep
-                  else [build_strategy(s, cfg, general) for s in cfg.strategies])
+    # task 0: general ability (the built-in base skill, or a real model's knowledge probe);
+    # `guard`: what trace's --protect-base guards
+    general, guard = general_tasks(cfg)
+    strategies = (sweep_strategies(cfg, guard) if sweep
+                  else [build_strategy(s, cfg, guard) for s in cfg.strategies])
     base, codec, model_dir = main_first(parallel, lambda: open_model(  # rank 0 fills a fresh cache
         cfg.model, size=cfg.size, cache_dir=cfg.cache_dir, dtype=cfg.dtype, device=cfg.device,
-        progress=progress))
-    seq = TaskSequence.build(tasks, general, base, codec, score=main)
+        progress=progress, chat=cfg.chat))
+    perplexity = None if cfg.model == "builtin" else general_perplexity(codec, base)
+    seq = TaskSequence.build(tasks, general, base, codec, score=main, perplexity=perplexity)
     total_params = sum(p.numel() for p in base.parameters())
     log(f"model: {model_dir} ({total_params:,} parameters); tasks: {', '.join(t.name for t in tasks)}; "
         f"strategies: {', '.join(s.name for s in strategies)}")
     results = {
         "config": dataclasses.asdict(cfg), "sweep": sweep, "versions": versions(), "seed": cfg.seed,
         "model": str(model_dir), "total_params": total_params,
-        "columns": seq.columns, "first_task_column": seq.first,
+        "columns": seq.columns, "first_task_column": seq.first, "chat": getattr(codec, "chat", False),
         "memory_note": memory_note(cfg.device),
         "strategies": {},
     }

@@ -22,10 +22,25 @@ GRIDS: dict[str, dict[str, list]] = {
     "lora": {"lora_lr": [1e-3, 3e-3, 1e-2], "lora_rank": [4, 16]},
     "ewc": {"ewc_lambda": [1e2, 1e3, 1e4, 1e5]},
     "replay": {"replay_buffer": [10, 50, 200]},
-    # on request (--frontier-strategies): the authors' whole-tensor rule
+    # on request (--frontier-strategies): the authors' whole-tensor rule; trace with the
+    # general-ability guard
     "trace_paper": {"trace_lr": [1e-4, 3e-4, 1e-3, 3e-3]},
+    "trace_guard": {"trace_lr": [1e-3, 3e-3, 1e-2]},
 }
 DEFAULT_STRATEGIES = ("seqft", "trace", "lora", "ewc", "replay")
+# A real pretrained model (any --model but builtin) fine-tunes at lr 1e-5..1e-4: the grids
+# span that (one full continual run per point costs minutes, not seconds), and the general
+# ability guard is one of the frontiers.
+REAL_GRIDS: dict[str, dict[str, list]] = {
+    "seqft": {"lr": [1e-5, 3e-5, 1e-4]},
+    "lora": {"lora_lr": [1e-4, 3e-4, 1e-3]},
+    "trace": {"trace_lr": [3e-5, 1e-4, 3e-4]},
+    "trace_guard": {"trace_lr": [1e-4, 3e-4]},
+    "ewc": {"ewc_lambda": [1e3, 1e5]},
+    "replay": {"replay_buffer": [20]},
+    "trace_paper": {"trace_lr": [3e-5, 1e-4]},
+}
+REAL_STRATEGIES = ("seqft", "lora", "trace", "trace_guard")
 # --quick: the same knobs, fewer points (2 seeds: about 15 minutes)
 QUICK_GRIDS: dict[str, dict[str, list]] = {
     "seqft": {"lr": [3e-4, 1e-3, 3e-3]},
@@ -34,6 +49,7 @@ QUICK_GRIDS: dict[str, dict[str, list]] = {
     "ewc": {"ewc_lambda": [1e3, 1e4]},
     "replay": {"replay_buffer": [50]},
     "trace_paper": {"trace_lr": [3e-4, 1e-3]},
+    "trace_guard": {"trace_lr": [3e-3, 1e-2]},
 }
 
 
@@ -72,8 +88,9 @@ def point_label(params: dict) -> str:
 def summarise_point(entries: list[dict], metric: str) -> dict:
     """Mean and spread (sample std; min–max) over seeds of one grid point's runs."""
     out = {"seeds": [e["seed"] for e in entries], "params": entries[0]["params"]}
-    for key in ("plasticity", "bwt", "ap", "fwt", "base_delta"):
-        vals = [e["metrics_by"][metric][key] for e in entries]
+    for key in ("plasticity", "bwt", "ap", "fwt", "base_delta", "ppl_delta"):
+        # the perplexity change does not depend on the metric (a real model's only)
+        vals = [e.get(key) if key == "ppl_delta" else e["metrics_by"][metric][key] for e in entries]
         vals = [v for v in vals if v is not None]
         if not vals:
             out[key] = out[key + "_std"] = out[key + "_min"] = out[key + "_max"] = None
@@ -127,19 +144,24 @@ def summaries(results: dict, metric: str) -> dict[str, list[dict]]:
     return out
 
 
-def comparisons(points: dict[str, list[dict]]) -> dict[str, dict | None]:
-    """TRACE's envelope against each other strategy's, at equal plasticity."""
-    if "trace" not in points:
+def comparisons(points: dict[str, list[dict]], key: str = "bwt", mine: str = "trace") -> dict[str, dict | None]:
+    """`mine`'s envelope of `key` (bwt, base_delta; ppl_delta negated, so higher is better
+    for all) against each other strategy's, at equal plasticity."""
+    if mine not in points:
         return {}
-    mine = [(p["plasticity"], p["bwt"]) for p in points["trace"] if p["bwt"] is not None]
-    return {name: envelope_gap(mine, [(p["plasticity"], p["bwt"]) for p in pts if p["bwt"] is not None])
-            for name, pts in points.items() if name not in ("trace", "trace_routed")}
+    sign = -1.0 if key == "ppl_delta" else 1.0
+
+    def pairs(pts):
+        return [(p["plasticity"], sign * p[key]) for p in pts if p[key] is not None and p["plasticity"] is not None]
+
+    return {name: envelope_gap(pairs(points[mine]), pairs(pts))
+            for name, pts in points.items() if name != mine and not name.startswith("trace")}
 
 
-def _fmt(v, std=None) -> str:
+def _fmt(v, std=None, digits: int = 1) -> str:
     if v is None:
         return "–"
-    return f"{v:.1f}" if std is None else f"{v:.1f} ± {std:.1f}"
+    return f"{v:.{digits}f}" if std is None else f"{v:.{digits}f} ± {std:.{digits}f}"
 
 
 def markdown(results: dict, metric: str) -> str:
@@ -157,25 +179,38 @@ def markdown(results: dict, metric: str) -> str:
              "it (rebuilt from the final model and the core values): BWT 0 when routing is exact.",
              ""]
     points = summaries(results, metric)
-    gaps = comparisons(points)
-    if gaps:
-        lines += ["## TRACE against the others at equal plasticity", "",
-                  "| against | plasticity range both cover | mean BWT gap | smallest | largest |",
-                  "|---|---|---|---|---|"]
-        for name, g in gaps.items():
-            if g is None:
-                lines.append(f"| {name} | no overlap | – | – | – |")
-            else:
-                lines.append(f"| {name} | {g['range'][0]:.1f}–{g['range'][1]:.1f} | {g['mean']:+.1f} | "
-                             f"{g['min']:+.1f} | {g['max']:+.1f} |")
-        lines += ["", "A positive gap: TRACE's upper envelope (linear between its Pareto points) "
-                  "lies above the other's, i.e. it retains more at the same plasticity.", ""]
+    ppl = any(p["ppl_delta"] is not None for pts in points.values() for p in pts)
+    measures = [("bwt", "task BWT", "retains more of the earlier tasks"),
+                ("base_delta", "general-ability (task 0) change", "keeps more of task 0")]
+    if ppl:
+        measures.append(("ppl_delta", "perplexity rise on general prose (sign flipped)",
+                         "raises the perplexity less"))
+    for mine in [n for n in points if n.startswith("trace") and n != "trace_routed"]:
+        for key, label, meaning in measures:
+            gaps = comparisons(points, key, mine)
+            if not gaps:
+                continue
+            lines += [f"## {mine} against the others at equal plasticity: {label}", "",
+                      "| against | plasticity range both cover | mean gap | smallest | largest |",
+                      "|---|---|---|---|---|"]
+            for name, g in gaps.items():
+                if g is None:
+                    lines.append(f"| {name} | no overlap | – | – | – |")
+                else:
+                    digits = 2 if key == "ppl_delta" else 1
+                    lines.append(f"| {name} | {g['range'][0]:.1f}–{g['range'][1]:.1f} | {g['mean']:+.{digits}f} | "
+                                 f"{g['min']:+.{digits}f} | {g['max']:+.{digits}f} |")
+            lines += ["", f"A positive gap: {mine}'s upper envelope (linear between its Pareto points) "
+                      f"lies above the other's, i.e. it {meaning} at the same plasticity.", ""]
     for name, pts in points.items():
-        lines += [f"## {name}", "", "| point | plasticity | BWT | AP | base Δ | seeds |", "|---|---|---|---|---|---|"]
+        lines += [f"## {name}", "", "| point | plasticity | BWT | AP | base Δ | " + ("ppl Δ | " if ppl else "")
+                  + "seeds |", "|---|---|---|---|---|" + ("---|" if ppl else "") + "---|"]
         for p in sorted(pts, key=lambda p: (p["plasticity"] is None, p["plasticity"])):
             lines.append(f"| {point_label(p['params'])} | {_fmt(p['plasticity'], p['plasticity_std'])} | "
                          f"{_fmt(p['bwt'], p['bwt_std'])} | {_fmt(p['ap'], p['ap_std'])} | "
-                         f"{_fmt(p['base_delta'], p['base_delta_std'])} | {len(p['seeds'])} |")
+                         f"{_fmt(p['base_delta'], p['base_delta_std'])} | "
+                         + (f"{_fmt(p['ppl_delta'], p['ppl_delta_std'], 2)} | " if ppl else "")
+                         + f"{len(p['seeds'])} |")
         lines.append("")
     other = [m for m in METRICS if m != metric]
     lines += ["## The other metrics", "", "| strategy | point | " + " | ".join(
@@ -195,14 +230,17 @@ def plot(results: dict, path: Path, metric: str) -> None:
     import matplotlib.pyplot as plt
 
     points = summaries(results, metric)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), constrained_layout=True)
+    keys = ["bwt", "base_delta"]
+    if any(p["ppl_delta"] is not None for pts in points.values() for p in pts):
+        keys.append("ppl_delta")
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4.4), constrained_layout=True)
     for name, pts in points.items():
         pts = sorted((p for p in pts if p["plasticity"] is not None and p["bwt"] is not None),
                      key=lambda p: p["plasticity"])
         if not pts:
             continue
         x = [p["plasticity"] for p in pts]
-        for ax, key in zip(axes, ("bwt", "base_delta")):
+        for ax, key in zip(axes, keys):
             y = [p[key] for p in pts]
             if any(v is None for v in y):
                 continue
@@ -213,8 +251,12 @@ def plot(results: dict, path: Path, metric: str) -> None:
     axes[0].set_ylabel(f"BWT ({metric})")
     axes[0].set_title("learning against forgetting (mean ± std over seeds)", fontsize=9)
     axes[1].set_xlabel(f"plasticity ({metric})")
-    axes[1].set_ylabel(f"base skill change ({metric})")
-    axes[1].set_title("learning against the base skill", fontsize=9)
+    axes[1].set_ylabel(f"general ability (task 0) change ({metric})")
+    axes[1].set_title("learning against general ability", fontsize=9)
+    if len(keys) == 3:
+        axes[2].set_xlabel(f"plasticity ({metric})")
+        axes[2].set_ylabel("perplexity change on general prose")
+        axes[2].set_title("learning against language (lower is better)", fontsize=9)
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)

@@ -43,15 +43,38 @@ def versions() -> dict:
 
 
 def summary_table(results: dict) -> str:
-    head = ("| strategy | AP | BWT | FWT | forgetting | plasticity | base Δ | trainable % "
-            "| optimizer state | time (s) | peak memory |")
-    lines = [head, "|" + "|".join(["---"] * 11) + "|"]
+    ppl = any("general" in r for r in results["strategies"].values())
+    head = ("| strategy | AP | BWT | FWT | forgetting | plasticity | base Δ " + ("| ppl Δ " if ppl else "")
+            + "| trainable % | optimizer state | time (s) | peak memory |")
+    lines = [head, "|" + "|".join(["---"] * (12 if ppl else 11)) + "|"]
     for name, r in results["strategies"].items():
         m, c = r["metrics"], r["costs"]
         lines.append(
             f"| {name} | " + " | ".join(_fmt(m[k]) for k in COLUMNS)
+            + (f" | {_fmt(m.get('ppl_change'), 2)}" if ppl else "")
             + f" | {100 * c['trainable_fraction']:.2f} | {_bytes(c['state_bytes'])} "
             f"| {c['seconds']:.0f} | {_bytes(c['peak_memory_bytes'])} |")
+    return "\n".join(lines)
+
+
+def general_table(results: dict) -> str:
+    """Task 0 (general ability) after each task, by every measure: the probe's exact score
+    and answer log-likelihood, and the perplexity on general prose where it was measured."""
+    first = results["first_task_column"]
+    if not first:
+        return ""
+    tasks = results["columns"][first:]
+    head = "| strategy | measure | start | " + " | ".join(f"after {t}" for t in tasks) + " |"
+    lines = [head, "|---|---|---|" + "---|" * len(tasks)]
+    for name, r in results["strategies"].items():
+        matrices = r.get("matrices", {"exact": r["matrix"]})
+        rows = [("exact %", [row[0] for row in matrices["exact"]], 1)]
+        if "loglik" in matrices:
+            rows.append(("answer loglik", [row[0] for row in matrices["loglik"]], 2))
+        if "general" in r:
+            rows.append(("perplexity", r["general"]["perplexity"], 2))
+        for label, values, digits in rows:
+            lines.append(f"| {name} | {label} | " + " | ".join(_fmt(v, digits) for v in values) + " |")
     return "\n".join(lines)
 
 
@@ -105,8 +128,10 @@ def markdown(results: dict) -> str:
         "AP: mean over the tasks after the last one. BWT: mean of (final − just after "
         "learning) over all but the last task. FWT: score before a task's training minus the "
         "untrained model's. forgetting: mean of (best earlier − final). plasticity: mean score "
-        "right after each task's own training. base Δ: change of task 0 (the base skill the "
-        "model was pretrained on). trainable %: elements the optimizer may change, of all "
+        "right after each task's own training. base Δ: change of task 0, general ability (the "
+        "built-in model's base skill; for other models the probe of knowledge and instruction "
+        "following, scored by whether the answer is given). ppl Δ: change of the perplexity on "
+        "general prose (Python's documentation; not for the built-in model). trainable %: elements the optimizer may change, of all "
         "parameters, mean over tasks. mtl trains on all tasks jointly, so it has only a final "
         "row. Optimizer state: largest over the tasks (EWC includes its Fisher and anchor). "
         + results.get("memory_note", "") + ". trace_routed scores each task with the model as "
@@ -122,6 +147,10 @@ def markdown(results: dict) -> str:
         "tokens (nats per token; its BWT is a change in nats).",
         "",
         metrics_table(results),
+        "",
+        "## General ability (task 0)",
+        "",
+        general_table(results),
         "",
         "## Accuracy matrices",
         "",

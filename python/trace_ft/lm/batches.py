@@ -15,13 +15,19 @@ IGNORE = -100
 
 
 class EncodedSet:
-    """A task's examples tokenised once: prompt ids (with bos) and answer ids (with eos)."""
+    """A task's examples tokenised once, as the codec frames them (`Codec.prompt_ids`,
+    `Codec.answer_ids`: bos and eos, or a chat model's user and assistant turns); with
+    `text`, each answer is plain prose for language modelling (no prompt, no end token)."""
 
-    def __init__(self, examples: Sequence[Example], codec: Codec, max_len: int | None = None) -> None:
-        bos = [] if codec.bos_id is None else [codec.bos_id]
+    def __init__(self, examples: Sequence[Example], codec: Codec, max_len: int | None = None,
+                 text: bool = False) -> None:
         self.examples = list(examples)
-        self.prompts = [bos + codec.encode(e.prompt) for e in self.examples]
-        self.answers = [codec.encode(e.answer) + [codec.eos_id] for e in self.examples]
+        if text:  # plain prose (a text task): no framing, every token of the answer scored
+            self.prompts = [[] for _ in self.examples]
+            self.answers = [codec.encode(e.answer) for e in self.examples]
+        else:
+            self.prompts = [codec.prompt_ids(e.prompt) for e in self.examples]
+            self.answers = [codec.answer_ids(e.answer) for e in self.examples]
         self.pad_id = codec.pad_id
         if max_len is not None:  # keep the answer, cut the prompt from the left
             for i, (p, a) in enumerate(zip(self.prompts, self.answers)):
@@ -87,16 +93,45 @@ def sample_batches(sets: Sequence[EncodedSet], batch_size: int, steps: int, seed
                            [sets[k].answers[i] for k, i in rows], sets[0].pad_id)
 
 
+# Bytes a scoring batch may hold in logits or KV cache: a real model's vocabulary (49152
+# for SmolLM2) makes a full batch of logits gigabytes, more than the training step's peak.
+SCORING_BYTES = 256 * 2**20
+
+
+def rows_within(budget_bytes: int, bytes_per_row: int, most: int) -> int:
+    """How many rows of `bytes_per_row` fit in `budget_bytes` (at least 1, at most `most`)."""
+    return max(1, min(most, budget_bytes // max(1, bytes_per_row)))
+
+
+def kv_bytes_per_token(model) -> int:
+    """Bytes of KV cache one token takes (from a transformers config; 0 when unknown)."""
+    cfg = getattr(model, "config", None)
+    try:
+        heads = cfg.num_attention_heads
+        dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        kv = getattr(cfg, "num_key_value_heads", None) or heads
+        size = next(model.parameters()).element_size()
+        return 2 * cfg.num_hidden_layers * kv * dim * size
+    except (AttributeError, TypeError, ZeroDivisionError):
+        return 0
+
+
 @torch.no_grad()
 def greedy_decode(model, enc: EncodedSet, batch_size: int = 256, max_new_tokens: int | None = None,
                   eos_id: int | None = None) -> list[list[int]]:
     """Greedy continuation of every prompt (left-padded batches, KV cache), stopping at eos
-    or `max_new_tokens` (default: the longest reference answer + 1)."""
+    or `max_new_tokens` (default: the longest reference answer + 1). Batches hold at most
+    `batch_size` prompts and `SCORING_BYTES` of KV cache; the prompt pass keeps the last
+    position's logits only."""
     if max_new_tokens is None:
         max_new_tokens = max(len(a) for a in enc.answers) + 1
     device = next(model.parameters()).device
+    params = inspect.signature(model.forward).parameters
     # transformers 5 calls the KV cache `cache`; 4.x calls it `past_key_values`
-    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_kw = "cache" if "cache" in params else "past_key_values"
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    longest = max(len(p) for p in enc.prompts) + max_new_tokens
+    batch_size = rows_within(SCORING_BYTES, kv_bytes_per_token(model) * longest, batch_size)
     was_training = model.training
     model.eval()
     outs: list[list[int]] = []
@@ -111,7 +146,7 @@ def greedy_decode(model, enc: EncodedSet, batch_size: int = 256, max_new_tokens:
                 mask[r, width - len(p):] = 1
             ids, mask = ids.to(device), mask.to(device)
             pos = (mask.cumsum(1) - 1).clamp_min(0)
-            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **last_only)
             gen = torch.empty((len(prompts), 0), dtype=torch.long, device=device)
             done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
             for _ in range(max_new_tokens):

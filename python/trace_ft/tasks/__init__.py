@@ -1,5 +1,6 @@
-"""Tasks: `Task` and `Example` (base), the built-in suite (builtin), task directories in
-the TRACE-benchmark layout (files)."""
+"""Tasks: `Task` and `Example` (base), the built-in suites (builtin; instruct, for a real
+chat model), the general-ability probe and prose (general), task directories in the
+TRACE-benchmark layout (files)."""
 
 from .base import SCORERS, Example, Task
 from .builtin import (BASE, BASE_OPS, DEFAULT_ORDER, FORMATS, SKILLS, SUITES, builtin_suite,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -47,4 +48,22 @@ def _first_token(pred: str, answer: str) -> bool:
     return bool(words) and words[0] == answer.strip()
 
 
-SCORERS: dict[str, Callable[[str, str], bool]] = {"exact": _exact, "label": _first_token}
+_NUMBER_WORDS = {w: str(i) for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+    "sixteen seventeen eighteen nineteen twenty".split())}
+
+
+def _words(text: str) -> list[str]:
+    """Lower-case words and numbers (number words as digits), punctuation dropped."""
+    return [_NUMBER_WORDS.get(w, w) for w in re.sub(r"[^0-9a-z]+", " ", text.lower()).split()]
+
+
+def _mentions(pred: str, answer: str) -> bool:
+    """Open answers of a chat model: the answer's words appear, in order, among the
+    prediction's ("The capital of France is Paris." gives "Paris"; "eight" gives "8")."""
+    a, p = _words(answer), _words(pred)
+    return bool(a) and any(p[i:i + len(a)] == a for i in range(len(p) - len(a) + 1))
+
+
+SCORERS: dict[str, Callable[[str, str], bool]] = {"exact": _exact, "label": _first_token,
+                                                  "mentions": _mentions}

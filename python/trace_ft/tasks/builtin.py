@@ -17,6 +17,7 @@ import zlib
 from collections.abc import Callable, Sequence
 
 from .base import Example, Task
+from .instruct import INSTRUCT_SUITE
 
 
 LETTERS = string.ascii_lowercase
@@ -167,8 +168,10 @@ FORMATS: dict[str, Callable] = {
 }
 BASE = "base"
 DEFAULT_ORDER: tuple[str, ...] = ("rev", "sub", "dup", "sort", "count")
+# "instruct" is for a real pretrained chat model (tasks.instruct), not the built-in one
 SUITES: dict[str, tuple[str, ...]] = {"skills": DEFAULT_ORDER,
-                                      "formats": ("echo", "lenw", "upnx", "spc", "fl")}
+                                      "formats": ("echo", "lenw", "upnx", "spc", "fl"),
+                                      "instruct": INSTRUCT_SUITE}
 
 
 def _sample(gens: Sequence[Callable], n: int, rng: random.Random, avoid: set[str]) -> list[Example]:

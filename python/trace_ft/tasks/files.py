@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .base import Example, Task
 from .builtin import BASE, FORMATS, SKILLS, builtin_task
+from .instruct import INSTRUCT, instruct_task
 
 
 
@@ -110,11 +111,13 @@ def resolve_tasks(specs: Sequence[str], seed: int = 0, n_train: int = 2000,
     for spec in specs:
         if spec in SKILLS or spec in FORMATS or spec == BASE:
             tasks.append(builtin_task(spec, seed, n_train, n_test))
+        elif spec in INSTRUCT:
+            tasks.append(instruct_task(spec, seed, n_train, n_test))
         elif Path(spec).is_dir():
             tasks.append(load_task_dir(spec, max_train=n_train, max_test=n_test))
         else:
-            raise ValueError(f"task {spec!r} is neither a built-in skill "
-                             f"{[*SKILLS, *FORMATS]} nor a directory")
+            raise ValueError(f"task {spec!r} is neither a built-in task "
+                             f"{[*SKILLS, *FORMATS, *INSTRUCT]} nor a directory")
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         raise ValueError(f"task names must be distinct, got {names}")

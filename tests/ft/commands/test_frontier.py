@@ -39,7 +39,7 @@ def test_frontier_points_seeds_and_outputs(builtin_cache, tmp_path):
     assert all(e["bwt"] == 0.0 and e["routing_exact"] for e in fr["trace_routed"])
     assert all(e["metrics_by"]["loglik"]["bwt"] == 0.0 for e in fr["trace_routed"])
     report = (out / "report.md").read_text()
-    assert "TRACE against the others at equal plasticity" in report and "## seqft" in report
+    assert "trace against the others at equal plasticity: task BWT" in report and "## seqft" in report
     assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"
     # an interrupted frontier resumes: finished runs are kept, not run again
     before = (out / "results.json").read_text()

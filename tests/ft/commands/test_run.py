@@ -89,7 +89,7 @@ def test_config_file_and_flag_precedence(cache, tmp_path):
 
 @pytest.mark.parametrize("extra,needle", [
     (["--strategies", "seqft,bogus"], "unknown strategy 'bogus'"),
-    (["--tasks", "nonexistent_dir"], "neither a built-in skill"),
+    (["--tasks", "nonexistent_dir"], "neither a built-in task"),
     (["--budget", "1.5"], "budget must be a fraction"),
     (["--steps", "0"], "steps must be >= 1"),
 ])
@@ -130,8 +130,15 @@ def test_local_model_directory_and_task_directories(tmp_path):
                  "seqft,trace", "--steps", "3", "--probe-steps", "2", "--n-train", "30",
                  "--n-test", "10", "--batch-size", "4", "--out", str(out), "--quiet"]) == 0
     res = json.loads((out / "results.json").read_text())
-    assert res["columns"] == ["echo", "rev"] and res["first_task_column"] == 0
-    assert res["strategies"]["seqft"]["metrics"]["base_change"] is None
+    # any model but the built-in one is scored on general ability: the knowledge probe as
+    # task 0 and the perplexity on general prose, at the start and after every task
+    assert res["columns"] == ["general", "echo", "rev"] and res["first_task_column"] == 1
+    seqft = res["strategies"]["seqft"]
+    assert seqft["metrics"]["base_change"] is not None and len(seqft["general"]["perplexity"]) == 3
+    assert all(p > 1 for p in seqft["general"]["perplexity"]) and seqft["general"]["tokens"] >= 20_000
+    assert seqft["metrics"]["ppl_change"] == seqft["general"]["perplexity"][-1] - seqft["general"]["perplexity"][0]
+    report = (out / "report.md").read_text()
+    assert "## General ability (task 0)" in report and "| seqft | perplexity |" in report
     assert main(["run", "--model", str(tmp_path), "--out", str(out), "--quiet"]) == 2
 
 
@@ -163,7 +170,7 @@ def test_bad_input_leaves_the_file_system_as_it_was(cache, tmp_path, capsys, mon
         (["run", *tiny, "--specificity-unit", "page"], "specificity_unit must be one of"),
         (["run", *tiny, "--dtype", "float8"], "dtype must be one of"),
         (["run", *tiny, "--size", "huge"], "size must be one of"),
-        (["run", *tiny, "--tasks", "nonexistent_dir"], "neither a built-in skill"),
+        (["run", *tiny, "--tasks", "nonexistent_dir"], "neither a built-in task"),
         ([*adapt, "--core", str(core)], "names parameter 'no.such.weight'"),
         ([*adapt, "--granularity", "foo"], "granularity must be one of"),
         ([*adapt, "--resume"], "--resume: no checkpoint"),

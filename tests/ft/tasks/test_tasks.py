@@ -95,7 +95,7 @@ def test_loader_missing_files_and_empty(tmp_path):
     _write(d / "test.json", "[]")
     with pytest.raises(TaskFormatError, match="no records"):
         load_task_dir(d)
-    with pytest.raises(ValueError, match="neither a built-in skill"):
+    with pytest.raises(ValueError, match="neither a built-in task"):
         resolve_tasks(["not_a_task"])
 
 

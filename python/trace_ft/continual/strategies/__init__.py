@@ -8,7 +8,8 @@ from .replay import Replay
 from .seqft import SeqFT
 from .trace import Trace
 
-NAMES = ("trace", "trace_paper", "seqft", "lora", "ewc", "replay", "mtl")
+# trace_guard: trace with the general-ability guard on (--protect-base, --protect 1 unless set)
+NAMES = ("trace", "trace_paper", "trace_guard", "seqft", "lora", "ewc", "replay", "mtl")
 
 __all__ = ["NAMES", "Context", "Strategy", "TaskCost", "EWC", "EWCPenalty", "LoRA", "MTL",
            "Replay", "SeqFT", "Trace"]
