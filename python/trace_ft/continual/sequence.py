@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..evaluate import METRICS, Evaluator
-from ..lm.memory import PeakMemory
+from ..evaluate import METRICS, Evaluator, TextPerplexity
+from ..lm.memory import PeakMemory, PhaseLog
 from ..lm.parallel import is_main
 from ..lm.text import Codec
 from ..lm.train import TrainConfig
@@ -28,23 +28,27 @@ from .strategies.lora import adapter_bytes
 
 @dataclass
 class TaskSequence:
-    """The tasks of a run in order, task 0 (the base skill, when the model has one) first
-    among the scored columns, and the untrained model's scores."""
+    """The tasks of a run in order, task 0 (the general ability: the built-in model's base
+    skill, or a real model's knowledge probe) first among the scored columns, the
+    untrained model's scores, and, for a real model, its perplexity on fixed prose."""
 
     tasks: list[Task]
     eval_tasks: list[Task]
-    first: int                      # column of the first task (1 with a base skill, else 0)
+    first: int                      # column of the first task (1 with task 0, else 0)
     evaluator: Evaluator
     row0: dict[str, list[float]]    # per metric, the untrained model's scores
+    perplexity: TextPerplexity | None = None
+    ppl0: float | None = None       # the untrained model's perplexity
 
     @classmethod
     def build(cls, tasks: list[Task], general: Task | None, base: nn.Module, codec: Codec,
-              score: bool = True) -> TaskSequence:
+              score: bool = True, perplexity: TextPerplexity | None = None) -> TaskSequence:
         """`score=False` (the ranks other than 0 of a parallel run): no scores."""
         eval_tasks = ([general] if general is not None else []) + tasks
         evaluator = Evaluator(eval_tasks, codec)
         row0 = evaluator(base) if score else {m: [None] * len(eval_tasks) for m in METRICS}
-        return cls(tasks, eval_tasks, len(eval_tasks) - len(tasks), evaluator, row0)
+        ppl0 = perplexity(base) if score and perplexity is not None else None
+        return cls(tasks, eval_tasks, len(eval_tasks) - len(tasks), evaluator, row0, perplexity, ppl0)
 
     @property
     def columns(self) -> list[str]:
@@ -62,14 +66,17 @@ def run_strategy(strategy: Strategy, seq: TaskSequence, base: nn.Module, codec: 
     torch.manual_seed(seed)
     T = len(seq.tasks)
     rows = {m: [list(seq.row0[m])] + [[None] * len(seq.eval_tasks) for _ in range(T)] for m in METRICS}
-    ctx = Context(model=copy.deepcopy(base), codec=codec, train=train, seed=seed,
-                  progress=progress and is_main(parallel), max_len=max_len,
-                  num_tasks=T, parallel=parallel)
-    sharded = parallel is not None and parallel.sharded
-    # a sharded model is scored through rank 0's whole copy, gathered after each task
-    whole = copy.deepcopy(base) if sharded and ctx.is_main else None
-    if sharded:
-        parallel.prepare(ctx.model)
+    ppl = [seq.ppl0] + [None] * T
+    phases = PhaseLog(device)
+    with phases.phase("model copy"):
+        ctx = Context(model=copy.deepcopy(base), codec=codec, train=train, seed=seed,
+                      progress=progress and is_main(parallel), max_len=max_len,
+                      num_tasks=T, parallel=parallel, phases=phases)
+        sharded = parallel is not None and parallel.sharded
+        # a sharded model is scored through rank 0's whole copy, gathered after each task
+        whole = copy.deepcopy(base) if sharded and ctx.is_main else None
+        if sharded:
+            parallel.prepare(ctx.model)
 
     def scored_model() -> nn.Module | None:
         if sharded:
@@ -81,11 +88,16 @@ def run_strategy(strategy: Strategy, seq: TaskSequence, base: nn.Module, codec: 
         model = scored_model()
         if not ctx.is_main:
             return
-        scores = seq.evaluator(model)
-        for m in METRICS:
-            rows[m][j] = scores[m]
+        with phases.phase("scoring"):
+            scores = seq.evaluator(model)
+            for m in METRICS:
+                rows[m][j] = scores[m]
+        if seq.perplexity is not None:
+            with phases.phase("scoring: perplexity"):
+                ppl[j] = seq.perplexity(model)
         log(f"{strategy.name:>10s} after {j}/{T} {seq.tasks[j - 1].name:>8s}: "
-            + " ".join(f"{t.name}={s:5.1f}" for t, s in zip(seq.eval_tasks, scores["exact"])))
+            + " ".join(f"{t.name}={s:5.1f}" for t, s in zip(seq.eval_tasks, scores["exact"]))
+            + ("" if ppl[j] is None else f" ppl={ppl[j]:.2f}"))
 
     t0 = time.perf_counter()
     with PeakMemory(device) as mem:
@@ -108,27 +120,41 @@ def run_strategy(strategy: Strategy, seq: TaskSequence, base: nn.Module, codec: 
             "seconds": seconds,
             "peak_memory_bytes": mem.peak_bytes,
             "per_task": [dataclasses.asdict(c) for c in costs],
+            "phases": phases.rows,
         },
         "selections": getattr(strategy, "selections", None),
     }
+    if seq.perplexity is not None:
+        entry["general"] = general_entry(ppl, seq.perplexity)
+        entry["metrics"]["ppl_change"] = entry["general"]["perplexity_change"]
     routes = getattr(strategy, "routes", None)
     if routes:
-        entry["routed"] = routed_row(whole if sharded else ctx.model, base, routes, seq)
+        with phases.phase("scoring: routed"):
+            # the strategy's model is done with: set back in place, no copy
+            entry["routed"] = routed_row(whole if sharded else ctx.model, base, routes, seq, in_place=True)
         entry["routed"]["lora_bytes_per_task"] = adapter_bytes(base, lora_rank)
     return entry
 
 
-def routed_row(model: nn.Module, base: nn.Module, routes, seq: TaskSequence) -> dict:
+def general_entry(ppl: list[float | None], measure: TextPerplexity) -> dict:
+    """The perplexity row of a run (before any task, then after each) and its change."""
+    last = next((p for p in reversed(ppl) if p is not None), None)
+    return {"perplexity": ppl, "tokens": measure.tokens, "text": measure.name,
+            "perplexity_change": None if last is None or ppl[0] is None else last - ppl[0]}
+
+
+def routed_row(model: nn.Module, base: nn.Module, routes, seq: TaskSequence, in_place: bool = False) -> dict:
     """The final row of the task-routed bound: task i scored with the model as it stood
     right after task i, rebuilt from the final model by setting later tasks' cores back;
     the base skill with every core set back. ``exact``: the fully set-back model equals
-    the untrained one bit for bit (cores disjoint, nothing moved outside a core)."""
+    the untrained one bit for bit (cores disjoint, nothing moved outside a core).
+    `in_place`: set `model` itself back (a model not used afterwards) instead of a copy."""
     disjoint = True
     try:
         check_disjoint(routes)
     except ValueError:
         disjoint = False
-    m = copy.deepcopy(model)
+    m = model if in_place else copy.deepcopy(model)
     row = {metric: [None] * len(seq.eval_tasks) for metric in METRICS}
     for i in range(len(routes), 0, -1):  # model after task i, newest first
         for metric, v in seq.evaluator.task_scores(m, seq.first + i - 1).items():

@@ -37,3 +37,26 @@ def test_a_later_block_is_not_hidden_by_an_earlier_one():
 
 def test_the_note_says_what_is_counted():
     assert "peak memory" in memory_note("cpu")
+
+
+def test_meters_nest_and_phases_add_up():
+    """An inner meter's reset does not hide its peak from the outer one (a run's peak covers
+    its phases); a PhaseLog sums time and maxes memory over a phase's repeats."""
+    from trace_ft.lm.memory import PhaseLog
+
+    log = PhaseLog("cpu")
+    with PeakMemory("cpu") as outer:
+        with log.phase("big"):
+            _work(96)
+        with log.phase("small"):
+            _work(32)
+        with log.phase("small"):
+            _work(16)
+    if not outer.exact:
+        return
+    assert outer.peak_bytes >= 188 * 2**20, outer.peak_bytes
+    rows = log.rows
+    assert rows["small"]["calls"] == 2 and rows["big"]["calls"] == 1
+    assert rows["big"]["peak_bytes"] >= 188 * 2**20
+    assert 60 * 2**20 <= rows["small"]["peak_bytes"] < 140 * 2**20, rows
+    assert rows["big"]["seconds"] > 0 and rows["small"]["seconds"] > 0

@@ -8,6 +8,7 @@ accuracy matrix; the default trains the tasks one by one with `learn`.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -18,6 +19,7 @@ from torch import nn
 from trace_kernels.sharding import local_tensor
 
 from ...lm.batches import EncodedSet, sample_batches
+from ...lm.memory import PhaseLog
 from ...lm.parallel import DataParallel, is_main
 from ...lm.text import Codec
 from ...lm.train import TrainConfig, train_loop
@@ -46,7 +48,12 @@ class Context:
     max_len: int | None = None
     num_tasks: int = 0
     parallel: DataParallel | None = None   # data parallel ranks (`--parallel ddp`), or one process
+    phases: PhaseLog | None = None         # where a task's time and memory go (None: not recorded)
     _encoded: dict = field(default_factory=dict)
+
+    def phase(self, name: str):
+        """``with ctx.phase("probe"): ...`` records the block's time and peak memory."""
+        return self.phases.phase(name) if self.phases is not None else contextlib.nullcontext()
 
     @property
     def is_main(self) -> bool:
@@ -62,7 +69,10 @@ class Context:
 
     def encoded(self, task: Task) -> EncodedSet:
         if task.name not in self._encoded:
-            self._encoded[task.name] = EncodedSet(task.train, self.codec, self.max_len)
+            text = task.meta.get("kind") == "text"  # prose for language modelling
+            max_len = task.meta.get("max_len", self.max_len) if text else self.max_len
+            with self.phase("tokenize"):
+                self._encoded[task.name] = EncodedSet(task.train, self.codec, max_len, text=text)
         return self._encoded[task.name]
 
     def batches(self, tasks: Sequence[Task], steps: int, salt: int, weights=None,
@@ -97,8 +107,9 @@ def train_adamw(ctx: Context, model: nn.Module, batches, cfg: TrainConfig, desc:
     loop: what every baseline trains with."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    losses = train_loop(model, opt, batches, cfg, penalty=penalty, desc=desc, progress=ctx.progress,
-                        parallel=ctx.parallel)
+    with ctx.phase("train steps"):
+        losses = train_loop(model, opt, batches, cfg, penalty=penalty, desc=desc, progress=ctx.progress,
+                            parallel=ctx.parallel)
     return TaskCost(trainable=sum(p.numel() for p in params), state_bytes=optimizer_state_bytes(opt),
                     final_loss=final_loss(losses))
 
