@@ -26,12 +26,20 @@ from .select import EarlierTask, Selection, SelectConfig, select_core, specifici
 from .sketch import BlockSketch, sketch_update
 
 
+# Exact updates of a model with more eligible elements than this are kept in bf16 (half
+# the bytes per task; a cosine against a bf16 update moves by about 1e-3 at most).
+BF16_HISTORY_ABOVE = 1 << 24
+
+
 def record_updates(deltas: dict[str, Tensor], core: CoreMask, sketch_dim: int | None,
-                   unit: str = "block") -> dict[str, Tensor | BlockSketch]:
-    """What a history keeps of a task's probe update: exact, or count-sketched per
-    specificity unit (so later tasks' cosines are measured on the same units)."""
+                   unit: str = "block", dtype: torch.dtype | None = None) -> dict[str, Tensor | BlockSketch]:
+    """What a history keeps of a task's probe update: exact (in `dtype`; None: fp32, or
+    bf16 past `BF16_HISTORY_ABOVE` eligible elements), or count-sketched per specificity
+    unit (so later tasks' cosines are measured on the same units)."""
     if sketch_dim is None:
-        return dict(deltas)
+        if dtype is None:
+            dtype = torch.bfloat16 if sum(d.numel() for d in deltas.values()) > BF16_HISTORY_ABOVE else torch.float32
+        return {n: d.to(dtype) for n, d in deltas.items()}
     return {n: sketch_update(d, n, specificity_size(core[n].shape, core[n].block_size, unit), sketch_dim)
             for n, d in deltas.items()}
 
@@ -97,11 +105,18 @@ class TracePipeline:
         """The warm-start probe from the model's current weights (left exactly as they
         were), and the core chosen against `history`. `lr` is the training lr; the probe
         uses `probe_lr` when set."""
-        result = probe(model, batches, self.probe_steps, self.probe_lr or lr, betas=betas, eps=eps,
-                       weight_decay=weight_decay, exclude=self.exclude,
-                       max_grad_norm=max_grad_norm, loss_fn=loss_fn, backend=backend,
-                       progress=progress, sync_grads=sync_grads)
-        return result, select_core(result, self.history, self.select_config)
+        result = self.probe(model, batches, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                            max_grad_norm=max_grad_norm, loss_fn=loss_fn, backend=backend,
+                            progress=progress, sync_grads=sync_grads)
+        return result, self.select(result)
+
+    def probe(self, model: nn.Module, batches: Iterable, *, lr: float, **kw) -> ProbeResult:
+        """The warm-start probe alone (`probe_and_select`'s first half)."""
+        return probe(model, batches, self.probe_steps, self.probe_lr or lr, exclude=self.exclude, **kw)
+
+    def select(self, result: ProbeResult) -> Selection:
+        """The core chosen from a probe against `history` (`probe_and_select`'s second half)."""
+        return select_core(result, self.history, self.select_config)
 
     # -- 2. the optimizer over the core --
     @staticmethod

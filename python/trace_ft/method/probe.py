@@ -176,11 +176,22 @@ def probe(
         bar.close()
         if len(losses) < steps:
             raise ValueError(f"batches ran out after {len(losses)} of {steps} probe steps")
+        # Δ = θ_probe − θ⁰ in fp32 (exact for 16-bit parameters too), written into the spent
+        # first-moment buffer where it can be (same device, fp32 Δ): no model-sized allocation
+        # beyond the pre-probe copy, and the second moments are freed first
+        del exp_avg_sqs
         deltas, fisher = {}, {}
         with torch.no_grad():
-            for (name, p), pre, d, f in zip(named, saved, home, fishers):
-                deltas[name] = (p.detach().to(d, torch.float32) - pre.float()).to(delta_dtype)
-                fisher[name] = like(p, f.view(local_tensor(p).shape)).to(d)
+            for i, ((name, p), pre, d, f) in enumerate(zip(named, saved, home, fishers)):
+                storage, before = local_tensor(p), local_tensor(pre)
+                if delta_dtype == torch.float32 and before.device == storage.device:
+                    buf = exp_avgs[i].view(storage.shape)
+                    buf.copy_(storage).sub_(before)
+                    deltas[name] = like(p, buf)
+                else:
+                    deltas[name] = (p.detach().to(d, torch.float32) - pre.float()).to(delta_dtype)
+                exp_avgs[i] = None
+                fisher[name] = like(p, f.view(storage.shape)).to(d)
     finally:
         with torch.no_grad():
             for p, pre in zip(params, saved):

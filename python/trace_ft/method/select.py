@@ -21,7 +21,7 @@ ranked by mean cosine with earlier tasks' updates, least similar first.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -131,21 +131,80 @@ class Selection:
         return "\n".join(lines)
 
 
+def _order_key(x: Tensor) -> Tensor:
+    """Integers that sort as the floats `x` do (equal exactly where the floats are equal):
+    their bits, negative values mirrored. Integer sorts are radix sorts on the CPU, several
+    times faster than float sorts at an element-level selection's size."""
+    x = x + 0.0  # -0.0 → +0.0: equal floats, equal keys
+    bits = x.view(torch.int32 if x.dtype == torch.float32 else torch.int64)
+    mirror = torch.iinfo(bits.dtype).max
+    return torch.where(bits < 0, bits ^ mirror, bits)
+
+
+# Percentile ranks are exact up to this many blocks; above (an element-level selection of a
+# real model: 106M blocks for SmolLM2-135M, billions at 8B) values are binned by their top
+# RANK_BITS bits (sign, exponent and 12 bits of mantissa for fp32: values within 0.025 % of
+# each other share a bin and its mean rank), which needs no sort and no index per element.
+EXACT_RANKS_UP_TO = 1 << 24
+RANK_BITS = 21
+
+
+def _bin_means(parts: list[Tensor], n: int, chunk: int) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """For values binned by their top `RANK_BITS` bits: each bin's mean rank in [0, 1] (its
+    values tied), and the function giving a tensor's bins."""
+    width = 32 if parts[0].dtype == torch.float32 else 64
+    shift, half = width - RANK_BITS, 1 << (RANK_BITS - 1)
+
+    def bins(part: Tensor) -> Tensor:
+        return (_order_key(part) >> shift).to(torch.int64).add_(half)
+
+    counts = torch.zeros(1 << RANK_BITS, dtype=torch.int64)
+    for t in parts:
+        for a in range(0, t.numel(), chunk):
+            counts += torch.bincount(bins(t[a:a + chunk]), minlength=1 << RANK_BITS)
+    ends = counts.cumsum(0)
+    return (2 * ends - counts - 1).double().div_(2 * (n - 1)), bins
+
+
+def _binned_rank(parts: list[Tensor], into: Tensor | None = None, chunk: int = 1 << 22) -> Tensor:
+    """`_percentile_rank` of the concatenated `parts` with values binned (see above), added
+    into `into` when given (no second buffer), without a copy of the values."""
+    parts = [t.reshape(-1) if t.dtype in (torch.float32, torch.float64) else t.reshape(-1).double() for t in parts]
+    if len({t.dtype for t in parts}) > 1:
+        parts = [t.double() for t in parts]
+    n = sum(t.numel() for t in parts)
+    mean, bins = _bin_means(parts, n, chunk)
+    out = torch.zeros(n, dtype=torch.float64) if into is None else into
+    start = 0
+    for t in parts:
+        for a in range(0, t.numel(), chunk):
+            part = t[a:a + chunk]
+            out[start + a:start + a + part.numel()] += mean[bins(part)]
+        start += t.numel()
+    return out
+
+
 def _percentile_rank(x: Tensor) -> Tensor:
-    """Rank of each value in [0, 1] (ties share their mean rank)."""
+    """Rank of each value in [0, 1] (ties share their mean rank), fp64.
+
+    One sort: each run of equal values, positions [lo, hi) of the sorted order, gets its
+    mean position (lo + hi − 1)/2, exactly the number averaging the positions gives, and
+    it is scattered back to the run's elements. Binned above `EXACT_RANKS_UP_TO` values."""
     n = x.numel()
     if n <= 1:
-        return torch.ones_like(x)
-    order = torch.argsort(x, stable=True)
-    ranks = torch.empty(n, dtype=torch.float64)
-    ranks[order] = torch.arange(n, dtype=torch.float64)
-    # average ranks over ties so equal scores score equally
-    uniq, inv = torch.unique(x, return_inverse=True)
-    if uniq.numel() < n:
-        sums = torch.zeros(uniq.numel(), dtype=torch.float64).index_add_(0, inv, ranks)
-        counts = torch.zeros(uniq.numel(), dtype=torch.float64).index_add_(0, inv, torch.ones(n, dtype=torch.float64))
-        ranks = (sums / counts)[inv]
-    return ranks / (n - 1)
+        return torch.ones(x.shape, dtype=torch.float64)
+    if n > EXACT_RANKS_UP_TO:
+        return _binned_rank([x])
+    keys = _order_key(x.double() if x.dtype not in (torch.float32, torch.float64) else x)
+    ordered, order = torch.sort(keys)
+    del keys
+    counts = torch.unique_consecutive(ordered, return_counts=True)[1]
+    del ordered
+    ends = counts.cumsum(0)
+    mean = (2 * ends - counts - 1).double().div_(2).repeat_interleave(counts)
+    del ends, counts
+    out = torch.empty(n, dtype=torch.float64).index_copy_(0, order, mean)
+    return out.div_(n - 1)
 
 
 def _normalised(x: Tensor, how: str) -> Tensor:
@@ -155,14 +214,23 @@ def _normalised(x: Tensor, how: str) -> Tensor:
     return x / m if m > 0 else torch.zeros_like(x)
 
 
-def _combine(l2: Tensor, fisher: Tensor, cfg: SelectConfig) -> Tensor:
+def _combine(sum_sq: list[Tensor], fisher: list[Tensor], cfg: SelectConfig) -> Tensor:
+    """Importance per block, over the blocks of the given tensors in order, from their
+    Σ Δ² (its square root is the L2 score) and Σ F. Ranks need only the order, which the
+    square root keeps, so "rank" never forms it; past `EXACT_RANKS_UP_TO` blocks the ranks
+    are binned and summed in place, with no copy of the sums."""
+    n = sum(t.numel() for t in sum_sq)
+    if cfg.importance == "rank" and n > EXACT_RANKS_UP_TO:
+        return _binned_rank(fisher, into=_binned_rank(sum_sq)).mul_(0.5)
+    sum_sq, fisher = torch.cat(sum_sq), torch.cat(fisher)
+    if cfg.importance == "rank":  # 0.5·(r1 + r2), made in place (one fp64 per block)
+        return _percentile_rank(sum_sq).add_(_percentile_rank(fisher)).mul_(0.5)
+    l2 = sum_sq.double().sqrt()
     if cfg.importance == "l2":
         return _normalised(l2, "max")
     if cfg.importance == "fisher":
-        return _normalised(fisher, "max")
-    if cfg.importance == "rank":
-        return 0.5 * (_percentile_rank(l2) + _percentile_rank(fisher))
-    a, b = _normalised(l2, "max"), _normalised(fisher, "max")
+        return _normalised(fisher.double(), "max")
+    a, b = _normalised(l2, "max"), _normalised(fisher.double(), "max")
     if cfg.importance == "product":
         return a * b
     return cfg.weights[0] * a + cfg.weights[1] * b
@@ -170,9 +238,10 @@ def _combine(l2: Tensor, fisher: Tensor, cfg: SelectConfig) -> Tensor:
 
 def _stats(deltas: list[Tensor], fishers: list[Tensor] | None, refs: list[list[Tensor]] | None,
            sizes: list[int], names: list[str]) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
-    """Per tensor and block: Σ d², Σ fisher, Σ d·ref and Σ ref² (fp64 tensors of the fp32
-    sums delta_stats gives). Plain tensors in one delta_stats pass; a sharded (FSDP2)
-    tensor's blocks from its shard's partial sums, added over the ranks."""
+    """Per tensor and block: Σ d², Σ fisher, Σ d·ref and Σ ref²: the fp32 sums delta_stats
+    gives (kept fp32: an element-level selection has a block per element; every use turns
+    them to fp64 first, exactly). Plain tensors in one delta_stats pass; a sharded (FSDP2)
+    tensor's blocks from its shard's partial sums, added over the ranks in fp64."""
     out: list = [None] * len(deltas)
     plain = [i for i, d in enumerate(deltas) if not is_dtensor(d)]
     if plain:
@@ -181,8 +250,7 @@ def _stats(deltas: list[Tensor], fishers: list[Tensor] | None, refs: list[list[T
                             [refs[i] for i in plain] if refs else None, [sizes[i] for i in plain])
         for k, i in enumerate(plain):
             rows = slice(s.row_offsets[k], s.row_offsets[k + 1])
-            out[i] = (s.sum_sq[rows].double(), s.fisher_sum[rows].double(), s.dots[rows].double(),
-                      s.ref_sq[rows].double())
+            out[i] = (s.sum_sq[rows], s.fisher_sum[rows], s.dots[rows], s.ref_sq[rows])
     for i, d in enumerate(deltas):
         if out[i] is None:
             out[i] = _shard_stats(d, fishers[i] if fishers else None, refs[i] if refs else [],
@@ -215,11 +283,26 @@ def _shard_stats(d: Tensor, fisher: Tensor | None, refs: list[Tensor], B: int, n
     return tuple(out)
 
 
+def _chunks(numels: list[int], limit: int = 1 << 22) -> list[list[int]]:
+    """Consecutive tensor indices in groups of at most `limit` elements (one tensor alone
+    when it is larger), so per-element temporaries stay bounded whatever the model size."""
+    out, cur, size = [], [], 0
+    for i, n in enumerate(numels):
+        if cur and size + n > limit:
+            out.append(cur)
+            cur, size = [], 0
+        cur.append(i)
+        size += n
+    return out + ([cur] if cur else [])
+
+
 def _block_stats(probe: ProbeResult, sizes: dict[str, int], earlier: Sequence[EarlierTask],
-                 spec_sizes: dict[str, int] | None = None):
+                 spec_sizes: dict[str, int] | None = None, max_only: bool = False):
     """Per tensor: (sum_sq, fisher_sum, cos (blocks, tasks)) using delta_stats for exact
     earlier updates (16 at a time) and sketch space for sketched ones. Cosines are measured
-    per specificity unit (`spec_sizes`, default the blocks) and given to every block in it."""
+    per specificity unit (`spec_sizes`, default the blocks) and given to every block in it.
+    `max_only`: keep one cosine column, the maximum over the earlier tasks (all that the
+    trace rule reads), instead of one per task."""
     spec_sizes = spec_sizes or sizes
     names = probe.names
     deltas = [probe.deltas[n] for n in names]
@@ -250,15 +333,31 @@ def _block_stats(probe: ProbeResult, sizes: dict[str, int], earlier: Sequence[Ea
         k = unit_sizes[i] // block_sizes[i]
         return cos if k == 1 else cos.repeat_interleave(k, 0)
 
+    # past EXACT_RANKS_UP_TO blocks the (max) cosines are kept in fp32, like the binned ranks
+    # a bounded-memory approximation (a cosine within 1e-7 of the threshold may flip)
+    lean = max_only and sum(d.numel() // sizes[n] for n, d in zip(names, deltas)) > EXACT_RANKS_UP_TO
+
+    def add(n: str, cos: Tensor) -> None:
+        if lean:
+            cos = cos.float()
+        if max_only and cos_cols[n]:
+            cos_cols[n] = [torch.maximum(cos_cols[n][0], cos.max(1, keepdim=True).values)]
+        else:
+            cos_cols[n].append(cos.max(1, keepdim=True).values if max_only else cos)
+
     for g0 in range(0, len(exact_tasks), ops.MAX_REFS):
         group = exact_tasks[g0:g0 + ops.MAX_REFS]
-        refs = [[ref_for(t, i) for t in group] for i in range(len(names))]
-        part = _stats(deltas, None, refs, unit_sizes, names)
-        for i, n in enumerate(names):
-            ss, _, dots, ref_sq = part[i]
-            denom = (ss.unsqueeze(1) * ref_sq).sqrt()
-            cos = torch.where(denom > 0, dots / denom.clamp_min(1e-300), torch.zeros_like(denom))
-            cos_cols[n].append(per_block(cos, i))
+        for chunk in _chunks([d.numel() for d in deltas]):
+            refs = [[ref_for(t, i) for t in group] for i in chunk]
+            part = _stats([deltas[i] for i in chunk], None, refs, [unit_sizes[i] for i in chunk],
+                          [names[i] for i in chunk])
+            for i, stat in zip(chunk, part):
+                ss, _, dots, ref_sq = (t.double() for t in stat)
+                denom = (ss.unsqueeze(1) * ref_sq).sqrt()
+                cos = torch.where(denom > 0, dots / denom.clamp_min(1e-300), torch.zeros_like(denom))
+                del ss, dots, ref_sq, denom
+                add(names[i], per_block(cos, i))
+            del part, refs
     for task in earlier:
         for i, n in enumerate(names):
             u = task.updates.get(n)
@@ -269,7 +368,7 @@ def _block_stats(probe: ProbeResult, sizes: dict[str, int], earlier: Sequence[Ea
                 if u.block_size != unit_sizes[i]:
                     raise ValueError(f"sketch of {n!r} has block size {u.block_size}, specificity "
                                      f"uses {unit_sizes[i]}")
-                cos_cols[n].append(per_block(sketch_cosine(deltas[i], n, u).double().unsqueeze(1), i))
+                add(n, per_block(sketch_cosine(deltas[i], n, u).double().unsqueeze(1), i))
     out = {}
     for i, n in enumerate(names):
         sum_sq, fisher_sum = stats[i][0], stats[i][1]
@@ -278,11 +377,64 @@ def _block_stats(probe: ProbeResult, sizes: dict[str, int], earlier: Sequence[Ea
     return out
 
 
-def _take_budget(scores: Tensor, block_elems: Tensor, budget_elems: float) -> Tensor:
-    """Bool per block: highest scores first while the element budget lasts (finite only)."""
+def _finite(x: Tensor, chunk: int = 1 << 22) -> Tensor:
+    """`torch.isfinite` in chunks (it makes full-size temporaries of a fp64 input)."""
+    out = torch.empty(x.shape, dtype=torch.bool)
+    for a in range(0, x.numel(), chunk):
+        out[a:a + chunk] = torch.isfinite(x[a:a + chunk])
+    return out
+
+
+def _kth_largest(scores: Tensor, finite: Tensor, k: int, chunk: int = 1 << 22) -> Tensor:
+    """The k-th largest of the finite scores, exactly. Above `EXACT_RANKS_UP_TO` scores
+    without a copy of them: a histogram of their top bits finds the bin that holds it, and
+    only that bin's scores are searched."""
+    m = int(torch.count_nonzero(finite))
+    if scores.numel() <= EXACT_RANKS_UP_TO:
+        return torch.kthvalue(scores[finite], m - k + 1).values
+    shift, half, n = 64 - RANK_BITS, 1 << (RANK_BITS - 1), scores.numel()
+    counts = torch.zeros(1 << RANK_BITS, dtype=torch.int64)
+    for a in range(0, n, chunk):
+        part = scores[a:a + chunk][finite[a:a + chunk]].double()
+        counts += torch.bincount((_order_key(part) >> shift).add_(half), minlength=1 << RANK_BITS)
+    above = counts.flip(0).cumsum(0).flip(0)          # scores in this bin or a higher one
+    b = int(torch.nonzero(above >= k).reshape(-1)[-1])  # the highest bin with k at or above it
+    need = k - (int(above[b + 1]) if b + 1 < above.numel() else 0)
+    parts = []
+    for a in range(0, n, chunk):
+        part = scores[a:a + chunk][finite[a:a + chunk]].double()
+        parts.append(part[(_order_key(part) >> shift).add_(half) == b])
+    cand = torch.cat(parts)
+    return torch.kthvalue(cand, cand.numel() - need + 1).values.to(scores.dtype)
+
+
+def _take_budget(scores: Tensor, block_elems: Tensor | int, budget_elems: float) -> Tensor:
+    """Bool per block: highest scores first (ties: the lower index first) while the element
+    budget lasts (finite scores only). `block_elems`: elements per block, one number when
+    every block has the same size (then the top k by a threshold, with no sort of the
+    blocks: an element-level selection has a block per element)."""
     chosen = torch.zeros(scores.numel(), dtype=torch.bool)
-    finite = torch.isfinite(scores)
-    if not finite.any() or budget_elems <= 0:
+    if budget_elems <= 0:
+        return chosen
+    finite = _finite(scores)
+    m = int(torch.count_nonzero(finite))  # (a bool sum would make an int64 copy first)
+    if m == 0:
+        return chosen
+    if isinstance(block_elems, int):
+        k = int(budget_elems // block_elems)  # the most blocks with k·size ≤ budget, exactly
+        while block_elems * (k + 1) <= budget_elems:
+            k += 1
+        while k > 0 and block_elems * k > budget_elems:
+            k -= 1
+        k = min(k, m)
+        if k == 0:
+            return chosen
+        if k == m:
+            return finite
+        t = _kth_largest(scores, finite, k)
+        chosen = scores > t
+        ties = torch.nonzero(scores == t).reshape(-1)
+        chosen[ties[:k - int(torch.count_nonzero(chosen))]] = True
         return chosen
     cand = torch.nonzero(finite).reshape(-1)
     order = cand[torch.argsort(scores[cand], descending=True, stable=True)]
@@ -313,28 +465,30 @@ def select_core(
         if math.prod(shapes[n]) % b:
             raise ValueError(f"block size {b} does not divide {n!r} of shape {shapes[n]}")
     stats = _block_stats(probe, sizes, earlier,
-                         {n: specificity_size(shapes[n], b, cfg.specificity_unit) for n, b in sizes.items()})
+                         {n: specificity_size(shapes[n], b, cfg.specificity_unit) for n, b in sizes.items()},
+                         max_only=cfg.method == "trace")
+    names = list(shapes)
     if cfg.method == "trace":
-        scores, info = _trace_scores(stats, sizes, shapes, earlier, cfg)
+        scores, info, flat = _trace_scores(stats, sizes, shapes, earlier, cfg)
     else:
         scores, info = _paper_scores(stats, shapes, cfg)
-    names = list(shapes)
-    elems = {n: torch.full((scores[n].numel(),), sizes[n], dtype=torch.float64) for n in names}
+        flat = torch.cat([scores[n] for n in names])
     if cfg.method != "trace":  # the paper's budget counts tensors
-        flat = torch.cat([scores[n] for n in names])
         k = max(1, round(cfg.budget * len(names))) if cfg.budget > 0 else 0
-        chosen_flat = _take_budget(flat, torch.ones(len(names), dtype=torch.float64), k)
+        chosen_flat = _take_budget(flat, 1, k)
         chosen = {n: chosen_flat[i:i + 1] for i, n in enumerate(names)}
-    elif cfg.scope == "global":
-        flat = torch.cat([scores[n] for n in names])
+    elif cfg.scope == "global":  # `flat`: every block's score, in name order
         total = sum(math.prod(s) for s in shapes.values())
-        chosen_flat = _take_budget(flat, torch.cat([elems[n] for n in names]), cfg.budget * total)
+        one_size = len({sizes[n] for n in names}) == 1
+        elems = sizes[names[0]] if one_size else torch.cat(
+            [torch.full((scores[n].numel(),), sizes[n], dtype=torch.float64) for n in names])
+        chosen_flat = _take_budget(flat, elems, cfg.budget * total)
         chosen, start = {}, 0
         for n in names:
             chosen[n] = chosen_flat[start:start + scores[n].numel()]
             start += scores[n].numel()
     else:
-        chosen = {n: _take_budget(scores[n], elems[n], cfg.budget * math.prod(shapes[n])) for n in names}
+        chosen = {n: _take_budget(scores[n], sizes[n], cfg.budget * math.prod(shapes[n])) for n in names}
     mask = CoreMask.from_blocks({n: (shapes[n], sizes[n], chosen[n]) for n in names})
     report = []
     for n in names:
@@ -342,9 +496,9 @@ def select_core(
         spec = cos.max(1).values if cos.shape[1] else torch.zeros_like(sum_sq)
         c = chosen[n]
         report.append({
-            "name": n, "block_size": sizes[n], "blocks": int(c.numel()), "chosen": int(c.sum()),
-            "mean_l2": float(sum_sq.sqrt().mean()) if c.numel() else 0.0,
-            "mean_fisher": float(fisher.mean()) if c.numel() else 0.0,
+            "name": n, "block_size": sizes[n], "blocks": int(c.numel()), "chosen": int(torch.count_nonzero(c)),
+            "mean_l2": float(sum_sq.double().sqrt().mean()) if c.numel() else 0.0,
+            "mean_fisher": float(fisher.double().mean()) if c.numel() else 0.0,
             "mean_score_chosen": float(scores[n][c].mean()) if c.any() else float("nan"),
             "mean_specificity": float(spec.mean()) if c.numel() else 0.0,
             "excluded_shared": int(info[n]["shared"]),
@@ -364,23 +518,24 @@ def _earlier_core_blocks(earlier: Sequence[EarlierTask], name: str, shape, block
 
 
 def _trace_scores(stats, sizes, shapes, earlier, cfg: SelectConfig):
+    """Per tensor, the final score of each block (-inf: excluded), as views of one flat
+    fp64 buffer in name order (what the global budget reads; the scores are made in
+    place, so an element-level selection holds one score per element)."""
     names = list(shapes)
-    l2 = {n: stats[n][0].sqrt() for n in names}
-    fisher = {n: stats[n][1] for n in names}
     if cfg.normalize == "global":
-        flat = _combine(torch.cat([l2[n] for n in names]), torch.cat([fisher[n] for n in names]), cfg)
-        imp, start = {}, 0
-        for n in names:
-            imp[n] = flat[start:start + l2[n].numel()]
-            start += l2[n].numel()
+        flat = _combine([stats[n][0] for n in names], [stats[n][1] for n in names], cfg)
     else:
-        imp = {n: _combine(l2[n], fisher[n], cfg) for n in names}
-    guard = _protection(stats, sizes, earlier, cfg) if cfg.protect > 0 else {}
-    scores, info = {}, {}
+        flat = torch.cat([_combine([stats[n][0]], [stats[n][1]], cfg) for n in names])
+    scores, start = {}, 0
     for n in names:
-        s = imp[n].clone()
+        scores[n] = flat[start:start + stats[n][0].numel()]
+        start += stats[n][0].numel()
+    guard = _protection(stats, sizes, earlier, cfg) if cfg.protect > 0 else {}
+    info = {}
+    for n in names:
+        s = scores[n]
         if n in guard:
-            s = s * guard[n]
+            s.mul_(guard[n])
         cos = stats[n][2]
         shared = torch.zeros(s.numel(), dtype=torch.bool)
         if cos.shape[1]:
@@ -389,17 +544,16 @@ def _trace_scores(stats, sizes, shapes, earlier, cfg: SelectConfig):
             if cfg.shared_rule == "exclude":
                 s[shared] = -math.inf
             else:
-                s = s * (1 - spec.clamp_min(0))
+                s.mul_(1 - spec.clamp_min(0))
         core_hit = torch.zeros(s.numel(), dtype=torch.bool)
         if not cfg.share_earlier_cores:
             hit = _earlier_core_blocks(earlier, n, shapes[n], sizes[n])
             if hit is not None:
                 core_hit = hit
                 s[hit] = -math.inf
-        scores[n] = s
         info[n] = {"shared": int((shared & ~core_hit).sum()) if cfg.shared_rule == "exclude" else 0,
                    "earlier_core": int(core_hit.sum())}
-    return scores, info
+    return scores, info, flat
 
 
 def _protection(stats, sizes, earlier: Sequence[EarlierTask], cfg: SelectConfig) -> dict[str, Tensor]:
@@ -408,8 +562,8 @@ def _protection(stats, sizes, earlier: Sequence[EarlierTask], cfg: SelectConfig)
     At first order a converged earlier task loses ½·Δᵀ F_τ Δ, so blocks where earlier tasks
     are sensitive are the ones whose training makes them forget."""
     names = list(sizes)
-    new_total = sum(float(stats[n][1].sum()) for n in names) or 1.0
-    old = {n: torch.zeros_like(stats[n][1]) for n in names}
+    new_total = sum(float(stats[n][1].double().sum()) for n in names) or 1.0
+    old = {n: torch.zeros(stats[n][1].shape, dtype=torch.float64) for n in names}
     for task in earlier:
         if not task.fisher:
             continue
@@ -422,7 +576,7 @@ def _protection(stats, sizes, earlier: Sequence[EarlierTask], cfg: SelectConfig)
                 raise ValueError(f"earlier Fisher of {n!r} has {f.numel()} elements, the parameter "
                                  f"has {stats[n][1].numel() * sizes[n]}")
             if is_dtensor(f):  # sharded like the parameter: block sums over the ranks
-                sums[n] = _stats([f], [f], None, [sizes[n]], [n])[0][1]
+                sums[n] = _stats([f], [f], None, [sizes[n]], [n])[0][1].double()
             else:
                 sums[n] = f.detach().reshape(-1, sizes[n]).double().sum(1).cpu()
         total = sum(float(v.sum()) for v in sums.values()) or 1.0
@@ -430,7 +584,7 @@ def _protection(stats, sizes, earlier: Sequence[EarlierTask], cfg: SelectConfig)
             old[n] += v / total
     out = {}
     for n in names:
-        mine = stats[n][1] / new_total
+        mine = stats[n][1].double() / new_total
         denom = mine + cfg.protect * old[n]
         out[n] = torch.where(denom > 0, mine / denom.clamp_min(1e-300), torch.ones_like(mine))
     return out
@@ -447,8 +601,8 @@ def _paper_scores(stats, shapes, cfg: SelectConfig):
             raise ValueError("paper_specificity needs earlier tasks' updates")
         flat = -torch.stack([c.mean() if c.numel() else torch.tensor(0.0, dtype=torch.float64) for c in cos])
     else:
-        rms = torch.stack([stats[n][0].sum() for n in names]).div(numel).sqrt()
-        mean_f = torch.stack([stats[n][1].sum() for n in names]).div(numel)
+        rms = torch.stack([stats[n][0].double().sum() for n in names]).div(numel).sqrt()
+        mean_f = torch.stack([stats[n][1].double().sum() for n in names]).div(numel)
 
         def minmax(x):
             span = x.max() - x.min()

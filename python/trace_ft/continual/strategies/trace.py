@@ -63,12 +63,20 @@ class Trace(Strategy):
     def learn(self, ctx: Context, index, task, seen) -> TaskCost:
         self.protect_general(ctx, index)
         result, sel = self.probe_and_select(ctx, index, task)
+        # what the history keeps of the probe is taken now, and the rest of it (Δ where it is
+        # not kept, the probe's Fisher) is let go before training
+        with ctx.phase("history"):
+            updates = self.recorded_updates(result.deltas, sel.mask)
+        probe_loss = result.losses[-1]
+        del result
         # whole-tensor values (gathered on every rank when sharded), for the routed row
-        before = full_core_values(ctx.model, sel.mask) if self.routes is not None else None
+        with ctx.phase("core values"):
+            before = full_core_values(ctx.model, sel.mask) if self.routes is not None else None
         losses, state = self.train_core(ctx, index, task, sel.mask)
-        if self.routes is not None:
-            self.routes.append(TaskValues(sel.mask, before, full_core_values(ctx.model, sel.mask)))
-        self.remember(ctx, index, task, sel.mask, result)
+        with ctx.phase("core values"):
+            if self.routes is not None:
+                self.routes.append(TaskValues(sel.mask, before, full_core_values(ctx.model, sel.mask)))
+        self.remember(ctx, index, task, sel.mask, updates, probe_loss)
         return self.cost(sel.mask, state, losses)
 
     # The steps of `learn`, also used one by one by `trace-ft adapt` (which checkpoints
@@ -78,8 +86,9 @@ class Trace(Strategy):
             self.history.append(EarlierTask(fisher=self._fisher(ctx, self.general, salt=30_000)))
 
     def _fisher(self, ctx: Context, task, salt: int) -> dict:
-        return self.pipeline.fisher(ctx.model, ctx.batches([task], self.pipeline.fisher_batches, salt=salt),
-                                    loss_fn=ctx.whole_batch_loss())
+        batches = ctx.batches([task], self.pipeline.fisher_batches, salt=salt)
+        with ctx.phase("guard fisher"):
+            return self.pipeline.fisher(ctx.model, batches, loss_fn=ctx.whole_batch_loss())
 
     def probe_and_select(self, ctx: Context, index: int, task) -> tuple[ProbeResult, Selection]:
         """The warm-start probe from the current weights, and the core chosen against
@@ -87,11 +96,14 @@ class Trace(Strategy):
         cfg = self.train_config(ctx)
         par = ctx.parallel
         dp = {} if par is None else {"loss_fn": par.loss(default_loss), "sync_grads": par.sync_grads}
-        result, sel = self.pipeline.probe_and_select(
-            ctx.model, ctx.batches([task], self.pipeline.probe_steps, salt=10_000 + index),
-            lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
-            max_grad_norm=cfg.max_grad_norm,
-            progress=ctx.progress and f"{self.desc(ctx, index, task)} (probe)", **dp)
+        batches = ctx.batches([task], self.pipeline.probe_steps, salt=10_000 + index)
+        with ctx.phase("probe"):
+            result = self.pipeline.probe(
+                ctx.model, batches, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+                max_grad_norm=cfg.max_grad_norm,
+                progress=ctx.progress and f"{self.desc(ctx, index, task)} (probe)", **dp)
+        with ctx.phase("selection"):
+            sel = self.pipeline.select(result)
         if par is not None:  # every rank must train the same core
             par.check_same(f"the core of {task.name}", b"".join(
                 n.encode() + e.block_size.to_bytes(8, "little") + e.indices.to(torch.int64).numpy().tobytes()
@@ -109,21 +121,24 @@ class Trace(Strategy):
         if not core.nonempty():
             return [], 0
         model = ctx.model
-        self.pipeline.check(model, core)  # before any flag changes
-        flags = freeze_outside(model, core)
-        # linear layers whose core is a few rows: backward computes only those rows' gradients
-        grads = install_core_grads(model, core) if self.core_grads else None
+        batches = itertools.islice(ctx.batches([task], cfg.steps, salt=index), start_step, None)
+        with ctx.phase("train setup"):
+            self.pipeline.check(model, core)  # before any flag changes
+            flags = freeze_outside(model, core)
+            # linear layers whose core is a few rows: backward computes only those rows' gradients
+            grads = install_core_grads(model, core) if self.core_grads else None
         try:
-            opt = self.pipeline.optimizer(model, core, lr=cfg.lr, betas=cfg.betas,
-                                          weight_decay=cfg.weight_decay, master_weights=self.master_weights,
-                                          core_grads=grads)
-            if optimizer_state is not None:
-                load_optimizer_state(opt, optimizer_state, ctx.parallel, model)
-            batches = itertools.islice(ctx.batches([task], cfg.steps, salt=index), start_step, None)
-            losses = train_loop(model, opt, batches, cfg, desc=self.desc(ctx, index, task),
-                                progress=ctx.progress, start_step=start_step, parallel=ctx.parallel,
-                                on_step=None if on_step is None else
-                                (lambda done, ls: on_step(done, ls, opt)))
+            with ctx.phase("train setup"):
+                opt = self.pipeline.optimizer(model, core, lr=cfg.lr, betas=cfg.betas,
+                                              weight_decay=cfg.weight_decay, master_weights=self.master_weights,
+                                              core_grads=grads)
+                if optimizer_state is not None:
+                    load_optimizer_state(opt, optimizer_state, ctx.parallel, model)
+            with ctx.phase("train steps"):
+                losses = train_loop(model, opt, batches, cfg, desc=self.desc(ctx, index, task),
+                                    progress=ctx.progress, start_step=start_step, parallel=ctx.parallel,
+                                    on_step=None if on_step is None else
+                                    (lambda done, ls: on_step(done, ls, opt)))
             return losses, optimizer_state_bytes(opt)
         finally:
             if grads is not None:
@@ -135,15 +150,17 @@ class Trace(Strategy):
         selection protects); otherwise nothing."""
         return self._fisher(ctx, task, salt=20_000 + index) if self.pipeline.guarded else {}
 
-    def remember(self, ctx: Context, index: int, task, core: CoreMask, result: ProbeResult) -> EarlierTask:
-        """Record the task for later tasks' selection: its update (exact or sketched), its
-        core and, with the guard on, its Fisher after training."""
-        earlier = self.pipeline.remember(core, self.recorded_updates(result.deltas, core),
-                                         self.trained_fisher(ctx, index, task))
+    def remember(self, ctx: Context, index: int, task, core: CoreMask, updates: dict,
+                 probe_loss: float | None) -> EarlierTask:
+        """Record the task for later tasks' selection: its update (as `recorded_updates`
+        gives it), its core and, with the guard on, its Fisher after training."""
+        fisher = self.trained_fisher(ctx, index, task)
+        with ctx.phase("history"):
+            earlier = self.pipeline.remember(core, updates, fisher)
         self.selections.append({"task": task.name, "core_elements": core.numel_selected,
                                 "eligible_elements": core.numel,
                                 "tensors": sum(1 for e in core.values() if e.num_selected),
-                                "probe_loss": result.losses[-1]})
+                                "probe_loss": probe_loss})
         return earlier
 
     @staticmethod
