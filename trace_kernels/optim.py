@@ -419,6 +419,49 @@ class MaskedAdamW(Optimizer):
         return {"moments": moments, "masters": masters, "indices": indices,
                 "total": moments + masters + indices}
 
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, eps: float = 1e-6) -> Tensor:
+        """Clip the gradient of what is trained, the core elements, to `max_norm` (L2, over
+        every parameter together), and return its norm before clipping, as
+        ``torch.nn.utils.clip_grad_norm_`` does over whole tensors. The norm reads only the
+        core elements' gradients, so it is the same whether a weight's gradient is full
+        (its frozen elements' entries are never used) or core-only (`install_core_grads`);
+        the scaling applies to the whole gradient tensors. A sharded parameter's squares
+        are summed over its ranks, so every rank clips alike."""
+        self._rebind()
+        plain, sharded, grads, group = [], [], [], None
+        for p, lay in self._layout.items():
+            if not lay.entry.numel_selected:
+                continue
+            c = _carrier(p)
+            if c is not None:  # core rows (or elements) of the weight, in the carrier
+                kernel = core_rows(lay.entry, c.shape[1])[1].coarsest()
+                g, idx, bs = c.grad, kernel.indices.to(c.grad.device), kernel.block_size
+            elif p.grad is not None:
+                g, idx, bs = local_tensor(p.grad), lay.kernel_indices, lay.kernel.block_size
+            else:
+                continue
+            sq = g.reshape(-1, bs).index_select(0, idx.to(torch.int64)).float().square().sum()
+            (sharded if lay.shard is not None else plain).append(sq)
+            group = lay.shard.group if lay.shard is not None else group
+            grads.append(g)
+        if not grads:
+            return torch.tensor(0.0)
+        device = grads[0].device
+        total = torch.zeros((), dtype=torch.float32, device=device)
+        if sharded:
+            total += torch.stack([s.to(device) for s in sharded]).sum()
+            import torch.distributed as dist
+
+            dist.all_reduce(total, group=group)
+        if plain:
+            total += torch.stack([s.to(device) for s in plain]).sum()
+        total = total.sqrt()
+        coef = (max_norm / (total + eps)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(coef.to(g.device, g.dtype))
+        return total
+
     # ---- step ---------------------------------------------------------------------
     def _keeps_master(self, p: Tensor) -> bool:
         wanted = self._master_weights

@@ -57,7 +57,8 @@ def test_core_rows_refuses_blocks_across_rows():
     assert core_rows(MaskEntry((9, 12), 9, torch.tensor([0, 5])), 12) is None
 
 
-def run_steps(net, core, compact, steps=3, micro=2, dtype=torch.float32, clip=None, mode="rows", **kw):
+def run_steps(net, core, compact, steps=3, micro=2, dtype=torch.float32, clip=None, mode="rows",
+              clip_core=False, **kw):
     for n, p in net.named_parameters():
         p.requires_grad_(n in core)
     handle = install_core_grads(net, core, **MODES[mode]) if compact else None
@@ -73,7 +74,8 @@ def run_steps(net, core, compact, steps=3, micro=2, dtype=torch.float32, clip=No
             for n in core:
                 assert dict(net.named_parameters())[n].grad is None  # never a full-size gradient
         if clip is not None:
-            norms.append(float(nn.utils.clip_grad_norm_(net.parameters(), clip)))
+            norm = opt.clip_grad_norm_(clip) if clip_core else nn.utils.clip_grad_norm_(net.parameters(), clip)
+            norms.append(float(norm))
         opt.step()
     return handle, opt, norms
 
@@ -144,6 +146,33 @@ def test_clipping_through_model_parameters_counts_the_compact_gradients(mode):
     want = torch.stack([params[n].grad.reshape(-1, cols(n))[core_rows(e, cols(n))[0]].norm()
                         for n, e in core.items()]).norm()
     assert norms[0] == pytest.approx(float(want), rel=1e-5)
+
+
+@pytest.mark.parametrize("granularity,mode", [("row", "rows"), ("element", "rows"), ("element", "elements")])
+def test_optimizer_clipping_measures_the_core_alike_on_both_paths(granularity, mode):
+    """MaskedAdamW.clip_grad_norm_ reads the core elements' gradients only: the same norm and
+    the same clipped steps whether the weights' gradients are full or core-only, and the
+    norm is the dense gradient's at the core elements (what `trace-ft` clips on)."""
+    gen = torch.Generator().manual_seed(4)
+    dense = model()
+    core = weights_core(dense, gen, granularity)
+    mine = copy.deepcopy(dense)
+    probe = copy.deepcopy(dense)
+    _, _, dense_norms = run_steps(dense, core, False, clip=1e-3, clip_core=True)
+    _, _, core_norms = run_steps(mine, core, True, clip=1e-3, clip_core=True, mode=mode)
+    assert dense_norms == pytest.approx(core_norms, rel=1e-5)
+    for name, ref in dense.state_dict().items():
+        torch.testing.assert_close(mine.state_dict()[name], ref, rtol=1e-5, atol=1e-6, msg=name)
+    # the first norm is the dense gradient's norm at the core elements
+    for n, p in probe.named_parameters():
+        p.requires_grad_(n in core)
+    g = torch.Generator().manual_seed(5)
+    for _ in range(2):
+        probe(torch.randn(6, 5, 13, generator=g)).square().mean().backward()
+    params = dict(probe.named_parameters())
+    want = torch.stack([params[n].grad.reshape(-1)[e.element_indices()].norm() for n, e in core.items()]).norm()
+    assert dense_norms[0] == pytest.approx(float(want), rel=1e-5)
+    assert want < torch.stack([params[n].grad.norm() for n in core]).norm()  # not the whole tensors'
 
 
 @pytest.mark.parametrize("mode", MODES)

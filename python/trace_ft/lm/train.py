@@ -91,7 +91,9 @@ def train_loop(
     lr at the base value, and pass batches that start at that step.
     `on_step(done, losses)` runs after each step (`done` steps completed in all), e.g. to
     save a checkpoint. `parallel` (a `lm.parallel.DataParallel`): each rank trains on its rows
-    of every batch and the gradients are summed over ranks before clipping."""
+    of every batch and the gradients are summed over ranks before clipping. Clipping measures
+    what the optimizer trains: every gradient, or with `MaskedAdamW` the core elements'
+    (`MaskedAdamW.clip_grad_norm_`; the same with full or core-only weight gradients)."""
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
@@ -119,7 +121,10 @@ def train_loop(
             if parallel is not None:
                 parallel.sync_grads(params)
             if cfg.max_grad_norm is not None:
-                nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg.max_grad_norm)
+                if hasattr(optimizer, "clip_grad_norm_"):  # MaskedAdamW: the core's gradient
+                    optimizer.clip_grad_norm_(cfg.max_grad_norm)
+                else:
+                    nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             sched.step()
