@@ -20,25 +20,28 @@ from torch import Tensor, nn
 
 from trace_kernels import CoreMask, MaskedAdamW
 from trace_kernels.core_grads import CoreGrads
+from trace_kernels.sharding import local_tensor
 
 from .probe import DEFAULT_EXCLUDE, ProbeResult, default_loss, eligible_parameters, empirical_fisher, probe
 from .select import EarlierTask, Selection, SelectConfig, select_core, specificity_size
 from .sketch import BlockSketch, sketch_update
 
 
-# Exact updates of a model with more eligible elements than this are kept in bf16 (half
-# the bytes per task; a cosine against a bf16 update moves by about 1e-3 at most).
-BF16_HISTORY_ABOVE = 1 << 24
+# Past this many eligible elements a model is "large": its exact updates are kept in bf16
+# (half the bytes per task; a cosine against a bf16 update moves by about 1e-3 at most) and,
+# on the CPU, the probe keeps its pre-probe copy on disk (memory then holds the probe's
+# state and one copy of the weights, as full fine-tuning's holds its own).
+LARGE_MODEL = 1 << 24
 
 
 def record_updates(deltas: dict[str, Tensor], core: CoreMask, sketch_dim: int | None,
                    unit: str = "block", dtype: torch.dtype | None = None) -> dict[str, Tensor | BlockSketch]:
     """What a history keeps of a task's probe update: exact (in `dtype`; None: fp32, or
-    bf16 past `BF16_HISTORY_ABOVE` eligible elements), or count-sketched per specificity
+    bf16 past `LARGE_MODEL` eligible elements), or count-sketched per specificity
     unit (so later tasks' cosines are measured on the same units)."""
     if sketch_dim is None:
         if dtype is None:
-            dtype = torch.bfloat16 if sum(d.numel() for d in deltas.values()) > BF16_HISTORY_ABOVE else torch.float32
+            dtype = torch.bfloat16 if sum(d.numel() for d in deltas.values()) > LARGE_MODEL else torch.float32
         return {n: d.to(dtype) for n, d in deltas.items()}
     return {n: sketch_update(d, n, specificity_size(core[n].shape, core[n].block_size, unit), sketch_dim)
             for n, d in deltas.items()}
@@ -111,7 +114,13 @@ class TracePipeline:
         return result, self.select(result)
 
     def probe(self, model: nn.Module, batches: Iterable, *, lr: float, **kw) -> ProbeResult:
-        """The warm-start probe alone (`probe_and_select`'s first half)."""
+        """The warm-start probe alone (`probe_and_select`'s first half). A large model's
+        (`LARGE_MODEL`) pre-probe copy goes to disk when its weights are on the CPU."""
+        if "offload_device" not in kw:
+            params = [p for _, p in eligible_parameters(model, exclude=self.exclude)]
+            large = sum(p.numel() for p in params) > LARGE_MODEL
+            if large and all(local_tensor(p).device.type == "cpu" for p in params):
+                kw["offload_device"] = "disk"
         return probe(model, batches, self.probe_steps, self.probe_lr or lr, exclude=self.exclude, **kw)
 
     def select(self, result: ProbeResult) -> Selection:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -49,6 +50,41 @@ class ProbeResult:
     @property
     def numel(self) -> int:
         return sum(d.numel() for d in self.deltas.values())
+
+
+class DiskCopy:
+    """Tensors' bytes in an anonymous temporary file (gone when closed or on a crash), read
+    back exactly into any tensor of the same size: the pre-probe weights of a model whose
+    memory should hold only the probe's state (`probe(offload_device="disk")`). CPU
+    tensors; on an accelerator, offload to "cpu" instead."""
+
+    def __init__(self, tensors: Sequence[Tensor], directory: str | None = None) -> None:
+        self._file = tempfile.TemporaryFile(dir=directory)
+        self._spans: list[tuple[int, int]] = []
+        for t in tensors:
+            raw = self._bytes(t.detach().contiguous())
+            self._spans.append((self._file.tell(), raw.nbytes))
+            self._file.write(memoryview(raw))
+        self._file.flush()
+
+    @staticmethod
+    def _bytes(t: Tensor):
+        if t.device.type != "cpu":
+            raise ValueError(f"offload to disk holds CPU tensors, got one on {t.device} (offload to 'cpu')")
+        return t.reshape(-1).view(torch.uint8).numpy()
+
+    def read_into(self, i: int, out: Tensor) -> None:
+        """Write the i-th saved tensor's bytes into `out` (contiguous, the same size)."""
+        start, size = self._spans[i]
+        raw = self._bytes(out)
+        if raw.nbytes != size or not out.is_contiguous():
+            raise ValueError(f"tensor {i}: {raw.nbytes} contiguous bytes to restore into, saved {size}")
+        self._file.seek(start)
+        if self._file.readinto(memoryview(raw)) != size:
+            raise OSError(f"tensor {i}: short read from the offload file")
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def eligible_parameters(
@@ -107,6 +143,8 @@ def probe(
     batches: an iterable of batches, cycled if shorter than `steps`.
     offload_device: where the pre-probe copy, Δ and Fisher live (e.g. "cpu" for a model
         that does not fit twice on its accelerator); default: each parameter's device.
+        "disk": the pre-probe copy only, in a temporary file (CPU parameters), so memory
+        holds the probe's state and no second copy of the weights.
     delta_dtype: dtype of the stored Δ (bf16 halves its memory).
     progress: show a progress bar (a string is its label).
     rounding: how the step writes bf16 parameters: "stochastic" (unbiased: a probe at a
@@ -134,9 +172,11 @@ def probe(
     flags = [(p, p.requires_grad) for p in model.parameters()]
     grads = [(p, p.grad) for p in model.parameters()]
     was_training = model.training
-    home = [offload_device or p.device for p in params]
+    disk = offload_device == "disk"
+    home = [p.device if disk or offload_device is None else offload_device for p in params]
     with torch.no_grad():
-        saved = [p.detach().to(d, copy=True) for p, d in zip(params, home)]
+        saved = DiskCopy([local_tensor(p) for p in params]) if disk else \
+            [p.detach().to(d, copy=True) for p, d in zip(params, home)]
     # state for the storage each rank holds (a sharded parameter's local shard)
     exp_avgs = [torch.zeros(local_tensor(p).numel(), dtype=torch.float32, device=local_tensor(p).device)
                 for p in params]
@@ -182,20 +222,29 @@ def probe(
         del exp_avg_sqs
         deltas, fisher = {}, {}
         with torch.no_grad():
-            for i, ((name, p), pre, d, f) in enumerate(zip(named, saved, home, fishers)):
-                storage, before = local_tensor(p), local_tensor(pre)
-                if delta_dtype == torch.float32 and before.device == storage.device:
+            for i, ((name, p), d, f) in enumerate(zip(named, home, fishers)):
+                storage = local_tensor(p)
+                if disk:  # the probed weights into the buffer, θ⁰ back from disk, the difference
+                    buf = exp_avgs[i].view(storage.shape).copy_(storage)
+                    saved.read_into(i, storage)
+                    deltas[name] = like(p, buf.sub_(storage).to(delta_dtype))
+                elif delta_dtype == torch.float32 and local_tensor(saved[i]).device == storage.device:
                     buf = exp_avgs[i].view(storage.shape)
-                    buf.copy_(storage).sub_(before)
+                    buf.copy_(storage).sub_(local_tensor(saved[i]))
                     deltas[name] = like(p, buf)
                 else:
-                    deltas[name] = (p.detach().to(d, torch.float32) - pre.float()).to(delta_dtype)
+                    deltas[name] = (p.detach().to(d, torch.float32) - saved[i].float()).to(delta_dtype)
                 exp_avgs[i] = None
                 fisher[name] = like(p, f.view(storage.shape)).to(d)
     finally:
         with torch.no_grad():
-            for p, pre in zip(params, saved):
-                p.copy_(pre)
+            for i, p in enumerate(params):
+                if disk:
+                    saved.read_into(i, local_tensor(p))
+                else:
+                    p.copy_(saved[i])
+        if disk:
+            saved.close()
         for p, flag in flags:
             p.requires_grad_(flag)
         for p, g in grads:

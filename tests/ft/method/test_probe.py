@@ -116,3 +116,38 @@ def test_probe_of_a_10m_parameter_model_is_fast(gen):
     elapsed = time.perf_counter() - t0
     assert result.numel == 10 * 1024 * 1024
     assert elapsed < 30, f"20-step probe of 10M parameters took {elapsed:.1f} s"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pre_probe_copy_on_disk_gives_the_same_probe_and_restores_exactly(gen, dtype):
+    """offload_device="disk": the pre-probe weights live in a temporary file, and Δ, Fisher
+    and the restored model are bit for bit those of the in-memory probe; an error midway
+    still puts every weight back."""
+    from trace_ft.method.probe import DiskCopy
+
+    model = Tiny().to(dtype)
+    data = tiny_batches(gen)
+    before = copy.deepcopy(model.state_dict())
+    kw = dict(steps=5, lr=1e-2, loss_fn=loss_fn, seed=3)
+    mem = probe(model, data, **kw)
+    disk = probe(model, data, offload_device="disk", **kw)
+    for n in mem.deltas:
+        assert torch.equal(bits(disk.deltas[n]), bits(mem.deltas[n])), n
+        assert torch.equal(bits(disk.fisher[n]), bits(mem.fisher[n])), n
+    for n, t in model.state_dict().items():
+        assert torch.equal(bits(t), bits(before[n])), n
+
+    def fails_late(m, batch, calls=[]):  # noqa: B006 - counts calls across steps
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return loss_fn(m, batch)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        probe(model, data, steps=5, lr=1e-2, loss_fn=fails_late, offload_device="disk")
+    for n, t in model.state_dict().items():
+        assert torch.equal(bits(t), bits(before[n])), n
+    copy_ = DiskCopy([torch.arange(6.0)])
+    with pytest.raises(ValueError, match="20 contiguous bytes to restore into, saved 24"):
+        copy_.read_into(0, torch.zeros(5))
+    copy_.close()
