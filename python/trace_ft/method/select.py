@@ -135,10 +135,11 @@ def _order_key(x: Tensor) -> Tensor:
     """Integers that sort as the floats `x` do (equal exactly where the floats are equal):
     their bits, negative values mirrored. Integer sorts are radix sorts on the CPU, several
     times faster than float sorts at an element-level selection's size."""
-    x = x + 0.0  # -0.0 → +0.0: equal floats, equal keys
-    bits = x.view(torch.int32 if x.dtype == torch.float32 else torch.int64)
-    mirror = torch.iinfo(bits.dtype).max
-    return torch.where(bits < 0, bits ^ mirror, bits)
+    bits = (x + 0.0).view(torch.int32 if x.dtype == torch.float32 else torch.int64)  # -0.0 → +0.0
+    negative = bits < 0
+    if negative.any():  # sums of squares and Fisher values never are: no second copy for them
+        bits = torch.where(negative, bits ^ torch.iinfo(bits.dtype).max, bits)
+    return bits
 
 
 # Percentile ranks are exact up to this many blocks; above (an element-level selection of a
@@ -166,7 +167,7 @@ def _bin_means(parts: list[Tensor], n: int, chunk: int) -> tuple[Tensor, Callabl
     return (2 * ends - counts - 1).double().div_(2 * (n - 1)), bins
 
 
-def _binned_rank(parts: list[Tensor], into: Tensor | None = None, chunk: int = 1 << 22) -> Tensor:
+def _binned_rank(parts: list[Tensor], into: Tensor | None = None, chunk: int = 1 << 20) -> Tensor:
     """`_percentile_rank` of the concatenated `parts` with values binned (see above), added
     into `into` when given (no second buffer), without a copy of the values."""
     parts = [t.reshape(-1) if t.dtype in (torch.float32, torch.float64) else t.reshape(-1).double() for t in parts]
@@ -377,7 +378,7 @@ def _block_stats(probe: ProbeResult, sizes: dict[str, int], earlier: Sequence[Ea
     return out
 
 
-def _finite(x: Tensor, chunk: int = 1 << 22) -> Tensor:
+def _finite(x: Tensor, chunk: int = 1 << 20) -> Tensor:
     """`torch.isfinite` in chunks (it makes full-size temporaries of a fp64 input)."""
     out = torch.empty(x.shape, dtype=torch.bool)
     for a in range(0, x.numel(), chunk):
@@ -385,7 +386,7 @@ def _finite(x: Tensor, chunk: int = 1 << 22) -> Tensor:
     return out
 
 
-def _kth_largest(scores: Tensor, finite: Tensor, k: int, chunk: int = 1 << 22) -> Tensor:
+def _kth_largest(scores: Tensor, finite: Tensor, k: int, chunk: int = 1 << 20) -> Tensor:
     """The k-th largest of the finite scores, exactly. Above `EXACT_RANKS_UP_TO` scores
     without a copy of them: a histogram of their top bits finds the bin that holds it, and
     only that bin's scores are searched."""
@@ -473,6 +474,15 @@ def select_core(
     else:
         scores, info = _paper_scores(stats, shapes, cfg)
         flat = torch.cat([scores[n] for n in names])
+    # what the report needs of the block sums, taken now so they go before the budget
+    summary = {}
+    for n in names:
+        sum_sq, fisher, cos = stats[n]
+        empty = not sum_sq.numel()
+        summary[n] = {"mean_l2": 0.0 if empty else float(sum_sq.double().sqrt().mean()),
+                      "mean_fisher": 0.0 if empty else float(fisher.double().mean()),
+                      "mean_specificity": 0.0 if empty or not cos.shape[1] else float(cos.max(1).values.mean())}
+    del stats
     if cfg.method != "trace":  # the paper's budget counts tensors
         k = max(1, round(cfg.budget * len(names))) if cfg.budget > 0 else 0
         chosen_flat = _take_budget(flat, 1, k)
@@ -492,15 +502,12 @@ def select_core(
     mask = CoreMask.from_blocks({n: (shapes[n], sizes[n], chosen[n]) for n in names})
     report = []
     for n in names:
-        sum_sq, fisher, cos = stats[n]
-        spec = cos.max(1).values if cos.shape[1] else torch.zeros_like(sum_sq)
         c = chosen[n]
         report.append({
             "name": n, "block_size": sizes[n], "blocks": int(c.numel()), "chosen": int(torch.count_nonzero(c)),
-            "mean_l2": float(sum_sq.double().sqrt().mean()) if c.numel() else 0.0,
-            "mean_fisher": float(fisher.double().mean()) if c.numel() else 0.0,
+            "mean_l2": summary[n]["mean_l2"], "mean_fisher": summary[n]["mean_fisher"],
             "mean_score_chosen": float(scores[n][c].mean()) if c.any() else float("nan"),
-            "mean_specificity": float(spec.mean()) if c.numel() else 0.0,
+            "mean_specificity": summary[n]["mean_specificity"],
             "excluded_shared": int(info[n]["shared"]),
             "excluded_earlier_core": int(info[n]["earlier_core"]),
         })

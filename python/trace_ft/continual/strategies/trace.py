@@ -64,20 +64,21 @@ class Trace(Strategy):
         self.protect_general(ctx, index)
         result, sel = self.probe_and_select(ctx, index, task)
         # what the history keeps of the probe is taken now, and the rest of it (Δ where it is
-        # not kept, the probe's Fisher) is let go before training
+        # not kept, the probe's Fisher, the selection's scores) is let go before training
+        core = sel.mask
         with ctx.phase("history"):
-            updates = self.recorded_updates(result.deltas, sel.mask)
+            updates = self.recorded_updates(result.deltas, core)
         probe_loss = result.losses[-1]
-        del result
+        del result, sel
         # whole-tensor values (gathered on every rank when sharded), for the routed row
         with ctx.phase("core values"):
-            before = full_core_values(ctx.model, sel.mask) if self.routes is not None else None
-        losses, state = self.train_core(ctx, index, task, sel.mask)
+            before = full_core_values(ctx.model, core) if self.routes is not None else None
+        losses, state = self.train_core(ctx, index, task, core)
         with ctx.phase("core values"):
             if self.routes is not None:
-                self.routes.append(TaskValues(sel.mask, before, full_core_values(ctx.model, sel.mask)))
-        self.remember(ctx, index, task, sel.mask, updates, probe_loss)
-        return self.cost(sel.mask, state, losses)
+                self.routes.append(TaskValues(core, before, full_core_values(ctx.model, core)))
+        self.remember(ctx, index, task, core, updates, probe_loss)
+        return self.cost(core, state, losses)
 
     # The steps of `learn`, also used one by one by `trace-ft adapt` (which checkpoints
     # between them), so both give the same numbers.
