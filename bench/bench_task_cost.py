@@ -43,7 +43,8 @@ def one(args) -> dict:
     cfg = RunConfig(model=args.model, size=args.size, tasks=args.tasks.split(","), steps=args.steps,
                     batch_size=args.batch_size, lr=args.lr, trace_lr=args.trace_lr,
                     trace_probe_steps=args.probe_steps, n_train=args.n_train, n_test=args.n_test,
-                    trace_core_grads=args.core_grads, seed=0)
+                    trace_core_grads=args.core_grads, trace_budget=args.budget,
+                    trace_granularity=args.granularity, seed=0)
     cfg.validate()
     rss_start = _rss()
     base, codec, path = open_model(cfg.model, size=cfg.size, progress=False)
@@ -54,12 +55,52 @@ def one(args) -> dict:
     rss_base = _rss()
     strategy = build_strategy(args.one, cfg, guard)
     entry = run_strategy(strategy, seq, base, codec, cfg.train_config(), seed=0)
+    from trace_ft.method.probe import eligible_parameters
+
     c = entry["costs"]
     return {"strategy": args.one, "model": str(path), "params": sum(p.numel() for p in base.parameters()),
+            "eligible": sum(p.numel() for _, p in eligible_parameters(base)),
+            "core_fraction": args.budget, "tasks": len(tasks),
             "seconds": c["seconds"], "peak_bytes": c["peak_memory_bytes"], "phases": c["phases"],
             "rss_model_bytes": rss_base - rss_start, "train_steps": args.steps * len(tasks),
             "probe_steps": args.probe_steps * len(tasks) if args.one.startswith("trace") else 0,
             "state_bytes": c["state_bytes"]}
+
+
+def floors(P: int, E: int, k: float, tasks: int, element: bool) -> dict[str, tuple[str, float]]:
+    """The least memory each phase of an fp32 task needs above the loaded base model (its
+    working copy included), in bytes, by formula: P parameters, E eligible, core fraction k.
+    Activations are not in it."""
+    sel = 20 if element else 0  # element level: fp32 block sums (8), max cosine (4), score (8)
+    return {
+        "seqft: train steps": ("copy 4P + grads 4P + moments 8P", 16 * P),
+        "trace: probe": ("copy 4P + (grads, 2 moments, Fisher, pre-probe copy) 20E; Δ into a moment", 4 * P + 20 * E),
+        "trace: selection": (f"copy 4P + probe's Δ, F 8E + per block {sel}E", 4 * P + (8 + sel) * E),
+        "trace: train steps": ("copy 4P + core moments and gradients 12kE + history (bf16 Δ) 2E/task",
+                               4 * P + 12 * k * E + 2 * E * tasks),
+    }
+
+
+def projection(P: float = 8.03e9, E: float = 6.98e9, k: float = 0.05, ranks: int = 8) -> str:
+    """An 8B model (Llama-3-8B shapes: 8.03B parameters, 6.98B in attention and MLP
+    matrices) in bf16, by the same formulas with 16-bit parameters: per device, on one 80 GB
+    GPU and under FSDP2 over 8 (everything sharded evenly)."""
+    rows = [
+        ("full fine-tuning (bf16 weights and grads, fp32 masters and moments)", 16 * P),
+        ("trace probe (bf16 weights and grads, fp32 moments and Fisher, bf16 pre-probe copy, "
+         "stochastic rounding: no masters)", 2 * P + 16 * E),
+        ("trace probe, pre-probe copy and Fisher offloaded to host memory", 2 * P + 10 * E),
+        ("trace selection, row level (the probe's Δ in bf16 and Fisher; per-row sums are MBs)", 2 * P + 6 * E),
+        ("trace selection, element level (+ block sums, cosine and score per element)", 2 * P + 26 * E),
+        (f"trace training, {k:.0%} core (bf16 weights, fp32 masters and moments of the core, "
+         "core-only gradients)", 2 * P + 14 * k * E),
+        ("history: one task's exact update (bf16)", 2 * E),
+        ("history: one task's update sketched per row at 1/16", 2 * E / 16),
+    ]
+    out = ["| phase | one GPU (GB) | fits 80 GB | FSDP2, per GPU of 8 (GB) |", "|---|---:|---|---:|"]
+    for name, b in rows:
+        out.append(f"| {name} | {b / 1e9:.1f} | {'yes' if b < 80e9 else 'no'} | {b / ranks / 1e9:.1f} |")
+    return "\n".join(out)
 
 
 def table(results: dict, args) -> str:
@@ -70,7 +111,8 @@ def table(results: dict, args) -> str:
     gib = 2 ** 30
     lines = [f"Model `{args.model}`{f' ({args.size})' if args.model == 'builtin' else ''}, "
              f"{seq['params']:,} parameters; tasks {args.tasks}; {args.steps} steps per task, batch "
-             f"{args.batch_size}; trace: probe {args.probe_steps} steps, core grads {args.core_grads}. "
+             f"{args.batch_size}; trace: {args.granularity} level, budget {args.budget}, probe "
+             f"{args.probe_steps} steps, core-only gradients {args.core_grads}. "
              f"Machine: {machine()['cpu']}, {args.threads} threads. Peak: resident memory above the loaded "
              "base model (the base itself: "
              f"{seq['rss_model_bytes'] / gib:.2f} GiB).", "",
@@ -86,8 +128,10 @@ def table(results: dict, args) -> str:
     lines.append(f"| **whole run** | {seq['seconds']:.0f} | {seq['peak_bytes'] / gib:.2f} | "
                  f"{tr['seconds']:.0f} | {tr['peak_bytes'] / gib:.2f} |")
     probe = tr["phases"].get("probe", {"seconds": 0.0})["seconds"] / max(1, tr["probe_steps"])
-    fixed = tr["seconds"] - sum(tr["phases"].get(p, {"seconds": 0})["seconds"] for p in
-                                ("train steps", "probe", "scoring", "scoring: perplexity", "scoring: routed"))
+    # fixed costs: every phase but steps and scoring (the routed rescoring is an analysis
+    # that runs after the strategy, outside its time, and is not counted either)
+    fixed = sum(r["seconds"] for p, r in tr["phases"].items()
+                if p not in ("train steps", "probe", "scoring", "scoring: perplexity", "scoring: routed"))
     allowed = seq["seconds"] + tr["probe_steps"] * 1.1 * step["seqft"]
     lines += ["", f"- training step: trace {step['trace']:.2f} s, seqft (full fine-tuning) {step['seqft']:.2f} s: "
               f"**{step['trace'] / step['seqft']:.2f}×**",
@@ -95,9 +139,21 @@ def table(results: dict, args) -> str:
               f"- peak memory: trace / seqft **{tr['peak_bytes'] / seq['peak_bytes']:.2f}×**",
               f"- trace's fixed costs (all but training, probe and scoring): {fixed:.1f} s, "
               f"{100 * fixed / tr['seconds']:.1f} % of its run",
-              f"- trace's time {tr['seconds']:.0f} s against seqft's plus its probe steps at 1.1× a full "
-              f"step, {allowed:.0f} s: **{tr['seconds'] / allowed:.2f}×**",
+              f"- trace's time {tr['seconds']:.0f} s (the routed rescoring, an analysis run after it, not "
+              f"included) against seqft's plus its probe steps at 1.1× a full step, {allowed:.0f} s: "
+              f"**{tr['seconds'] / allowed:.2f}×**",
               f"- optimizer state: trace {tr['state_bytes'] / 2**20:.1f} MiB, seqft {seq['state_bytes'] / 2**20:.1f} MiB"]
+    P, E = seq["params"], seq["eligible"]
+    lines += ["", f"Floors (bytes by formula; P = {P:,} parameters, E = {E:,} eligible, k = {args.budget}, "
+              f"{tr['tasks']} tasks; activations not included) against the measured peak of the phase:", "",
+              "| phase | floor | floor GiB | measured GiB |", "|---|---|---:|---:|"]
+    measured = {"seqft: train steps": seq["phases"]["train steps"]["peak_bytes"],
+                "trace: probe": tr["phases"]["probe"]["peak_bytes"],
+                "trace: selection": tr["phases"]["selection"]["peak_bytes"],
+                "trace: train steps": tr["phases"]["train steps"]["peak_bytes"]}
+    for name, (formula, b) in floors(P, E, args.budget, tr["tasks"], args.granularity == "element").items():
+        lines.append(f"| {name} | {formula} | {b / gib:.2f} | {measured[name] / gib:.2f} |")
+    lines += ["", "Projected for an 8B model in bf16 (same formulas, 16-bit weights):", "", projection()]
     return "\n".join(lines)
 
 
@@ -113,7 +169,9 @@ def main() -> None:
     ap.add_argument("--trace-lr", type=float, default=None)
     ap.add_argument("--n-train", type=int, default=400)
     ap.add_argument("--n-test", type=int, default=20)
-    ap.add_argument("--core-grads", type=lambda s: s.lower() in ("1", "true", "yes"), default=False)
+    ap.add_argument("--core-grads", type=lambda s: s.lower() in ("1", "true", "yes"), default=True)
+    ap.add_argument("--budget", type=float, default=0.05)
+    ap.add_argument("--granularity", default="element")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="default bench/results/task_cost_<model>")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run this strategy and print JSON
