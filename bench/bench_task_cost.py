@@ -74,7 +74,8 @@ def floors(P: int, E: int, k: float, tasks: int, element: bool) -> dict[str, tup
     sel = 20 if element else 0  # element level: fp32 block sums (8), max cosine (4), score (8)
     return {
         "seqft: train steps": ("copy 4P + grads 4P + moments 8P", 16 * P),
-        "trace: probe": ("copy 4P + (grads, 2 moments, Fisher, pre-probe copy) 20E; Δ into a moment", 4 * P + 20 * E),
+        "trace: probe": ("copy 4P + (grads, 2 moments, Fisher) 16E; the pre-probe copy on disk past 2^24 "
+                         "elements (else +4E), Δ into a spent moment", 4 * P + (16 if E > 1 << 24 else 20) * E),
         "trace: selection": (f"copy 4P + probe's Δ, F 8E + per block {sel}E", 4 * P + (8 + sel) * E),
         "trace: train steps": ("copy 4P + core moments and gradients 12kE + history (bf16 Δ) 2E/task",
                                4 * P + 12 * k * E + 2 * E * tasks),
@@ -174,8 +175,13 @@ def main() -> None:
     ap.add_argument("--granularity", default="element")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="default bench/results/task_cost_<model>")
+    ap.add_argument("--render", help="re-render the table of a saved JSON result (no run)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run this strategy and print JSON
     args = ap.parse_args()
+    if args.render:
+        saved = json.loads(Path(args.render).read_text())
+        print(table(saved["results"], argparse.Namespace(**{**vars(args), **saved["args"]})))
+        return
     real = args.model != "builtin"
     args.tasks = args.tasks or ("json,keyval" if real else "rev,sub")
     args.lr = args.lr or (2e-5 if real else 1e-3)

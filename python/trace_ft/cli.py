@@ -90,8 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--frontier-strategies", help="comma-separated: which frontiers (default: seqft, "
                    "trace, lora, ewc, replay; for a real model, whose grids span lr 1e-5 to 1e-3: "
                    "seqft, lora, trace, trace_guard)")
-    f.add_argument("--resume", action="store_true", help="reuse the runs an interrupted frontier "
-                   "in --out finished")
+    f.add_argument("--resume", action="store_true", help="reuse the runs in --out's results.json "
+                   "(an interrupted frontier, or other points made with the same settings: add "
+                   "seeds at chosen points with --grid and --seeds)")
     f.add_argument("--quiet", action="store_true", help="no progress bars")
     add_settings(f, skip={"strategies", "sweep_granularity", "sweep_budget", "sweep_probe_steps", "seed",
                           "parallel"})

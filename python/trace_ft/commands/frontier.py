@@ -5,7 +5,8 @@ continual run of `trace-ft run`'s sequence, repeated for every seed. Writes
 `results.json` (one entry per point and seed, with every metric's matrix),
 `report.md` (the points, mean ± spread over seeds, and how TRACE's frontier compares with
 the others' at equal plasticity) and `frontier.png`. Results are written after every
-run, and `--resume` reuses the runs an interrupted frontier finished.
+run, and `--resume` reuses the runs an interrupted frontier finished, and keeps those of
+other grid points made with the same settings (so more seeds can be added at chosen points).
 """
 
 from __future__ import annotations
@@ -86,10 +87,16 @@ def frontier(cfg: RunConfig, out: str | Path | None = None, *, seeds: int = 3, q
     if "trace" in names:
         results["frontier"]["trace_routed"] = []
     if resume and results_file.exists():
+        # every finished run is reused and kept, those of other grid points too (a frontier
+        # grows: more seeds at chosen points); the settings other than the grids must match
         saved = json.loads(results_file.read_text())
-        if saved["config"]["grids"] != results["config"]["grids"]:
-            raise ValueError(f"--resume: {results_file} was run with other grids")
-        results["frontier"].update(saved["frontier"])
+        free = {"grids", "seeds", "quick", "threads", "metric"}
+        differ = sorted(k for k in set(saved["config"]) | set(results["config"])
+                        if k not in free and saved["config"].get(k) != results["config"].get(k))
+        if differ:
+            raise ValueError(f"--resume: {results_file} was run with other settings ({', '.join(differ)})")
+        for name, entries in saved["frontier"].items():
+            results["frontier"].setdefault(name, []).extend(entries)
     done = {(n, json.dumps(e["params"], sort_keys=True), e["seed"])
             for n, es in results["frontier"].items() for e in es}
     general, guard = general_tasks(cfg)
