@@ -127,7 +127,7 @@ def test_local_model_directory_and_task_directories(tmp_path):
     (task / "test.jsonl").write_text("\n".join(rows[30:]))
     out = tmp_path / "run"
     assert main(["run", "--model", str(model_dir), "--tasks", f"{task},rev", "--strategies",
-                 "seqft,trace", "--steps", "3", "--probe-steps", "2", "--n-train", "30",
+                 "seqft,trace,trace_guard", "--steps", "3", "--probe-steps", "2", "--n-train", "30",
                  "--n-test", "10", "--batch-size", "4", "--out", str(out), "--quiet"]) == 0
     res = json.loads((out / "results.json").read_text())
     # any model but the built-in one is scored on general ability: the knowledge probe as
@@ -139,6 +139,10 @@ def test_local_model_directory_and_task_directories(tmp_path):
     assert seqft["metrics"]["ppl_change"] == seqft["general"]["perplexity"][-1] - seqft["general"]["perplexity"][0]
     report = (out / "report.md").read_text()
     assert "## General ability (task 0)" in report and "| seqft | perplexity |" in report
+    # trace_guard guards general prose: its selection saw a Fisher of that text
+    guard = res["strategies"]["trace_guard"]
+    assert guard["config"]["protect_general"] == "general-text" and guard["config"]["select"]["protect"] == 1.0
+    assert guard["costs"]["phases"]["guard fisher"]["calls"] == 1 + 2  # the prose, then each task
     assert main(["run", "--model", str(tmp_path), "--out", str(out), "--quiet"]) == 2
 
 
