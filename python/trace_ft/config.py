@@ -43,6 +43,7 @@ class RunConfig:
     model: str = "builtin"            # "builtin", a known model (smollm2-135m), a .gguf file or a HF directory
     chat: bool | None = None          # tasks in the tokenizer's chat template (None: where it has one)
     general: str | None = None        # a task directory of general-ability items (default: the built-in probe)
+    general_every: str = "task"       # general ability scored after every task, or at the "end" only
     size: str = "small"               # built-in model size (tiny, small, medium)
     dtype: str = "float32"
     device: str = "cpu"
@@ -121,6 +122,8 @@ class RunConfig:
         if self.general is not None and self.model == "builtin":
             raise ValueError("general: the built-in model's general ability is its base skill; "
                              "--general is for other models")
+        if self.general_every not in ("task", "end"):
+            raise ValueError(f"general_every must be 'task' or 'end', got {self.general_every!r}")
         if self.general is not None and not Path(self.general).is_dir():
             raise ValueError(f"general: {self.general} is not a task directory")
         if self.dtype not in DTYPES:
@@ -320,6 +323,9 @@ RUN_FLAGS = {
     "--general": ("general", str, "a task directory (train/test .json[l]) of general-ability "
                   "questions scored by whether the answer is mentioned (default: the built-in "
                   "knowledge and instruction probe; not for the built-in model)"),
+    "--general-every": ("general_every", str, "task: general ability (task 0, perplexity) scored after "
+                        "every task; end: after the last only, the tasks still after each (a "
+                        "frontier point's metrics need no more)"),
     "--size": ("size", str, "built-in model size: tiny, small, medium"),
     "--dtype": ("dtype", str, "float32, bfloat16 or float16: the model's parameters"),
     "--device": ("device", str, "cpu or cuda"),
@@ -389,6 +395,7 @@ def add_settings(parser: argparse.ArgumentParser, skip=frozenset()) -> None:
 # `run` flags that mean nothing for one task added to a history
 # (--lr too: the core's learning rate is --trace-lr, and the probe's --probe-lr)
 ADAPT_SKIPS = {"tasks", "strategies", "lr", "lora_lr", "lora_rank", "ewc_lambda", "replay_buffer", "general",
+               "general_every",
                "trace_protect_base", "sweep_granularity", "sweep_budget", "sweep_probe_steps"}
 
 

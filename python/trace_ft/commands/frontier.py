@@ -121,7 +121,8 @@ def frontier(cfg: RunConfig, out: str | Path | None = None, *, seeds: int = 3, q
         if name != "trace" and hasattr(strategy, "routes"):
             strategy.routes = None  # the routed bound is trace's only
         entry = run_strategy(strategy, seq, base, codec, point.train_config(), seed=seed,
-                             device=cfg.device, max_len=cfg.max_len, lora_rank=point.lora_rank)
+                             device=cfg.device, max_len=cfg.max_len, lora_rank=point.lora_rank,
+                             general_every=cfg.general_every)
         results["frontier"][name].append(_metric_entry(entry, params, seed))
         if name == "trace" and "routed" in entry:
             results["frontier"]["trace_routed"].append(

@@ -72,7 +72,8 @@ def _run(cfg: RunConfig, out, sweep: bool, progress: bool, log, parallel: DataPa
             strategy.routes = None  # no values kept: no routed row
         entry = run_strategy(strategy, seq, base, codec, cfg.train_config(), seed=cfg.seed,
                              device=cfg.device, max_len=cfg.max_len, progress=progress, log=log,
-                             lora_rank=cfg.lora_rank, parallel=parallel)
+                             lora_rank=cfg.lora_rank, parallel=parallel,
+                             general_every=cfg.general_every)
         if not main:
             continue
         results["strategies"][strategy.name] = entry

@@ -32,9 +32,9 @@ DEFAULT_STRATEGIES = ("seqft", "trace", "lora", "ewc", "replay")
 # span that (one full continual run per point costs minutes, not seconds), and the general
 # ability guard is one of the frontiers.
 REAL_GRIDS: dict[str, dict[str, list]] = {
-    "seqft": {"lr": [1e-5, 3e-5, 1e-4]},
-    "lora": {"lora_lr": [1e-4, 3e-4, 1e-3]},
-    "trace": {"trace_lr": [3e-5, 1e-4, 3e-4]},
+    "seqft": {"lr": [1e-5, 3e-5]},
+    "lora": {"lora_lr": [3e-4, 1e-3]},
+    "trace": {"trace_lr": [1e-4, 3e-4]},
     "trace_guard": {"trace_lr": [1e-4, 3e-4]},
     "ewc": {"ewc_lambda": [1e3, 1e5]},
     "replay": {"replay_buffer": [20]},

@@ -58,11 +58,12 @@ class TaskSequence:
 def run_strategy(strategy: Strategy, seq: TaskSequence, base: nn.Module, codec: Codec,
                  train: TrainConfig, *, seed: int, device: str = "cpu", max_len: int | None = None,
                  progress: bool = False, log: Callable[[str], None] = lambda msg: None,
-                 lora_rank: int = 8, parallel=None) -> dict | None:
+                 lora_rank: int = 8, parallel=None, general_every: str = "task") -> dict | None:
     """Train a copy of `base` through `seq` with `strategy`; its results entry. A TRACE
     strategy's entry also holds ``routed``: the task-routed final row (see `routed_row`).
     With `parallel` (data parallel ranks) every rank trains; rank 0 alone scores and
-    returns the entry, the others return None."""
+    returns the entry, the others return None. `general_every="end"`: task 0 and the
+    perplexity are scored after the last task only (None in the rows between)."""
     torch.manual_seed(seed)
     T = len(seq.tasks)
     rows = {m: [list(seq.row0[m])] + [[None] * len(seq.eval_tasks) for _ in range(T)] for m in METRICS}
@@ -88,15 +89,17 @@ def run_strategy(strategy: Strategy, seq: TaskSequence, base: nn.Module, codec: 
         model = scored_model()
         if not ctx.is_main:
             return
+        general = general_every == "task" or j == T
         with phases.phase("scoring"):
-            scores = seq.evaluator(model)
-            for m in METRICS:
-                rows[m][j] = scores[m]
-        if seq.perplexity is not None:
+            for k in range(0 if general else seq.first, len(seq.eval_tasks)):
+                for m, v in seq.evaluator.task_scores(model, k).items():
+                    rows[m][j][k] = v
+        scores = rows["exact"][j]
+        if seq.perplexity is not None and general:
             with phases.phase("scoring: perplexity"):
                 ppl[j] = seq.perplexity(model)
         log(f"{strategy.name:>10s} after {j}/{T} {seq.tasks[j - 1].name:>8s}: "
-            + " ".join(f"{t.name}={s:5.1f}" for t, s in zip(seq.eval_tasks, scores["exact"]))
+            + " ".join(f"{t.name}={s:5.1f}" for t, s in zip(seq.eval_tasks, scores) if s is not None)
             + ("" if ppl[j] is None else f" ppl={ppl[j]:.2f}"))
 
     t0 = time.perf_counter()

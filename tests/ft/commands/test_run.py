@@ -92,6 +92,7 @@ def test_config_file_and_flag_precedence(cache, tmp_path):
     (["--tasks", "nonexistent_dir"], "neither a built-in task"),
     (["--budget", "1.5"], "budget must be a fraction"),
     (["--steps", "0"], "steps must be >= 1"),
+    (["--general-every", "epoch"], "general_every must be 'task' or 'end'"),
 ])
 def test_bad_input_is_a_clear_error(cache, tmp_path, capsys, extra, needle):
     assert main(_args(cache, tmp_path / "x", *extra)) == 2
@@ -143,6 +144,17 @@ def test_local_model_directory_and_task_directories(tmp_path):
     guard = res["strategies"]["trace_guard"]
     assert guard["config"]["protect_general"] == "general-text" and guard["config"]["select"]["protect"] == 1.0
     assert guard["costs"]["phases"]["guard fisher"]["calls"] == 1 + 2  # the prose, then each task
+    # --general-every end: task 0 and the perplexity at the start and after the last task
+    # only, the tasks after each; the metrics a frontier point needs are all there
+    assert main(["run", "--model", str(model_dir), "--tasks", f"{task},rev", "--strategies", "seqft",
+                 "--steps", "3", "--n-train", "30", "--n-test", "10", "--batch-size", "4",
+                 "--general-every", "end", "--out", str(out / "end"), "--quiet"]) == 0
+    end = json.loads((out / "end" / "results.json").read_text())["strategies"]["seqft"]
+    assert end["general"]["perplexity"][1] is None and end["matrix"][1][0] is None
+    assert end["matrix"][1][1] is not None and end["matrix"][2][2] is not None
+    assert end["general"]["perplexity"][2] == seqft["general"]["perplexity"][2]
+    assert end["metrics"] == seqft["metrics"]
+    assert "| seqft | perplexity |" in (out / "end" / "report.md").read_text()
     assert main(["run", "--model", str(tmp_path), "--out", str(out), "--quiet"]) == 2
 
 
