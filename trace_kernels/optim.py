@@ -119,12 +119,25 @@ class _GroupPlan:
     devices: dict          # device -> _DevicePlan
     storages: list[tuple]  # each parameter's storage address, dtype and device when planned
     carriers: list         # each parameter's compact-gradient carrier when planned, or None
+    states: list[tuple]    # each parameter's state dict and tensors when planned (`_state_refs`)
 
-    def fits(self, version: int, active: list[Tensor], carriers: list, amsgrad: bool) -> bool:
+    def fits(self, version: int, active: list[Tensor], carriers: list, amsgrad: bool, state) -> bool:
+        """Whether the plan still describes the live objects: the same parameters on the same
+        storage, the same carriers, and the very state dicts and tensors (torch's optimizers
+        re-read ``self.state`` every step; a user or helper may replace or clear it)."""
         return (version == self.version and amsgrad == self.amsgrad and len(active) == len(self.params)
                 and all(a is b for a, b in zip(active, self.params))
                 and all(_storage_key(p) == k for p, k in zip(active, self.storages))
-                and all(a is b for a, b in zip(carriers, self.carriers)))
+                and all(a is b for a, b in zip(carriers, self.carriers))
+                and all(_same_refs(_state_refs(state.get(p)), r) for p, r in zip(active, self.states)))
+
+
+def _state_refs(st: dict | None) -> tuple:
+    return (st,) if st is None else (st, *(st.get(k) for k in ("step", *_MOMENTS)))
+
+
+def _same_refs(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
 def _named_groups(params: Any) -> list[dict[str, Any]]:
@@ -223,25 +236,38 @@ class MaskedAdamW(Optimizer):
             raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
         if backend is not None and backend not in backends.BACKENDS:
             raise ValueError(f"backend must be one of {backends.BACKENDS} or None, got {backend!r}")
+        if seed is None:  # drawn only when used: a nearest-rounding run draws nothing
+            seed = int(torch.randint(0, 2**62, ()).item()) if rounding == "stochastic" else 0
+        # the rounding seed is a group setting, so state_dict saves it and a resumed run
+        # rounds bit for bit as the uninterrupted one
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
             maximize=maximize, foreach=foreach, capturable=False, differentiable=False,
-            fused=fused,
+            fused=fused, rounding_seed=seed,
         )
         super().__init__(_named_groups(params), defaults)
         self._unmasked = unmasked
         self._backend = backend
         self._master_weights = master_weights
         self._stochastic = rounding == "stochastic"
-        if seed is None:  # drawn only when used: a nearest-rounding run draws nothing
-            seed = int(torch.randint(0, 2**62, ()).item()) if self._stochastic else 0
-        self._seed = seed
         self._layout: dict[Tensor, _Layout] = self._resolve(masks)
         self._bound = self._flat_params()  # the parameters the layout and state are keyed by
         self._plans: dict[int, _GroupPlan] = {}
         self._version = 0  # bumped whenever what a plan holds may have changed
+        self._written: dict[Tensor, int] = {}  # a 16-bit weight's version when its masters last matched it
         for device in {p.device for p in self._layout}:
             backends.choose(device, backend)  # fail now, not at the first step
+
+    # torch's Optimizer pickles only defaults, state and groups; the masks and settings
+    # go too (plans are rebuilt at the next step: they hold native tables)
+    _PICKLED = ("_unmasked", "_backend", "_master_weights", "_stochastic", "_layout", "_bound", "_written")
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), **{k: self.__dict__[k] for k in self._PICKLED}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._plans, self._version = {}, 0
 
     # ---- masks --------------------------------------------------------------------
     def _param_names(self) -> dict[Tensor, str]:
@@ -342,7 +368,7 @@ class MaskedAdamW(Optimizer):
                                  f"{tuple(new.shape)}; its mask is for {tuple(old.shape)}")
             new_lay = self._layout[new] = self._layout_of(lay.entry, new)
             if state:
-                if lay.shard is not None and new_lay.local != lay.local:
+                if lay.shard is not None and not new_lay.local.same_selection(lay.local):
                     raise ValueError(f"parameter {self._describe(new)} was resharded after its state "
                                      "was made; save and load a checkpoint instead")
                 device = new_lay.indices.device
@@ -467,11 +493,31 @@ class MaskedAdamW(Optimizer):
         wanted = self._master_weights
         return p.dtype != torch.float32 and (wanted is None or wanted)
 
-    @staticmethod
-    def _init_master(p: Tensor, lay: _Layout, state: dict) -> None:
+    def _init_master(self, p: Tensor, lay: _Layout, state: dict) -> None:
         """fp32 masters from the parameter's core elements as they are now."""
         where = lay.local.element_indices().to(lay.indices.device)
         state["master"] = local_tensor(p).detach().reshape(-1)[where].to(torch.float32)
+        self._written[p] = local_tensor(p)._version
+
+    def _sync_masters(self, params: list[Tensor], masters: list[Tensor]) -> None:
+        """Masters follow their weight. A weight written since this optimizer last stepped it
+        (its version counter moved: ``load_state_dict`` on the model, `set_core_values`, an
+        EMA swap) gets masters from its values again, unless they are what the masters round
+        to (a resumed run: weights and masters saved together)."""
+        for p, m in zip(params, masters):
+            storage = local_tensor(p)
+            if not m.numel() or self._written.get(p) == storage._version:
+                continue
+            lay = self._layout[p]
+            now = storage.detach().reshape(-1)[lay.local.element_indices().to(m.device)]
+            if not torch.equal(now, m.to(now.dtype)):
+                m.copy_(now)
+            self._written[p] = storage._version
+
+    def _mark_written(self, params: list[Tensor], masters: list[Tensor]) -> None:
+        for p, m in zip(params, masters):
+            if m.numel():
+                self._written[p] = local_tensor(p)._version
 
     def _init_state(self, p: Tensor, lay: _Layout, amsgrad: bool) -> dict[str, Any]:
         self._version += 1
@@ -492,9 +538,11 @@ class MaskedAdamW(Optimizer):
 
         What stays the same from step to step (the parameters stepped, their state, mask
         indices, the native tables) is planned once per group and kept until it changes:
-        masks, groups or state (`set_masks`, `add_param_group`, `load_state_dict`, new state),
-        a parameter's storage (moved or cast: `model.to(...)`), or which parameters have a
-        gradient. A step then reads only the gradients, which may be new tensors every step."""
+        masks, groups or state (`set_masks`, `add_param_group`, `load_state_dict`, state
+        tensors replaced or cleared in ``self.state``), a parameter's storage (moved or cast:
+        `model.to(...)`), or which parameters have a gradient. A step then reads only the
+        gradients, which may be new tensors every step. fp32 masters are taken again from a
+        16-bit weight that something else wrote since the last step (its version counter)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -513,19 +561,26 @@ class MaskedAdamW(Optimizer):
                     active.append(p)
                     carriers.append(c)
             plan = self._plans.get(gi)
-            if plan is None or not plan.fits(self._version, active, carriers, group["amsgrad"]):
+            if plan is None or not plan.fits(self._version, active, carriers, group["amsgrad"], self.state):
                 plan = self._plans[gi] = self._plan_group(active, carriers, group["amsgrad"])
             beta1, beta2 = group["betas"]
             hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                          weight_decay=group["weight_decay"], maximize=group["maximize"],
-                         stochastic=self._stochastic, seed=self._seed)
+                         stochastic=self._stochastic, seed=group["rounding_seed"])
             for device, dp in plan.devices.items():
+                tracked = bool(dp.lists["masters"]) and not torch.compiler.is_compiling()
+                if tracked:
+                    self._sync_masters(dp.params, dp.lists["masters"])
                 grads = []
                 for p, c in zip(dp.params, dp.compact):
                     g = p.grad if c is None else c.carrier.grad
                     if g.is_sparse:
                         raise ValueError(f"MaskedAdamW does not support sparse gradients ({self._describe(p)})")
                     g = local_tensor(g)
+                    want = local_tensor(p).dtype
+                    if g.dtype != want:  # the kernels read a gradient as its parameter's dtype
+                        raise TypeError(f"gradient of {self._describe(p)} is {g.dtype}, its parameter "
+                                        f"{want}: they must match (as torch.optim.AdamW requires)")
                     grads.append(g if g.is_contiguous() else g.contiguous())
                     if c is not None:
                         torch.index_select(c.weight, 0, c.rows, out=c.rows_buffer)
@@ -543,6 +598,8 @@ class MaskedAdamW(Optimizer):
                 for c in dp.compact:
                     if c is not None:
                         c.weight.index_copy_(0, c.rows, c.rows_buffer)
+                if tracked:
+                    self._mark_written(dp.params, dp.lists["masters"])
         return loss
 
     def _plan_group(self, active: list[Tensor], carriers: list, amsgrad: bool) -> _GroupPlan:
@@ -568,11 +625,16 @@ class MaskedAdamW(Optimizer):
                 raise ValueError(
                     f"gradient of {self._describe(p)} is {tuple(g.shape)} on {g.device}, its "
                     f"parameter's storage {tuple(want)} on {storage.device}")
-            state = self.state[p] if p in self.state else self._init_state(p, lay, amsgrad)
+            state = self.state.get(p)
+            if not state or "exp_avg" not in state:  # new, or cleared by the user
+                state = self._init_state(p, lay, amsgrad)
             if amsgrad and "max_exp_avg_sq" not in state:
                 state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"])
-            if "master" not in state and self._keeps_master(p):  # e.g. loaded without
+            if not self._keeps_master(p):  # e.g. a bf16 parameter cast to fp32
+                state.pop("master", None)
+            elif "master" not in state:  # e.g. loaded without
                 self._init_master(p, lay, state)
+            self._check_state(p, lay, state)
         buckets: dict[torch.device, list[tuple[Tensor, Tensor | None]]] = {}
         for p, c in zip(active, carriers):
             buckets.setdefault(local_tensor(p).device, []).append((p, c))
@@ -600,7 +662,26 @@ class MaskedAdamW(Optimizer):
             native = backends.plan_masked_adamw(backends.choose(device, self._backend).name, lists, amsgrad)
             devices[device] = _DevicePlan(params, lists, native, compact)
         return _GroupPlan(self._version, active, amsgrad, devices,
-                          [_storage_key(p) for p in active], carriers)
+                          [_storage_key(p) for p in active], carriers,
+                          [_state_refs(self.state.get(p)) for p in active])
+
+    def _check_state(self, p: Tensor, lay: _Layout, state: dict) -> None:
+        """The state a user or helper may have replaced must still fit the kernels: compact
+        fp32 moments (and masters) of the core's length on the parameter's device."""
+        if not isinstance(state["step"], Tensor):  # a number put there by hand
+            state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32)
+        device = local_tensor(p).device
+        for k in _MOMENTS:
+            v = state.get(k)
+            if v is not None and (not isinstance(v, Tensor) or v.dtype != torch.float32
+                                  or v.numel() != lay.numel_selected or v.device != device
+                                  or not v.is_contiguous()):
+                shown = f"{tuple(v.shape)} {v.dtype} on {v.device}" if isinstance(v, Tensor) else type(v).__name__
+                raise ValueError(f"state {k!r} of {self._describe(p)} is {shown}; it must be a "
+                                 f"contiguous float32 tensor of the core's {lay.numel_selected} "
+                                 f"elements on {device}")
+        if state["step"].numel() != 1:
+            raise ValueError(f"state 'step' of {self._describe(p)} must hold one number")
 
     def _check_carrier(self, p: Tensor, c: Tensor, lay: _Layout) -> None:
         if lay.shard is not None:
@@ -688,6 +769,8 @@ class MaskedAdamW(Optimizer):
             kept[p] = moved
             state[pid] = st
         super().load_state_dict({**state_dict, "state": state})
+        for group in self.param_groups:  # a checkpoint from before the seed was saved
+            group.setdefault("rounding_seed", self.defaults["rounding_seed"])
         self._version += 1
         for p, moved in kept.items():
             st = self.state[p]
@@ -696,6 +779,8 @@ class MaskedAdamW(Optimizer):
                 if k in moved:
                     st[k] = moved[k].to(device=lay.indices.device, dtype=torch.float32, copy=True)
             st["block_indices"], st["block_size"] = _recorded_mask(lay)
+            if "master" in moved:
+                self._written[p] = local_tensor(p)._version
 
 
 def _recorded_mask(lay: _Layout) -> tuple[Tensor, int]:
