@@ -88,10 +88,23 @@ class _CoreLinear(torch.autograd.Function):
         return gx, None, gb, gc, None, None, None
 
 
+def _follow_weight(carrier: nn.Parameter, weight: Tensor) -> None:
+    """`model.to(...)` after install moves the weight, turns the one-element carrier into a
+    full k × in tensor and leaves the picks where they were: put the carrier back to one
+    element of the weight's dtype on its device, and the picks beside it."""
+    if carrier.dtype != weight.dtype or carrier.device != weight.device or any(carrier.stride()):
+        carrier.data = torch.empty_strided(carrier.shape, (0,) * carrier.dim(), dtype=weight.dtype,
+                                           device=weight.device)
+    if carrier.trace_rows.device != weight.device:
+        carrier.trace_rows = carrier.trace_rows.to(weight.device)
+        carrier.trace_pick = tuple(None if t is None else t.to(weight.device) for t in carrier.trace_pick)
+
+
 def _core_forward(self: nn.Linear, x: Tensor) -> Tensor:
     carrier = getattr(self, CARRIER)
     if not (torch.is_grad_enabled() and carrier.requires_grad):
         return F.linear(x, self.weight, self.bias)
+    _follow_weight(carrier, self.weight)
     dtype = None
     kind = x.device.type
     if torch.is_autocast_enabled(kind):

@@ -6,6 +6,7 @@ when the gradients are equal), with no full-size weight gradient made. `sampled_
 element path's kernel, against the dense product on odd sizes."""
 
 import copy
+import types
 
 import pytest
 import torch
@@ -58,10 +59,12 @@ def test_core_rows_refuses_blocks_across_rows():
 
 
 def run_steps(net, core, compact, steps=3, micro=2, dtype=torch.float32, clip=None, mode="rows",
-              clip_core=False, **kw):
+              clip_core=False, cast=None, **kw):
     for n, p in net.named_parameters():
         p.requires_grad_(n in core)
     handle = install_core_grads(net, core, **MODES[mode]) if compact else None
+    if cast is not None:  # the model cast after install
+        net.to(cast)
     opt = MaskedAdamW(net.named_parameters(), lr=1e-2, weight_decay=0.1, masks=core, backend="cpu", **kw)
     gen = torch.Generator().manual_seed(5)
     norms = []
@@ -183,6 +186,31 @@ def test_bf16_with_masters_matches_the_full_gradient_path(mode):
     mine = copy.deepcopy(dense)
     run_steps(dense, core, False, dtype=torch.bfloat16)
     run_steps(mine, core, True, dtype=torch.bfloat16, mode=mode)
+    for (name, ref), got in zip(dense.state_dict().items(), mine.state_dict().values()):
+        close = torch.isclose(got.float(), ref.float(), rtol=2e-2, atol=1e-3)
+        assert close.float().mean() > 0.99, name
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_model_cast_after_install_keeps_one_element_carriers(mode):
+    gen = torch.Generator().manual_seed(6)
+    dense = model()
+    core = weights_core(dense, gen, "element" if mode == "elements" else "row")
+    mine = copy.deepcopy(dense)
+    dense.to(torch.bfloat16)
+    run_steps(dense, core, False, dtype=torch.bfloat16)
+    carriers = []
+    cast = torch.nn.Module.to
+
+    def to_and_look(net, *args):  # the carriers as the cast leaves them: full k × in tensors
+        out = cast(net, *args)
+        carriers.extend(m.weight_core_grad for m in net if hasattr(m, CARRIER))
+        assert carriers and all(c.untyped_storage().nbytes() > 2 for c in carriers)
+        return out
+
+    mine.to = types.MethodType(to_and_look, mine)
+    run_steps(mine, core, True, dtype=torch.bfloat16, mode=mode, cast=torch.bfloat16)
+    assert all(c.untyped_storage().nbytes() <= 2 and c.dtype == torch.bfloat16 for c in carriers)
     for (name, ref), got in zip(dense.state_dict().items(), mine.state_dict().values()):
         close = torch.isclose(got.float(), ref.float(), rtol=2e-2, atol=1e-3)
         assert close.float().mean() > 0.99, name
