@@ -157,8 +157,8 @@ class RunConfig:
             raise ValueError(f"lora_rank must be >= 1, got {self.lora_rank}")
         if self.ewc_lambda < 0:
             raise ValueError(f"ewc_lambda must be >= 0, got {self.ewc_lambda}")
-        if self.replay_buffer < 0 or not 0 <= self.replay_ratio < 1:
-            raise ValueError("replay_buffer must be >= 0 and replay_ratio in [0, 1)")
+        if self.replay_buffer < 1 or not 0 <= self.replay_ratio < 1:  # the replay strategy's own limits
+            raise ValueError("replay_buffer must be >= 1 and replay_ratio in [0, 1)")
         if self.max_len is not None and self.max_len < 2:
             raise ValueError(f"max_len must be >= 2, got {self.max_len}")
 

@@ -33,6 +33,8 @@ def test_precedence_and_tables(tmp_path):
     (dict(trace_lr=0.0), "trace_lr must be > 0"),
     (dict(lora_rank=0), "lora_rank must be >= 1"),
     (dict(replay_ratio=1.0), "replay_ratio in [0, 1)"),
+    (dict(replay_buffer=0), "replay_buffer must be >= 1"),  # what the replay strategy demands
+    (dict(general_every="epoch"), "general_every must be 'task' or 'end'"),
     (dict(strategies=["seqft", "nope"]), "unknown strategy 'nope'"),
     (dict(sweep_granularity=["element", "page"]), "granularity must be one of"),
 ])
