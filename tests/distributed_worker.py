@@ -204,6 +204,41 @@ def scenario_ddp(out: Path) -> dict:
     return {"errors": compare(model.module, ref, before, core)}
 
 
+def scenario_ddp_core_grads(out: Path) -> dict:
+    """Core-only weight gradients under torch DDP, installed before wrapping (rows and
+    elements paths), with gradient accumulation: the first micro-batch under no_sync."""
+    from contextlib import nullcontext
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from trace_kernels import install_core_grads
+
+    result = {}
+    for granularity, fractions in (("row", dict(max_row_fraction=1.0)),
+                                   ("element", dict(max_row_fraction=1e-9, max_element_fraction=1.0))):
+        ref = Net()
+        core = masks(ref, granularity)
+        before = {n: p.detach().clone() for n, p in ref.named_parameters()}
+        inner = copy.deepcopy(ref)
+        handle = install_core_grads(inner, core, **fractions)
+        assert handle.names, "no layer took core gradients"
+        model = DDP(inner)
+        ropt = MaskedAdamW(ref.named_parameters(), lr=1e-2, masks=core)
+        opt = MaskedAdamW(model.module.named_parameters(), lr=1e-2, masks=core)
+        data = batches(6)
+        for pair in (data[i:i + 2] for i in range(0, len(data), 2)):
+            ropt.zero_grad()
+            opt.zero_grad()
+            for i, (x, y) in enumerate(pair):
+                loss_of(ref, x, y).backward()
+                with model.no_sync() if i == 0 else nullcontext():
+                    loss_of(model, my_half(x), my_half(y)).backward()
+            ropt.step()
+            opt.step()
+        result[granularity] = {"errors": compare(model.module, ref, before, core), "layers": handle.names}
+    return result
+
+
 def scenario_refused(out: Path) -> dict:
     """Layouts the kernels cannot serve are refused at construction, naming the parameter
     and the placement; nothing is constructed."""
@@ -370,6 +405,7 @@ def scenario_select(out: Path) -> dict:
 
 
 SCENARIOS = {"fsdp2": scenario_fsdp2, "swapped": scenario_swapped, "ddp": scenario_ddp, "refused": scenario_refused,
+             "ddp_core_grads": scenario_ddp_core_grads,
              "checkpoint": scenario_checkpoint, "select": scenario_select}
 
 

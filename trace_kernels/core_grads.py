@@ -15,6 +15,12 @@ carrier's gradient; no full-size weight gradient is made. The weight itself gets
 ``.grad`` and ``requires_grad=False`` while installed (so DDP and FSDP wait for no gradient
 of it; `remove` restores the flag).
 
+Under torch's ``DistributedDataParallel``: install on the module before wrapping it. The
+carriers are named in the module's ``_ddp_params_and_buffers_to_ignore`` (DDP neither
+broadcasts their one-element storage nor buckets them) and each carrier's accumulated
+gradient is averaged over DDP's process group when DDP syncs (not under ``no_sync``), as
+DDP averages the gradients it buckets.
+
 The carriers are not part of the model's ``state_dict`` (saved and loaded models are
 unchanged). ``CoreGrads.remove()`` (or leaving its ``with`` block) restores the layers.
 """
@@ -27,6 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .masks import CoreMask, MaskEntry
 from .ops.sampled_dot import sampled_dot_trusted
@@ -105,11 +112,35 @@ def _core_forward(self: nn.Linear, x: Tensor) -> Tensor:
     if not (torch.is_grad_enabled() and carrier.requires_grad):
         return F.linear(x, self.weight, self.bias)
     _follow_weight(carrier, self.weight)
+    carrier.trace_ddp_group = _ddp_sync_group(carrier)
     dtype = None
     kind = x.device.type
     if torch.is_autocast_enabled(kind):
         dtype = torch.get_autocast_dtype(kind)
     return _CoreLinear.apply(x, self.weight, self.bias, carrier, *carrier.trace_pick, dtype)
+
+
+def _ddp_sync_group(carrier: nn.Parameter):
+    """The process group to average the carrier's gradient over after this forward's
+    backward: DDP's when this forward runs inside a DDP forward that syncs, else None."""
+    ddp = DistributedDataParallel._active_ddp_module
+    if ddp is None:
+        return None
+    if carrier.trace_name not in ddp.parameters_to_ignore:
+        raise RuntimeError(
+            f"{carrier.trace_name}: DistributedDataParallel was built before install_core_grads "
+            "(it waits for the weight's full gradient and never averages the compact one); "
+            "install on the module first, then wrap it")
+    return ddp.process_group if ddp.require_backward_grad_sync else None
+
+
+def _average_over_ddp(carrier: nn.Parameter) -> None:
+    group = carrier.__dict__.pop("trace_ddp_group", None)
+    if group is not None and carrier.grad is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(carrier.grad, group=group)
+        carrier.grad.div_(dist.get_world_size(group))
 
 
 def _drop_carrier(module, state_dict, prefix, local_metadata):
@@ -134,8 +165,10 @@ class _Installed:
 class CoreGrads:
     """The layers `install_core_grads` changed (a context manager: leaving it removes them)."""
 
-    def __init__(self, installed: list[_Installed]) -> None:
+    def __init__(self, installed: list[_Installed], model: nn.Module | None = None,
+                 ignored: list | None = None) -> None:
         self._installed = installed
+        self._model, self._ignored = model, ignored  # DDP's ignore list before (None: none)
 
     @property
     def names(self) -> list[str]:
@@ -149,6 +182,12 @@ class CoreGrads:
 
     def remove(self) -> None:
         """Restore the layers (the carriers and their gradients are dropped)."""
+        if self._model is not None:
+            if self._ignored is None:
+                self._model.__dict__.pop("_ddp_params_and_buffers_to_ignore", None)
+            else:
+                self._model._ddp_params_and_buffers_to_ignore = self._ignored
+            self._model = None
         for i in self._installed:
             weight = i.module.weight
             if getattr(weight, "trace_core_grad", None) is not None:
@@ -186,6 +225,9 @@ def install_core_grads(model: nn.Module, core: CoreMask, *, max_row_fraction: fl
         raise ValueError(f"max_row_fraction must be in (0, 1], got {max_row_fraction}")
     if not 0.0 <= max_element_fraction <= 1.0:
         raise ValueError(f"max_element_fraction must be in [0, 1], got {max_element_fraction}")
+    if isinstance(model, DistributedDataParallel):
+        raise TypeError("install_core_grads on the module before wrapping it in "
+                        "DistributedDataParallel (DDP must be built knowing the carriers)")
     counts: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         counts[id(p)] = counts.get(id(p), 0) + 1
@@ -215,15 +257,22 @@ def install_core_grads(model: nn.Module, core: CoreMask, *, max_row_fraction: fl
                                                        dtype=weight.dtype, device=weight.device))
             carrier.trace_rows = rows  # of the weight viewed as (-1, cols)
             carrier.trace_pick = pick
+            carrier.trace_name = f"{name}.{CARRIER}" if name else CARRIER
             own = module.__dict__.get("forward")
             module.register_parameter(CARRIER, carrier)
             weight.trace_core_grad = carrier
             module.forward = types.MethodType(_core_forward, module)
             hooks = [module._register_state_dict_hook(_drop_carrier),
-                     module.register_load_state_dict_post_hook(_ignore_missing_carrier)]
+                     module.register_load_state_dict_post_hook(_ignore_missing_carrier),
+                     carrier.register_post_accumulate_grad_hook(_average_over_ddp)]
             installed.append(_Installed(name, module, own, hooks, weight.requires_grad))
             weight.requires_grad_(False)
     except BaseException:
         CoreGrads(installed).remove()
         raise
-    return CoreGrads(installed)
+    handle = CoreGrads(installed)
+    if installed:  # DDP built on `model` later leaves the carriers to `_average_over_ddp`
+        ignored = getattr(model, "_ddp_params_and_buffers_to_ignore", None)
+        handle = CoreGrads(installed, model, None if ignored is None else list(ignored))
+        model._ddp_params_and_buffers_to_ignore = [*(ignored or []), *(n for n, _ in handle.named_parameters())]
+    return handle

@@ -52,6 +52,16 @@ def test_ddp_equals_one_process(tmp_path):
 
 
 @pytest.mark.slow
+def test_ddp_with_core_grads_equals_one_process(tmp_path):
+    """install_core_grads before DDP wraps the model: DDP builds (the one-element carriers are
+    not broadcast), the compact gradients are averaged when DDP syncs, not under no_sync."""
+    for res in launch("ddp_core_grads", tmp_path):
+        for case, r in res.items():
+            assert r["layers"] and all(e["rel"] <= 1e-5 and e["frozen_moved"] == 0
+                                       for e in r["errors"].values()), case
+
+
+@pytest.mark.slow
 def test_unservable_layouts_are_refused(tmp_path):
     (res, _) = launch("refused", tmp_path)
     assert "Shard(dim=1)" in res["by_column"] and "Replicate()" in res["replicated"]
