@@ -1,11 +1,11 @@
 """The learning–forgetting frontier of TRACE and its baselines on a real pretrained chat
-model: SmolLM2-135M-Instruct, the instruct suite, general ability measured after every
-task. Writes bench/results/frontier_smollm2/{results.json,report.md,frontier.png}.
+model: SmolLM2-135M-Instruct, three tasks of the instruct suite, general ability measured
+at the start and the end. Writes bench/results/frontier_smollm2/{results.json,report.md,frontier.png}.
 
-    python bench/frontier_real.py [--out DIR] [--stage 1|2|all]
+    python bench/frontier_real.py [--out DIR] [--stage 1|2|all] [--seeds N]
 
 Stage 1: every point of each strategy's real-model grid (`continual.frontier.REAL_GRIDS`:
-seqft and lora lr, trace and trace_guard core lr), seed 0. Stage 2: seeds 1 and 2 at each
+seqft and lora lr, trace and trace_guard core lr), seed 0. Stage 2: seeds 1..N-1 at each
 strategy's point nearest the plasticity the strategies share (the median over stage 1's
 points), into the same results with `--resume`. Both stages are the `trace-ft frontier`
 command a user runs; this script only picks stage 2's points. Resumable: run it again.
@@ -50,6 +50,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "frontier_smollm2"))
     ap.add_argument("--stage", default="all", choices=("1", "2", "all"))
+    ap.add_argument("--seeds", type=int, default=3, help="stage 2: seeds at each chosen point (seed 0 is stage 1's)")
     args = ap.parse_args()
     out = Path(args.out)
     if args.stage in ("1", "all"):
@@ -57,7 +58,7 @@ def main() -> None:
     if args.stage in ("2", "all"):
         points = stage2_points(json.loads((out / "results.json").read_text()))
         print("stage 2 points:", points, flush=True)
-        frontier(out, "--seeds", "3", "--frontier-strategies", ",".join(points),
+        frontier(out, "--seeds", str(args.seeds), "--frontier-strategies", ",".join(points),
                  *[a for s, v in points.items() for a in ("--grid", f"{s}:{KNOB[s]}={v:g}")])
 
 
