@@ -235,7 +235,10 @@ def scenario_ddp_core_grads(out: Path) -> dict:
                     loss_of(model, my_half(x), my_half(y)).backward()
             ropt.step()
             opt.step()
-        result[granularity] = {"errors": compare(model.module, ref, before, core), "layers": handle.names}
+        layers = handle.names
+        handle.remove()  # the carriers go: the model's parameters are the reference's again
+        assert not hasattr(inner, "_ddp_params_and_buffers_to_ignore")
+        result[granularity] = {"errors": compare(model.module, ref, before, core), "layers": layers}
     return result
 
 
