@@ -493,10 +493,15 @@ class MaskedAdamW(Optimizer):
         wanted = self._master_weights
         return p.dtype != torch.float32 and (wanted is None or wanted)
 
+    @staticmethod
+    def _core_values(p: Tensor, lay: _Layout) -> Tensor:
+        """The parameter's core elements on this rank, in mask order (a copy)."""
+        where = lay.local.element_indices().to(lay.indices.device)
+        return local_tensor(p).detach().reshape(-1)[where]
+
     def _init_master(self, p: Tensor, lay: _Layout, state: dict) -> None:
         """fp32 masters from the parameter's core elements as they are now."""
-        where = lay.local.element_indices().to(lay.indices.device)
-        state["master"] = local_tensor(p).detach().reshape(-1)[where].to(torch.float32)
+        state["master"] = self._core_values(p, lay).to(torch.float32)
         self._written[p] = local_tensor(p)._version
 
     def _sync_masters(self, params: list[Tensor], masters: list[Tensor]) -> None:
@@ -508,8 +513,7 @@ class MaskedAdamW(Optimizer):
             storage = local_tensor(p)
             if not m.numel() or self._written.get(p) == storage._version:
                 continue
-            lay = self._layout[p]
-            now = storage.detach().reshape(-1)[lay.local.element_indices().to(m.device)]
+            now = self._core_values(p, self._layout[p])
             if not torch.equal(now, m.to(now.dtype)):
                 m.copy_(now)
             self._written[p] = storage._version
