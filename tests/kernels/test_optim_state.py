@@ -33,6 +33,17 @@ def _step(model, opt, grads):
     opt.step()
 
 
+def _optimizer_like(model, masks, **kw):
+    """A copy of `model` and a MaskedAdamW over it with the same masks."""
+    twin = copy.deepcopy(model)
+    return twin, MaskedAdamW(twin.parameters(), masks=dict(zip(twin.parameters(), masks.values())), **kw)
+
+
+def _assert_same(a, b):
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
 def _core(model, masks):
     return torch.cat([p.detach()[masks[p]].float() for p in model.parameters()])
 
@@ -86,8 +97,7 @@ def test_a_resumed_run_keeps_its_masters_whichever_is_loaded_first():
     again.load_state_dict(saved_model)  # after the optimizer: the weights are what the masters round to
     for g in grads[3:]:
         _step(again, opt2, g)
-    for p, q in zip(model.parameters(), again.parameters()):
-        assert torch.equal(p, q)
+    _assert_same(model, again)
 
 
 def test_replaced_state_tensors_are_the_ones_stepped():
@@ -96,8 +106,7 @@ def test_replaced_state_tensors_are_the_ones_stepped():
     opt = MaskedAdamW(model.parameters(), lr=1e-2, masks=masks)
     grads = _grads(model, 2)
     _step(model, opt, grads[0])
-    twin = copy.deepcopy(model)
-    twin_opt = MaskedAdamW(twin.parameters(), lr=1e-2, masks=dict(zip(twin.parameters(), masks.values())))
+    twin, twin_opt = _optimizer_like(model, masks, lr=1e-2)
     st = opt.state[model.weight]
     st["exp_avg"] = torch.full_like(st["exp_avg"], 0.5)
     st["step"] = torch.tensor(5.0)
@@ -106,8 +115,7 @@ def test_replaced_state_tensors_are_the_ones_stepped():
     _step(model, opt, grads[1])
     _step(twin, twin_opt, grads[1])
     assert opt.state[model.weight]["step"].item() == 6.0
-    for p, q in zip(model.parameters(), twin.parameters()):
-        assert torch.equal(p, q)
+    _assert_same(model, twin)
 
 
 def test_cleared_state_starts_again():
@@ -117,13 +125,11 @@ def test_cleared_state_starts_again():
     grads = _grads(model, 2)
     _step(model, opt, grads[0])
     opt.state.clear()
-    twin = copy.deepcopy(model)
-    twin_opt = MaskedAdamW(twin.parameters(), lr=1e-2, masks=dict(zip(twin.parameters(), masks.values())))
+    twin, twin_opt = _optimizer_like(model, masks, lr=1e-2)
     _step(model, opt, grads[1])
     _step(twin, twin_opt, grads[1])  # a fresh optimizer's first step
     assert len(opt.state_dict()["state"]) == 2
-    for p, q in zip(model.parameters(), twin.parameters()):
-        assert torch.equal(p, q)
+    _assert_same(model, twin)
 
 
 def test_state_of_the_wrong_size_is_refused_naming_the_parameter():
@@ -161,8 +167,7 @@ def test_a_copied_optimizer_steps_as_the_original(how):
     for g in grads[1:]:
         _step(model, opt, g)
         _step(model2, opt2, g)
-    for p, q in zip(model.parameters(), model2.parameters()):
-        assert torch.equal(p, q)
+    _assert_same(model, model2)
 
 
 def test_stochastic_rounding_resumes_bit_for_bit():
@@ -182,8 +187,7 @@ def test_stochastic_rounding_resumes_bit_for_bit():
     opt2.load_state_dict(saved_opt)
     for g in grads[2:]:
         _step(again, opt2, g)
-    for p, q in zip(model.parameters(), again.parameters()):
-        assert torch.equal(p, q)
+    _assert_same(model, again)
 
 
 def test_a_dtensor_replaced_by_one_of_the_same_layout_keeps_its_state():
