@@ -115,7 +115,8 @@ class EarlierTask:
 class Selection:
     mask: CoreMask
     report: list[dict]                 # one row per tensor
-    scores: dict[str, Tensor]          # final per-block score per tensor (-inf: excluded)
+    scores: dict[str, Tensor]          # final per-block score per tensor (-inf: excluded);
+                                       # empty for a large element-level selection (streamed)
     config: SelectConfig | None = None  # the settings it was made with
 
     def summary(self) -> str:
@@ -150,21 +151,38 @@ EXACT_RANKS_UP_TO = 1 << 24
 RANK_BITS = 21
 
 
-def _bin_means(parts: list[Tensor], n: int, chunk: int) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
-    """For values binned by their top `RANK_BITS` bits: each bin's mean rank in [0, 1] (its
-    values tied), and the function giving a tensor's bins."""
-    width = 32 if parts[0].dtype == torch.float32 else 64
+def rank_bins(dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+    """The function giving the bins (0 … 2^RANK_BITS − 1, in the values' order) of fp32 or
+    fp64 values: their top `RANK_BITS` bits."""
+    width = 32 if dtype == torch.float32 else 64
     shift, half = width - RANK_BITS, 1 << (RANK_BITS - 1)
 
     def bins(part: Tensor) -> Tensor:
         return (_order_key(part) >> shift).to(torch.int64).add_(half)
 
+    return bins
+
+
+def bin_counts(bins: Callable[[Tensor], Tensor], values: Tensor, chunk: int = 1 << 20) -> Tensor:
+    """How many of `values` (flat) fall in each bin."""
     counts = torch.zeros(1 << RANK_BITS, dtype=torch.int64)
-    for t in parts:
-        for a in range(0, t.numel(), chunk):
-            counts += torch.bincount(bins(t[a:a + chunk]), minlength=1 << RANK_BITS)
+    for a in range(0, values.numel(), chunk):
+        counts += torch.bincount(bins(values[a:a + chunk]), minlength=1 << RANK_BITS)
+    return counts
+
+
+def mean_ranks(counts: Tensor, n: int) -> Tensor:
+    """Each bin's mean percentile rank in [0, 1] among `n` values (its values tied)."""
     ends = counts.cumsum(0)
-    return (2 * ends - counts - 1).double().div_(2 * (n - 1)), bins
+    return (2 * ends - counts - 1).double().div_(2 * (n - 1))
+
+
+def _bin_means(parts: list[Tensor], n: int, chunk: int) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """For values binned by their top `RANK_BITS` bits: each bin's mean rank in [0, 1] (its
+    values tied), and the function giving a tensor's bins."""
+    bins = rank_bins(parts[0].dtype)
+    counts = sum(bin_counts(bins, t, chunk) for t in parts)
+    return mean_ranks(counts, n), bins
 
 
 def _binned_rank(parts: list[Tensor], into: Tensor | None = None, chunk: int = 1 << 20) -> Tensor:
@@ -409,6 +427,16 @@ def _kth_largest(scores: Tensor, finite: Tensor, k: int, chunk: int = 1 << 20) -
     return torch.kthvalue(cand, cand.numel() - need + 1).values.to(scores.dtype)
 
 
+def blocks_in_budget(block_elems: int, budget_elems: float) -> int:
+    """The most blocks of `block_elems` elements with k·size ≤ budget, exactly."""
+    k = int(budget_elems // block_elems)
+    while block_elems * (k + 1) <= budget_elems:
+        k += 1
+    while k > 0 and block_elems * k > budget_elems:
+        k -= 1
+    return k
+
+
 def _take_budget(scores: Tensor, block_elems: Tensor | int, budget_elems: float) -> Tensor:
     """Bool per block: highest scores first (ties: the lower index first) while the element
     budget lasts (finite scores only). `block_elems`: elements per block, one number when
@@ -422,12 +450,7 @@ def _take_budget(scores: Tensor, block_elems: Tensor | int, budget_elems: float)
     if m == 0:
         return chosen
     if isinstance(block_elems, int):
-        k = int(budget_elems // block_elems)  # the most blocks with k·size ≤ budget, exactly
-        while block_elems * (k + 1) <= budget_elems:
-            k += 1
-        while k > 0 and block_elems * k > budget_elems:
-            k -= 1
-        k = min(k, m)
+        k = min(blocks_in_budget(block_elems, budget_elems), m)
         if k == 0:
             return chosen
         if k == m:
@@ -465,9 +488,12 @@ def select_core(
     for n, b in sizes.items():
         if math.prod(shapes[n]) % b:
             raise ValueError(f"block size {b} does not divide {n!r} of shape {shapes[n]}")
-    stats = _block_stats(probe, sizes, earlier,
-                         {n: specificity_size(shapes[n], b, cfg.specificity_unit) for n, b in sizes.items()},
-                         max_only=cfg.method == "trace")
+    units = {n: specificity_size(shapes[n], b, cfg.specificity_unit) for n, b in sizes.items()}
+    from .select_streamed import select_streamed, streamable  # (it builds on this module)
+
+    if streamable(probe, earlier, sizes, cfg):  # a large model's element level, in bounded memory
+        return select_streamed(probe, earlier, units, cfg)
+    stats = _block_stats(probe, sizes, earlier, units, max_only=cfg.method == "trace")
     names = list(shapes)
     if cfg.method == "trace":
         scores, info, flat = _trace_scores(stats, sizes, shapes, earlier, cfg)

@@ -1,0 +1,85 @@
+"""The streamed element-level selection (a large model's, in bounded memory) chooses exactly
+the core, and reports exactly the numbers, of the materialised path it replaces. Both are
+run past a lowered `EXACT_RANKS_UP_TO`, so small tensors take the binned-rank paths a real
+model's element level takes, on fresh random inputs of odd shapes with ties at the budget's
+threshold, earlier tasks (bf16 and sketched updates, cores, Fisher for the guard) and each
+rule."""
+
+import math
+
+import pytest
+import torch
+
+from trace_kernels import CoreMask
+from trace_ft import EarlierTask, ProbeResult, select_core, sketch_update
+from trace_ft.method import select as select_mod
+from trace_ft.method import select_streamed
+
+SHAPES = {"a.weight": (7, 13), "b.weight": (31, 5), "c.weight": (3, 17, 2)}
+
+
+def _probe(gen) -> ProbeResult:
+    # values on a coarse grid: many equal scores, so the budget's threshold falls in a tie
+    deltas = {n: torch.randint(-6, 7, s, generator=gen).float() * 0.25 for n, s in SHAPES.items()}
+    fisher = {n: torch.randint(0, 5, s, generator=gen).float() * 0.125 for n, s in SHAPES.items()}
+    return ProbeResult(deltas=deltas, fisher=fisher, steps=3)
+
+
+def _earlier(gen, unit: str) -> list[EarlierTask]:
+    first = {n: torch.randn(s, generator=gen).to(torch.bfloat16) for n, s in SHAPES.items()}
+    core = CoreMask.from_blocks({n: (s, 1, torch.rand(math.prod(s), generator=gen) < 0.1)
+                                 for n, s in SHAPES.items()})
+    fisher = {n: torch.rand(s, generator=gen).to(torch.bfloat16) for n, s in SHAPES.items()}
+    tasks = [EarlierTask(updates=first, core=core, fisher=fisher),
+             EarlierTask(fisher={n: torch.rand(s, generator=gen) for n, s in SHAPES.items()})]
+    if unit == "row":  # a sketched update needs the unit it was sketched on
+        tasks.append(EarlierTask(updates={n: sketch_update(torch.randn(s, generator=gen), n, s[-1], dim=4)
+                                          for n, s in list(SHAPES.items())[:2]}))
+    return tasks
+
+
+def _both(monkeypatch, probe, earlier, **cfg):
+    monkeypatch.setattr(select_mod, "EXACT_RANKS_UP_TO", 64)
+    monkeypatch.setattr(select_streamed, "EXACT_RANKS_UP_TO", 64)
+    streamed = select_core(probe, earlier, granularity="element", **cfg)
+    monkeypatch.setattr(select_streamed, "streamable", lambda *a: False)
+    materialised = select_core(probe, earlier, granularity="element", **cfg)
+    return streamed, materialised
+
+
+def _same_rows(a: list[dict], b: list[dict]) -> bool:
+    """Equal report rows (NaN equal to NaN), exactly."""
+    def key(row):
+        return {k: "nan" if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
+    return [key(r) for r in a] == [key(r) for r in b]
+
+
+@pytest.mark.parametrize("unit", ["block", "row"])
+@pytest.mark.parametrize("rule", ["exclude", "downweight"])
+@pytest.mark.parametrize("protect", [0.0, 2.0])
+@pytest.mark.parametrize("budget", [0.0, 0.05, 0.3, 1.0])
+def test_streamed_selection_equals_the_materialised_one(monkeypatch, unit, rule, protect, budget):
+    gen = torch.Generator().manual_seed(hash((unit, rule, protect, budget)) % 2**31)
+    probe, earlier = _probe(gen), _earlier(gen, unit)
+    streamed, materialised = _both(monkeypatch, probe, earlier, budget=budget, specificity_unit=unit,
+                                   shared_rule=rule, protect=protect)
+    assert not streamed.scores and materialised.scores  # the streamed path keeps no score
+    for name in SHAPES:
+        assert torch.equal(streamed.mask[name].indices, materialised.mask[name].indices), name
+    assert _same_rows(streamed.report, materialised.report)
+    assert streamed.mask.numel_selected == sum(r["chosen"] for r in materialised.report)
+    if 0 < budget < 1:
+        assert streamed.mask.numel_selected == math.floor(budget * streamed.mask.numel)
+
+
+def test_streamed_selection_without_history_and_its_errors(monkeypatch):
+    gen = torch.Generator().manual_seed(5)
+    probe = _probe(gen)
+    streamed, materialised = _both(monkeypatch, probe, [], budget=0.1)
+    assert [torch.equal(streamed.mask[n].indices, materialised.mask[n].indices) for n in SHAPES] == [True] * 3
+    bad = [EarlierTask(updates={"a.weight": torch.zeros(5)})]
+    with pytest.raises(ValueError, match="'a.weight'"):
+        select_core(probe, bad, granularity="element")
+    bad = [EarlierTask(fisher={"b.weight": torch.zeros(4)})]
+    with pytest.raises(ValueError, match="'b.weight'"):
+        select_core(probe, bad, granularity="element", protect=1.0)
