@@ -13,13 +13,13 @@ with every other tensor frozen by `freeze_outside`), and records the task afterw
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
 
 from trace_kernels import CoreMask, MaskedAdamW
-from trace_kernels.core_grads import CoreGrads
+from trace_kernels.core_grads import CoreGrads, install_core_grads
 from trace_kernels.sharding import local_tensor
 
 from .probe import DEFAULT_EXCLUDE, ProbeResult, default_loss, eligible_parameters, empirical_fisher, probe
@@ -28,9 +28,11 @@ from .sketch import BlockSketch, sketch_update
 
 
 # Past this many eligible elements a model is "large": its exact updates are kept in bf16
-# (half the bytes per task; a cosine against a bf16 update moves by about 1e-3 at most) and,
-# on the CPU, the probe keeps its pre-probe copy on disk (memory then holds the probe's
-# state and one copy of the weights, as full fine-tuning's holds its own).
+# (half the bytes per task; a cosine against a bf16 update moves by about 1e-3 at most), the
+# probe's Fisher is its bias-corrected second moment (`probe(fisher="adam")`, within 1–5 %
+# of the mean of g²) and, on the CPU, the probe keeps its pre-probe copy on disk: memory
+# then holds the probe's gradients and two moments and one copy of the weights, less than
+# full fine-tuning's gradients and moments of every weight.
 LARGE_MODEL = 1 << 24
 
 
@@ -60,6 +62,32 @@ def freeze_outside(model: nn.Module, core: CoreMask) -> list[tuple[nn.Parameter,
 def restore_flags(flags: Sequence[tuple[nn.Parameter, bool]]) -> None:
     for p, flag in flags:
         p.requires_grad_(flag)
+
+
+@dataclass
+class CoreTraining:
+    """What `TracePipeline.train_setup` did to a model to train its core: the optimizer,
+    the ``requires_grad`` flags it changed and the core-gradient layers it installed.
+    `restore` undoes the changes to the model (the optimizer keeps its state); a `with`
+    block restores on its way out."""
+
+    optimizer: MaskedAdamW
+    flags: list[tuple[nn.Parameter, bool]] | None
+    core_grads: CoreGrads | None
+
+    def restore(self) -> None:
+        if self.core_grads is not None:
+            self.core_grads.remove()
+            self.core_grads = None
+        if self.flags is not None:
+            restore_flags(self.flags)
+            self.flags = None
+
+    def __enter__(self) -> CoreTraining:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
 
 
 class TracePipeline:
@@ -115,12 +143,13 @@ class TracePipeline:
 
     def probe(self, model: nn.Module, batches: Iterable, *, lr: float, **kw) -> ProbeResult:
         """The warm-start probe alone (`probe_and_select`'s first half). A large model's
-        (`LARGE_MODEL`) pre-probe copy goes to disk when its weights are on the CPU."""
-        if "offload_device" not in kw:
-            params = [p for _, p in eligible_parameters(model, exclude=self.exclude)]
-            large = sum(p.numel() for p in params) > LARGE_MODEL
-            if large and all(local_tensor(p).device.type == "cpu" for p in params):
-                kw["offload_device"] = "disk"
+        (`LARGE_MODEL`) Fisher is the probe's bias-corrected second moment (no buffer of
+        its own), and its pre-probe copy goes to disk when its weights are on the CPU."""
+        params = [p for _, p in eligible_parameters(model, exclude=self.exclude)]
+        large = sum(p.numel() for p in params) > LARGE_MODEL
+        kw.setdefault("fisher", "adam" if large else "mean")
+        if "offload_device" not in kw and large and all(local_tensor(p).device.type == "cpu" for p in params):
+            kw["offload_device"] = "disk"
         return probe(model, batches, self.probe_steps, self.probe_lr or lr, exclude=self.exclude, **kw)
 
     def select(self, result: ProbeResult) -> Selection:
@@ -141,17 +170,41 @@ class TracePipeline:
     def optimizer(model: nn.Module, core: CoreMask, *, lr: float,
                   betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                   weight_decay: float = 0.0, backend: str | None = None,
-                  master_weights: bool | None = None, core_grads: CoreGrads | None = None) -> MaskedAdamW:
+                  master_weights: bool | None = None, core_grads: CoreGrads | None = None,
+                  checked: bool = False) -> MaskedAdamW:
         """`MaskedAdamW` over the tensors that hold core elements (raises if the core is
-        empty or does not fit the model), and the carriers of `core_grads` (the layers whose
-        backward computes the core rows' weight gradients only). Freezing the others is
-        `freeze_outside`'s."""
-        live = TracePipeline.check(model, core)
+        empty or does not fit the model, unless `checked` says that was done), and the
+        carriers of `core_grads` (the layers whose backward computes the core rows' weight
+        gradients only). Freezing the others is `freeze_outside`'s."""
+        live = core.nonempty() if checked else TracePipeline.check(model, core)
         params = dict(model.named_parameters())
         carriers = core_grads.named_parameters() if core_grads is not None else []
         return MaskedAdamW([(n, p) for n, p in params.items() if n in live] + carriers, lr=lr, betas=betas,
                            eps=eps, weight_decay=weight_decay, masks=live, backend=backend,
                            master_weights=master_weights)
+
+    @staticmethod
+    def train_setup(model: nn.Module, core: CoreMask, *, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                    eps: float = 1e-8, weight_decay: float = 0.0, backend: str | None = None,
+                    master_weights: bool | None = None, freeze: bool = True,
+                    core_grads: bool = False) -> CoreTraining:
+        """Everything training a core needs, in order: the core checked against the model
+        (before anything changes), the other tensors frozen (`freeze`), core-only weight
+        gradients installed (`core_grads`), the optimizer built; undone by the result's
+        `restore` (or its `with` block), and on a failure midway."""
+        TracePipeline.check(model, core)
+        setup = CoreTraining(None, freeze_outside(model, core) if freeze else None,  # type: ignore[arg-type]
+                             None)
+        try:
+            if core_grads:
+                setup.core_grads = install_core_grads(model, core)
+            setup.optimizer = TracePipeline.optimizer(
+                model, core, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, backend=backend,
+                master_weights=master_weights, core_grads=setup.core_grads, checked=True)
+        except BaseException:
+            setup.restore()
+            raise
+        return setup
 
     # -- 3. after training --
     def fisher(self, model: nn.Module, batches: Iterable,

@@ -84,6 +84,39 @@ def test_probe_matches_torch_adamw_and_mean_squared_grads(gen):
         torch.testing.assert_close(result.fisher[name], s / 5, rtol=1e-5, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fisher_from_the_second_moment_same_update_bias_corrected_v(gen, dtype):
+    """fisher="adam": the update (Δ, bit for bit, stochastic rounding included) is the
+    "mean" probe's; the Fisher is torch AdamW's bias-corrected exp_avg_sq, within
+    1 − β2^T of the mean of g²; a bad value is refused before anything changes."""
+    model = Tiny().to(dtype)
+    batches = tiny_batches(gen, 3)
+    kw = dict(steps=5, lr=3e-3, weight_decay=0.0, loss_fn=loss_fn, seed=7)
+    mean = probe(model, batches, **kw)
+    adam = probe(model, batches, fisher="adam", **kw)
+    for n in mean.deltas:
+        assert torch.equal(bits(adam.deltas[n]), bits(mean.deltas[n])), n
+        assert adam.fisher[n].dtype == torch.float32
+        torch.testing.assert_close(adam.fisher[n], mean.fisher[n], rtol=1 - 0.999 ** 5, atol=1e-12)
+    if dtype == torch.float32:  # against torch's own state
+        twin = copy.deepcopy(model)
+        chosen = [p for n, p in twin.named_parameters() if n in mean.deltas]
+        for n, p in twin.named_parameters():
+            p.requires_grad_(n in mean.deltas)
+        opt = torch.optim.AdamW(chosen, lr=3e-3, weight_decay=0.0)
+        for step in range(5):
+            opt.zero_grad()
+            loss_fn(twin, batches[step % 3]).backward()
+            opt.step()
+        for n, p in zip(mean.deltas, chosen):
+            v = opt.state[p]["exp_avg_sq"] / (1 - 0.999 ** 5)
+            torch.testing.assert_close(adam.fisher[n], v, rtol=1e-5, atol=1e-12)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="fisher"):
+        probe(model, batches, fisher="ema", **kw)
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
+
+
 def test_probe_offload_and_bf16_deltas(gen):
     model = Tiny()
     batches = tiny_batches(gen)
