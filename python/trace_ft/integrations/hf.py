@@ -31,10 +31,10 @@ import torch
 from torch import Tensor, nn
 
 from trace_kernels import CoreMask, MaskedAdamW
-from trace_kernels.core_grads import CoreGrads, install_core_grads
+from trace_kernels.core_grads import CoreGrads
 from trace_kernels.sharding import is_dtensor
 
-from ..method.pipeline import TracePipeline, freeze_outside, record_updates
+from ..method.pipeline import TracePipeline, record_updates
 from ..method.probe import DEFAULT_EXCLUDE, ProbeResult, default_loss
 from ..method.routing import full_core_values
 from ..method.select import Selection, SelectConfig
@@ -139,19 +139,9 @@ def trace_optimizer(
             return TraceState(core=sel.mask, probe=result, selection=sel)
 
         state = _probe_once(model, probe_here)
-    TracePipeline.check(model, state.core)  # before any flag changes
-    if freeze_others:
-        freeze_outside(model, state.core)
-    if core_grads:
-        state.core_grads = install_core_grads(model, state.core)
-    try:
-        opt = TracePipeline.optimizer(model, state.core, lr=lr, betas=betas, eps=eps,
-                                      weight_decay=weight_decay, backend=backend,
-                                      core_grads=state.core_grads)
-    except BaseException:
-        if state.core_grads is not None:
-            state.core_grads.remove()
-        raise
+    setup = TracePipeline.train_setup(model, state.core, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      backend=backend, freeze=freeze_others, core_grads=core_grads)
+    opt, state.core_grads = setup.optimizer, setup.core_grads
     state.before = full_core_values(model, state.core)  # collective when sharded
     opt.trace = state
     return opt

@@ -113,10 +113,10 @@ def test_trace_trains_row_cores_from_core_rows_gradients(monkeypatch):
     """A row-level core: the linear layers compute their core rows' gradients only, and the
     task ends where the full-gradient run ends (no clipping: its norm is over what each
     path computes)."""
-    import trace_ft.continual.strategies.trace as trace_mod
+    import trace_ft.method.pipeline as pipeline_mod
 
     installed = []
-    install = trace_mod.install_core_grads
+    install = pipeline_mod.install_core_grads
 
     def spy(model, core):
         handle = install(model, core)
@@ -129,7 +129,7 @@ def test_trace_trains_row_cores_from_core_rows_gradients(monkeypatch):
         ctx = dataclasses.replace(ctx, train=dataclasses.replace(ctx.train, max_grad_norm=None))
         strat = Trace(SelectConfig(budget=0.1, granularity="row"), probe_steps=3, core_grads=core_grads)
         if core_grads:
-            monkeypatch.setattr(trace_mod, "install_core_grads", spy)
+            monkeypatch.setattr(pipeline_mod, "install_core_grads", spy)
         strat.learn(ctx, 1, TASKS[0], [])
         results.append(dict(ctx.model.named_parameters()))
     assert installed and any("mlp" in n for n in installed[0])

@@ -17,10 +17,9 @@ from collections.abc import Callable
 import torch
 
 from trace_kernels import CoreMask, MaskedAdamW
-from trace_kernels.core_grads import install_core_grads
 
 from ...lm.train import load_optimizer_state, train_loop
-from ...method.pipeline import TracePipeline, freeze_outside, restore_flags
+from ...method.pipeline import TracePipeline
 from ...method.probe import DEFAULT_EXCLUDE, ProbeResult, default_loss
 from ...method.routing import TaskValues, full_core_values
 from ...method.select import EarlierTask, Selection, SelectConfig
@@ -124,16 +123,14 @@ class Trace(Strategy):
         model = ctx.model
         batches = itertools.islice(ctx.batches([task], cfg.steps, salt=index), start_step, None)
         with ctx.phase("train setup"):
-            self.pipeline.check(model, core)  # before any flag changes
-            flags = freeze_outside(model, core)
             # linear layers whose core is a few rows: backward computes only those rows' gradients
-            grads = install_core_grads(model, core) if self.core_grads else None
-        try:
-            with ctx.phase("train setup"):
-                opt = self.pipeline.optimizer(model, core, lr=cfg.lr, betas=cfg.betas,
+            setup = self.pipeline.train_setup(model, core, lr=cfg.lr, betas=cfg.betas,
                                               weight_decay=cfg.weight_decay, master_weights=self.master_weights,
-                                              core_grads=grads)
-                if optimizer_state is not None:
+                                              core_grads=self.core_grads)
+        with setup:
+            opt = setup.optimizer
+            if optimizer_state is not None:
+                with ctx.phase("train setup"):
                     load_optimizer_state(opt, optimizer_state, ctx.parallel, model)
             with ctx.phase("train steps"):
                 losses = train_loop(model, opt, batches, cfg, desc=self.desc(ctx, index, task),
@@ -141,10 +138,6 @@ class Trace(Strategy):
                                     on_step=None if on_step is None else
                                     (lambda done, ls: on_step(done, ls, opt)))
             return losses, optimizer_state_bytes(opt)
-        finally:
-            if grads is not None:
-                grads.remove()
-            restore_flags(flags)
 
     def trained_fisher(self, ctx: Context, index: int, task) -> dict:
         """With the guard on, the task's Fisher after its training (what later tasks'
