@@ -341,6 +341,48 @@ def scenario_checkpoint(out: Path) -> dict:
     return {"sharded_round_trip_equal": sharded_equal, "one_process_rel": rel}
 
 
+def scenario_reshard_save(out: Path) -> dict:
+    """Two steps on the ranks, a DCP checkpoint of model and optimizer; the one-process
+    reference of three steps (what any world size must give after loading it) beside it.
+    Batches of 12 rows: every world size of 1-4 ranks averages equal shares."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    data = batches(3, rows=12)
+    granularity = os.environ.get("CKPT_GRANULARITY", "row")
+    ref, model, opt, core = _fsdp_pair(granularity)
+    train(model, opt, data[:2], local=True)
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+             checkpoint_id=str(out / f"reshard-{granularity}"))
+    one = MaskedAdamW(ref.named_parameters(), lr=1e-2, weight_decay=0.1, masks=core)
+    train(ref, one, data, local=False)
+    if dist.get_rank() == 0:
+        torch.save({n: p.detach() for n, p in ref.named_parameters()}, out / f"expected-{granularity}.pt")
+    return {"world": dist.get_world_size()}
+
+
+def scenario_reshard_load(out: Path) -> dict:
+    """The checkpoint `reshard_save` wrote, loaded at this world size: the third step equals
+    the one-process reference, and no element outside the core moved."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+
+    data = batches(3, rows=12)
+    granularity = os.environ.get("CKPT_GRANULARITY", "row")
+    start, model, opt, core = _fsdp_pair(granularity)
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(state, checkpoint_id=str(out / f"reshard-{granularity}"))
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, opt, state["optim"])
+    train(model, opt, data[2:], local=True)
+    expected = torch.load(out / f"expected-{granularity}.pt")
+    ref = Net()
+    ref.load_state_dict(expected)
+    before = {n: p.detach().clone() for n, p in start.named_parameters()}
+    return {"world": dist.get_world_size(), "compare": compare(model, ref, before, core)}
+
+
 def _dyadic(like: torch.Tensor, g: torch.Generator, low: int) -> torch.Tensor:
     """Integers in [low, 100] times 2^-8: every block sum of squares, products or Fisher
     values of the worker's tensors (at most 660 elements, < 2^24 units) is exact in fp32,
@@ -409,7 +451,8 @@ def scenario_select(out: Path) -> dict:
 
 SCENARIOS = {"fsdp2": scenario_fsdp2, "swapped": scenario_swapped, "ddp": scenario_ddp, "refused": scenario_refused,
              "ddp_core_grads": scenario_ddp_core_grads,
-             "checkpoint": scenario_checkpoint, "select": scenario_select}
+             "checkpoint": scenario_checkpoint, "select": scenario_select,
+             "reshard_save": scenario_reshard_save, "reshard_load": scenario_reshard_load}
 
 
 def main() -> None:

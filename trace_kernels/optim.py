@@ -26,8 +26,8 @@ from . import backends, ops
 from .core_grads import core_rows
 from .masks import CoreMask, MaskEntry
 from .ops._checks import bump_versions
-from .sharding import (ShardLayout, chunk_rows, compact_offset, is_dtensor, local_tensor, localize,
-                       shard_layout)
+from .sharding import (ShardLayout, is_dtensor, local_tensor, localize, rank_state, shard_layout,
+                       sharded_state)
 
 # compact per-element state, in mask order ("master": fp32 values of a 16-bit parameter's core)
 _MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master")
@@ -253,6 +253,7 @@ class MaskedAdamW(Optimizer):
         self._layout: dict[Tensor, _Layout] = self._resolve(masks)
         self._bound = self._flat_params()  # the parameters the layout and state are keyed by
         self._plans: dict[int, _GroupPlan] = {}
+        self._carrier_rows: dict[Tensor, tuple] = {}  # clip_grad_norm_'s core in each carrier
         self._version = 0  # bumped whenever what a plan holds may have changed
         self._written: dict[Tensor, int] = {}  # a 16-bit weight's version when its masters last matched it
         for device in {p.device for p in self._layout}:
@@ -267,7 +268,7 @@ class MaskedAdamW(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._plans, self._version = {}, 0
+        self._plans, self._carrier_rows, self._version = {}, {}, 0
 
     # ---- masks --------------------------------------------------------------------
     def _param_names(self) -> dict[Tensor, str]:
@@ -374,8 +375,9 @@ class MaskedAdamW(Optimizer):
                 device = new_lay.indices.device
                 for k in _MOMENTS:
                     if k in state:
-                        state[k] = _rank_slice(state[k], new_lay, f"state {k} of {self._describe(new)}"
-                                               ).to(device).contiguous()
+                        state[k] = rank_state(state[k], new_lay.entry, new_lay.shard, new_lay.offset,
+                                              new_lay.numel_selected, f"state {k} of {self._describe(new)}"
+                                              ).to(device).contiguous()
                 state["block_indices"], state["block_size"] = _recorded_mask(new_lay)
                 self.state[new] = state
         self._bound = flat
@@ -461,8 +463,7 @@ class MaskedAdamW(Optimizer):
                 continue
             c = _carrier(p)
             if c is not None:  # core rows (or elements) of the weight, in the carrier
-                kernel = core_rows(lay.entry, c.shape[1])[1].coarsest()
-                g, idx, bs = c.grad, kernel.indices.to(c.grad.device), kernel.block_size
+                g, (idx, bs) = c.grad, self._rows_in_carrier(p, lay, c)
             elif p.grad is not None:
                 g, idx, bs = local_tensor(p.grad), lay.kernel_indices, lay.kernel.block_size
             else:
@@ -487,6 +488,16 @@ class MaskedAdamW(Optimizer):
         for g in grads:
             g.mul_(coef.to(g.device, g.dtype))
         return total
+
+    def _rows_in_carrier(self, p: Tensor, lay: _Layout, c: Tensor) -> tuple[Tensor, int]:
+        """The core's blocks in a carrier's compact rows (indices, block size), kept until
+        the masks or carriers change (finding the rows sorts the core's indices)."""
+        hit = self._carrier_rows.get(p)
+        if hit is None or hit[0] != self._version or hit[1] is not c:
+            kernel = core_rows(lay.entry, c.shape[1])[1].coarsest()
+            hit = self._carrier_rows[p] = (self._version, c, kernel.indices.to(c.device, torch.int64),
+                                           kernel.block_size)
+        return hit[2], hit[3]
 
     # ---- step ---------------------------------------------------------------------
     def _keeps_master(self, p: Tensor) -> bool:
@@ -711,10 +722,11 @@ class MaskedAdamW(Optimizer):
 
     # ---- checkpoints --------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """torch's optimizer state_dict. For a sharded parameter the moments are the rank's
-        slice of the global compact state, as a ShardedTensor that says where the slice lies
-        (`torch.distributed.checkpoint` saves each rank's slice once and reshards on load;
-        gathered, it is the one-process state), and the mask is the global one."""
+        """torch's optimizer state_dict. For a sharded parameter the moments are the global
+        compact state as a ShardedTensor split evenly over the ranks, whatever slice each
+        steps (`sharding.sharded_state`; collective): `torch.distributed.checkpoint` saves
+        it once and loads it at any world size, gathered it is the one-process state; the
+        mask is the global one."""
         self._rebind()
         sd = super().state_dict()
         params = self._flat_params()
@@ -724,8 +736,7 @@ class MaskedAdamW(Optimizer):
                 st = sd["state"][pid] = dict(st)  # torch's state_dict shares the live dicts
                 for k in _MOMENTS:
                     if k in st:
-                        st[k] = _sharded_compact(st[k], lay)
-                st["shards"] = len(lay.shard.ranges)
+                        st[k] = sharded_state(st[k], lay.entry, lay.shard)
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -765,11 +776,11 @@ class MaskedAdamW(Optimizer):
                     "mask than this optimizer has; construct it (or call set_masks) with the "
                     "checkpoint's masks first"
                 )
-            shards = st.pop("shards", None)
+            st.pop("shards", None)  # (written by versions whose layout depended on the world size)
             for k in _MOMENTS:
                 if k in moved:
-                    moved[k] = _rank_slice(moved[k], lay, f"load_state_dict: {k} of {self._describe(p)}",
-                                           shards)
+                    moved[k] = rank_state(moved[k], lay.entry, lay.shard, lay.offset, lay.numel_selected,
+                                          f"load_state_dict: {k} of {self._describe(p)}")
             kept[p] = moved
             state[pid] = st
         super().load_state_dict({**state_dict, "state": state})
@@ -793,78 +804,6 @@ def _recorded_mask(lay: _Layout) -> tuple[Tensor, int]:
     if lay.shard is not None:
         return lay.entry.indices, lay.entry.block_size
     return lay.indices, lay.block_size
-
-
-def _shard_counts(entry: MaskEntry, ranges) -> list[tuple[int, int]]:
-    """(offset in the global compact order, core elements) of each shard range."""
-    out = []
-    for lo, hi in ranges:
-        start = compact_offset(entry, lo)
-        out.append((start, compact_offset(entry, hi) - start))
-    return out
-
-
-def _sharded_compact(t: Tensor, lay: _Layout):
-    """This rank's compact moments as its shard of a ShardedTensor laid out evenly: the
-    ranks' slices of the global compact state, each padded with zeros to the longest, one
-    after the other (so torch's full-state gathering, which assumes even shards, puts each
-    in its place). A full state records `shards` (the world size) to strip the padding."""
-    import warnings
-
-    from torch.distributed._shard.metadata import ShardMetadata
-    from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
-    from torch.distributed._shard.sharded_tensor.metadata import (ShardedTensorMetadata,
-                                                                   TensorProperties)
-
-    shard = lay.shard
-    width = max(1, max(k for _, k in _shard_counts(lay.entry, shard.ranges)))
-    metas = [ShardMetadata(shard_offsets=[pos * width], shard_sizes=[width],
-                           placement=f"rank:{shard.ranks[pos]}/"
-                                     f"{t.device if pos == shard.index else torch.device(t.device.type)}")
-             for pos in range(len(shard.ranges))]
-    props = TensorProperties(dtype=t.dtype, layout=t.layout, requires_grad=False,
-                             memory_format=torch.contiguous_format, pin_memory=False)
-    metadata = ShardedTensorMetadata(shards_metadata=metas, size=torch.Size([width * len(metas)]),
-                                     tensor_properties=props)
-    padded = torch.cat([t.reshape(-1), t.new_zeros(width - t.numel())])
-    with warnings.catch_warnings():  # the legacy ShardedTensor: DTensor cannot shard unevenly
-        warnings.simplefilter("ignore", FutureWarning)
-        return ShardedTensor._init_from_local_shards_and_global_metadata(
-            [Shard(tensor=padded, metadata=metas[shard.index])], metadata, process_group=shard.group)
-
-
-def _rank_slice(value, lay: _Layout, what: str, shards: int | None = None) -> Tensor:
-    """The moments this rank keeps of a loaded value (see `load_state_dict`). `shards`: the
-    world size a full, padded state was saved with."""
-    from torch.distributed._shard.sharded_tensor import ShardedTensor
-
-    k = lay.numel_selected
-    if isinstance(value, ShardedTensor):  # this rank's padded slice, filled by DCP
-        shards_here = value.local_shards()
-        local = shards_here[0].tensor.reshape(-1) if shards_here else torch.zeros(0)
-        if local.numel() < k:
-            raise ValueError(f"{what}: the checkpoint's slice of this rank holds {local.numel()} "
-                             f"values, this rank keeps {k}")
-        return local[:k]
-    flat = value.reshape(-1)
-    total = lay.entry.numel_selected
-    if lay.shard is None and shards is None and flat.numel() == k:
-        return flat
-    if shards is not None and flat.numel() != total:  # a full state of `shards` padded slices
-        rows = lay.entry.shape[0] if lay.entry.shape else 1
-        row = lay.entry.numel // rows if rows else 0
-        counts = _shard_counts(lay.entry, [(a * row, b * row) for a, b in chunk_rows(rows, shards)])
-        width = max(1, max(c for _, c in counts))
-        if flat.numel() != width * shards:
-            raise ValueError(f"{what} has {flat.numel()} values; a state of {shards} shards of "
-                             f"this mask holds {width * shards}")
-        flat = torch.cat([flat[pos * width:pos * width + c] for pos, (_, c) in enumerate(counts)])
-    if flat.numel() == total:  # the global compact state
-        return flat[lay.offset:lay.offset + k]
-    if lay.shard is not None and flat.numel() == k:  # this rank's own, saved as a plain tensor
-        return flat
-    raise ValueError(f"{what} has {flat.numel()} values; the mask selects {total}"
-                     + (f", {k} of them on this rank" if lay.shard is not None else ""))
 
 
 def swap_optimizer(

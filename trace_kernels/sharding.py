@@ -147,3 +147,116 @@ def all_reduce_sum(t: Tensor, p: Tensor) -> Tensor:
 
         dist.all_reduce(t, group=p.device_mesh.get_group())
     return t
+
+
+# ---- checkpoints: a sharded parameter's compact state, laid out independently of the world size
+#
+# The global compact state of a parameter (its core elements in mask order, `total` of them)
+# is one vector whatever the number of ranks. A rank steps the slice its rows hold, whose
+# length varies from rank to rank; a checkpoint stores the vector in torch.chunk's even
+# split instead (``ceil(total / world)`` values per rank), the layout torch's full-state
+# gathering assumes. `torch.distributed.checkpoint` then reshards by offsets, so a state
+# saved by some number of ranks loads into any other, and a full state is the vector.
+
+
+def compact_ranges(entry: MaskEntry, shard: ShardLayout) -> list[tuple[int, int]]:
+    """The [start, end) of the global compact state each mesh position steps."""
+    out = []
+    for lo, hi in shard.ranges:
+        start = compact_offset(entry, lo)
+        out.append((start, compact_offset(entry, hi)))
+    return out
+
+
+def even_ranges(total: int, world: int) -> list[tuple[int, int]]:
+    """torch.chunk's split of `total` values over `world` ranks."""
+    return chunk_rows(total, world)
+
+
+def exchange(values: Tensor, have: list[tuple[int, int]], want: list[tuple[int, int]],
+             shard: ShardLayout) -> Tensor:
+    """A global vector held as ranges `have` (one per mesh position; this rank holds
+    `values`, its own), re-held as ranges `want`: this rank's want-range. Point-to-point:
+    each rank sends every other the overlap of its range with theirs, nothing more."""
+    import torch.distributed as dist
+
+    me = shard.index
+    mine, (lo, hi) = have[me], want[me]
+    if values.numel() != mine[1] - mine[0]:
+        raise ValueError(f"{values.numel()} values held, the layout gives this rank {mine[1] - mine[0]}")
+    out = values.new_empty(hi - lo)
+    works = []
+    for pos, (a, b) in enumerate(have):  # what this rank wants of each rank's holding
+        s, e = max(a, lo), min(b, hi)
+        if s < e:
+            if pos == me:
+                out[s - lo:e - lo] = values[s - a:e - a]
+            else:
+                works.append(dist.irecv(out[s - lo:e - lo], src=shard.ranks[pos], group=shard.group))
+    for pos, (a, b) in enumerate(want):  # what each other rank wants of this one's
+        s, e = max(a, mine[0]), min(b, mine[1])
+        if s < e and pos != me:
+            works.append(dist.isend(values[s - mine[0]:e - mine[0]].contiguous(), dst=shard.ranks[pos],
+                                    group=shard.group))
+    for w in works:
+        w.wait()
+    return out
+
+
+def sharded_state(t: Tensor, entry: MaskEntry, shard: ShardLayout):
+    """This rank's compact state (`t`, the slice it steps) as its even shard of the global
+    vector: a ShardedTensor, which `torch.distributed.checkpoint` saves once per value and
+    reshards on load, and torch's full-state gathering joins into the vector. Collective:
+    every rank of the mesh calls it. A parameter without core elements keeps `t`."""
+    import warnings
+
+    from torch.distributed._shard.metadata import ShardMetadata
+    from torch.distributed._shard.sharded_tensor import Shard as TensorShard
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+    from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
+
+    have = compact_ranges(entry, shard)
+    total = have[-1][1]
+    if total == 0:
+        return t
+    want = even_ranges(total, len(have))
+    chunk = exchange(t.reshape(-1), have, want, shard)
+    # every rank holds a shard, an empty one too: DCP drops a key that a rank holds none of
+    metas = [ShardMetadata(shard_offsets=[lo], shard_sizes=[hi - lo],
+                           placement=f"rank:{shard.ranks[pos]}/"
+                                     f"{t.device if pos == shard.index else torch.device(t.device.type)}")
+             for pos, (lo, hi) in enumerate(want)]
+    mine = [metas[shard.index]]
+    props = TensorProperties(dtype=t.dtype, layout=t.layout, requires_grad=False,
+                             memory_format=torch.contiguous_format, pin_memory=False)
+    with warnings.catch_warnings():  # the legacy ShardedTensor: DTensor cannot shard unevenly
+        warnings.simplefilter("ignore", FutureWarning)
+        return ShardedTensor._init_from_local_shards_and_global_metadata(
+            [TensorShard(tensor=chunk, metadata=mine[0])] if mine else [],
+            ShardedTensorMetadata(shards_metadata=metas, size=torch.Size([total]), tensor_properties=props),
+            process_group=shard.group)
+
+
+def rank_state(value, entry: MaskEntry, shard: ShardLayout | None, offset: int, k: int, what: str) -> Tensor:
+    """The compact state this rank steps (`k` values from `offset` of the global order) of
+    a loaded value: a ShardedTensor `sharded_state` made and `torch.distributed.checkpoint`
+    filled (collective), the whole global vector (a full state, from any world size), or
+    the rank's own slice as a plain tensor."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    total = entry.numel_selected
+    if isinstance(value, ShardedTensor):
+        if shard is None or tuple(value.size()) != (total,):
+            raise ValueError(f"{what}: a sharded state of {tuple(value.size())} values for a mask that "
+                             f"selects {total}" + ("" if shard is not None else " on an unsharded parameter"))
+        local = value.local_shards()
+        have = even_ranges(total, len(shard.ranges))
+        chunk = local[0].tensor.reshape(-1) if local else torch.zeros(0, dtype=value.dtype)
+        return exchange(chunk, have, compact_ranges(entry, shard), shard)
+    flat = value.reshape(-1)
+    if flat.numel() == total:
+        return flat[offset:offset + k]
+    if shard is not None and flat.numel() == k:
+        return flat
+    raise ValueError(f"{what} has {flat.numel()} values; the mask selects {total}"
+                     + (f", {k} of them on this rank" if shard is not None else ""))

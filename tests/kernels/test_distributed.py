@@ -76,6 +76,47 @@ def test_checkpoints_round_trip_and_reshard(tmp_path, granularity):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("granularity", ["element", "row"])
+def test_a_checkpoint_loads_at_another_world_size(tmp_path, granularity):
+    """Saved by 2 ranks, loaded by 3 and by one process: the next step is the one-process
+    reference's (the compact state's layout does not depend on the world size)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+
+    from trace_kernels import MaskedAdamW
+
+    threads = torch.get_num_threads()
+    from distributed_worker import Net, batches, loss_of, masks  # (it sets one thread, for its ranks)
+
+    torch.set_num_threads(threads)
+
+    env = {"CKPT_GRANULARITY": granularity}
+    torchrun([WORKER, "reshard_save", tmp_path], timeout=240, env=env)
+    torchrun([WORKER, "reshard_load", tmp_path], timeout=240, env=env, ranks=3)
+    for r in range(3):
+        res = json.loads((tmp_path / f"reshard_load.{r}.json").read_text())
+        assert res["world"] == 3
+        assert all(c["rel"] <= 1e-5 and c["frozen_moved"] == 0 for c in res["compare"].values()), res
+    model = Net()  # one process, no process group
+    core = masks(model, granularity)
+    for n, p in model.named_parameters():
+        p.requires_grad_(core[n].num_selected > 0)
+    opt = MaskedAdamW(model.named_parameters(), lr=1e-2, weight_decay=0.1, masks=core)
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(state, checkpoint_id=str(tmp_path / f"reshard-{granularity}"))
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, opt, state["optim"])
+    x, y = batches(3, rows=12)[2]
+    opt.zero_grad()
+    loss_of(model, x, y).backward()
+    opt.step()
+    expected = torch.load(tmp_path / f"expected-{granularity}.pt")
+    for n, p in model.named_parameters():
+        assert float((p.detach() - expected[n]).norm() / expected[n].norm()) <= 1e-5, n
+
+
+@pytest.mark.slow
 def test_probe_and_selection_on_fsdp2_shards(tmp_path):
     """Δ and Fisher from the shards equal one process's to the probe's tolerance; on identical
     inputs (sharded and not) the selection is one process's bit for bit at every
