@@ -29,7 +29,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -48,15 +48,6 @@ FORMAT = "trace-ft-history"
 VERSION = 1
 MANIFEST = "manifest.json"
 TASKS = "tasks"
-
-# Tests set this to a function of a label to kill the writer at a chosen point.
-_CRASH_HOOK: Callable[[str], None] | None = None
-
-
-def _reached(label: str) -> None:
-    if _CRASH_HOOK is not None:
-        _CRASH_HOOK(label)
-
 
 class HistoryError(ValueError):
     """The history cannot be read or does not belong to this model; names what and where."""
@@ -367,9 +358,7 @@ class TaskHistory:
                     write(tmp / fname)
                     files[key] = {"file": fname, "bytes": (tmp / fname).stat().st_size,
                                   "sha256": atomic.sha256_file(tmp / fname)}
-                    _reached(f"wrote {key}")
                 atomic.install_dir(tmp, target)
-            _reached("installed task directory")
             entry = {
                 "index": index, "name": record.name, "dir": f"{TASKS}/{name}",
                 "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -379,9 +368,7 @@ class TaskHistory:
             manifest = {"format": FORMAT, "version": VERSION,
                         "model": on_disk["model"] if on_disk else fp,
                         "tasks": (on_disk["tasks"] if on_disk else []) + [entry]}
-            _reached("before manifest")
             atomic.write_json(self.path / MANIFEST, manifest)
-            _reached("after manifest")
             self._manifest = manifest
         return entry
 

@@ -175,9 +175,26 @@ CHILD = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from ft.store.test_history import make_record, model_fp
     from trace_ft.store import history as H
+    from trace_ft.store import atomic
     label = {label!r}
-    if label:
-        H._CRASH_HOOK = lambda at: os._exit(17) if at == label else None
+
+    def die_at(name, after):  # the writer killed where `label` says, by wrapping what it calls there
+        real = getattr(atomic, name)
+        def run(*args):
+            hit = (label == "wrote " + args[0].stem.split(".")[0].replace("core_", "") if name == "sha256_file"
+                   else label == "installed task directory" if name == "install_dir"
+                   else label == ("after manifest" if after else "before manifest"))
+            if hit and not after:
+                os._exit(17)
+            out = real(*args)
+            if hit:
+                os._exit(17)
+            return out
+        setattr(atomic, name, run)
+
+    die_at("sha256_file", after=False)   # a file written, not yet checksummed and installed
+    die_at("install_dir", after=True)
+    die_at("write_json", after=label == "after manifest")
     path = {path!r}
     print("ready", flush=True)
     while True:
