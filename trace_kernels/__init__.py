@@ -11,7 +11,8 @@ Public API:
 from ._version import __version__
 from .core_grads import CoreGrads, install_core_grads
 from .masks import CoreMask, MaskEntry
-from .optim import MaskedAdamW, swap_optimizer
+from .optim import MaskedAdamW
+from .swap import swap_optimizer
 from .report import report
 
 __all__ = ["CoreMask", "MaskEntry", "MaskedAdamW", "swap_optimizer", "install_core_grads", "CoreGrads",

@@ -14,7 +14,6 @@ nothing for another; parameters whose mask is unchanged keep their state.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from itertools import chain
 from typing import Any
 
@@ -26,118 +25,13 @@ from . import backends, ops
 from .core_grads import core_rows
 from .masks import CoreMask, MaskEntry
 from .ops._checks import bump_versions
-from .sharding import (ShardLayout, is_dtensor, local_tensor, localize, rank_state, shard_layout,
-                       sharded_state)
+from .plan import (_MOMENTS, _carrier, _Compact, _DevicePlan, _GroupPlan, _Layout, _recorded_mask,
+                   _state_refs, _storage_key)
+from .sharding import is_dtensor, local_tensor, rank_state, sharded_state
 
-# compact per-element state, in mask order ("master": fp32 values of a 16-bit parameter's core)
-_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master")
 _UNMASKED = ("freeze", "dense")
 _ROUNDINGS = ("nearest", "stochastic")
 _NO_MASTER = torch.empty(0)  # a parameter without fp32 masters (fp32, or master_weights=False)
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """A parameter's selection: global (what the user gave and checkpoints record) and on
-    the storage this rank holds (what the kernels see; the same unless sharded)."""
-
-    entry: MaskEntry
-    local: MaskEntry
-    indices: Tensor             # local.indices on the parameter's device
-    offset: int                 # the first local core element's place in the global compact order
-    shard: ShardLayout | None
-    kernel: MaskEntry           # `local` at its coarsest block size: what the kernels step
-    kernel_indices: Tensor      # kernel.indices on the parameter's device
-
-    @property
-    def block_size(self) -> int:
-        return self.local.block_size
-
-    @property
-    def numel_selected(self) -> int:
-        """Core elements on this rank (what its state holds)."""
-        return self.local.numel_selected
-
-    @classmethod
-    def of(cls, entry: MaskEntry, p: Tensor, what: str) -> _Layout:
-        shard = shard_layout(p, what)
-        storage = local_tensor(p)
-        if shard is None:
-            local, offset = entry, 0
-        else:
-            local, offset = localize(entry, shard.lo, shard.hi, tuple(storage.shape))
-        kernel = local.coarsest()
-        return cls(entry, local, local.indices.to(storage.device), offset, shard, kernel,
-                   kernel.indices.to(storage.device))
-
-
-def _storage_key(p: Tensor) -> tuple:
-    s = local_tensor(p)
-    return s.data_ptr(), s.dtype, s.device
-
-
-def _carrier(p: Tensor) -> Tensor | None:
-    """The carrier of `p`'s compact (core rows only) gradient when it has one this step
-    (see `core_grads`); None when `p`'s gradient is its own ``.grad``."""
-    c = getattr(p, "trace_core_grad", None)
-    if c is None or c.grad is None:
-        return None
-    if p.grad is not None:
-        raise ValueError("a parameter with a core-rows gradient (install_core_grads) also has a "
-                         "full gradient: something else computed one; remove one of the two")
-    return c
-
-
-@dataclass
-class _Compact:
-    """A weight stepped from its core rows: gathered into `rows_buffer`, stepped there with
-    the entry moved onto those rows (`indices`), and written back."""
-
-    weight: Tensor      # the weight's rows, 2-D
-    carrier: Tensor     # the parameter whose .grad holds the rows' gradient
-    rows: Tensor
-    rows_buffer: Tensor
-    indices: Tensor     # the core's blocks in the rows buffer, at their coarsest block size
-    block_size: int
-
-
-@dataclass
-class _DevicePlan:
-    params: list[Tensor]   # the parameters (their gradients are read at each step)
-    lists: dict            # the trusted op's lists, but for the gradients
-    native: Any            # the backend's own plan, or None
-    compact: list          # per parameter, its _Compact or None
-
-
-@dataclass
-class _GroupPlan:
-    """One group's planned step (see `MaskedAdamW.step`)."""
-
-    version: int
-    params: list[Tensor]
-    amsgrad: bool
-    devices: dict          # device -> _DevicePlan
-    storages: list[tuple]  # each parameter's storage address, dtype and device when planned
-    carriers: list         # each parameter's compact-gradient carrier when planned, or None
-    states: list[tuple]    # each parameter's state dict and tensors when planned (`_state_refs`)
-
-    def fits(self, version: int, active: list[Tensor], carriers: list, amsgrad: bool, state) -> bool:
-        """Whether the plan still describes the live objects: the same parameters on the same
-        storage, the same carriers, and the very state dicts and tensors (torch's optimizers
-        re-read ``self.state`` every step; a user or helper may replace or clear it)."""
-        return (version == self.version and amsgrad == self.amsgrad and len(active) == len(self.params)
-                and all(a is b for a, b in zip(active, self.params))
-                and all(_storage_key(p) == k for p, k in zip(active, self.storages))
-                and all(a is b for a, b in zip(carriers, self.carriers))
-                and all(_same_refs(_state_refs(state.get(p)), r) for p, r in zip(active, self.states)))
-
-
-def _state_refs(st: dict | None) -> tuple:
-    return (st,) if st is None else (st, *(st.get(k) for k in ("step", *_MOMENTS)))
-
-
-def _same_refs(a: tuple, b: tuple) -> bool:
-    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
 def _named_groups(params: Any) -> list[dict[str, Any]]:
@@ -796,69 +690,3 @@ class MaskedAdamW(Optimizer):
             st["block_indices"], st["block_size"] = _recorded_mask(lay)
             if "master" in moved:
                 self._written[p] = local_tensor(p)._version
-
-
-def _recorded_mask(lay: _Layout) -> tuple[Tensor, int]:
-    """The mask a parameter's state records: the global one for a sharded parameter (the
-    same on every rank, so a checkpoint keeps it once), else the indices on its device."""
-    if lay.shard is not None:
-        return lay.entry.indices, lay.entry.block_size
-    return lay.indices, lay.block_size
-
-
-def swap_optimizer(
-    optimizer: torch.optim.AdamW,
-    masks: CoreMask | Mapping[Tensor, Any],
-    *,
-    model: torch.nn.Module | None = None,
-    unmasked: str = "freeze",
-    backend: str | None = None,
-) -> MaskedAdamW:
-    """A MaskedAdamW with `optimizer`'s groups and hyperparameters, its state compacted onto
-    the masks (moments gathered at the selected elements, steps kept).
-
-    For a CoreMask, parameter names come from `model` or from the optimizer's own
-    ``param_names`` (torch >= 2.6 records them when built from named_parameters()).
-    An LR scheduler holds the old optimizer: create schedulers after swapping.
-    """
-    if not isinstance(optimizer, torch.optim.AdamW):
-        raise TypeError(f"swap_optimizer expects a torch.optim.AdamW, got {type(optimizer).__name__}")
-    name_of = {p: n for n, p in model.named_parameters()} if model is not None else {}
-    groups = []
-    for g in optimizer.param_groups:
-        if g.get("capturable") or g.get("differentiable"):
-            raise ValueError("swap_optimizer: capturable/differentiable AdamW cannot be swapped")
-        new = {k: v for k, v in g.items() if k not in ("params", "param_names")}
-        ps = list(g["params"])
-        names = g.get("param_names") or [name_of.get(p) for p in ps]
-        if isinstance(masks, CoreMask):
-            missing = [i for i, n in enumerate(names) if n is None]
-            if missing:
-                raise ValueError(
-                    "swap_optimizer: a CoreMask needs parameter names; pass model= or build the "
-                    "AdamW from model.named_parameters()"
-                )
-            new["params"] = list(zip(names, ps))
-        else:
-            new["params"] = ps
-        groups.append(new)
-    d = optimizer.defaults
-    out = MaskedAdamW(
-        groups, lr=d["lr"], betas=d["betas"], eps=d["eps"], weight_decay=d["weight_decay"],
-        amsgrad=d["amsgrad"], maximize=d.get("maximize", False), masks=masks,
-        unmasked=unmasked, backend=backend,
-    )
-    amsgrad_of = {p: g["amsgrad"] for g in out.param_groups for p in g["params"]}
-    for p, st in optimizer.state.items():
-        lay = out._layout.get(p)
-        if lay is None or lay.entry.numel_selected == 0 or "exp_avg" not in st:
-            continue
-        ns = out._init_state(p, lay, amsgrad_of[p])
-        step = st["step"]
-        ns["step"] = (step.detach().to("cpu", torch.float32).clone() if isinstance(step, Tensor)
-                      else torch.tensor(float(step), dtype=torch.float32))
-        ei = lay.local.element_indices().to(lay.indices.device)
-        for k in _MOMENTS:
-            if k in ns and k in st:
-                ns[k] = local_tensor(st[k]).reshape(-1)[ei].to(torch.float32).contiguous()
-    return out

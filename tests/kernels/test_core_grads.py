@@ -308,6 +308,20 @@ def test_sampled_dot_equals_the_dense_product_on_odd_sizes(backend):
     assert ops.sampled_dot(a, b, rows[:0], cols[:0], backend=backend).shape == (0,)
 
 
+def test_sampled_dot_is_a_registered_op_torch_compile_traces():
+    """`trace_kernels::sampled_dot` passes torch's op checks (schema, fake, autograd
+    registration) and a compiled function calling it equals the eager result."""
+    from trace_kernels.ops.sampled_dot import _sampled_dot_op, sampled_dot_trusted
+
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(7, 13, generator=g), torch.randn(5, 13, generator=g)
+    rows, cols = torch.tensor([0, 3, 6, 6]), torch.tensor([4, 0, 2, 4])
+    torch.library.opcheck(_sampled_dot_op, (a, b, rows, cols, ""))
+    compiled = torch.compile(lambda x, y: sampled_dot_trusted(x, y, rows, cols) * 2, backend="aot_eager",
+                             fullgraph=True)
+    assert torch.equal(compiled(a, b), ops.sampled_dot(a, b, rows, cols) * 2)
+
+
 def test_sampled_dot_refuses_bad_input_by_name():
     a, b = torch.randn(4, 8), torch.randn(5, 8)
     ok = torch.tensor([0, 3])

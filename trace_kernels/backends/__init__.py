@@ -14,7 +14,9 @@ backend that cannot run here is an error, never a silent fallback.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -22,7 +24,6 @@ import torch
 
 from .. import _native
 
-BACKENDS = ("reference", "cpu", "cuda", "triton")
 GPU_DEVICES = ("cuda", "xpu")
 ENV_VAR = "TRACE_KERNELS_BACKEND"
 
@@ -37,35 +38,64 @@ class Choice:
     reason: str
 
 
+def _runs_anywhere(device_type: str, index: int | None) -> str | None:
+    return None
+
+
+def _cpu_why_not(device_type: str, index: int | None) -> str | None:
+    if device_type != "cpu":
+        return f"the cpu backend runs CPU tensors only, not {device_type}"
+    err = _native.error("_C")
+    return None if err is None else f"the CPU extension trace_kernels._C is not built or failed to load ({err})"
+
+
+def _cuda_why_not(device_type: str, index: int | None) -> str | None:
+    if device_type != "cuda":
+        return f"the cuda backend runs CUDA tensors only, not {device_type}"
+    from . import cuda as cuda_backend
+
+    return cuda_backend.unavailable_reason(index)
+
+
+def _triton_why_not(device_type: str, index: int | None) -> str | None:
+    from . import triton as triton_backend
+
+    why_not = triton_backend.available()
+    if why_not is not None:
+        return why_not
+    if device_type not in GPU_DEVICES and not (device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+        return f"Triton kernels run on GPU tensors ({device_type} given; CPU only with TRITON_INTERPRET=1)"
+    return None
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of the ops: its module (in this package), whether it can run
+    tensors of a device type here (None) or why not, and why it is picked by default."""
+
+    name: str
+    module: str
+    why_not: Callable[[str, int | None], str | None]
+    picked_because: str
+
+
+REGISTRY: dict[str, Backend] = {b.name: b for b in (
+    Backend("reference", "reference", _runs_anywhere, "the pure-PyTorch oracle"),
+    Backend("cpu", "cpu", _cpu_why_not, "native CPU extension built and loaded"),
+    Backend("cuda", "cuda", _cuda_why_not, "CUDA extension built and a device is visible"),
+    Backend("triton", "triton", _triton_why_not, "Triton available"),
+)}
+BACKENDS = tuple(REGISTRY)
+# What runs a device type's tensors by default: the first of these that can, else the reference.
+PREFERENCE: dict[str, tuple[str, ...]] = {"cpu": ("cpu",), "cuda": ("cuda", "triton"), "xpu": ("cuda", "triton")}
+
+
 def _unavailable_reason(name: str, device_type: str, index: int | None = None) -> str | None:
     """None if `name` can run tensors of `device_type` here, else why not."""
-    if name == "reference":
-        return None
-    if name == "cpu":
-        if device_type != "cpu":
-            return f"the cpu backend runs CPU tensors only, not {device_type}"
-        err = _native.error("_C")
-        if err is not None:
-            return f"the CPU extension trace_kernels._C is not built or failed to load ({err})"
-        return None
-    if name == "cuda":
-        if device_type != "cuda":
-            return f"the cuda backend runs CUDA tensors only, not {device_type}"
-        from . import cuda as cuda_backend
-
-        return cuda_backend.unavailable_reason(index)
-    if name == "triton":
-        from . import triton as triton_backend
-
-        why_not = triton_backend.available()
-        if why_not is not None:
-            return why_not
-        if device_type not in GPU_DEVICES and not (
-            device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
-        ):
-            return f"Triton kernels run on GPU tensors ({device_type} given; CPU only with TRITON_INTERPRET=1)"
-        return None
-    return f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}"
+    backend = REGISTRY.get(name)
+    if backend is None:
+        return f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}"
+    return backend.why_not(device_type, index)
 
 
 def choose(device: torch.device | str, requested: str | None = None) -> Choice:
@@ -89,19 +119,15 @@ def _choose(device_type: str, index: int | None, requested: str | None, env_valu
         if why_not is not None:
             raise BackendUnavailableError(f"backend {requested!r} requested by {source}: {why_not}")
         return Choice(requested, f"forced by {source}")
-    if device_type == "cpu":
-        why_not = _unavailable_reason("cpu", "cpu")
+    reasons = []
+    for name in PREFERENCE.get(device_type, ()):
+        why_not = _unavailable_reason(name, device_type, index)
         if why_not is None:
-            return Choice("cpu", "native CPU extension built and loaded")
-        return Choice("reference", f"reference only: {why_not}")
-    if device_type in GPU_DEVICES:
-        cuda_why_not = _unavailable_reason("cuda", device_type, index)
-        if cuda_why_not is None:
-            return Choice("cuda", "CUDA extension built and a device is visible")
-        why_not = _unavailable_reason("triton", device_type)
-        if why_not is None:
-            return Choice("triton", f"Triton available ({cuda_why_not})")
-        return Choice("reference", f"reference only: {cuda_why_not}; {why_not}")
+            because = REGISTRY[name].picked_because
+            return Choice(name, f"{because} ({'; '.join(reasons)})" if reasons else because)
+        reasons.append(why_not)
+    if reasons:
+        return Choice("reference", f"reference only: {'; '.join(reasons)}")
     return Choice("reference", f"no native backend for {device_type} in this build")
 
 
@@ -127,20 +153,12 @@ def plan_masked_adamw(name: str, lists: dict, amsgrad: bool):
 
 def module(name: str) -> ModuleType:
     """The Python module implementing backend `name`."""
-    if name == "reference":
-        from . import reference
+    backend = REGISTRY.get(name)
+    if backend is None:
+        raise BackendUnavailableError(f"unknown backend {name!r}")
+    return importlib.import_module(f"{__name__}.{backend.module}")
 
-        return reference
-    if name == "cpu":
-        from . import cpu
 
-        return cpu
-    if name == "cuda":
-        from . import cuda as cuda_backend
-
-        return cuda_backend
-    if name == "triton":
-        from . import triton as triton_backend
-
-        return triton_backend
-    raise BackendUnavailableError(f"unknown backend {name!r}")
+def implementation(name: str, op: str) -> Callable:
+    """Backend `name`'s function for `op`, or the reference's where it has none of its own."""
+    return getattr(module(name), op, None) or getattr(module("reference"), op)

@@ -36,13 +36,28 @@ def sampled_dot(a: Tensor, b: Tensor, rows: Tensor, cols: Tensor, *, backend: st
     return sampled_dot_trusted(a, b, rows, cols, backend=backend)
 
 
+@torch.library.custom_op("trace_kernels::sampled_dot", mutates_args=())
+def _sampled_dot_op(a: Tensor, b: Tensor, rows: Tensor, cols: Tensor, backend: str) -> Tensor:
+    return _sampled_dot_impl(a, b, rows, cols, backend)
+
+
+@_sampled_dot_op.register_fake
+def _(a: Tensor, b: Tensor, rows: Tensor, cols: Tensor, backend: str) -> Tensor:
+    return a.new_empty(rows.shape[0], dtype=torch.float32)
+
+
+def _sampled_dot_impl(a: Tensor, b: Tensor, rows: Tensor, cols: Tensor, backend: str) -> Tensor:
+    name = backends.choose(a.device, backend or None).name
+    return backends.implementation(name, "sampled_dot")(a.contiguous(), b.contiguous(), rows.contiguous(),
+                                                        cols.contiguous())
+
+
 def sampled_dot_trusted(a: Tensor, b: Tensor, rows: Tensor, cols: Tensor, *,
                         backend: str | None = None) -> Tensor:
     """`sampled_dot` for inputs already known valid (core_grads' backward: indices built
-    from the layer's own mask at install): no range check, so no device sync per call."""
-    choice = backends.choose(a.device, backend).name
-    a, b = a.contiguous(), b.contiguous()
-    rows, cols = rows.contiguous(), cols.contiguous()
-    if choice == "cpu":
-        return backends.module("cpu").sampled_dot(a, b, rows, cols)
-    return backends.module("reference").sampled_dot(a, b, rows, cols)
+    from the layer's own mask at install): no range check, so no device sync per call.
+    Under torch.compile the registered op ``trace_kernels::sampled_dot`` (its fake gives
+    the output's shape), else the backend's function directly."""
+    if torch.compiler.is_compiling():
+        return _sampled_dot_op(a, b, rows, cols, backend or "")
+    return _sampled_dot_impl(a, b, rows, cols, backend or "")
