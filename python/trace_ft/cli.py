@@ -36,17 +36,19 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="trace-ft", description="Continual fine-tuning with TRACE.")
     ap.add_argument("--version", action="version", version=f"trace-ft (trace-kernels) {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="run a continual sequence with TRACE and the baselines",
+    # the flags every command over RunConfig shares
+    settings = argparse.ArgumentParser(add_help=False)
+    settings.add_argument("--config", help="a TOML file of settings (flags override it)")
+    settings.add_argument("--quiet", action="store_true", help="no progress bars")
+    r = sub.add_parser("run", parents=[settings], help="run a continual sequence with TRACE and the baselines",
                        description="Run a continual sequence of tasks with TRACE and the baselines "
                        "and write results.json, report.md and accuracy.png. With no arguments: "
                        "the built-in model and suite, strategies trace,seqft,lora,ewc,replay,mtl.")
-    r.add_argument("--config", help="a TOML file of settings (flags override it)")
     r.add_argument("--out", help="output directory (default runs/<timestamp>/)")
     r.add_argument("--sweep", action="store_true",
                    help="run the trace ablation (granularity × budget × probe steps) instead")
-    r.add_argument("--quiet", action="store_true", help="no progress bars")
     add_settings(r)
-    a = sub.add_parser("adapt", help="add one task to a model and its task history",
+    a = sub.add_parser("adapt", parents=[settings], help="add one task to a model and its task history",
                        description="Probe the task, select its core against the history, train "
                        "only the core, save the model to --out and append the task to --history. "
                        "Settings (flags or --config) are those of `trace-ft run` that concern the "
@@ -66,20 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     a.add_argument("--ignore-dtype", action="store_true",
                    help="accept a model whose parameter dtypes differ from the history's")
-    a.add_argument("--config", help="a TOML file of settings (flags override it)")
-    a.add_argument("--quiet", action="store_true", help="no progress bars")
     add_settings(a, skip=ADAPT_SKIPS)
     h = sub.add_parser("history", help="list and verify a task history",
                        description="List the tasks of a history (cores, losses, scores) after "
                        "verifying every file's checksum.")
     h.add_argument("path", help="the history directory")
     h.add_argument("--json", action="store_true", help="print the manifest entries as JSON")
-    f = sub.add_parser("frontier", help="each strategy's learning-forgetting frontier over seeds",
+    f = sub.add_parser("frontier", parents=[settings], help="each strategy's learning-forgetting frontier over seeds",
                        description="For each strategy, a grid over its strength knob(s); each point "
                        "a full continual run of `trace-ft run`'s sequence, repeated over seeds. Writes "
                        "results.json, report.md and frontier.png (plasticity against BWT, mean ± "
                        "spread over seeds; base-skill retention).")
-    f.add_argument("--config", help="a TOML file of settings (flags override it)")
     f.add_argument("--out", help="output directory (default runs/frontier-<timestamp>/)")
     f.add_argument("--seeds", type=int, default=3, help="seeds per point (default 3)")
     f.add_argument("--quick", action="store_true", help="fewer points (and pass --seeds 2 for ~15 min)")
@@ -93,7 +92,6 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--resume", action="store_true", help="reuse the runs in --out's results.json "
                    "(an interrupted frontier, or other points made with the same settings: add "
                    "seeds at chosen points with --grid and --seeds)")
-    f.add_argument("--quiet", action="store_true", help="no progress bars")
     add_settings(f, skip={"strategies", "sweep_granularity", "sweep_budget", "sweep_probe_steps", "seed",
                           "parallel"})
     e = sub.add_parser("export", help="write the model as it stood after one task of a history",

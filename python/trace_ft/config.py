@@ -1,6 +1,6 @@
 """Run settings: `RunConfig` (every setting of `trace-ft run`, and of `adapt` where they
-concern trace), its TOML file and command-line flags, and the strategies it builds. The
-commands are siblings over this module."""
+concern trace), its TOML file and command-line flags. The strategies it names are built by
+`continual.strategies.factory`. The commands are siblings over this module."""
 
 from __future__ import annotations
 
@@ -12,10 +12,9 @@ from pathlib import Path
 
 import torch
 
-from .continual.strategies import EWC, MTL, NAMES, LoRA, Replay, SeqFT, Strategy, Trace
+from .continual.strategies import strategy_names_ok
 from .lm.parallel import MODES as PARALLEL_MODES, check_launch
 from .lm.train import TrainConfig
-from .method.probe import DEFAULT_EXCLUDE
 from .method.select import GRANULARITIES, SelectConfig
 from .tasks import BASE, SUITES, Task, builtin_task, load_task_dir
 from .tasks.general import general_text_task, knowledge_task
@@ -213,59 +212,6 @@ def general_tasks(cfg: RunConfig) -> tuple[Task, Task]:
 
 def _granularity(g: str | int) -> str | int:
     return int(g) if isinstance(g, str) and g.isdigit() else g
-
-
-def strategy_names_ok(name: str) -> None:
-    if name in NAMES or (name.startswith("trace_") and name[6:] in GRANULARITIES):
-        return
-    raise ValueError(f"unknown strategy {name!r}; choose from {', '.join(NAMES)} "
-                     f"or trace_<{'|'.join(GRANULARITIES)}>")
-
-
-def _trace_kwargs(cfg: RunConfig, general: Task | None) -> dict:
-    return dict(probe_steps=cfg.trace_probe_steps, probe_lr=cfg.trace_probe_lr, lr=cfg.trace_lr,
-                sketch_dim=cfg.trace_sketch_dim,
-                exclude=DEFAULT_EXCLUDE if cfg.trace_exclude is None else tuple(cfg.trace_exclude),
-                master_weights=cfg.trace_master_weights,
-                core_grads=cfg.parallel != "fsdp2" if cfg.trace_core_grads is None else cfg.trace_core_grads,
-                general=general if cfg.trace_protect_base else None)
-
-
-def build_strategy(name: str, cfg: RunConfig, general: Task | None = None) -> Strategy:
-    """`general`: the base skill's task, protected by trace when `trace_protect_base`."""
-    trace_kw = _trace_kwargs(cfg, general)
-    if name == "trace":
-        return Trace(cfg.select_config(), name="trace", **trace_kw)
-    if name == "trace_paper":
-        return Trace(SelectConfig.paper(), name="trace_paper", **trace_kw)
-    if name == "trace_guard":  # general ability guarded whatever --protect-base says
-        return Trace(cfg.select_config(protect=cfg.trace_protect or 1.0), name="trace_guard",
-                     **{**trace_kw, "general": general})
-    if name.startswith("trace_") and name[6:] in GRANULARITIES:
-        return Trace(cfg.select_config(granularity=name[6:]), name=name, **trace_kw)
-    if name == "seqft":
-        return SeqFT()
-    if name == "lora":
-        return LoRA(lr=cfg.lora_lr, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
-    if name == "ewc":
-        return EWC(lr=cfg.ewc_lr, lam=cfg.ewc_lambda)
-    if name == "replay":
-        return Replay(buffer_per_task=cfg.replay_buffer, ratio=cfg.replay_ratio)
-    if name == "mtl":
-        return MTL()
-    strategy_names_ok(name)
-    raise AssertionError(name)
-
-
-def sweep_strategies(cfg: RunConfig, general: Task | None = None) -> list[Strategy]:
-    out = []
-    for g in cfg.sweep_granularity:
-        for b in cfg.sweep_budget:
-            for ps in cfg.sweep_probe_steps:
-                kw = {**_trace_kwargs(cfg, general), "probe_steps": ps}
-                out.append(Trace(cfg.select_config(granularity=g, budget=b),
-                                 name=f"trace[{g},{b:g},p{ps}]", **kw))
-    return out
 
 
 def load_config_file(path: str | Path) -> dict:

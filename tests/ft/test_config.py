@@ -5,8 +5,8 @@ import argparse
 
 import pytest
 
-from trace_ft.config import (RunConfig, add_settings, build_strategy, config_from_args,
-                             sweep_strategies)
+from trace_ft.config import RunConfig, add_settings, config_from_args
+from trace_ft.continual.strategies.factory import build_strategy, sweep_strategies
 
 
 def _parse(argv, tmp_path=None):

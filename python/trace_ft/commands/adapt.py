@@ -21,7 +21,8 @@ import torch
 
 from trace_kernels import CoreMask
 
-from ..config import RunConfig, build_strategy
+from ..config import RunConfig
+from ..continual.strategies.factory import build_strategy
 from ..continual.strategies.base import Context
 from ..evaluate import Evaluator
 from ..lm.model import open_model, save_model, weights_sha256

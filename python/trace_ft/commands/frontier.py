@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import RunConfig, build_strategy, general_tasks
+from ..config import RunConfig, general_tasks
+from ..continual.strategies.factory import build_strategy
 from ..continual.frontier import (DEFAULT_STRATEGIES, GRIDS, QUICK_GRIDS, REAL_GRIDS, REAL_STRATEGIES,
                                   grid_points, point_label, write_outputs)
 from ..continual.report import versions

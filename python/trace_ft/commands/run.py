@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import RunConfig, build_strategy, check_sharded_strategies, general_tasks, sweep_strategies
+from ..config import RunConfig, check_sharded_strategies, general_tasks
+from ..continual.strategies.factory import build_strategy, sweep_strategies
 from ..continual.report import summary_table, versions, write_outputs
 from ..continual.sequence import TaskSequence, routed_entry, run_strategy
 from ..evaluate import general_perplexity
