@@ -32,7 +32,8 @@ def one(args) -> dict:
     """Run one strategy through the tasks (in this process) and return its costs."""
     import torch
 
-    from trace_ft.config import RunConfig, build_strategy, general_tasks
+    from trace_ft.config import RunConfig, general_tasks
+    from trace_ft.continual.strategies.factory import build_strategy
     from trace_ft.continual.sequence import TaskSequence, run_strategy
     from trace_ft.evaluate import general_perplexity
     from trace_ft.lm.memory import _rss
@@ -71,11 +72,15 @@ def floors(P: int, E: int, k: float, tasks: int, element: bool) -> dict[str, tup
     """The least memory each phase of an fp32 task needs above the loaded base model (its
     working copy included), in bytes, by formula: P parameters, E eligible, core fraction k.
     Activations are not in it."""
-    sel = 20 if element else 0  # element level: fp32 block sums (8), max cosine (4), score (8)
+    large = E > 1 << 24
+    # element level below 2^24 blocks: fp32 block sums (8), max cosine (4), score (8) per
+    # element; past it the selection streams (select_streamed): no per-element state
+    sel = 20 if element and not large else 0
     return {
         "seqft: train steps": ("copy 4P + grads 4P + moments 8P", 16 * P),
-        "trace: probe": ("copy 4P + (grads, 2 moments, Fisher) 16E; the pre-probe copy on disk past 2^24 "
-                         "elements (else +4E), Δ into a spent moment", 4 * P + (16 if E > 1 << 24 else 20) * E),
+        "trace: probe": ("copy 4P + (grads, 2 moments) 12E; past 2^24 elements the Fisher is the second "
+                         "moment and the pre-probe copy is on disk (else +8E); Δ into a spent moment",
+                         4 * P + (12 if large else 20) * E),
         "trace: selection": (f"copy 4P + probe's Δ, F 8E + per block {sel}E", 4 * P + (8 + sel) * E),
         "trace: train steps": ("copy 4P + core moments and gradients 12kE + history (bf16 Δ) 2E/task",
                                4 * P + 12 * k * E + 2 * E * tasks),
@@ -88,11 +93,12 @@ def projection(P: float = 8.03e9, E: float = 6.98e9, k: float = 0.05, ranks: int
     GPU and under FSDP2 over 8 (everything sharded evenly)."""
     rows = [
         ("full fine-tuning (bf16 weights and grads, fp32 masters and moments)", 16 * P),
-        ("trace probe (bf16 weights and grads, fp32 moments and Fisher, bf16 pre-probe copy, "
-         "stochastic rounding: no masters)", 2 * P + 16 * E),
-        ("trace probe, pre-probe copy and Fisher offloaded to host memory", 2 * P + 10 * E),
+        ("trace probe (bf16 weights and grads, fp32 moments, the Fisher from the second moment, "
+         "bf16 pre-probe copy, stochastic rounding: no masters)", 2 * P + 12 * E),
+        ("trace probe, pre-probe copy offloaded to host memory or disk", 2 * P + 10 * E),
         ("trace selection, row level (the probe's Δ in bf16 and Fisher; per-row sums are MBs)", 2 * P + 6 * E),
-        ("trace selection, element level (+ block sums, cosine and score per element)", 2 * P + 26 * E),
+        ("trace selection, element level, streamed (the probe's fp32 Δ and Fisher; no per-element "
+         "state)", 2 * P + 8 * E),
         (f"trace training, {k:.0%} core (bf16 weights, fp32 masters and moments of the core, "
          "core-only gradients)", 2 * P + 14 * k * E),
         ("history: one task's exact update (bf16)", 2 * E),
