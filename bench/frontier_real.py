@@ -2,13 +2,17 @@
 model: SmolLM2-135M-Instruct, three tasks of the instruct suite, general ability measured
 at the start and the end. Writes bench/results/frontier_smollm2/{results.json,report.md,frontier.png}.
 
-    python bench/frontier_real.py [--out DIR] [--stage 1|2|all] [--seeds N]
+    python bench/frontier_real.py [--regime gentle|hot] [--out DIR] [--stage 1|2|all] [--seeds N]
 
 Stage 1: every point of each strategy's real-model grid (`continual.frontier.REAL_GRIDS`:
 seqft and lora lr, trace and trace_guard core lr), seed 0. Stage 2: seeds 1..N-1 at each
 strategy's point nearest the plasticity the strategies share (the median over stage 1's
 points), into the same results with `--resume`. Both stages are the `trace-ft frontier`
 command a user runs; this script only picks stage 2's points. Resumable: run it again.
+
+Regimes: "gentle" (lr 3e-5, 12 steps per task: full fine-tuning keeps general ability) and
+"hot" (lr 1e-4, 16 steps: the regime where full fine-tuning loses it, and where TRACE's
+claim is tested), each with its own grids and results directory.
 """
 
 from __future__ import annotations
@@ -32,8 +36,25 @@ SETTINGS = ["--model", "smollm2-135m", "--suite", "instruct", "--tasks", "json,k
             "--probe-steps", "8", "--probe-lr", "3e-5", "--lr", "3e-5", "--general-every", "end", "--quiet"]
 
 
-def frontier(out: Path, *extra: str) -> None:
-    cmd = [sys.executable, "-m", "trace_ft", "frontier", *SETTINGS, "--out", str(out), "--resume", *extra]
+# per regime: settings that replace SETTINGS' values, the stage-1 grids (None: the
+# defaults, `continual.frontier.REAL_GRIDS`) and the results directory
+REGIMES = {
+    "gentle": ({}, None, "frontier_smollm2"),
+    "hot": ({"--steps": "16", "--lr": "1e-4", "--probe-lr": "1e-4"},
+            {"seqft": "lr=1e-4", "lora": "lora_lr=1e-3", "trace": "trace_lr=3e-4,1e-3",
+             "trace_guard": "trace_lr=1e-3"}, "frontier_smollm2_hot"),
+}
+
+
+def settings(regime: str) -> list[str]:
+    out = list(SETTINGS)
+    for flag, value in REGIMES[regime][0].items():
+        out[out.index(flag) + 1] = value
+    return out
+
+
+def frontier(out: Path, regime: str, *extra: str) -> None:
+    cmd = [sys.executable, "-m", "trace_ft", "frontier", *settings(regime), "--out", str(out), "--resume", *extra]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
 
@@ -48,17 +69,23 @@ def stage2_points(results: dict) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "frontier_smollm2"))
+    ap.add_argument("--regime", default="gentle", choices=tuple(REGIMES))
+    ap.add_argument("--out", default=None, help="default: bench/results/<the regime's directory>")
     ap.add_argument("--stage", default="all", choices=("1", "2", "all"))
     ap.add_argument("--seeds", type=int, default=3, help="stage 2: seeds at each chosen point (seed 0 is stage 1's)")
+    ap.add_argument("--stage2-strategies", default=",".join(STRATEGIES),
+                    help="stage 2: the strategies given more seeds (default all)")
     args = ap.parse_args()
-    out = Path(args.out)
+    _, grids, directory = REGIMES[args.regime]
+    out = Path(args.out or ROOT / "bench" / "results" / directory)
     if args.stage in ("1", "all"):
-        frontier(out, "--seeds", "1", "--frontier-strategies", ",".join(STRATEGIES))
+        frontier(out, args.regime, "--seeds", "1", "--frontier-strategies", ",".join(STRATEGIES),
+                 *[a for s, g in (grids or {}).items() for a in ("--grid", f"{s}:{g}")])
     if args.stage in ("2", "all"):
         points = stage2_points(json.loads((out / "results.json").read_text()))
+        points = {s: v for s, v in points.items() if s in args.stage2_strategies.split(",")}
         print("stage 2 points:", points, flush=True)
-        frontier(out, "--seeds", str(args.seeds), "--frontier-strategies", ",".join(points),
+        frontier(out, args.regime, "--seeds", str(args.seeds), "--frontier-strategies", ",".join(points),
                  *[a for s, v in points.items() for a in ("--grid", f"{s}:{KNOB[s]}={v:g}")])
 
 
