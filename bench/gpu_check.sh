@@ -20,9 +20,9 @@ run python3 -m trace_kernels --require cuda --require triton
 
 echo "== GPU tests"
 run python3 -m pytest -q -m gpu tests/
-run python3 -m pytest -q tests/kernels/test_backend_triton.py tests/kernels/test_op_masked_adamw.py \
-  tests/kernels/test_op_adamw_fisher.py tests/kernels/test_op_delta_stats.py tests/kernels/test_cuda_host.py \
-  tests/kernels/test_bf16.py
+run python3 -m pytest -q tests/kernel_ops/test_backend_triton.py tests/kernel_ops/test_op_masked_adamw.py \
+  tests/kernel_ops/test_op_adamw_fisher.py tests/kernel_ops/test_op_delta_stats.py tests/kernel_ops/test_cuda_host.py \
+  tests/kernel_ops/test_bf16.py
 
 echo "== GPU benchmarks"
 run python3 bench/bench_gpu.py "$@"

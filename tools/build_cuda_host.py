@@ -1,7 +1,7 @@
 """Build the CUDA extension's own source for the CPU: csrc/cuda/kernels.cu and the binding
 csrc/bindings/cuda_module.cpp compiled by the host C++ compiler over csrc/cuda/host/ (a
 stand-in for the CUDA runtime), as the module `_cuda_host`. The tests drive it through the
-CUDA backend's own Python code on CPU tensors (tests/kernels/test_cuda_host.py).
+CUDA backend's own Python code on CPU tensors (tests/kernel_ops/test_cuda_host.py).
 
     python tools/build_cuda_host.py OUT_DIR      # prints the path of the built module
 """
