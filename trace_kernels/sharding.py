@@ -168,11 +168,6 @@ def compact_ranges(entry: MaskEntry, shard: ShardLayout) -> list[tuple[int, int]
     return out
 
 
-def even_ranges(total: int, world: int) -> list[tuple[int, int]]:
-    """torch.chunk's split of `total` values over `world` ranks."""
-    return chunk_rows(total, world)
-
-
 def exchange(values: Tensor, have: list[tuple[int, int]], want: list[tuple[int, int]],
              shard: ShardLayout) -> Tensor:
     """A global vector held as ranges `have` (one per mesh position; this rank holds
@@ -219,20 +214,19 @@ def sharded_state(t: Tensor, entry: MaskEntry, shard: ShardLayout):
     total = have[-1][1]
     if total == 0:
         return t
-    want = even_ranges(total, len(have))
+    want = chunk_rows(total, len(have))  # torch.chunk's split of the vector
     chunk = exchange(t.reshape(-1), have, want, shard)
     # every rank holds a shard, an empty one too: DCP drops a key that a rank holds none of
     metas = [ShardMetadata(shard_offsets=[lo], shard_sizes=[hi - lo],
                            placement=f"rank:{shard.ranks[pos]}/"
                                      f"{t.device if pos == shard.index else torch.device(t.device.type)}")
              for pos, (lo, hi) in enumerate(want)]
-    mine = [metas[shard.index]]
     props = TensorProperties(dtype=t.dtype, layout=t.layout, requires_grad=False,
                              memory_format=torch.contiguous_format, pin_memory=False)
     with warnings.catch_warnings():  # the legacy ShardedTensor: DTensor cannot shard unevenly
         warnings.simplefilter("ignore", FutureWarning)
         return ShardedTensor._init_from_local_shards_and_global_metadata(
-            [TensorShard(tensor=chunk, metadata=mine[0])] if mine else [],
+            [TensorShard(tensor=chunk, metadata=metas[shard.index])],
             ShardedTensorMetadata(shards_metadata=metas, size=torch.Size([total]), tensor_properties=props),
             process_group=shard.group)
 
@@ -250,7 +244,7 @@ def rank_state(value, entry: MaskEntry, shard: ShardLayout | None, offset: int, 
             raise ValueError(f"{what}: a sharded state of {tuple(value.size())} values for a mask that "
                              f"selects {total}" + ("" if shard is not None else " on an unsharded parameter"))
         local = value.local_shards()
-        have = even_ranges(total, len(shard.ranges))
+        have = chunk_rows(total, len(shard.ranges))
         chunk = local[0].tensor.reshape(-1) if local else torch.zeros(0, dtype=value.dtype)
         return exchange(chunk, have, compact_ranges(entry, shard), shard)
     flat = value.reshape(-1)
