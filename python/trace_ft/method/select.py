@@ -570,23 +570,28 @@ def _trace_scores(stats, sizes, shapes, earlier, cfg: SelectConfig):
         if n in guard:
             s.mul_(guard[n])
         cos = stats[n][2]
-        shared = torch.zeros(s.numel(), dtype=torch.bool)
-        if cos.shape[1]:
-            spec = cos.max(1).values
-            shared = spec >= cfg.specificity_threshold
-            if cfg.shared_rule == "exclude":
-                s[shared] = -math.inf
-            else:
-                s.mul_(1 - spec.clamp_min(0))
-        core_hit = torch.zeros(s.numel(), dtype=torch.bool)
-        if not cfg.share_earlier_cores:
-            hit = _earlier_core_blocks(earlier, n, shapes[n], sizes[n])
-            if hit is not None:
-                core_hit = hit
-                s[hit] = -math.inf
-        info[n] = {"shared": int((shared & ~core_hit).sum()) if cfg.shared_rule == "exclude" else 0,
-                   "earlier_core": int(core_hit.sum())}
+        hit = None if cfg.share_earlier_cores else _earlier_core_blocks(earlier, n, shapes[n], sizes[n])
+        info[n] = exclude_blocks(s, cos.max(1).values if cos.shape[1] else None, hit, cfg)
     return scores, info, flat
+
+
+def exclude_blocks(s: Tensor, spec: Tensor | None, hit: Tensor | None, cfg: SelectConfig) -> dict[str, int]:
+    """The trace rule's exclusions, on scores `s` in place: blocks whose max cosine `spec`
+    reaches the threshold (excluded, or down-weighted), and blocks core for an earlier
+    task (`hit`); how many of each the report counts."""
+    shared = torch.zeros(s.numel(), dtype=torch.bool)
+    if spec is not None:
+        shared = spec >= cfg.specificity_threshold
+        if cfg.shared_rule == "exclude":
+            s[shared] = -math.inf
+        else:
+            s.mul_(1 - spec.clamp_min(0))
+    core_hit = torch.zeros(s.numel(), dtype=torch.bool)
+    if hit is not None:
+        core_hit = hit
+        s[hit] = -math.inf
+    return {"shared": int((shared & ~core_hit).sum()) if cfg.shared_rule == "exclude" else 0,
+            "earlier_core": int(core_hit.sum())}
 
 
 def _protection(stats, sizes, earlier: Sequence[EarlierTask], cfg: SelectConfig) -> dict[str, Tensor]:

@@ -27,7 +27,7 @@ from trace_kernels.sharding import is_dtensor
 
 from .probe import ProbeResult
 from .select import (EXACT_RANKS_UP_TO, RANK_BITS, EarlierTask, Selection, SelectConfig, _earlier_core_blocks, _stats,
-                     bin_counts, blocks_in_budget, mean_ranks, rank_bins)
+                     bin_counts, blocks_in_budget, exclude_blocks, mean_ranks, rank_bins)
 from .sketch import BlockSketch, sketch_cosine
 
 
@@ -144,25 +144,13 @@ class _Scorer:
         if cfg.protect > 0:
             s.mul_(self._guard(name, fisher))
         spec = self.cosine(name)
-        shared = torch.zeros(s.numel(), dtype=torch.bool)
-        if spec is not None:
-            shared = spec >= cfg.specificity_threshold
-            if cfg.shared_rule == "exclude":
-                s[shared] = -math.inf
-            else:
-                s.mul_(1 - spec.clamp_min(0))
-        core_hit = torch.zeros(s.numel(), dtype=torch.bool)
-        if not cfg.share_earlier_cores:
-            hit = _earlier_core_blocks(self.earlier, name, self.probe.deltas[name].shape, 1)
-            if hit is not None:
-                core_hit = hit
-                s[hit] = -math.inf
+        hit = None if cfg.share_earlier_cores else _earlier_core_blocks(
+            self.earlier, name, self.probe.deltas[name].shape, 1)
+        info = exclude_blocks(s, spec, hit, cfg)
         empty = not sum_sq.numel()
-        info = {"shared": int((shared & ~core_hit).sum()) if cfg.shared_rule == "exclude" else 0,
-                "earlier_core": int(core_hit.sum()),
-                "mean_l2": 0.0 if empty else float(sum_sq.double().sqrt().mean()),
-                "mean_fisher": 0.0 if empty else float(fisher.double().mean()),
-                "mean_specificity": 0.0 if empty or spec is None else float(spec.mean())}
+        info |= {"mean_l2": 0.0 if empty else float(sum_sq.double().sqrt().mean()),
+                 "mean_fisher": 0.0 if empty else float(fisher.double().mean()),
+                 "mean_specificity": 0.0 if empty or spec is None else float(spec.mean())}
         return s, info
 
     def _guard(self, name: str, fisher: Tensor) -> Tensor:
