@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .masks import CoreMask
 from .optim import MaskedAdamW
-from .plan import _MOMENTS
+from .layout import MOMENTS
 from .sharding import local_tensor
 
 
@@ -62,12 +62,12 @@ def swap_optimizer(
         lay = out._layout.get(p)
         if lay is None or lay.entry.numel_selected == 0 or "exp_avg" not in st:
             continue
-        ns = out._init_state(p, lay, amsgrad_of[p])
+        ns = out._init_state(p, amsgrad_of[p])
         step = st["step"]
         ns["step"] = (step.detach().to("cpu", torch.float32).clone() if isinstance(step, Tensor)
                       else torch.tensor(float(step), dtype=torch.float32))
         ei = lay.local.element_indices().to(lay.indices.device)
-        for k in _MOMENTS:
+        for k in MOMENTS:
             if k in ns and k in st:
                 ns[k] = local_tensor(st[k]).reshape(-1)[ei].to(torch.float32).contiguous()
     return out

@@ -17,6 +17,7 @@ from helpers import (assert_bits_equal, assert_stats_close, block_sizes_for, clo
                      fisher_problem, make_problem, stats_problem)
 from trace_kernels.backends import cuda as cuda_backend
 from trace_kernels.backends import reference
+from trace_kernels.backends._plan_cache import PLANS
 
 sys.path.insert(0, str(Path(__file__).parents[2] / "tools"))
 from build_cuda_host import build  # noqa: E402
@@ -40,11 +41,9 @@ def cuda_on_cpu(host_ext, monkeypatch):
     """The CUDA backend with the host build of its extension: CPU tensors are its device."""
     monkeypatch.setattr(cuda_backend, "_ext", lambda: host_ext)
     monkeypatch.setattr(cuda_backend, "_stream", lambda device: (0, 0))
-    cuda_backend._plans.clear()
-    cuda_backend._tables.clear()
+    PLANS.clear()
     yield host_ext
-    cuda_backend._plans.clear()
-    cuda_backend._tables.clear()
+    PLANS.clear()
 
 
 HYPER = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, maximize=False)

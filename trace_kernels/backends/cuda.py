@@ -27,10 +27,8 @@ import torch
 from .. import _native
 from ._common import adamw_entry_points, advance_steps, host_lr, split_stats
 from ._layout import masked_row, stats_row
+from ._plan_cache import PLANS
 
-_PLAN_LIMIT = 64
-_plans: dict[tuple, torch.Tensor] = {}     # tile lists and stats plans, by layout
-_tables: dict[tuple, torch.Tensor] = {}    # per-tensor tables, by addresses
 
 
 def _ext():
@@ -78,15 +76,6 @@ def unavailable_reason(index: int | None = None) -> str | None:
     return None
 
 
-def _bounded(cache: dict, key: tuple, build) -> torch.Tensor:
-    hit = cache.get(key)
-    if hit is None:
-        if len(cache) >= _PLAN_LIMIT:
-            cache.clear()
-        hit = cache[key] = build()
-    return hit
-
-
 def _on_device(data: bytes, device: torch.device) -> torch.Tensor:
     """Bytes made by the extension, as a uint8 tensor on `device` (at least one byte)."""
     host = torch.frombuffer(bytearray(data or b"\0"), dtype=torch.uint8)
@@ -105,8 +94,8 @@ def _per_step(steps: list[torch.Tensor], device: torch.device) -> torch.Tensor:
 
 def tile_plan(ext, block_sizes: list[int], counts: list[int], device: torch.device) -> tuple[torch.Tensor, int]:
     """The tiles of a mask layout on `device`, planned on its first use and kept."""
-    tiles = _bounded(_plans, ("tiles", device, tuple(block_sizes), tuple(counts)),
-                     lambda: _on_device(ext.plan_tiles(list(block_sizes), list(counts)), device))
+    tiles = PLANS.get(("cuda", "tiles", device, tuple(block_sizes), tuple(counts)),
+                      lambda: _on_device(ext.plan_tiles(list(block_sizes), list(counts)), device))
     return tiles, tiles.numel() // ext.TILE_BYTES
 
 
@@ -127,8 +116,8 @@ def _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices,
                            masters[i] if masters and masters[i].numel() else None, block_indices[i],
                             block_sizes[i],
                            elem_bases[i] if elem_bases else 0, steps[i] if device_steps else None)
-    table = _bounded(_tables, ("adamw", device, amsgrad, tuple(rows)),
-                     lambda: _on_device(ext.pack_masked(rows, len(params), amsgrad), device))
+    table = PLANS.get(("cuda", "adamw", device, amsgrad, tuple(rows)),
+                      lambda: _on_device(ext.pack_masked(rows, len(params), amsgrad), device))
     step_values = None if device_steps else _per_step(steps, device)
     lr_device = None
     if isinstance(lr, torch.Tensor) and lr.device.type == device.type:
@@ -163,13 +152,12 @@ def delta_stats(post, pre, fishers, refs, block_sizes, num_refs, outputs):
     device = post[0].device
     R = num_refs
     numels = [t.numel() for t in post]
-    plan = _plans.get(("stats", device, tuple(numels), tuple(block_sizes)))
-    if plan is None:
+    def build():
         items, splits, num_partials, num_rows = ext.plan_stats(numels, list(block_sizes))
-        plan = _bounded(_plans, ("stats", device, tuple(numels), tuple(block_sizes)),
-                        lambda: (_on_device(items, device), len(items) // ext.STATS_ITEM_BYTES,
-                                 _on_device(splits, device), len(splits) // ext.STATS_SPLIT_BYTES,
-                                 num_partials, num_rows))
+        return (_on_device(items, device), len(items) // ext.STATS_ITEM_BYTES,
+                _on_device(splits, device), len(splits) // ext.STATS_SPLIT_BYTES, num_partials, num_rows)
+
+    plan = PLANS.get(("cuda", "stats", device, tuple(numels), tuple(block_sizes)), build)
     items, num_items, splits, num_splits, num_partials, num_rows = plan
     rows: list[int] = []
     first_row = 0

@@ -18,6 +18,7 @@ import os
 import torch
 
 from .._common import adamw_entry_points, advance_steps, host_lr, inf_found, round_key, split_stats
+from .._plan_cache import PLANS
 
 _IMPORT_ERROR: str | None = None
 try:
@@ -53,18 +54,6 @@ def _tl_dtype(dtype: torch.dtype):
 def _launch_opts() -> dict:
     # No fused multiply-add: the same rounding as the reference and the C++ kernels.
     return {} if os.environ.get("TRITON_INTERPRET") == "1" else {"enable_fp_fusion": False}
-
-
-_cache: dict[tuple, dict] = {}
-
-
-def _cached(key: tuple, build):
-    hit = _cache.get(key)
-    if hit is None:
-        if len(_cache) > 64:
-            _cache.clear()
-        hit = _cache[key] = build()
-    return hit
 
 
 def _device_guard(device: torch.device):
@@ -119,7 +108,7 @@ def _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices,
                  fishers[i].data_ptr() if fishers else 0, block_indices[i].data_ptr(),
                  masters[i].data_ptr() if master else 0, elem_bases[i] if elem_bases else 0,
                  block_sizes[i], block_indices[i].numel()) for i in members]
-        plan = _cached(("adamw", device, gather, tuple(addr)), lambda: _adamw_plan(addr, gather, device))
+        plan = PLANS.get(("triton", "adamw", device, gather, tuple(addr)), lambda: _adamw_plan(addr, gather, device))
         with _device_guard(device):
             kernels.masked_adamw_kernel[(plan["programs"],)](
                 plan["tile_tensor"], plan["tile_start"], *plan["tables"], plan["bsize"], plan["nsel"],
