@@ -165,6 +165,15 @@ void sampled_dot(int64_t a, int64_t b, int64_t length, int64_t rows, int64_t col
                    layout::as_ptr<float>(out), num_threads);
 }
 
+void sampled_dot_token_major(int64_t a, int64_t a_width, int64_t b, int64_t b_width, int64_t length,
+                             int64_t rows, int64_t cols, int64_t count, int64_t out, int num_threads) {
+  py::gil_scoped_release release;
+  tkc::sampled_dot_token_major(layout::as_ptr<const float>(a), a_width, layout::as_ptr<const float>(b),
+                               b_width, length, layout::as_ptr<const int64_t>(rows),
+                               layout::as_ptr<const int64_t>(cols), count, layout::as_ptr<float>(out),
+                               num_threads);
+}
+
 bool openmp_enabled() {
 #ifdef _OPENMP
   return true;
@@ -203,6 +212,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("sampled_dot", &sampled_dot, py::arg("a"), py::arg("b"), py::arg("length"), py::arg("rows"),
         py::arg("cols"), py::arg("count"), py::arg("out"), py::arg("num_threads"),
         "out[i] = dot(a[rows[i]], b[cols[i]]): selected entries of a b^T (fp32, checked by the caller).");
+  m.def("sampled_dot_token_major", &sampled_dot_token_major, py::arg("a"), py::arg("a_width"), py::arg("b"),
+        py::arg("b_width"), py::arg("length"), py::arg("rows"), py::arg("cols"), py::arg("count"),
+        py::arg("out"), py::arg("num_threads"),
+        "out[i] = sum_t a[t, rows[i]] b[t, cols[i]] for token-major (length x width) a and b.");
   m.def("openmp_enabled", &openmp_enabled);
   m.def("isa_levels", []() {
     std::vector<std::string> levels;

@@ -13,4 +13,12 @@ namespace trace_kernels::cpu {
 void sampled_dot(const float* a, const float* b, int64_t length, const int64_t* rows,
                  const int64_t* cols, int64_t count, float* out, int num_threads);
 
+// The same products with both operands token-major, as a linear layer's backward holds them:
+// out[i] = Σ_t a[t·a_width + rows[i]] · b[t·b_width + cols[i]] for t < length (a: length ×
+// a_width, b: length × b_width, row-major). Sums over token blocks of a size fixed by
+// b_width, each block's sum in one order: the result does not depend on the thread count.
+void sampled_dot_token_major(const float* a, int64_t a_width, const float* b, int64_t b_width,
+                             int64_t length, const int64_t* rows, const int64_t* cols,
+                             int64_t count, float* out, int num_threads);
+
 }  // namespace trace_kernels::cpu

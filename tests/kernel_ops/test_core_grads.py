@@ -280,7 +280,7 @@ def test_layers_take_rows_when_the_core_is_in_few_rows_else_elements_when_it_is_
     # one element in every row: no row to skip, 1/13 or 1/40 of the elements
     spread = CoreMask.from_indices({n: ((r, c), 1, torch.arange(r) * c + torch.arange(r) % c)
                                     for n, (r, c) in shapes.items()})
-    with install_core_grads(net, spread) as handle:
+    with install_core_grads(net, spread, max_element_fraction=0.1) as handle:
         assert sorted(handle.names) == ["0.weight", "2.weight", "4.weight"]
         assert all(getattr(net[i], CARRIER).shape[1] == 1 for i in (0, 2, 4))
     with install_core_grads(net, spread, max_element_fraction=0.0) as handle:
@@ -290,12 +290,28 @@ def test_layers_take_rows_when_the_core_is_in_few_rows_else_elements_when_it_is_
         assert all(getattr(net[int(n[0])], CARRIER).shape[1] == shapes[n][1] for n in handle.names)
 
 
+def _operand(gen, vectors: int, length: int, layout: str) -> torch.Tensor:
+    """vectors × length: rows in memory, or the transpose of a token-major (length ×
+    vectors) matrix as a linear layer's backward holds its activations."""
+    if layout == "rows":
+        return torch.randn(vectors, length, generator=gen)
+    return torch.randn(length, vectors, generator=gen).t()
+
+
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
-def test_sampled_dot_equals_the_dense_product_on_odd_sizes(backend):
+@pytest.mark.parametrize("layout,sizes", [
+    (("rows", "rows"), (37, 53, 1031)),
+    (("tokens", "tokens"), (37, 53, 1031)),        # one token block
+    (("tokens", "tokens"), (37, 2053, 300)),       # a wide b: many token blocks
+    (("tokens", "rows"), (37, 53, 301)),           # mixed: made contiguous
+])
+def test_sampled_dot_equals_the_dense_product_on_odd_sizes(backend, layout, sizes):
     gen = torch.Generator().manual_seed(9)
-    a, b = torch.randn(37, 1031, generator=gen), torch.randn(53, 1031, generator=gen)
-    rows = torch.randint(0, 37, (5001,), generator=gen)
-    cols = torch.randint(0, 53, (5001,), generator=gen)
+    R, C, n = sizes
+    a, b = _operand(gen, R, n, layout[0]), _operand(gen, C, n, layout[1])
+    rows = torch.randint(0, R, (5001,), generator=gen)
+    cols = torch.randint(0, C, (5001,), generator=gen)
+    rows = rows.sort().values if layout[0] == "tokens" else rows  # (sorted, as a core's are; any order works)
     got = ops.sampled_dot(a, b, rows, cols, backend=backend)
     torch.testing.assert_close(got, (a.double() @ b.double().t())[rows, cols].float(), rtol=1e-5, atol=1e-4)
     if backend == "cpu":  # one summation order whatever the thread count

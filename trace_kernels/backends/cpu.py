@@ -93,8 +93,20 @@ def delta_stats(post, pre, fishers, refs, block_sizes, num_refs, outputs):
                     torch.get_num_threads())
 
 
+def _token_major(t: torch.Tensor) -> bool:
+    """Whether `t` (vectors × length) is the transpose of a contiguous (length × vectors)
+    matrix: a linear layer's activations or output gradient, as its backward holds them."""
+    return t.dim() == 2 and t.stride(0) == 1 and (t.stride(1) == t.shape[0] or t.shape[1] <= 1)
+
+
 def sampled_dot(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     out = torch.empty(rows.numel(), dtype=torch.float32)
+    if _token_major(a) and _token_major(b):  # transposed in cache-sized blocks, never in memory
+        _ext().sampled_dot_token_major(a.data_ptr(), a.shape[0], b.data_ptr(), b.shape[0], a.shape[1],
+                                       rows.data_ptr(), cols.data_ptr(), rows.numel(), out.data_ptr(),
+                                       torch.get_num_threads())
+        return out
+    a, b = a.contiguous(), b.contiguous()
     _ext().sampled_dot(a.data_ptr(), b.data_ptr(), a.shape[1], rows.data_ptr(), cols.data_ptr(),
                        rows.numel(), out.data_ptr(), torch.get_num_threads())
     return out

@@ -48,8 +48,8 @@ def _(a: Tensor, b: Tensor, rows: Tensor, cols: Tensor, backend: str) -> Tensor:
 
 def _sampled_dot_impl(a: Tensor, b: Tensor, rows: Tensor, cols: Tensor, backend: str) -> Tensor:
     name = backends.choose(a.device, backend or None).name
-    return backends.implementation(name, "sampled_dot")(a.contiguous(), b.contiguous(), rows.contiguous(),
-                                                        cols.contiguous())
+    # a and b as given: the cpu backend reads transposed (token-major) operands in place
+    return backends.implementation(name, "sampled_dot")(a, b, rows.contiguous(), cols.contiguous())
 
 
 def sampled_dot_trusted(a: Tensor, b: Tensor, rows: Tensor, cols: Tensor, *,
