@@ -36,7 +36,7 @@ def main() -> None:
     runs = []
     for seed in range(args.seeds):
         for name, over in CASES.items():
-            cfg = RunConfig(strategies=["trace"], steps=args.steps, seed=seed, **over)
+            cfg = RunConfig.from_dict(dict(strategies=["trace"], steps=args.steps, seed=seed, **over))
             with tempfile.TemporaryDirectory() as tmp:
                 res = run(cfg, Path(tmp) / "run", progress=False, log=lambda msg: None)
             e = res["strategies"]["trace"]

@@ -14,12 +14,17 @@ import torch
 
 from .continual.strategies import strategy_names_ok
 from .lm.parallel import MODES as PARALLEL_MODES, check_launch
+from .lm.text import CHAR_TOKENIZER_FILE
 from .lm.train import TrainConfig
 from .method.select import GRANULARITIES, SelectConfig
 from .tasks import BASE, SUITES, Task, builtin_task, load_task_dir
 from .tasks.general import general_text_task, knowledge_task
 
 DEFAULT_STRATEGIES = ("trace", "seqft", "lora", "ewc", "replay", "mtl")
+# learning rates by kind of model when none is given: the built-in model (trained from
+# scratch, small) and any pretrained one; the core's is the run's times a factor
+DEFAULT_LR = {"builtin": 1e-3, "pretrained": 1e-4}
+CORE_LR_FACTOR = {"builtin": 10.0, "pretrained": 3.0}
 DTYPES = ("float32", "bfloat16", "float16")
 # strategies that cannot run on a model sharded by --parallel fsdp2, and why
 FSDP2_REFUSED = {"lora": "lora inserts adapter modules into the model after it is sharded"}
@@ -34,8 +39,119 @@ def check_sharded_strategies(names) -> None:
                          + " (leave it out with --strategies, or use --parallel ddp)")
 
 
+def _positive(section: str, **values) -> None:
+    for name, value in values.items():
+        if value is not None and not value > 0:
+            raise ValueError(f"{section}_{name} must be > 0, got {value}")
+
+
+@dataclass
+class TraceSettings:
+    """The trace strategy's settings (flag/TOML names: ``trace_<field>``, ``[trace] <field>``)."""
+
+    budget: float = 0.05
+    granularity: str | int = "element"
+    probe_steps: int = 50
+    probe_lr: float | None = None     # None: the run's lr
+    # the core is small: it takes a larger step than full fine-tuning's (None: the run's lr
+    # times the model's CORE_LR_FACTOR; see README)
+    lr: float | None = None
+    scope: str = "global"             # the budget over all tensors, or "per_tensor"
+    exclude: list[str] | None = None  # name patterns never eligible (None: the default)
+    master_weights: bool | None = None  # fp32 masters of 16-bit cores (None: on for 16-bit)
+    # linear layers with a few core rows or elements compute only those weight gradients
+    # (None: on, but with --parallel fsdp2, whose weights are sharded)
+    core_grads: bool | None = None
+    importance: str = "rank"
+    threshold: float = 0.5
+    specificity_unit: str = "block"   # where cosines are measured: block, row, tensor
+    shared_rule: str = "exclude"
+    share_cores: bool = False
+    sketch_dim: int | None = None
+    protect: float = 0.0              # interference guard strength (0: off)
+    protect_base: bool = False        # guard general ability too (the Fisher of the base skill / general text)
+
+    def __post_init__(self) -> None:
+        self.granularity = _granularity(self.granularity)  # "--granularity 64" arrives as a string
+        if self.probe_steps < 1:
+            raise ValueError(f"trace_probe_steps must be >= 1, got {self.probe_steps}")
+        _positive("trace", probe_lr=self.probe_lr, lr=self.lr)
+        if self.sketch_dim is not None and self.sketch_dim < 1:
+            raise ValueError(f"trace_sketch_dim must be >= 1, got {self.sketch_dim}")
+        self.select_config().validate()
+
+    def select_config(self, **over) -> SelectConfig:
+        base = SelectConfig(budget=self.budget, granularity=self.granularity, scope=self.scope,
+                            importance=self.importance, specificity_threshold=self.threshold,
+                            specificity_unit=self.specificity_unit, shared_rule=self.shared_rule,
+                            share_earlier_cores=self.share_cores, protect=self.protect)
+        return dataclasses.replace(base, **over)
+
+
+@dataclass
+class LoRASettings:
+    lr: float | None = 3e-3
+    rank: int = 8
+    alpha: float = 16.0
+
+    def __post_init__(self) -> None:
+        _positive("lora", lr=self.lr, alpha=self.alpha)
+        if self.rank < 1:
+            raise ValueError(f"lora_rank must be >= 1, got {self.rank}")
+
+
+@dataclass
+class EWCSettings:
+    lam: float = 1e4                  # flag/TOML name: ewc_lambda, [ewc] lambda
+    lr: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.lam < 0:
+            raise ValueError(f"ewc_lambda must be >= 0, got {self.lam}")
+        _positive("ewc", lr=self.lr)
+
+
+@dataclass
+class ReplaySettings:
+    buffer: int = 50                  # examples kept per earlier task
+    ratio: float = 0.25               # share of each batch replayed
+
+    def __post_init__(self) -> None:
+        if self.buffer < 1 or not 0 <= self.ratio < 1:  # the replay strategy's own limits
+            raise ValueError("replay_buffer must be >= 1 and replay_ratio in [0, 1)")
+
+
+@dataclass
+class SweepSettings:
+    """--sweep: granularity × budget × probe steps of the trace strategy."""
+
+    granularity: list = field(default_factory=lambda: list(GRANULARITIES))
+    budget: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.1])
+    probe_steps: list[int] = field(default_factory=lambda: [10, 50])
+
+    def __post_init__(self) -> None:
+        self.granularity = [_granularity(g) for g in self.granularity]
+        for g in self.granularity:
+            SelectConfig(granularity=g).validate()
+        for b in self.budget:
+            SelectConfig(budget=b).validate()
+        if any(ps < 1 for ps in self.probe_steps):
+            raise ValueError(f"sweep_probe_steps must be >= 1, got {self.probe_steps}")
+
+
+# each strategy's settings: RunConfig's field, and the flat names of a command line, a TOML
+# table or a result file (`trace_budget`); a flat name that is not `<section>_<field>`
+SECTIONS = {"trace": TraceSettings, "lora": LoRASettings, "ewc": EWCSettings, "replay": ReplaySettings,
+            "sweep": SweepSettings}
+_RENAMED = {("ewc", "lambda"): "lam"}
+
+
 @dataclass
 class RunConfig:
+    """Every setting of `trace-ft run` (and of `adapt`, where they concern trace): the run's
+    own, then each strategy's as a nested, self-validating section. `from_dict` and
+    `flat`/`replaced` speak the flat names flags and result files use."""
+
     suite: str = "skills"             # built-in suite: skills, formats, or instruct (for a real chat model)
     tasks: list[str] = field(default_factory=list)   # empty: the suite's tasks
     strategies: list[str] = field(default_factory=lambda: list(DEFAULT_STRATEGIES))
@@ -49,7 +165,7 @@ class RunConfig:
     cache_dir: str | None = None
     steps: int = 200                  # per task
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float | None = None           # None: the model's default (DEFAULT_LR)
     warmup: float = 0.1
     schedule: str = "cosine"
     weight_decay: float = 0.0
@@ -60,47 +176,26 @@ class RunConfig:
     seed: int = 0
     threads: int | None = None
     parallel: str | None = None       # "ddp"/"fsdp2" under torchrun: data parallel ranks (None: one process)
-    # trace
-    trace_budget: float = 0.05
-    trace_granularity: str = "element"
-    trace_probe_steps: int = 50
-    trace_probe_lr: float | None = None
-    trace_lr: float | None = 1e-2     # the core is small: it takes a larger step (see README)
-    trace_scope: str = "global"       # the budget over all tensors, or "per_tensor"
-    trace_exclude: list[str] | None = None   # name patterns never eligible (None: the default)
-    trace_master_weights: bool | None = None  # fp32 masters of 16-bit cores (None: on for 16-bit)
-    # linear layers with a few core rows or elements compute only those weight gradients
-    # (None: on, but with --parallel fsdp2, whose weights are sharded)
-    trace_core_grads: bool | None = None
-    trace_importance: str = "rank"
-    trace_threshold: float = 0.5
-    trace_specificity_unit: str = "block"   # where cosines are measured: block, row, tensor
-    trace_shared_rule: str = "exclude"
-    trace_share_cores: bool = False
-    trace_sketch_dim: int | None = None
-    trace_protect: float = 0.0        # interference guard strength (0: off)
-    trace_protect_base: bool = False  # guard general ability too (the Fisher of the base skill / general text)
     routed: bool = True               # keep trace's core values: the task-routed row
-    # baselines
-    lora_lr: float | None = 3e-3
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    ewc_lambda: float = 1e4
-    ewc_lr: float | None = None
-    replay_buffer: int = 50
-    replay_ratio: float = 0.25
-    # --sweep: granularity × budget × probe steps of the trace strategy
-    sweep_granularity: list[str] = field(default_factory=lambda: list(GRANULARITIES))
-    sweep_budget: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.1])
-    sweep_probe_steps: list[int] = field(default_factory=lambda: [10, 50])
+    trace: TraceSettings = field(default_factory=TraceSettings)
+    lora: LoRASettings = field(default_factory=LoRASettings)
+    ewc: EWCSettings = field(default_factory=EWCSettings)
+    replay: ReplaySettings = field(default_factory=ReplaySettings)
+    sweep: SweepSettings = field(default_factory=SweepSettings)
 
     def __post_init__(self) -> None:
-        # "--granularity 64" arrives as a string: a block size
-        self.trace_granularity = _granularity(self.trace_granularity)
-        self.sweep_granularity = [_granularity(g) for g in self.sweep_granularity]
+        # learning rates left unset take the model's defaults: measured on each kind (the
+        # built-in model's frontier; SmolLM2-135M's hot regime, where 10x on the core
+        # destroyed more general ability than full fine-tuning and 3x kept it)
+        kind = model_kind(self.model)
+        if self.lr is None:
+            self.lr = DEFAULT_LR[kind]
+        if self.trace.lr is None:
+            self.trace.lr = float(f"{self.lr * CORE_LR_FACTOR[kind]:.12g}")  # 3e-4, not 3.0000000000000003e-4
 
     def validate(self) -> None:
-        """Every setting checked at once, before anything slow or visible happens."""
+        """The settings that depend on each other or on the machine, checked at once before
+        anything slow or visible happens (each section checked itself when built)."""
         from .lm.model import SIZES
 
         if self.suite not in SUITES:
@@ -110,9 +205,6 @@ class RunConfig:
         for s in self.strategies:
             strategy_names_ok(s)
         self.train_config().validate()
-        self.select_config().validate()
-        for g in self.sweep_granularity:
-            self.select_config(granularity=g).validate()
         if self.model == "builtin" and self.size not in SIZES:
             raise ValueError(f"size must be one of {', '.join(SIZES)}, got {self.size!r}")
         if self.model == "builtin" and not self.tasks and self.suite == "instruct":
@@ -139,25 +231,11 @@ class RunConfig:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.parallel is not None and self.parallel not in PARALLEL_MODES:
             raise ValueError(f"parallel must be one of {', '.join(PARALLEL_MODES)}, got {self.parallel!r}")
-        if self.parallel == "fsdp2" and self.trace_core_grads:
+        if self.parallel == "fsdp2" and self.trace.core_grads:
             raise ValueError("--core-grads true needs unsharded weights; with --parallel fsdp2 "
-                                 "train with full gradients (the default)")
+                             "train with full gradients (the default)")
         if self.parallel is not None:
             check_launch()
-        if self.trace_probe_steps < 1:
-            raise ValueError(f"trace_probe_steps must be >= 1, got {self.trace_probe_steps}")
-        for name in ("trace_probe_lr", "trace_lr", "lora_lr", "ewc_lr"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ValueError(f"{name} must be > 0, got {value}")
-        if self.trace_sketch_dim is not None and self.trace_sketch_dim < 1:
-            raise ValueError(f"trace_sketch_dim must be >= 1, got {self.trace_sketch_dim}")
-        if self.lora_rank < 1:
-            raise ValueError(f"lora_rank must be >= 1, got {self.lora_rank}")
-        if self.ewc_lambda < 0:
-            raise ValueError(f"ewc_lambda must be >= 0, got {self.ewc_lambda}")
-        if self.replay_buffer < 1 or not 0 <= self.replay_ratio < 1:  # the replay strategy's own limits
-            raise ValueError("replay_buffer must be >= 1 and replay_ratio in [0, 1)")
         if self.max_len is not None and self.max_len < 2:
             raise ValueError(f"max_len must be >= 2, got {self.max_len}")
 
@@ -171,32 +249,67 @@ class RunConfig:
                            warmup=self.warmup, schedule=self.schedule,
                            weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm)
 
-    def select_config(self, **over) -> SelectConfig:
-        base = SelectConfig(budget=self.trace_budget, granularity=self.trace_granularity,
-                            scope=self.trace_scope, importance=self.trace_importance,
-                            specificity_threshold=self.trace_threshold,
-                            specificity_unit=self.trace_specificity_unit,
-                            shared_rule=self.trace_shared_rule,
-                            share_earlier_cores=self.trace_share_cores,
-                            protect=self.trace_protect)
-        return dataclasses.replace(base, **over)
+    def flat(self) -> dict:
+        """Every setting under its flat name (``trace_budget``): what result files record."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in SECTIONS}
+        for section in SECTIONS:
+            for k, v in dataclasses.asdict(getattr(self, section)).items():
+                out[_flat_name(section, k)] = v
+        return out
+
+    def replaced(self, **flat) -> RunConfig:
+        """A copy with settings replaced by flat name (a frontier point, a sweep)."""
+        return RunConfig.from_dict({**self.flat(), **flat})
+
+    @classmethod
+    def flat_names(cls) -> set[str]:
+        return set(cls().flat())
 
     @classmethod
     def from_dict(cls, data: dict) -> RunConfig:
-        """Flat keys, or TOML tables whose keys are prefixed by the table name
-        (``[trace] budget = 0.05`` is ``trace_budget``)."""
-        known = {f.name for f in fields(cls)}
-        flat = {}
+        """Flat names (``trace_budget``), or TOML tables of a section (``[trace] budget``);
+        each section validates its values as it is built."""
+        top = {f.name for f in fields(cls)} - set(SECTIONS)
+        given: dict = {}
+        nested: dict[str, dict] = {s: {} for s in SECTIONS}
+        unknown = []
         for k, v in data.items():
-            if isinstance(v, dict):
-                for kk, vv in v.items():
-                    flat[f"{k}_{kk}"] = vv
-            else:
-                flat[k] = v
-        unknown = sorted(set(flat) - known)
+            items = ([(f"{k}_{kk}", vv) for kk, vv in v.items()] if isinstance(v, dict) else [(k, v)])
+            for name, value in items:
+                where = _section_field(name)
+                if where is not None:
+                    nested[where[0]][where[1]] = value
+                elif name in top:
+                    given[name] = value
+                else:
+                    unknown.append(name)
         if unknown:
-            raise ValueError(f"unknown configuration keys: {', '.join(unknown)}")
-        return cls(**flat)
+            raise ValueError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
+        return cls(**given, **{s: SECTIONS[s](**kw) for s, kw in nested.items()})
+
+
+def model_kind(model: str) -> str:
+    """"builtin" for the built-in model and any saved from it (a directory with its
+    character tokenizer, e.g. `adapt`'s output), else "pretrained"."""
+    if model == "builtin" or (Path(model) / CHAR_TOKENIZER_FILE).is_file():
+        return "builtin"
+    return "pretrained"
+
+
+def _flat_name(section: str, name: str) -> str:
+    back = {v: k for (s, k), v in _RENAMED.items() if s == section}
+    return f"{section}_{back.get(name, name)}"
+
+
+def _section_field(flat: str) -> tuple[str, str] | None:
+    """(section, field) of a flat name, or None if it names no section's field."""
+    for section, kind in SECTIONS.items():
+        if flat.startswith(section + "_"):
+            name = flat[len(section) + 1:]
+            name = _RENAMED.get((section, name), name)
+            if name in {f.name for f in fields(kind)}:
+                return section, name
+    return None
 
 
 def general_tasks(cfg: RunConfig) -> tuple[Task, Task]:
@@ -281,7 +394,8 @@ RUN_FLAGS = {
     "--cache-dir": ("cache_dir", str, "where the built-in base model is cached (default ~/.cache/trace-ft)"),
     "--steps": ("steps", int, "training steps per task"),
     "--batch-size": ("batch_size", int, "examples per step"),
-    "--lr": ("lr", float, "peak learning rate (all strategies unless overridden)"),
+    "--lr": ("lr", float, "peak learning rate (all strategies unless overridden; default: 1e-3 for the "
+             "built-in model, 1e-4 for a pretrained one)"),
     "--schedule": ("schedule", str, "cosine, linear or constant after warmup"),
     "--n-train": ("n_train", int, "training examples per task (built-in: generated)"),
     "--n-test": ("n_test", int, "test examples per task"),
@@ -291,7 +405,8 @@ RUN_FLAGS = {
     "--granularity": ("trace_granularity", str, "trace: element, row, tensor or a block size"),
     "--probe-steps": ("trace_probe_steps", int, "trace: warm-start probe steps"),
     "--probe-lr": ("trace_probe_lr", float, "trace: probe learning rate (default: --lr)"),
-    "--trace-lr": ("trace_lr", float, "trace: learning rate on the core"),
+    "--trace-lr": ("trace_lr", float, "trace: learning rate on the core (default: --lr times 10 for the "
+                   "built-in model, times 3 for a pretrained one)"),
     "--threshold": ("trace_threshold", float, "trace: specificity threshold (max cosine)"),
     "--specificity-unit": ("trace_specificity_unit", str, "trace: where the cosine with earlier "
                            "tasks is measured: block, row or tensor"),
@@ -301,7 +416,7 @@ RUN_FLAGS = {
     "--master-weights": ("trace_master_weights", _flag, "trace: fp32 master values of the core of "
                          "16-bit parameters (true/false; default: on for 16-bit)"),
     "--core-grads": ("trace_core_grads", _flag, "trace: linear layers whose core lies in at most half "
-                     "their rows (or is at most 10 %% of their elements) compute only those rows' "
+                     "their rows (or is at most 4 %% of their elements) compute only those rows' "
                      "(elements') weight gradients (true/false; default: on, off with --parallel "
                      "fsdp2; clipping measures the core's gradient either way)"),
     "--scope": ("trace_scope", str, "trace: the budget over all tensors (global) or per_tensor"),
@@ -329,11 +444,11 @@ def _shown(value) -> str:
 def add_settings(parser: argparse.ArgumentParser, skip=frozenset()) -> None:
     """The RunConfig flags. Their argparse default is None (unset), so --config and then
     RunConfig's own defaults apply; the help shows RunConfig's default."""
-    defaults = RunConfig()
+    defaults = RunConfig().flat()
     for flag, (dest, typ, text) in RUN_FLAGS.items():
         if dest not in skip:
-            default = getattr(defaults, dest)
-            shown = "" if default is None else f" (default: {_shown(default)})"
+            default = defaults[dest]
+            shown = "" if default is None or "default:" in text else f" (default: {_shown(default)})"
             parser.add_argument(flag, dest=dest, type=typ, default=None, help=text + shown,
                                 metavar=flag[2:].upper().replace("-", "_"))
 

@@ -78,7 +78,7 @@ def _adapt(cfg: RunConfig, model, task, history, out, *, eval_history, resume, c
     t0 = time.perf_counter()
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
-    if cfg.trace_protect_base:
+    if cfg.trace.protect_base:
         raise ValueError("trace_protect_base is for `trace-ft run` only: an adapt history "
                          "guards the tasks it holds")
     if cfg.threads:
@@ -133,7 +133,7 @@ def _adapt(cfg: RunConfig, model, task, history, out, *, eval_history, resume, c
         sharded = parallel is not None and parallel.sharded
         inputs = {"model_fingerprint": fingerprint["sha256"], "model_weights": model_in,
                   "task": data, "history_tasks": len(hist),
-                  "core": None if core is None else sha256_file(core), "config": dataclasses.asdict(cfg)}
+                  "core": None if core is None else sha256_file(core), "config": cfg.flat()}
 
         # 1. probe and select (or take the given core), checkpointed once. With --parallel
         # fsdp2 the ranks train a sharded copy; `net` stays whole (rank 0 scores and saves it)

@@ -11,7 +11,6 @@ other grid points made with the same settings (so more seeds can be added at cho
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from datetime import datetime
@@ -67,7 +66,7 @@ def frontier(cfg: RunConfig, out: str | Path | None = None, *, seeds: int = 3, q
     for name, key, values in grids:
         if name not in table:
             raise ValueError(f"--grid: no frontier for strategy {name!r} (one of {', '.join(table)})")
-        if key not in {f.name for f in dataclasses.fields(RunConfig)}:
+        if key not in RunConfig.flat_names():
             raise ValueError(f"--grid: {key!r} is not a setting")
         table[name][key] = values
     names = strategies or list(REAL_STRATEGIES if real else DEFAULT_STRATEGIES)
@@ -77,12 +76,12 @@ def frontier(cfg: RunConfig, out: str | Path | None = None, *, seeds: int = 3, q
     runs = [(name, params, seed) for seed in range(seeds) for name in names
             for params in grid_points(table[name])]
     for name, params, _ in runs[:len(runs) // seeds]:
-        dataclasses.replace(cfg, **params).validate()  # every point's settings, before any run
+        cfg.replaced(**params).validate()  # every point's settings, before any run
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(out) if out is not None else Path("runs") / ("frontier-" + datetime.now().strftime("%Y%m%d-%H%M%S"))
     results_file = out / "results.json"
-    results = {"config": {**dataclasses.asdict(cfg), "seeds": seeds, "quick": quick, "metric": metric,
+    results = {"config": {**cfg.flat(), "seeds": seeds, "quick": quick, "metric": metric,
                           "grids": {n: table[n] for n in names}},
                "versions": versions(), "frontier": {n: [] for n in names}}
     if "trace" in names:
@@ -91,7 +90,8 @@ def frontier(cfg: RunConfig, out: str | Path | None = None, *, seeds: int = 3, q
         # every finished run is reused and kept, those of other grid points too (a frontier
         # grows: more seeds at chosen points); the settings other than the grids must match
         saved = json.loads(results_file.read_text())
-        free = {"grids", "seeds", "quick", "threads", "metric"}
+        # (a knob the grids set is each point's own: its base value is not used)
+        free = {"grids", "seeds", "quick", "threads", "metric", *(k for n in names for k in table[n])}
         differ = sorted(k for k in set(saved["config"]) | set(results["config"])
                         if k not in free and saved["config"].get(k) != results["config"].get(k))
         if differ:
@@ -117,12 +117,12 @@ def frontier(cfg: RunConfig, out: str | Path | None = None, *, seeds: int = 3, q
             tasks = resolve_tasks(cfg.task_names, seed, cfg.n_train, cfg.n_test)
             sequences = {seed: TaskSequence.build(tasks, general, base, codec, perplexity=perplexity)}
         seq = sequences[seed]
-        point = dataclasses.replace(cfg, seed=seed, **params)
+        point = cfg.replaced(seed=seed, **params)
         strategy = build_strategy(name, point, guard)
         if name != "trace" and hasattr(strategy, "routes"):
             strategy.routes = None  # the routed bound is trace's only
         entry = run_strategy(strategy, seq, base, codec, point.train_config(), seed=seed,
-                             device=cfg.device, max_len=cfg.max_len, lora_rank=point.lora_rank,
+                             device=cfg.device, max_len=cfg.max_len, lora_rank=point.lora.rank,
                              general_every=cfg.general_every)
         results["frontier"][name].append(_metric_entry(entry, params, seed))
         if name == "trace" and "routed" in entry:

@@ -3,7 +3,6 @@ steps, batch size, schedule and seed, and the accuracy matrices and costs that c
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from datetime import datetime
 from pathlib import Path
@@ -62,7 +61,7 @@ def _run(cfg: RunConfig, out, sweep: bool, progress: bool, log, parallel: DataPa
     log(f"model: {model_dir} ({total_params:,} parameters); tasks: {', '.join(t.name for t in tasks)}; "
         f"strategies: {', '.join(s.name for s in strategies)}")
     results = {
-        "config": dataclasses.asdict(cfg), "sweep": sweep, "versions": versions(), "seed": cfg.seed,
+        "config": cfg.flat(), "sweep": sweep, "versions": versions(), "seed": cfg.seed,
         "model": str(model_dir), "total_params": total_params,
         "columns": seq.columns, "first_task_column": seq.first, "chat": getattr(codec, "chat", False),
         "memory_note": memory_note(cfg.device),
@@ -73,7 +72,7 @@ def _run(cfg: RunConfig, out, sweep: bool, progress: bool, log, parallel: DataPa
             strategy.routes = None  # no values kept: no routed row
         entry = run_strategy(strategy, seq, base, codec, cfg.train_config(), seed=cfg.seed,
                              device=cfg.device, max_len=cfg.max_len, progress=progress, log=log,
-                             lora_rank=cfg.lora_rank, parallel=parallel,
+                             lora_rank=cfg.lora.rank, parallel=parallel,
                              general_every=cfg.general_every)
         if not main:
             continue

@@ -15,8 +15,8 @@ from trace_ft.lm.parallel import exit_rank
 
 def main() -> None:
     cache, history, out, mode, stop_at, resume = sys.argv[1:7]
-    cfg = RunConfig(size="tiny", steps=8, trace_probe_steps=3, n_train=64, n_test=16, batch_size=8,
-                    threads=1, cache_dir=cache, parallel=mode)
+    cfg = RunConfig.from_dict(dict(size="tiny", steps=8, trace_probe_steps=3, n_train=64, n_test=16,
+                                   batch_size=8, threads=1, cache_dir=cache, parallel=mode))
 
     def stop(done: int) -> None:
         if done == int(stop_at):

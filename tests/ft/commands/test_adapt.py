@@ -32,7 +32,7 @@ def flags(cache, *extra):
 def config(cache, **over) -> RunConfig:
     base = dict(size="tiny", steps=12, trace_probe_steps=3, n_train=64, n_test=16, batch_size=8,
                 threads=1, cache_dir=str(cache))
-    return RunConfig(**{**base, **over})
+    return RunConfig.from_dict({**base, **over})
 
 
 def weights(path):

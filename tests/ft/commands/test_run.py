@@ -222,7 +222,8 @@ def test_help_shows_defaults_and_version(capsys):
     with pytest.raises(SystemExit):
         main(["run", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for needle in ("(default: 200)", "(default: 0.05)", "(default: element)", "(default: 0.001)",
+    for needle in ("(default: 200)", "(default: 0.05)", "(default: element)",
+                   "default: 1e-3 for the built-in model, 1e-4 for a pretrained one",
                    "(default: trace,seqft,lora,ewc,replay,mtl)"):
         assert needle in text, needle
     with pytest.raises(SystemExit):
