@@ -41,11 +41,11 @@ def one(args) -> dict:
     from trace_ft.tasks import resolve_tasks
 
     torch.set_num_threads(args.threads)
-    cfg = RunConfig(model=args.model, size=args.size, tasks=args.tasks.split(","), steps=args.steps,
-                    batch_size=args.batch_size, lr=args.lr, trace_lr=args.trace_lr,
-                    trace_probe_steps=args.probe_steps, n_train=args.n_train, n_test=args.n_test,
-                    trace_core_grads=args.core_grads, trace_budget=args.budget,
-                    trace_granularity=args.granularity, seed=0)
+    cfg = RunConfig.from_dict(dict(
+        model=args.model, size=args.size, tasks=args.tasks.split(","), steps=args.steps,
+        batch_size=args.batch_size, lr=args.lr, trace_lr=args.trace_lr, trace_probe_steps=args.probe_steps,
+        n_train=args.n_train, n_test=args.n_test, trace_core_grads=args.core_grads, trace_budget=args.budget,
+        trace_granularity=args.granularity, seed=0))
     cfg.validate()
     rss_start = _rss()
     base, codec, path = open_model(cfg.model, size=cfg.size, progress=False)
@@ -66,6 +66,60 @@ def one(args) -> dict:
             "rss_model_bytes": rss_base - rss_start, "train_steps": args.steps * len(tasks),
             "probe_steps": args.probe_steps * len(tasks) if args.one.startswith("trace") else 0,
             "state_bytes": c["state_bytes"]}
+
+
+def paired_steps(args) -> dict:
+    """A trace training step against a full fine-tuning step, in one process, alternating:
+    each trace step timed right after a seqft step on an identical copy of the model (the
+    ratio of each adjacent pair, median over rounds; `common.paired_ratios`). The core is
+    chosen as a task's is (a probe of `--probe-steps` on task batches, then `select_core` at
+    `--budget`), so its spread over the layers, which decides where core-only gradients pay,
+    is a real one. Steps as `lm.train.train_loop` takes them: loss, backward, clipping at
+    1.0 (the core's gradient for trace), the optimizer step, zero_grad."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    from common import paired_ratios
+    from trace_ft.lm.model import open_model
+    from trace_ft.lm.train import causal_lm_loss
+    from trace_ft.method.pipeline import TracePipeline
+    from trace_ft.method.select import SelectConfig
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    base, codec, _ = open_model(args.model, size=args.size, progress=False)
+    vocab = base.get_input_embeddings().weight.shape[0]
+    batches = [{"input_ids": ids, "labels": ids} for ids in
+               (torch.randint(0, vocab, (args.batch_size, args.seq_len)) for _ in range(4))]
+    pipe = TracePipeline(SelectConfig(budget=args.budget, granularity=args.granularity),
+                         probe_steps=args.probe_steps)
+    core = pipe.select(pipe.probe(base, batches, lr=args.trace_lr)).mask
+
+    full = copy.deepcopy(base)
+    full_opt = torch.optim.AdamW(full.parameters(), lr=args.lr, weight_decay=0.0, fused=True)
+    trace = copy.deepcopy(base)
+    setup = TracePipeline.train_setup(trace, core, lr=args.trace_lr, core_grads=args.core_grads)
+    turn = {"i": 0}
+
+    def step(model, opt, clip):
+        batch = batches[turn["i"] % len(batches)]
+        causal_lm_loss(model, batch).backward()
+        clip()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def seqft():
+        step(full, full_opt, lambda: nn.utils.clip_grad_norm_(full.parameters(), 1.0))
+
+    def trace_step():
+        step(trace, setup.optimizer, lambda: setup.optimizer.clip_grad_norm_(1.0))
+        turn["i"] += 1
+
+    out = paired_ratios(seqft, {"trace": trace_step}, rounds=args.paired_rounds)["trace"]
+    setup.restore()
+    return {**out, "core_elements": core.numel_selected, "seq_len": args.seq_len, "batch_size": args.batch_size}
 
 
 def floors(P: int, E: int, k: float, tasks: int, element: bool) -> dict[str, tuple[str, float]]:
@@ -134,6 +188,7 @@ def table(results: dict, args) -> str:
         lines.append(f"| {p} | " + " | ".join(cells) + " |")
     lines.append(f"| **whole run** | {seq['seconds']:.0f} | {seq['peak_bytes'] / gib:.2f} | "
                  f"{tr['seconds']:.0f} | {tr['peak_bytes'] / gib:.2f} |")
+    paired = results.get("paired")
     probe = tr["phases"].get("probe", {"seconds": 0.0})["seconds"] / max(1, tr["probe_steps"])
     # fixed costs: every phase but steps and scoring (the routed rescoring is an analysis
     # that runs after the strategy, outside its time, and is not counted either)
@@ -141,7 +196,12 @@ def table(results: dict, args) -> str:
                 if p not in ("train steps", "probe", "scoring", "scoring: perplexity", "scoring: routed"))
     allowed = seq["seconds"] + tr["probe_steps"] * 1.1 * step["seqft"]
     lines += ["", f"- training step: trace {step['trace']:.2f} s, seqft (full fine-tuning) {step['seqft']:.2f} s: "
-              f"**{step['trace'] / step['seqft']:.2f}×**",
+              f"**{step['trace'] / step['seqft']:.2f}×** (the two runs' medians, in separate processes)",
+              *([f"- training step, paired in one process ({paired['rounds']} rounds, each trace step right "
+                 f"after a full fine-tuning step on an identical model; batch {paired['batch_size']} × "
+                 f"{paired['seq_len']} tokens): trace {paired['median_s']:.2f} s, full "
+                 f"{paired['baseline_median_s']:.2f} s, median ratio **{paired['ratio']:.2f}×** "
+                 f"(per-pair range {paired['ratio_min']:.2f}–{paired['ratio_max']:.2f})"] if paired else []),
               f"- probe step: {probe:.2f} s, **{probe / step['seqft']:.2f}×** a full fine-tuning step",
               f"- peak memory: trace / seqft **{tr['peak_bytes'] / seq['peak_bytes']:.2f}×**",
               f"- trace's fixed costs (all but training, probe and scoring): {fixed:.1f} s, "
@@ -180,6 +240,8 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=0.05)
     ap.add_argument("--granularity", default="element")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seq-len", type=int, default=64, help="the paired step timing's sequence length")
+    ap.add_argument("--paired-rounds", type=int, default=8, help="the paired step timing's rounds (0: skip it)")
     ap.add_argument("--out", default=None, help="default bench/results/task_cost_<model>")
     ap.add_argument("--render", help="re-render the table of a saved JSON result (no run)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run this strategy and print JSON
@@ -193,10 +255,10 @@ def main() -> None:
     args.lr = args.lr or (2e-5 if real else 1e-3)
     args.trace_lr = args.trace_lr or (2e-4 if real else 1e-2)
     if args.one:
-        print("RESULT " + json.dumps(one(args)))
+        print("RESULT " + json.dumps(paired_steps(args) if args.one == "paired" else one(args)))
         return
     results = {}
-    for name in ("seqft", "trace"):
+    for name in ("seqft", "trace", "paired")[:3 if args.paired_rounds else 2]:
         cmd = [sys.executable, __file__, *sys.argv[1:], "--one", name]
         done = subprocess.run(cmd, capture_output=True, text=True)
         line = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]

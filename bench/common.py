@@ -99,10 +99,12 @@ def paired_ratios(baseline: Callable[[], None], cases: dict[str, Callable[[], No
     for name, ps in pairs.items():
         base = [b for b, _ in ps]
         mine = [m for _, m in ps]
+        ratios = [m / b for b, m in ps]
         out[name] = {
             "median_s": statistics.median(mine), "min_s": min(mine), "max_s": max(mine),
             "baseline_median_s": statistics.median(base),
-            "ratio": statistics.median(m / b for b, m in ps), "rounds": len(ps),
+            "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+            "rounds": len(ps),
         }
     return out
 
