@@ -2,13 +2,16 @@
 model: SmolLM2-135M-Instruct, three tasks of the instruct suite, general ability measured
 at the start and the end. Writes bench/results/frontier_smollm2/{results.json,report.md,frontier.png}.
 
-    python bench/frontier_real.py [--regime gentle|hot] [--out DIR] [--stage 1|2|all] [--seeds N]
+    python bench/frontier_real.py [--regime gentle|hot] [--out DIR] [--stage 1|2|all|levers] [--seeds N]
 
 Stage 1: every point of each strategy's real-model grid (`continual.frontier.REAL_GRIDS`:
 seqft and lora lr, trace and trace_guard core lr), seed 0. Stage 2: seeds 1..N-1 at each
 strategy's point nearest the plasticity the strategies share (the median over stage 1's
 points), into the same results with `--resume`. Both stages are the `trace-ft frontier`
 command a user runs; this script only picks stage 2's points. Resumable: run it again.
+
+Stage "levers": the method's levers at trace's stage-2 core lr, seed 0, into the same results:
+the guard on general text (trace_guard), a smaller budget (2 %) and row granularity.
 
 Regimes: "gentle" (lr 3e-5, 12 steps per task: full fine-tuning keeps general ability) and
 "hot" (lr 1e-4, 16 steps: the regime where full fine-tuning loses it, and where TRACE's
@@ -61,7 +64,9 @@ def frontier(out: Path, regime: str, *extra: str) -> None:
 
 def stage2_points(results: dict) -> dict[str, float]:
     """Each strategy's knob value whose seed-0 plasticity is nearest the median of all."""
-    seed0 = {s: [e for e in results["frontier"].get(s, []) if e["seed"] == 0] for s in STRATEGIES}
+    # (seed-0 points of the strategy's own knob only: the levers' points set more)
+    seed0 = {s: [e for e in results["frontier"].get(s, []) if e["seed"] == 0 and set(e["params"]) == {KNOB[s]}]
+             for s in STRATEGIES}
     target = statistics.median(e["plasticity"] for es in seed0.values() for e in es)
     return {s: min(es, key=lambda e: abs(e["plasticity"] - target))["params"][KNOB[s]]
             for s, es in seed0.items() if es}
@@ -71,7 +76,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--regime", default="gentle", choices=tuple(REGIMES))
     ap.add_argument("--out", default=None, help="default: bench/results/<the regime's directory>")
-    ap.add_argument("--stage", default="all", choices=("1", "2", "all"))
+    ap.add_argument("--stage", default="all", choices=("1", "2", "all", "levers"))
     ap.add_argument("--seeds", type=int, default=3, help="stage 2: seeds at each chosen point (seed 0 is stage 1's)")
     ap.add_argument("--stage2-strategies", default=",".join(STRATEGIES),
                     help="stage 2: the strategies given more seeds (default all)")
@@ -87,6 +92,13 @@ def main() -> None:
         print("stage 2 points:", points, flush=True)
         frontier(out, args.regime, "--seeds", str(args.seeds), "--frontier-strategies", ",".join(points),
                  *[a for s, v in points.items() for a in ("--grid", f"{s}:{KNOB[s]}={v:g}")])
+    if args.stage == "levers":
+        lr = stage2_points(json.loads((out / "results.json").read_text()))["trace"]
+        frontier(out, args.regime, "--seeds", "1", "--frontier-strategies", "trace_guard",
+                 "--grid", f"trace_guard:trace_lr={lr:g}")
+        for knob in ("trace_budget=0.02", "trace_granularity=row"):
+            frontier(out, args.regime, "--seeds", "1", "--frontier-strategies", "trace",
+                     "--grid", f"trace:trace_lr={lr:g}", "--grid", f"trace:{knob}")
 
 
 if __name__ == "__main__":
