@@ -168,7 +168,8 @@ def table(results: dict, args) -> str:
     from common import machine
 
     seq, tr = results["seqft"], results["trace"]
-    step = {k: r["phases"]["train steps"]["seconds"] / r["train_steps"] for k, r in results.items()}
+    step = {k: r["phases"]["train steps"]["seconds"] / r["train_steps"] for k, r in results.items()
+            if k != "paired"}
     gib = 2 ** 30
     lines = [f"Model `{args.model}`{f' ({args.size})' if args.model == 'builtin' else ''}, "
              f"{seq['params']:,} parameters; tasks {args.tasks}; {args.steps} steps per task, batch "
@@ -265,10 +266,10 @@ def main() -> None:
         if done.returncode != 0 or not line:
             sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
         results[name] = json.loads(line[-1][7:])
-    text = table(results, args)
-    print(text)
     stem = args.out or str(ROOT / "bench" / "results" / f"task_cost_{'builtin_' + args.size if not real else args.model}")
     Path(stem + ".json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+    text = table(results, args)
+    print(text)
     Path(stem + ".md").write_text(f"# Cost of a task, phase by phase\n\n{text}\n")
 
 
