@@ -12,7 +12,7 @@ with every other tensor frozen by `freeze_outside`), and records the task afterw
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -20,8 +20,9 @@ from torch import Tensor, nn
 
 from trace_kernels import CoreMask, MaskedAdamW
 from trace_kernels.core_grads import CoreGrads, install_core_grads
-from trace_kernels.sharding import local_tensor
+from trace_kernels.sharding import is_dtensor, local_tensor
 
+from .offload import DiskTensors
 from .probe import DEFAULT_EXCLUDE, ProbeResult, default_loss, eligible_parameters, empirical_fisher, probe
 from .select import EarlierTask, Selection, SelectConfig, select_core, specificity_size
 from .sketch import BlockSketch, sketch_update
@@ -37,13 +38,22 @@ LARGE_MODEL = 1 << 24
 
 
 def record_updates(deltas: dict[str, Tensor], core: CoreMask, sketch_dim: int | None,
-                   unit: str = "block", dtype: torch.dtype | None = None) -> dict[str, Tensor | BlockSketch]:
+                   unit: str = "block", dtype: torch.dtype | None = None,
+                   to_disk: bool | None = None) -> Mapping[str, Tensor | BlockSketch]:
     """What a history keeps of a task's probe update: exact (in `dtype`; None: fp32, or
     bf16 past `LARGE_MODEL` eligible elements), or count-sketched per specificity
-    unit (so later tasks' cosines are measured on the same units)."""
+    unit (so later tasks' cosines are measured on the same units). `to_disk` (None: past
+    `LARGE_MODEL` when every Δ is a plain CPU tensor): exact updates go to a temporary
+    file (`DiskTensors`), read back one tensor at a time by later selections, so the
+    history's memory does not grow by 2 bytes per parameter with every task."""
     if sketch_dim is None:
+        large = sum(d.numel() for d in deltas.values()) > LARGE_MODEL
         if dtype is None:
-            dtype = torch.bfloat16 if sum(d.numel() for d in deltas.values()) > LARGE_MODEL else torch.float32
+            dtype = torch.bfloat16 if large else torch.float32
+        if to_disk is None:
+            to_disk = large and all(not is_dtensor(d) and d.device.type == "cpu" for d in deltas.values())
+        if to_disk:  # each cast just before it is written: no second copy of the update
+            return DiskTensors((n, d.detach().to(dtype)) for n, d in deltas.items())
         return {n: d.to(dtype) for n, d in deltas.items()}
     return {n: sketch_update(d, n, specificity_size(core[n].shape, core[n].block_size, unit), sketch_dim)
             for n, d in deltas.items()}

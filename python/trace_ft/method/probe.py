@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -22,6 +21,8 @@ from torch import Tensor, nn
 
 from trace_kernels import ops
 from trace_kernels.sharding import like, local_tensor
+
+from .offload import DiskCopy
 
 # Embeddings, output heads, norms and biases are left out by default (METHOD.md: the
 # weight matrices of attention and MLP layers are eligible).
@@ -50,41 +51,6 @@ class ProbeResult:
     @property
     def numel(self) -> int:
         return sum(d.numel() for d in self.deltas.values())
-
-
-class DiskCopy:
-    """Tensors' bytes in an anonymous temporary file (gone when closed or on a crash), read
-    back exactly into any tensor of the same size: the pre-probe weights of a model whose
-    memory should hold only the probe's state (`probe(offload_device="disk")`). CPU
-    tensors; on an accelerator, offload to "cpu" instead."""
-
-    def __init__(self, tensors: Sequence[Tensor], directory: str | None = None) -> None:
-        self._file = tempfile.TemporaryFile(dir=directory)
-        self._spans: list[tuple[int, int]] = []
-        for t in tensors:
-            raw = self._bytes(t.detach().contiguous())
-            self._spans.append((self._file.tell(), raw.nbytes))
-            self._file.write(memoryview(raw))
-        self._file.flush()
-
-    @staticmethod
-    def _bytes(t: Tensor):
-        if t.device.type != "cpu":
-            raise ValueError(f"offload to disk holds CPU tensors, got one on {t.device} (offload to 'cpu')")
-        return t.reshape(-1).view(torch.uint8).numpy()
-
-    def read_into(self, i: int, out: Tensor) -> None:
-        """Write the i-th saved tensor's bytes into `out` (contiguous, the same size)."""
-        start, size = self._spans[i]
-        raw = self._bytes(out)
-        if raw.nbytes != size or not out.is_contiguous():
-            raise ValueError(f"tensor {i}: {raw.nbytes} contiguous bytes to restore into, saved {size}")
-        self._file.seek(start)
-        if self._file.readinto(memoryview(raw)) != size:
-            raise OSError(f"tensor {i}: short read from the offload file")
-
-    def close(self) -> None:
-        self._file.close()
 
 
 def eligible_parameters(

@@ -31,6 +31,7 @@ from trace_kernels import CoreMask, ops
 from trace_kernels.masks import block_size_for
 from trace_kernels.sharding import all_reduce_sum, is_dtensor, local_tensor, shard_layout
 
+from .offload import TensorsOnDisk
 from .probe import ProbeResult
 from .sketch import BlockSketch, sketch_cosine
 
@@ -109,6 +110,16 @@ class EarlierTask:
     updates: Mapping[str, Tensor | BlockSketch] = field(default_factory=dict)
     core: CoreMask | None = None
     fisher: Mapping[str, Tensor] = field(default_factory=dict)
+
+    def has_exact(self) -> bool:
+        """Whether any update is an exact tensor (not a sketch); reads none from disk."""
+        if isinstance(self.updates, TensorsOnDisk):
+            return len(self.updates) > 0
+        return any(isinstance(u, Tensor) for u in self.updates.values())
+
+    def has_sharded(self) -> bool:
+        """Whether any update is a DTensor (kept sharded like its parameter)."""
+        return not isinstance(self.updates, TensorsOnDisk) and any(is_dtensor(u) for u in self.updates.values())
 
 
 @dataclass
@@ -326,7 +337,7 @@ def _block_stats(probe: ProbeResult, sizes: dict[str, int], earlier: Sequence[Ea
     names = probe.names
     deltas = [probe.deltas[n] for n in names]
     fishers = [probe.fisher[n] for n in names]
-    exact_tasks = [t for t in earlier if any(isinstance(u, Tensor) for u in t.updates.values())]
+    exact_tasks = [t for t in earlier if t.has_exact()]
     cos_cols: dict[str, list[Tensor]] = {n: [] for n in names}
     zeros: dict[str, Tensor] = {}
 

@@ -39,7 +39,7 @@ def streamable(probe: ProbeResult, earlier: Sequence[EarlierTask], sizes: dict[s
             and cfg.scope == "global" and all(b == 1 for b in sizes.values())
             and sum(d.numel() for d in probe.deltas.values()) > EXACT_RANKS_UP_TO
             and not any(is_dtensor(d) for d in probe.deltas.values())
-            and not any(is_dtensor(u) for t in earlier for u in t.updates.values() if isinstance(u, Tensor)))
+            and not any(t.has_sharded() for t in earlier))
 
 
 class _Scorer:
@@ -50,7 +50,7 @@ class _Scorer:
                  cfg: SelectConfig) -> None:
         self.probe, self.earlier, self.units, self.cfg = probe, earlier, unit_sizes, cfg
         self.names = probe.names
-        self.exact = [t for t in earlier if any(isinstance(u, Tensor) for u in t.updates.values())]
+        self.exact = [t for t in earlier if t.has_exact()]
         self._unit_cos: dict[str, Tensor | None] = {}   # per-unit max cosines of coarse units
         # pass 1: the two rank tables (and the new task's Fisher total for the guard)
         self.n = sum(d.numel() for d in probe.deltas.values())

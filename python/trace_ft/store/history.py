@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from trace_kernels import CoreMask
 
+from ..method.offload import TensorsOnDisk
 from ..method.select import EarlierTask
 from ..method.sketch import BlockSketch
 from ..tasks import Example, Task, read_examples
@@ -118,7 +119,8 @@ class TaskRecord:
     summary: dict = field(default_factory=dict)
 
     def earlier(self) -> EarlierTask:
-        return EarlierTask(updates=dict(self.updates), core=self.core, fisher=dict(self.fisher))
+        updates = self.updates if isinstance(self.updates, TensorsOnDisk) else dict(self.updates)
+        return EarlierTask(updates=updates, core=self.core, fisher=dict(self.fisher))
 
     def task(self) -> Task:
         """The task for scoring (its test split; no training data is kept)."""
@@ -231,8 +233,9 @@ class TaskHistory:
             if atomic.sha256_file(f) != info["sha256"]:
                 raise HistoryError(f"{what} fails its SHA-256 check (damaged or modified)")
 
-    def record(self, i: int, verify: bool = True) -> TaskRecord:
-        """Task `i` (0-based, oldest first), its files read back (and verified)."""
+    def record(self, i: int, verify: bool = True, lazy: bool = False) -> TaskRecord:
+        """Task `i` (0-based, oldest first), its files read back (and verified). `lazy`:
+        exact updates stay in their file until looked up (`FileUpdates`)."""
         entry = self.entries[i]
         if verify:
             self._verify(i)
@@ -244,7 +247,7 @@ class TaskHistory:
             test = self._file(i, "test")
             return TaskRecord(
                 name=entry["name"], core=core,
-                updates=load_updates(upd) if upd else {},
+                updates=load_updates(upd, lazy) if upd else {},
                 fisher=load_tensors(fis) if fis else {},
                 before=load_tensors(bef) if bef else {}, after=load_tensors(aft) if aft else {},
                 test=read_examples(test) if test else (),
@@ -258,8 +261,9 @@ class TaskHistory:
                                f"read: {e}") from None
 
     def earlier(self) -> list[EarlierTask]:
-        """What selection needs of every past task, oldest first."""
-        return [self.record(i, verify=False).earlier() for i in range(len(self))]
+        """What selection needs of every past task, oldest first; exact updates are read from
+        their files when selection looks them up, so the history takes no memory meanwhile."""
+        return [self.record(i, verify=False, lazy=True).earlier() for i in range(len(self))]
 
     def tasks(self) -> list[Task]:
         """Every past task that has a test split, for scoring (reads only the test files,

@@ -156,7 +156,7 @@ def test_pre_probe_copy_on_disk_gives_the_same_probe_and_restores_exactly(gen, d
     """offload_device="disk": the pre-probe weights live in a temporary file, and Δ, Fisher
     and the restored model are bit for bit those of the in-memory probe; an error midway
     still puts every weight back."""
-    from trace_ft.method.probe import DiskCopy
+    from trace_ft.method.offload import DiskCopy
 
     model = Tiny().to(dtype)
     data = tiny_batches(gen)
