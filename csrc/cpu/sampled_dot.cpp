@@ -55,37 +55,91 @@ void pack_columns(const float* b, int64_t b_width, int64_t t0, int64_t len, int6
   }
 }
 
-// Σ x[t]·y[t] for t < len, in a fixed order whatever the ISA: lane l sums t ≡ l (mod
-// kLanes) in order, the lanes are folded in halves, the tail added last in order.
-inline float dot_fixed(const float* x, const float* y, int64_t len) {
-  float part[kLanes] = {};
-  const int64_t whole = len - len % kLanes;
-  for (int64_t t = 0; t < whole; t += kLanes) {
-#pragma omp simd
-    for (int64_t l = 0; l < kLanes; ++l) part[l] += x[t + l] * y[t + l];
-  }
-  for (int64_t half = kLanes / 2; half > 0; half /= 2) {
-#pragma omp simd
-    for (int64_t l = 0; l < half; ++l) part[l] += part[l + half];
-  }
-  float acc = part[0];
-  for (int64_t t = whole; t < len; ++t) acc += x[t] * y[t];
-  return acc;
+// Sixteen floats: kLanes partial sums are four of these, held in registers (GCC's generic
+// vectors: one zmm on AVX-512, two ymm on AVX2, lowered to scalars on the default clone;
+// each lane's arithmetic is the same on all of them).
+typedef float Vec16 __attribute__((vector_size(64)));
+constexpr int kVecs = kLanes / 16;
+static_assert(kVecs == 4, "the fold below is written for 64 lanes");
+constexpr int kGroup = 4;  // dot products sharing one x: 16 accumulators, x loaded once
+
+__attribute__((always_inline)) inline Vec16 load16(const float* p) {
+  Vec16 v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
 }
 
-// Entries [begin, end) over one token block: a's column gathered once per row (entries
-// arrive sorted by row), b's from the packed block.
+// Σ x[t]·ys[g][t] for t < len and g < n (n ≤ kGroup), each in a fixed order whatever the
+// ISA or the grouping: lane l sums t ≡ l (mod kLanes) in order, the lanes are folded in
+// halves, the tail added last in order.
+// `next`: the columns the following call reads, fetched into cache meanwhile (a column is a
+// few dozen lines: too short for the hardware prefetcher to warm up on).
+template <int N>
+__attribute__((always_inline)) inline void dots_fixed(const float* x, const float* const* ys, int64_t len,
+                                                      const float* const* next, int n_next, float* res) {
+  Vec16 part[N][kVecs] = {};
+  const int64_t whole = len - len % kLanes;
+  for (int64_t t = 0; t < whole; t += kLanes) {
+    for (int g = 0; g < n_next; ++g) {
+      for (int v = 0; v < kVecs; ++v) __builtin_prefetch(next[g] + t + 16 * v);
+    }
+    for (int v = 0; v < kVecs; ++v) {
+      const Vec16 xv = load16(x + t + 16 * v);
+      for (int g = 0; g < N; ++g) part[g][v] += xv * load16(ys[g] + t + 16 * v);
+    }
+  }
+  for (int g = 0; g < N; ++g) {
+    // the halves fold 32 and 16 lanes apart as whole vectors, then 8, 4, 2, 1 within one
+    Vec16 v = (part[g][0] + part[g][2]) + (part[g][1] + part[g][3]);
+    v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15);
+    v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7);
+    v += __builtin_shufflevector(v, v, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3);
+    v += __builtin_shufflevector(v, v, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1);
+    float acc = v[0];
+    for (int64_t t = whole; t < len; ++t) acc += x[t] * ys[g][t];
+    res[g] = acc;
+  }
+}
+
+// Rows of a transposed per tile: kTileRows rows' token blocks, read 64 bytes per token.
+constexpr int64_t kTileRows = 16;
+
+// Entries [begin, end) over one token block. a's rows come from a tile of kTileRows rows
+// transposed once (entries arrive sorted by row: a tile serves many entries; any order is
+// correct); b's columns from the packed block; kGroup entries of one row at a time.
 TK_CPU_CLONES
 void block_dots(const float* a, int64_t a_width, int64_t t0, int64_t len, const float* packed,
                 int64_t block, const int64_t* rows, const int64_t* cols, int64_t begin, int64_t end,
-                float* column, float* out) {
-  int64_t last = -1;
-  for (int64_t i = begin; i < end; ++i) {
-    if (rows[i] != last) {
-      last = rows[i];
-      for (int64_t t = 0; t < len; ++t) column[t] = a[(t0 + t) * a_width + last];
+                float* tile, float* out) {
+  int64_t tile_row = -1;
+  int64_t i = begin;
+  while (i < end) {
+    const int64_t row = rows[i];
+    if (row - row % kTileRows != tile_row) {
+      tile_row = row - row % kTileRows;
+      const int64_t n = tile_row + kTileRows < a_width ? kTileRows : a_width - tile_row;
+      for (int64_t t = 0; t < len; ++t) {
+        const float* src = a + (t0 + t) * a_width + tile_row;
+        for (int64_t r = 0; r < n; ++r) tile[r * block + t] = src[r];
+      }
     }
-    out[i] += dot_fixed(column, packed + cols[i] * block, len);
+    const float* x = tile + (row - tile_row) * block;
+    int64_t run = i + 1;
+    while (run < end && run - i < kGroup && rows[run] == row) ++run;
+    const float* ys[kGroup];
+    const float* next[kGroup];
+    float res[kGroup];
+    for (int64_t j = i; j < run; ++j) ys[j - i] = packed + cols[j] * block;
+    int n_next = 0;
+    for (int64_t j = run; j < end && j < run + kGroup && rows[j] == row; ++j) next[n_next++] = packed + cols[j] * block;
+    switch (run - i) {
+      case 4: dots_fixed<4>(x, ys, len, next, n_next, res); break;
+      case 3: dots_fixed<3>(x, ys, len, next, n_next, res); break;
+      case 2: dots_fixed<2>(x, ys, len, next, n_next, res); break;
+      default: dots_fixed<1>(x, ys, len, next, n_next, res); break;
+    }
+    for (int64_t j = i; j < run; ++j) out[j] += res[j - i];
+    i = run;
   }
 }
 
@@ -101,7 +155,7 @@ void sampled_dot_token_major(const float* a, int64_t a_width, const float* b, in
   int team = num_threads;
   if (count * length < (int64_t{1} << 16)) team = 1;  // waking a team costs more than the work
   auto work = [&](int64_t tid, int64_t nt) {
-    std::vector<float> column(static_cast<size_t>(block));
+    std::vector<float> tile(static_cast<size_t>(kTileRows * block));
     for (int64_t t0 = 0; t0 < length; t0 += block) {
       const int64_t len = t0 + block < length ? block : length - t0;
       pack_columns(b, b_width, t0, len, b_width * tid / nt, b_width * (tid + 1) / nt, block, packed.data());
@@ -109,7 +163,7 @@ void sampled_dot_token_major(const float* a, int64_t a_width, const float* b, in
 #pragma omp barrier
 #endif
       block_dots(a, a_width, t0, len, packed.data(), block, rows, cols, count * tid / nt,
-                 count * (tid + 1) / nt, column.data(), out);
+                 count * (tid + 1) / nt, tile.data(), out);
 #ifdef _OPENMP
 #pragma omp barrier
 #endif
