@@ -128,14 +128,15 @@ def floors(P: int, E: int, k: float, tasks: int, element: bool) -> dict[str, tup
     Activations are not in it."""
     large = E > 1 << 24
     # element level below 2^24 blocks: fp32 block sums (8), max cosine (4), score (8) per
-    # element; past it the selection streams (select_streamed): no per-element state
-    sel = 20 if element and not large else 0
+    # element; past it the selection streams (select_streamed): no per-element state, at
+    # most 2k candidates of 16 bytes (an index and a score)
+    sel = 20 if element and not large else (32 * k if element else 0)
     return {
         "seqft: train steps": ("copy 4P + grads 4P + moments 8P", 16 * P),
         "trace: probe": ("copy 4P + (grads, 2 moments) 12E; past 2^24 elements the Fisher is the second "
                          "moment and the pre-probe copy is on disk (else +8E); Δ into a spent moment",
                          4 * P + (12 if large else 20) * E),
-        "trace: selection": (f"copy 4P + probe's Δ, F 8E + per block {sel}E", 4 * P + (8 + sel) * E),
+        "trace: selection": (f"copy 4P + probe's Δ, F 8E + per block {sel:g}E", 4 * P + (8 + sel) * E),
         "trace: train steps": ("copy 4P + core moments and gradients 12kE + history (bf16 Δ) 2E/task",
                                4 * P + 12 * k * E + 2 * E * tasks),
     }

@@ -174,11 +174,16 @@ def rank_bins(dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
     return bins
 
 
-def bin_counts(bins: Callable[[Tensor], Tensor], values: Tensor, chunk: int = 1 << 20) -> Tensor:
-    """How many of `values` (flat) fall in each bin."""
-    counts = torch.zeros(1 << RANK_BITS, dtype=torch.int64)
+def bin_counts(bins: Callable[[Tensor], Tensor], values: Tensor, chunk: int = 1 << 20,
+               into: Tensor | None = None) -> Tensor:
+    """How many of `values` (flat) fall in each bin, added to `into` (default: new zeros).
+    Each chunk is counted over the span of bins it reaches (a tensor's values span a few
+    thousand of the 2^RANK_BITS), not all of them."""
+    counts = torch.zeros(1 << RANK_BITS, dtype=torch.int64) if into is None else into
     for a in range(0, values.numel(), chunk):
-        counts += torch.bincount(bins(values[a:a + chunk]), minlength=1 << RANK_BITS)
+        key = bins(values[a:a + chunk])
+        lo, hi = int(key.min()), int(key.max())
+        counts[lo:hi + 1] += torch.bincount(key.sub_(lo), minlength=hi - lo + 1)
     return counts
 
 
@@ -192,7 +197,9 @@ def _bin_means(parts: list[Tensor], n: int, chunk: int) -> tuple[Tensor, Callabl
     """For values binned by their top `RANK_BITS` bits: each bin's mean rank in [0, 1] (its
     values tied), and the function giving a tensor's bins."""
     bins = rank_bins(parts[0].dtype)
-    counts = sum(bin_counts(bins, t, chunk) for t in parts)
+    counts = torch.zeros(1 << RANK_BITS, dtype=torch.int64)
+    for t in parts:
+        bin_counts(bins, t, chunk, into=counts)
     return mean_ranks(counts, n), bins
 
 

@@ -5,13 +5,14 @@ Past `EXACT_RANKS_UP_TO` blocks the materialised path keeps, beside the probe's 
 Fisher, fp32 block sums (8 bytes per element at element level), a max cosine (4) and an
 fp64 score (8): 20 bytes per eligible element, 2 GB for SmolLM2-135M and 160 GB at 8B.
 Every score is a function of one tensor's Δ, Fisher and earlier updates and of two rank
-tables (2^RANK_BITS bins each), so here it is recomputed tensor by tensor in each pass
-instead of kept:
+tables (2^RANK_BITS bins each), so here it is computed tensor by tensor instead of kept:
 1. histograms of the binned Σ Δ² and Σ F, giving each bin's mean percentile rank;
-2. the scores, counted per bin of their own: the k-th largest lies in one bin;
-3. that bin's scores, from which the k-th largest, exactly;
-4. the chosen blocks: those above it, then the first of those equal to it.
-Beyond Δ and Fisher it holds one tensor's temporaries and the chosen blocks' flags.
+2. the scores, of which only those that can still be among the k largest are kept
+   (`_TopScores`: at most 2k and one tensor's, with their positions); the k-th largest of
+   those is the threshold, and the chosen blocks are those above it, then the first of
+   those equal to it in tensor order.
+Beyond Δ and Fisher it holds one tensor's temporaries, the chosen blocks' flags and at most
+2k candidates (16 bytes each: a 5 % core of 106M elements, 170 MB at most).
 """
 
 from __future__ import annotations
@@ -60,8 +61,8 @@ class _Scorer:
         new_total = 0.0
         for name in self.names:
             sum_sq, fisher = self._sums(name)
-            sq_counts.add_(bin_counts(self.bins32, sum_sq))
-            f_counts.add_(bin_counts(self.bins32, fisher))
+            bin_counts(self.bins32, sum_sq, into=sq_counts)
+            bin_counts(self.bins32, fisher, into=f_counts)
             new_total += float(fisher.double().sum())
         self.sq_ranks, self.f_ranks = mean_ranks(sq_counts, self.n), mean_ranks(f_counts, self.n)
         self.new_total = new_total or 1.0
@@ -166,6 +167,56 @@ class _Scorer:
         return torch.where(denom > 0, mine / denom.clamp_min(1e-300), torch.ones_like(mine))
 
 
+class _TopScores:
+    """The scores that can still be among the k largest, with their positions, kept in scan
+    order: each tensor's scores at or above a floor are added, and once more than 2k are
+    kept the floor rises to the k-th largest kept (no score below it can be among the k
+    largest of all) and those below it go. At most 2k plus one tensor's are held."""
+
+    def __init__(self, k: int) -> None:
+        self.k, self.floor = k, -math.inf
+        self.where: list[tuple[str, Tensor]] = []   # (tensor, its kept indices)
+        self.values: list[Tensor] = []
+
+    def add(self, name: str, s: Tensor) -> int:
+        """Keep `s`'s candidates; returns how many of its scores are finite."""
+        finite = torch.isfinite(s)
+        count = int(torch.count_nonzero(finite))
+        if self.k == 0:
+            return count
+        keep = finite.logical_and_(s >= self.floor)
+        idx = torch.nonzero(keep).reshape(-1)
+        self.where.append((name, idx))
+        self.values.append(s[idx])
+        if sum(v.numel() for v in self.values) > 2 * self.k:
+            allv = torch.cat(self.values)
+            self.floor = float(torch.kthvalue(allv, allv.numel() - self.k + 1).values)
+            del allv
+            for i, v in enumerate(self.values):
+                up = v >= self.floor
+                self.where[i] = (self.where[i][0], self.where[i][1][up])
+                self.values[i] = v[up]
+        return count
+
+    def chosen(self, k: int) -> dict[str, tuple[Tensor, Tensor]]:
+        """Per tensor, the indices and scores of the k largest (all > t, then the first of
+        those equal to the k-th largest t in scan order), in index order."""
+        values = torch.cat(self.values) if self.values else torch.zeros(0, dtype=torch.float64)
+        if k < values.numel():
+            t = torch.kthvalue(values, values.numel() - k + 1).values
+            ties = k - int(torch.count_nonzero(values > t))   # how many of those equal to t
+            pick = values > t
+            pick[torch.nonzero(values == t).reshape(-1)[:ties]] = True
+        else:
+            pick = torch.ones(values.numel(), dtype=torch.bool)
+        out, at = {}, 0
+        for (name, idx), v in zip(self.where, self.values):
+            p = pick[at:at + v.numel()]
+            out[name] = (idx[p], v[p])
+            at += v.numel()
+        return out
+
+
 def select_streamed(probe: ProbeResult, earlier: Sequence[EarlierTask], unit_sizes: dict[str, int],
                     cfg: SelectConfig) -> Selection:
     """The core of `select_core` for a `streamable` selection (see the module doc);
@@ -173,46 +224,29 @@ def select_streamed(probe: ProbeResult, earlier: Sequence[EarlierTask], unit_siz
     shapes = probe.shapes
     names = list(shapes)
     scorer = _Scorer(probe, earlier, unit_sizes, cfg)
-    bins64 = rank_bins(torch.float64)
-    # pass 2: the finite scores' bins, and the report's numbers
-    counts = torch.zeros(1 << RANK_BITS, dtype=torch.int64)
+    # pass 2: the scores, the report's numbers, and the candidates for the k largest
+    budget = blocks_in_budget(1, cfg.budget * sum(math.prod(s) for s in shapes.values()))
+    top = _TopScores(budget)
     finite_total, info = 0, {}
     for name in names:
         s, info[name] = scorer.scores(name)
-        finite = s[torch.isfinite(s)]
-        finite_total += finite.numel()
-        counts += bin_counts(bins64, finite)
-    k = min(blocks_in_budget(1, cfg.budget * sum(math.prod(s) for s in shapes.values())), finite_total)
-    if 0 < k < finite_total:
-        above = counts.flip(0).cumsum(0).flip(0)            # scores in this bin or a higher one
-        b = int(torch.nonzero(above >= k).reshape(-1)[-1])  # the highest bin with k at or above it
-        higher = int(above[b + 1]) if b + 1 < above.numel() else 0
-        # pass 3: the k-th largest among that bin's scores
-        cand = torch.cat([s[(bins64(s) == b) & torch.isfinite(s)]
-                          for s in (scorer.scores(n)[0] for n in names)])
-        t = torch.kthvalue(cand, cand.numel() - (k - higher) + 1).values
-        ties = k - higher - int(torch.count_nonzero(cand > t))   # how many of those equal to t
-    # pass 4: the chosen blocks, ties to the lower index first
+        finite_total += top.add(name, s)
+        del s
+    k = min(budget, finite_total)
+    picked = top.chosen(k) if k else {}
     chosen, report = {}, []
     for name in names:
-        if k == 0:
-            c = torch.zeros(math.prod(shapes[name]), dtype=torch.bool)
-            s = None
-        else:
-            s = scorer.scores(name)[0]
-            if k == finite_total:
-                c = torch.isfinite(s)
-            else:
-                c = s > t
-                equal = torch.nonzero(s == t).reshape(-1)[:ties]
-                c[equal] = True
-                ties -= equal.numel()
-        chosen[name] = c
+        c = torch.zeros(math.prod(shapes[name]), dtype=torch.bool)
+        idx, vals = picked.get(name, (None, None))
+        if idx is not None:
+            c[idx] = True
         r = info[name]
         report.append({"name": name, "block_size": 1, "blocks": int(c.numel()), "chosen": int(torch.count_nonzero(c)),
                        "mean_l2": r["mean_l2"], "mean_fisher": r["mean_fisher"],
-                       "mean_score_chosen": float(s[c].mean()) if s is not None and c.any() else float("nan"),
+                       # the chosen scores in index order, as s[c] gives them
+                       "mean_score_chosen": float(vals.mean()) if idx is not None and idx.numel() else float("nan"),
                        "mean_specificity": r["mean_specificity"], "excluded_shared": r["shared"],
                        "excluded_earlier_core": r["earlier_core"]})
+        chosen[name] = c
     mask = CoreMask.from_blocks({n: (shapes[n], 1, chosen[n]) for n in names})
     return Selection(mask=mask, report=report, scores={}, config=cfg)
