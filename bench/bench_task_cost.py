@@ -137,8 +137,9 @@ def floors(P: int, E: int, k: float, tasks: int, element: bool) -> dict[str, tup
                          "moment and the pre-probe copy is on disk (else +8E); Δ into a spent moment",
                          4 * P + (12 if large else 20) * E),
         "trace: selection": (f"copy 4P + probe's Δ, F 8E + per block {sel:g}E", 4 * P + (8 + sel) * E),
-        "trace: train steps": ("copy 4P + core moments and gradients 12kE + history (bf16 Δ) 2E/task",
-                               4 * P + 12 * k * E + 2 * E * tasks),
+        "trace: train steps": ("copy 4P + core moments and gradients 12kE + history: on disk past 2^24 "
+                               "elements (else fp32 Δ 4E/task)",
+                               4 * P + 12 * k * E + (0 if large else 4 * E * tasks)),
     }
 
 

@@ -43,17 +43,18 @@ def record_updates(deltas: dict[str, Tensor], core: CoreMask, sketch_dim: int | 
     """What a history keeps of a task's probe update: exact (in `dtype`; None: fp32, or
     bf16 past `LARGE_MODEL` eligible elements), or count-sketched per specificity
     unit (so later tasks' cosines are measured on the same units). `to_disk` (None: past
-    `LARGE_MODEL` when every Δ is a plain CPU tensor): exact updates go to a temporary
-    file (`DiskTensors`), read back one tensor at a time by later selections, so the
-    history's memory does not grow by 2 bytes per parameter with every task."""
+    `LARGE_MODEL` unless Δ is sharded): exact updates go to a temporary file
+    (`DiskTensors`), read back one tensor at a time by later selections (which move each to
+    Δ's device), so neither host nor accelerator memory grows by 2 bytes per parameter with
+    every task."""
     if sketch_dim is None:
         large = sum(d.numel() for d in deltas.values()) > LARGE_MODEL
         if dtype is None:
             dtype = torch.bfloat16 if large else torch.float32
         if to_disk is None:
-            to_disk = large and all(not is_dtensor(d) and d.device.type == "cpu" for d in deltas.values())
+            to_disk = large and not any(is_dtensor(d) for d in deltas.values())
         if to_disk:  # each cast just before it is written: no second copy of the update
-            return DiskTensors((n, d.detach().to(dtype)) for n, d in deltas.items())
+            return DiskTensors((n, d.detach().to("cpu", dtype)) for n, d in deltas.items())
         return {n: d.to(dtype) for n, d in deltas.items()}
     return {n: sketch_update(d, n, specificity_size(core[n].shape, core[n].block_size, unit), sketch_dim)
             for n, d in deltas.items()}
