@@ -324,6 +324,21 @@ def test_sampled_dot_equals_the_dense_product_on_odd_sizes(backend, layout, size
     assert ops.sampled_dot(a, b, rows[:0], cols[:0], backend=backend).shape == (0,)
 
 
+def test_sampled_dot_token_major_gives_each_entry_the_same_bits_in_any_order():
+    """The token-major kernel groups entries of one row and caches tiles of rows: an entry's
+    value must not depend on its neighbours (order, repeats, groups cut at a thread's edge)."""
+    gen = torch.Generator().manual_seed(21)
+    R, C, n = 45, 70, 517   # rows not a multiple of the 16-row tile; a tail after 64-token lanes
+    a, b = _operand(gen, R, n, "tokens"), _operand(gen, C, n, "tokens")
+    rows = torch.randint(0, R, (3001,), generator=gen).sort().values
+    cols = torch.randint(0, C, (3001,), generator=gen)
+    want = ops.sampled_dot(a, b, rows, cols, backend="cpu")
+    perm = torch.randperm(rows.numel(), generator=gen)
+    assert torch.equal(ops.sampled_dot(a, b, rows[perm], cols[perm], backend="cpu"), want[perm])
+    for lo, hi in ((0, 1), (5, 8), (100, 1103)):   # alone, a short group, a slice
+        assert torch.equal(ops.sampled_dot(a, b, rows[lo:hi], cols[lo:hi], backend="cpu"), want[lo:hi])
+
+
 def test_sampled_dot_is_a_registered_op_torch_compile_traces():
     """`trace_kernels::sampled_dot` passes torch's op checks (schema, fake, autograd
     registration) and a compiled function calling it equals the eager result."""
