@@ -84,9 +84,6 @@ class DiskTensors(TensorsOnDisk):
     def __len__(self) -> int:
         return len(self._index)
 
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {n: tuple(s) for n, (_, s, _) in self._index.items()}
-
     def nbytes(self) -> int:
         return sum(s.numel() * d.itemsize for _, s, d in self._index.values())
 
