@@ -33,7 +33,9 @@ DEFAULT_EXCLUDE: tuple[str, ...] = (
 
 @dataclass
 class ProbeResult:
-    """Per eligible parameter: the update Δ and the mean squared gradient (Fisher)."""
+    """Per eligible parameter: the update Δ and the mean squared gradient (Fisher). Those
+    the probe computed in place are views of one buffer (`zeros_in_one`), whose memory is
+    returned when the last of them is dropped."""
 
     deltas: dict[str, Tensor]
     fisher: dict[str, Tensor]
@@ -81,6 +83,22 @@ def default_loss(model: nn.Module, batch) -> Tensor:
     if not isinstance(loss, Tensor) or loss.dim() != 0:
         raise TypeError("the model did not return a scalar loss; pass loss_fn=")
     return loss
+
+
+def zeros_in_one(sizes: Sequence[tuple[int, torch.device]]) -> list[Tensor]:
+    """Zeroed fp32 vectors of the given (numel, device), views of one buffer per device.
+
+    State that lives through every step, made as hundreds of parameter-sized tensors, sits
+    in the C heap among each step's activations and keeps the heap from reusing their
+    space: on SmolLM2 (CPU) the probe's resident peak was 0.6 GiB higher that way. One
+    large buffer is mapped apart from the heap and returned whole once no view is left."""
+    out: list[Tensor | None] = [None] * len(sizes)
+    for device in dict.fromkeys(d for _, d in sizes):
+        mine = [i for i, (_, d) in enumerate(sizes) if d == device]
+        flat = torch.zeros(sum(sizes[i][0] for i in mine), dtype=torch.float32, device=device)
+        for i, view in zip(mine, flat.split([sizes[i][0] for i in mine])):
+            out[i] = view
+    return out
 
 
 def probe(
@@ -152,10 +170,9 @@ def probe(
         saved = DiskCopy([local_tensor(p) for p in params]) if disk else \
             [p.detach().to(d, copy=True) for p, d in zip(params, home)]
     # state for the storage each rank holds (a sharded parameter's local shard)
-    exp_avgs = [torch.zeros(local_tensor(p).numel(), dtype=torch.float32, device=local_tensor(p).device)
-                for p in params]
-    exp_avg_sqs = [torch.zeros_like(m) for m in exp_avgs]
-    fishers = [torch.zeros_like(m) for m in exp_avgs] if fisher == "mean" else None
+    sizes = [(local_tensor(p).numel(), local_tensor(p).device) for p in params]
+    exp_avgs, exp_avg_sqs = zeros_in_one(sizes), zeros_in_one(sizes)
+    fishers = zeros_in_one(sizes) if fisher == "mean" else None
     step_counts = [torch.tensor(0.0) for _ in params]
     losses: list[float] = []
     try:

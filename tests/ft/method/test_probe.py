@@ -10,6 +10,7 @@ from torch import nn
 
 from helpers import bits
 from trace_ft import eligible_parameters, probe
+from trace_ft.method.probe import zeros_in_one
 
 
 class Tiny(nn.Module):
@@ -82,6 +83,26 @@ def test_probe_matches_torch_adamw_and_mean_squared_grads(gen):
         delta = p.detach() - p0
         assert (result.deltas[name] - delta).norm() / delta.norm() < 1e-5
         torch.testing.assert_close(result.fisher[name], s / 5, rtol=1e-5, atol=1e-12)
+
+
+def test_probe_state_is_one_buffer_per_device(gen):
+    """zeros_in_one: zeroed fp32 views, in the order asked, one storage per device; the
+    probe's Δ and Fisher each come back as views of one such buffer (nothing else allocated
+    per parameter lives through the steps)."""
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    sizes = [(5, cpu), (0, cpu), (3, meta), (7, cpu), (2, meta)]
+    out = zeros_in_one(sizes)
+    assert [(t.numel(), t.device, t.dtype) for t in out] == [(n, d, torch.float32) for n, d in sizes]
+    on_cpu = [t for t in out if t.device == cpu]
+    assert len({t.untyped_storage().data_ptr() for t in on_cpu}) == 1
+    assert sum(t.numel() for t in on_cpu) == on_cpu[0].untyped_storage().nbytes() // 4
+    assert all(bool((t == 0).all()) for t in on_cpu)
+    on_cpu[0].fill_(1.0)  # views do not overlap
+    assert on_cpu[2].abs().sum() == 0
+    for fisher in ("mean", "adam"):
+        result = probe(Tiny(), tiny_batches(gen, 2), steps=2, lr=1e-3, loss_fn=loss_fn, fisher=fisher)
+        for got in (result.deltas, result.fisher):
+            assert len({t.untyped_storage().data_ptr() for t in got.values()}) == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
