@@ -18,6 +18,13 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.detach().contiguous().view(view[t.dtype]) if t.dtype in view else t
 
 
+def same_report_rows(a: list[dict], b: list[dict]) -> bool:
+    """Equal selection report rows, exactly, with NaN (an empty tensor's mean) equal to NaN."""
+    def key(row):
+        return {k: "nan" if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
+    return [key(r) for r in a] == [key(r) for r in b]
+
+
 def assert_bits_equal(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     if not torch.equal(bits(a), bits(b)):
         diff = (a.float() - b.float()).abs()

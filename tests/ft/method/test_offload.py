@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from helpers import same_report_rows
 from trace_kernels import CoreMask
 from trace_ft import EarlierTask, ProbeResult, select_core
 from trace_ft.method import offload
@@ -36,10 +37,6 @@ def test_disk_tensors_read_back_bit_for_bit_and_fresh(tmp_path):
         disk["z"]
     with pytest.raises(ValueError, match="'x' given twice"):
         DiskTensors([("x", torch.zeros(2)), ("x", torch.zeros(2))])
-
-
-def _rows(report: list[dict]) -> list[dict]:  # NaN equal to NaN
-    return [{k: "nan" if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in report]
 
 
 def _probe(gen) -> ProbeResult:
@@ -75,7 +72,7 @@ def test_updates_on_disk_select_the_same_core_and_are_not_read_to_be_classified(
         got = select_core(new, [EarlierTask(updates=kept, core=core)], granularity=granularity, budget=0.2)
         for n in SHAPES:
             assert torch.equal(got.mask[n].indices, want.mask[n].indices), n
-        assert _rows(got.report) == _rows(want.report)
+        assert same_report_rows(got.report, want.report)
     assert sorted(set(reads)) == [0, 1, 2]  # read when selection looked them up
 
 

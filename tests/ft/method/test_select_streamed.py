@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from helpers import same_report_rows
 from trace_kernels import CoreMask
 from trace_ft import EarlierTask, ProbeResult, select_core, sketch_update
 from trace_ft.method import select as select_mod
@@ -47,13 +48,6 @@ def _both(monkeypatch, probe, earlier, **cfg):
     return streamed, materialised
 
 
-def _same_rows(a: list[dict], b: list[dict]) -> bool:
-    """Equal report rows (NaN equal to NaN), exactly."""
-    def key(row):
-        return {k: "nan" if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
-    return [key(r) for r in a] == [key(r) for r in b]
-
-
 @pytest.mark.parametrize("unit", ["block", "row"])
 @pytest.mark.parametrize("rule", ["exclude", "downweight"])
 @pytest.mark.parametrize("protect", [0.0, 2.0])
@@ -66,7 +60,7 @@ def test_streamed_selection_equals_the_materialised_one(monkeypatch, unit, rule,
     assert not streamed.scores and materialised.scores  # the streamed path keeps no score
     for name in SHAPES:
         assert torch.equal(streamed.mask[name].indices, materialised.mask[name].indices), name
-    assert _same_rows(streamed.report, materialised.report)
+    assert same_report_rows(streamed.report, materialised.report)
     assert streamed.mask.numel_selected == sum(r["chosen"] for r in materialised.report)
     if 0 < budget < 1:
         assert streamed.mask.numel_selected == math.floor(budget * streamed.mask.numel)
