@@ -123,5 +123,3 @@ def restore_compact(state: dict, kept: dict[Tensor, dict[str, Tensor]], layout: 
         for k, v in moved.items():
             st[k] = v.to(device=lay.indices.device, dtype=torch.float32, copy=True)
         st["block_indices"], st["block_size"] = lay.recorded_mask()
-        if "master" in moved:
-            masters.mark(p)

@@ -1,10 +1,12 @@
-"""fp32 master copies of a 16-bit parameter's core elements, kept in step with the weight.
+"""fp32 master copies of a 16-bit parameter's core elements.
 
 A bf16 weight cannot hold an update smaller than about 1/256 of itself; MaskedAdamW applies
 the update to an fp32 master of each core element (the state "master", in mask order) and
-writes it rounded to the weight. Anything else that writes the weight (``load_state_dict``
-on the model, `set_core_values`, an EMA swap) moves its version counter; the masters are then
-taken from the weight again before the next step, so they never write stale values over it.
+writes it rounded to the weight. The weight stays the source of truth: the kernels start an
+element's update from its master only while the weight holds exactly what the last step
+wrote from it, and from the weight otherwise (`rounding.h`'s `master_or_weight`), so a write
+by anything else (``p.data.copy_``, ``vector_to_parameters``, the model's ``load_state_dict``,
+an EMA swap) is never undone by a stale master, however it was made.
 """
 
 from __future__ import annotations
@@ -23,37 +25,20 @@ def core_values(p: Tensor, lay: ParamLayout) -> Tensor:
 
 
 class Masters:
-    """Whether a parameter keeps masters (`wanted`: None = every 16-bit parameter), and the
-    weight version each parameter's masters last matched."""
+    """Which parameters keep fp32 masters: `wanted` True or False for every 16-bit parameter,
+    or None for the default: 16-bit parameters keep them, unless their rounding is stochastic
+    (whose point is an unbiased weight without the 4 bytes per core element)."""
 
-    def __init__(self, wanted: bool | None) -> None:
+    def __init__(self, wanted: bool | None, stochastic: bool = False) -> None:
         self.wanted = wanted
-        self.written: dict[Tensor, int] = {}
+        self.stochastic = stochastic
 
     def keeps(self, p: Tensor) -> bool:
-        return p.dtype != torch.float32 and (self.wanted is None or self.wanted)
+        if p.dtype == torch.float32:
+            return False
+        return self.wanted if self.wanted is not None else not self.stochastic
 
-    def init(self, p: Tensor, lay: ParamLayout, state: dict) -> None:
+    @staticmethod
+    def init(p: Tensor, lay: ParamLayout, state: dict) -> None:
         """Masters from the parameter's core elements as they are now."""
         state["master"] = core_values(p, lay).to(torch.float32)
-        self.mark(p)
-
-    def mark(self, p: Tensor) -> None:
-        """The masters and the weight agree now (after a step, or a checkpoint that held both)."""
-        self.written[p] = local_tensor(p)._version
-
-    def sync(self, params: list[Tensor], masters: list[Tensor], layout: dict[Tensor, ParamLayout]) -> None:
-        """Masters of a weight written since it was last stepped are taken from it again,
-        unless they are what the masters round to (a resumed run: saved together)."""
-        for p, m in zip(params, masters):
-            if not m.numel() or self.written.get(p) == local_tensor(p)._version:
-                continue
-            now = core_values(p, layout[p])
-            if not torch.equal(now, m.to(now.dtype)):
-                m.copy_(now)
-            self.mark(p)
-
-    def mark_all(self, params: list[Tensor], masters: list[Tensor]) -> None:
-        for p, m in zip(params, masters):
-            if m.numel():
-                self.mark(p)

@@ -42,9 +42,11 @@ class MaskedAdamW(Optimizer):
         (see ``python -m trace_kernels``).
     master_weights: keep an fp32 copy of each core element of a bf16/fp16 parameter (its
         state "master", in mask order), apply the update to it and write it rounded to the
-        parameter. Default (None): on for 16-bit parameters. Without it an update smaller
-        than about 1/256 of a weight rounds away in bf16; it costs 4 bytes per core element
-        (a 5 % core: 0.2 bytes per parameter, against 4 for full master weights).
+        parameter. Default (None): on for 16-bit parameters, off with stochastic rounding.
+        Without it an update smaller than about 1/256 of a weight rounds away in bf16; it
+        costs 4 bytes per core element (a 5 % core: 0.2 bytes per parameter, against 4 for
+        full master weights). The weight stays the source of truth: a weight written by
+        anything else, ``.data`` writes included, keeps what was written.
     rounding: how an fp32 result is written to a 16-bit parameter: "nearest" (even) or
         "stochastic" (bf16; unbiased, its random bits a hash of `seed`, the step and the
         element, the same on every backend). seed: None draws one from torch's generator.
@@ -87,7 +89,7 @@ class MaskedAdamW(Optimizer):
         super().__init__(named_groups(params), defaults)
         self._backend = backend
         self._binding = Binding(self.param_groups, masks, unmasked, rounding == "stochastic")
-        self._masters = Masters(master_weights)
+        self._masters = Masters(master_weights, rounding == "stochastic")
         self._plans: dict[int, GroupPlan] = {}
         self._carrier_rows: dict[Tensor, tuple] = {}  # clip_grad_norm_'s core in each carrier
         self._version = 0  # bumped whenever what a plan holds may have changed
@@ -177,8 +179,8 @@ class MaskedAdamW(Optimizer):
         masks, groups or state (`set_masks`, `add_param_group`, `load_state_dict`, state
         tensors replaced or cleared in ``self.state``), a parameter's storage (moved or cast:
         `model.to(...)`), or which parameters have a gradient. A step then reads only the
-        gradients, which may be new tensors every step. fp32 masters are taken again from a
-        16-bit weight that something else wrote since the last step (its version counter)."""
+        gradients, which may be new tensors every step. A 16-bit weight written by something
+        else since the last step keeps what was written (see `masters`)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -204,9 +206,6 @@ class MaskedAdamW(Optimizer):
                          weight_decay=group["weight_decay"], maximize=group["maximize"],
                          stochastic=self._binding.stochastic, seed=group["rounding_seed"])
             for device, dp in plan.devices.items():
-                tracked = bool(dp.lists["masters"]) and not compiling
-                if tracked:
-                    self._masters.sync(dp.params, dp.lists["masters"], self._layout)
                 grads = [self._grad(p, c) for p, c in zip(dp.params, dp.compact)]
                 scale = grad_scale.to(device) if grad_scale is not None else None
                 inf = found_inf.to(device) if found_inf is not None else None
@@ -222,8 +221,6 @@ class MaskedAdamW(Optimizer):
                 for c in dp.compact:
                     if c is not None:
                         c.scatter()
-                if tracked:
-                    self._masters.mark_all(dp.params, dp.lists["masters"])
         return loss
 
     def _grad(self, p: Tensor, c: CoreRowsStep | None) -> Tensor:

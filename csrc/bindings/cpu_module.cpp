@@ -76,7 +76,10 @@ void run_step(std::vector<tkc::MaskedTensor>& tensors, const Hyper& h, int num_t
     }
     m.coeffs = trace_kernels::make_adamw_coeffs(h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, step,
                                                 h.amsgrad);
-    if (h.stochastic) m.coeffs.round_key = trace_kernels::round_key(h.seed, step);
+    if (h.stochastic) {
+      m.coeffs.round_key = trace_kernels::round_key(h.seed, step);
+      m.coeffs.prev_round_key = trace_kernels::round_key(h.seed, step - 1.0);
+    }
     if (m.num_blocks > 0) work.push_back(m);
   }
   double divisor = h.grad_scale.value_or(1.0);

@@ -53,12 +53,14 @@ TK_HD void accumulate_fisher(float* f, float g, float scale) { *f = *f + (scale 
 
 // One element: parameter and gradient at `param`/`grad`, its place `s` in the streams, and
 // `e` its index in the whole parameter (the stochastic rounding's element). With masters the
-// update is applied to the fp32 master and the parameter receives its rounded value.
+// update is applied to the fp32 master (or to the weight, where something else wrote it since:
+// `master_or_weight`) and the parameter receives its rounded value.
 template <typename P, bool kAmsgrad, bool kFisher, bool kMaster>
 TK_HD void update_element(P* param, const P* grad, int64_t s, int64_t e, float* m, float* v,
                           float* vmax, float* fisher, float* master, float grad_divisor,
                           float fisher_scale, bool stochastic, const AdamWCoeffs& c) {
-  float p = kMaster ? master[s] : load_as_float(param);
+  float p = kMaster ? master_or_weight(param, master[s], stochastic, c.prev_round_key, e)
+                    : load_as_float(param);
   const float g = load_as_float(grad) / grad_divisor;
   if (kFisher) accumulate_fisher(fisher + s, g, fisher_scale);
   adamw_update_fixed<kAmsgrad>(p, g, m[s], v[s], kAmsgrad ? vmax + s : nullptr, c);

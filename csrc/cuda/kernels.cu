@@ -26,7 +26,8 @@ __device__ __forceinline__ void update_one(const MaskedTensor& t, const AdamWCoe
                                            bool stochastic) {
   P* param = static_cast<P*>(t.param);
   const P* grad = static_cast<const P*>(t.grad);
-  float p = kMaster ? t.master[c] : load_as_float(param + e);
+  float p = kMaster ? master_or_weight(param + e, t.master[c], stochastic, k.prev_round_key, t.elem_base + e)
+                    : load_as_float(param + e);
   const float g = load_as_float(grad + e) / divisor;
   if (kFisher) t.fisher[c] = t.fisher[c] + (fisher_scale * g) * g;
   adamw_update_fixed<kAmsgrad>(p, g, t.exp_avg[c], t.exp_avg_sq[c], kAmsgrad ? t.max_exp_avg_sq + c : nullptr, k);
@@ -59,7 +60,9 @@ __device__ __forceinline__ void update_four(const MaskedTensor& t, const AdamWCo
   if (kMaster) w4.v = *reinterpret_cast<const float4*>(t.master + c);
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
-    float p = kMaster ? w4.x[k] : load_as_float(&p4.x[k]);
+    float p = kMaster ? master_or_weight(&p4.x[k], w4.x[k], stochastic, coeffs.prev_round_key,
+                                         t.elem_base + e + k)
+                      : load_as_float(&p4.x[k]);
     const float g = load_as_float(&g4.x[k]) / divisor;
     if (kFisher) f4.x[k] = f4.x[k] + (fisher_scale * g) * g;
     adamw_update_fixed<kAmsgrad>(p, g, m4.x[k], v4.x[k], kAmsgrad ? &x4.x[k] : nullptr, coeffs);
@@ -137,7 +140,10 @@ __device__ __forceinline__ AdamWCoeffs tile_coeffs(const MaskedTensor& t, int32_
     }
     *shared = make_adamw_coeffs(lr, h.beta1, h.beta2, h.eps, h.weight_decay, step + 1.0,
                                 h.amsgrad != 0);
-    if (h.stochastic) shared->round_key = round_key(h.seed, step + 1.0);
+    if (h.stochastic) {
+      shared->round_key = round_key(h.seed, step + 1.0);
+      shared->prev_round_key = round_key(h.seed, step);
+    }
   }
   __syncthreads();
   return *shared;

@@ -66,6 +66,107 @@ def test_masters_follow_weights_written_from_outside():
     assert (model.weight.float()[masks[model.weight]] + 2.0).abs().max() < 0.05
 
 
+@pytest.mark.parametrize("write", ["data_copy", "data_assign", "vector_to_parameters"])
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_masters_follow_weights_written_through_data(write, backend):
+    """Writes through ``.data`` do not move torch's version counter; the weight must still
+    win over its masters (issue #35: a bf16 weight set to 5.0 came back at -0.136)."""
+    model = _linear(torch.bfloat16)
+    masks = _masks(model)
+    opt = MaskedAdamW(model.parameters(), lr=1e-3, masks=masks, backend=backend)
+    grads = _grads(model, 2)
+    _step(model, opt, grads[0])
+    if write == "data_copy":
+        for p in model.parameters():
+            p.data.copy_(torch.full_like(p, 5.0))
+    elif write == "data_assign":
+        for p in model.parameters():
+            p.data = torch.full_like(p, 5.0)
+    else:
+        n = sum(p.numel() for p in model.parameters())
+        torch.nn.utils.vector_to_parameters(torch.full((n,), 5.0, dtype=torch.bfloat16), model.parameters())
+    _step(model, opt, [torch.zeros_like(g) for g in grads[1]])
+    core = _core(model, masks)
+    assert (core - 5.0).abs().max() < 0.05, core
+
+
+def test_masters_keep_the_precision_of_untouched_elements():
+    """Only the elements written from outside take the weight's value: the others keep
+    their masters (a bf16 weight cannot hold their sub-rounding part)."""
+    model = _linear(torch.bfloat16)
+    masks = _masks(model)
+    opt = MaskedAdamW(model.parameters(), lr=1e-3, masks=masks)
+    twin, topt = _optimizer_like(model, masks, lr=1e-3)
+    grads = _grads(model, 3)
+    for g in grads[:2]:
+        _step(model, opt, g)
+        _step(twin, topt, g)
+    with torch.no_grad():
+        model.weight.data[0, 0] = 7.0     # one element, through .data
+        twin.weight.data[0, 0] = 7.0
+    w, tw = model.weight, twin.weight
+    flat = masks[w].reshape(-1).nonzero().reshape(-1)
+    pos = int((flat == 0).nonzero()[0, 0]) if bool(masks[w][0, 0]) else None
+    _step(model, opt, grads[2])
+    _step(twin, topt, grads[2])
+    m, tm = opt.state[w]["master"], topt.state[tw]["master"]
+    assert torch.equal(m, tm)
+    if pos is not None:
+        assert abs(float(m[pos]) - 7.0) < 0.05
+        keep = torch.ones_like(m, dtype=torch.bool)
+        keep[pos] = False
+        assert not torch.equal(m[keep], m[keep].to(torch.bfloat16).float())  # sub-bf16 precision kept
+
+
+def test_stochastic_rounding_keeps_no_masters_unless_asked():
+    model = _linear(torch.bfloat16)
+    masks = _masks(model)
+    opt = MaskedAdamW(model.parameters(), lr=1e-3, masks=masks, rounding="stochastic", seed=3)
+    _step(model, opt, _grads(model, 1)[0])
+    assert all("master" not in st for st in opt.state.values())
+    opt2 = MaskedAdamW(model.parameters(), lr=1e-3, masks=masks, rounding="stochastic", seed=3,
+                       master_weights=True)
+    _step(model, opt2, _grads(model, 1)[0])
+    assert all("master" in st for st in opt2.state.values())
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_stochastic_masters_survive_a_model_reload_and_either_load_order(backend):
+    """With masters asked for and stochastic rounding, the weight holds the master rounded
+    with the last step's random bits: reloading the model changes no master, and a resumed
+    run equals the uninterrupted one whichever is loaded first (issue #35: 256 of 256
+    masters and 87 of 256 weights differed)."""
+    kw = dict(lr=1e-3, rounding="stochastic", seed=5, master_weights=True, backend=backend)
+    model = _linear(torch.bfloat16)
+    masks = _masks(model)
+    opt = MaskedAdamW(model.parameters(), masks=masks, **kw)
+    twin, topt = _optimizer_like(model, masks, **kw)
+    grads = _grads(model, 6)
+    for g in grads[:3]:
+        _step(model, opt, g)
+        _step(twin, topt, g)
+    twin.load_state_dict(twin.state_dict())   # moves every version counter
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    for g in grads[3:]:
+        _step(model, opt, g)
+        _step(twin, topt, g)
+    _assert_same(model, twin)
+    for st, tst in zip(opt.state.values(), topt.state.values()):
+        assert torch.equal(st["master"], tst["master"])
+    for optimizer_first in (True, False):
+        again = _linear(torch.bfloat16, seed=9)
+        opt2 = MaskedAdamW(again.parameters(), masks=dict(zip(again.parameters(), masks.values())), **kw)
+        if optimizer_first:
+            opt2.load_state_dict(copy.deepcopy(saved_opt))
+            again.load_state_dict(saved_model)
+        else:
+            again.load_state_dict(saved_model)
+            opt2.load_state_dict(copy.deepcopy(saved_opt))
+        for g in grads[3:]:
+            _step(again, opt2, g)
+        _assert_same(model, again)
+
+
 def test_masters_are_dropped_when_the_weight_becomes_fp32():
     model = _linear(torch.bfloat16)
     masks = _masks(model)

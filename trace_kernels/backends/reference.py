@@ -65,7 +65,17 @@ def _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices,
             continue
         ei = expand_blocks(idx, block_sizes[i])
         flat_p = p.view(-1)
-        pv = masters[i] if masters and masters[i].numel() else flat_p[ei].to(torch.float32)
+        base = elem_bases[i] if elem_bases else 0
+        if masters and masters[i].numel():
+            pv = masters[i]
+            # rounding.h's master_or_weight: the weight wins where it no longer holds what the
+            # last step wrote from the master
+            w = flat_p[ei]
+            prev = round_bits(round_key(seed, step_values[i] - 1), ei + base) if stochastic else None
+            same = to_param(pv, p.dtype, prev).view(torch.int16) == w.view(torch.int16)
+            pv.copy_(torch.where(same, pv, w.to(torch.float32)))
+        else:
+            pv = flat_p[ei].to(torch.float32)
         g = _unscaled(grads[i].view(-1)[ei], grad_scale, maximize)
         if fishers:
             fishers[i].view(-1).add_(g.mul(fisher_scale).mul_(g))
@@ -74,10 +84,7 @@ def _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices,
             lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
             step=step_values[i],
         )
-        bits = None
-        if stochastic:
-            base = elem_bases[i] if elem_bases else 0
-            bits = round_bits(round_key(seed, step_values[i]), ei + base)
+        bits = round_bits(round_key(seed, step_values[i]), ei + base) if stochastic else None
         flat_p[ei] = to_param(pv, p.dtype, bits)
 
 

@@ -127,7 +127,10 @@ def masked_adamw_(
     indices once already (MaskedAdamW does, when masks are set).
 
     ``masters[i]`` (16-bit params): fp32 values of the selected elements in mask order; the
-    update is applied to them and the parameter receives them rounded. ``rounding``:
+    update is applied to them and the parameter receives them rounded. The parameter stays
+    the source of truth: where it no longer holds what the last step wrote from its master
+    (rounded to nearest, or stochastically with the last step's bits), something else wrote
+    it, and the update starts from its value instead (the master takes it). ``rounding``:
     "nearest" (even) or "stochastic" (bf16: up with probability equal to the dropped
     fraction, unbiased), its random bits a hash of ``seed``, the step and the element's
     index in the whole parameter (``elem_bases[i]``: where the storage starts in it, for a

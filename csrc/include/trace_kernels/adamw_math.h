@@ -31,6 +31,7 @@ struct AdamWCoeffs {
   bool lerp_low;          // |lerp_weight| < 0.5
   bool amsgrad;
   uint32_t round_key;     // stochastic rounding's key of this step (rounding.h), else 0
+  uint32_t prev_round_key;  // the key of the step before (what fp32 masters were last written with)
 };
 
 // Scalars of one step for one tensor, `step` already incremented (torch increments first).
@@ -53,6 +54,7 @@ TK_HD AdamWCoeffs make_adamw_coeffs(double lr, double beta1, double beta2, doubl
   c.neg_step_size = static_cast<float>(-(lr / bias_correction1));
   c.amsgrad = amsgrad;
   c.round_key = 0;
+  c.prev_round_key = 0;
   return c;
 }
 

@@ -50,4 +50,20 @@ TK_HD void store_param(bf16_t* p, float v, bool stochastic, uint32_t key, int64_
   p->x = stochastic ? float_to_bf16_stochastic(v, round_bits(key, e)) : float_to_bf16(v);
 }
 
+// Where an element's update starts when its tensor keeps fp32 masters: the master while the
+// weight still holds exactly what the last step wrote from it (rounded to nearest even, or
+// stochastically with that step's key `prev_key`); otherwise the weight, which something
+// other than the optimizer wrote since (a `.data` copy, a loaded checkpoint, an EMA swap).
+// The weight is the source of truth, so no write to it can be undone by a stale master,
+// whichever way it was made. fp32 parameters keep no masters.
+TK_HD float master_or_weight(const float*, float master, bool, uint32_t, int64_t) { return master; }
+TK_HD float master_or_weight(const fp16_t* p, float master, bool, uint32_t, int64_t) {
+  return float_to_fp16(master) == p->x ? master : fp16_to_float(p->x);
+}
+TK_HD float master_or_weight(const bf16_t* p, float master, bool stochastic, uint32_t prev_key, int64_t e) {
+  const uint16_t wrote = stochastic ? float_to_bf16_stochastic(master, round_bits(prev_key, e))
+                                    : float_to_bf16(master);
+  return wrote == p->x ? master : bf16_to_float(p->x);
+}
+
 }  // namespace trace_kernels

@@ -95,6 +95,8 @@ def _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices,
     scale = grad_scale.to(device, torch.float32).reshape(1) if grad_scale is not None else None
     has_master = [bool(masters) and masters[i].numel() > 0 for i in range(len(params))]
     keys = torch.tensor([round_key(seed, st) if stochastic else 0 for st in step_values], dtype=torch.int64)
+    prev_keys = torch.tensor([round_key(seed, st - 1) if stochastic else 0 for st in step_values],
+                             dtype=torch.int64)
     groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(params):
         if block_indices[i].numel() == 0:
@@ -115,7 +117,7 @@ def _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices,
                 _to_device(coeffs[members], device),
                 scale if scale is not None else plan["nsel"],  # any pointer: unread without a scale
                 -1.0 if maximize else 1.0, float(fisher_scale), plan["master"],
-                _to_device(keys[members], device), plan["elem_base"],
+                _to_device(keys[members], device), _to_device(prev_keys[members], device), plan["elem_base"],
                 PDT=_tl_dtype(pdt), IDT=_tl_dtype(idt), TILE=TILE, GATHER=gather, AMSGRAD=amsgrad,
                 FISHER=bool(fishers), LERP_LOW=abs(1.0 - beta1) < 0.5,
                 HAS_SCALE=grad_scale is not None, HAS_MASTER=master, STOCHASTIC=sr, **_launch_opts(),

@@ -85,7 +85,8 @@ def masked_adamw_kernel(
     BSIZE, NSEL,                              # per tensor: block size, selected elements
     COEFFS,                                   # per tensor: NUM_COEFFS float32
     GRAD_SCALE, grad_sign, fisher_scale,      # GRAD_SCALE: one fp32 (read when HAS_SCALE)
-    MASTER, KEYS, ELEM_BASE,                  # per tensor: fp32 masters, rounding key, base
+    MASTER, KEYS, PREV_KEYS, ELEM_BASE,       # per tensor: fp32 masters, this and the last
+                                              # step's rounding keys, element base
     PDT: tl.constexpr, IDT: tl.constexpr, TILE: tl.constexpr, GATHER: tl.constexpr,
     AMSGRAD: tl.constexpr, FISHER: tl.constexpr, LERP_LOW: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_MASTER: tl.constexpr, STOCHASTIC: tl.constexpr,
@@ -120,7 +121,17 @@ def masked_adamw_kernel(
         grad_divisor = grad_sign * tl.load(GRAD_SCALE)
     if HAS_MASTER:  # the update runs on the fp32 masters; the parameter gets them rounded
         w_ptr = tl.load(MASTER + t).to(tl.pointer_type(tl.float32))
-        p = tl.load(w_ptr + c, mask=mask, other=0.0)
+        master = tl.load(w_ptr + c, mask=mask, other=0.0)
+        # rounding.h's master_or_weight: the weight wins where it no longer holds what the
+        # last step wrote from the master (something else wrote it since)
+        weight = tl.load(param + elem, mask=mask, other=0.0)
+        if STOCHASTIC:
+            wrote = _round_bf16_stochastic(master, tl.load(PREV_KEYS + t).to(tl.uint32),
+                                           elem + tl.load(ELEM_BASE + t))
+        else:
+            wrote = _round_to(master, PDT)
+        same = wrote.to(tl.int16, bitcast=True) == weight.to(tl.int16, bitcast=True)
+        p = tl.where(same, master, weight.to(tl.float32))
     else:
         p = tl.load(param + elem, mask=mask, other=0.0).to(tl.float32)
     g = tl.math.div_rn(tl.load(grad + elem, mask=mask, other=0.0).to(tl.float32), grad_divisor)
