@@ -131,34 +131,44 @@ def _choose(device_type: str, index: int | None, requested: str | None, env_valu
     return Choice("reference", f"no native backend for {device_type} in this build")
 
 
-def index_checker(name: str):
-    """How ops check block indices for backend `name`: the native check for the cpu
-    backend, torch ops (run where the indices are) for the others."""
-    if name == "cpu":
-        from . import cpu
-
-        return cpu.check_block_indices
-    from ._common import check_block_indices
-
-    return check_block_indices
+# The ops each backend may implement. A backend module registers its kernels against them
+# when it is imported (`register_kernel`); `kernel` finds a backend's, or the reference's
+# where the backend has none of its own. "plan_masked_adamw" is a backend's prepared launch
+# of a masked step (built once from the step's lists, then stepped with only the gradients):
+# the reference has none, and a backend without one runs the op at every step.
+OPS = ("masked_adamw_", "adamw_fisher_", "delta_stats", "sampled_dot", "check_block_indices",
+       "plan_masked_adamw")
+_KERNELS: dict[tuple[str, str], Callable] = {}
 
 
-def plan_masked_adamw(name: str, lists: dict, amsgrad: bool):
-    """Backend `name`'s own plan of a masked step over `lists` (MaskedAdamW's per-device
-    lists: params, m, v, vmax, idx, sizes, steps, masters, bases), built once and stepped
-    with only the gradients; None when the backend has none (the op is called instead)."""
-    planner = getattr(module(name), "plan_masked_adamw", None)
-    return planner(lists, amsgrad) if planner is not None else None
+def register_kernel(op: str, backend: str) -> Callable[[Callable], Callable]:
+    """Decorator: `fn` is backend `backend`'s kernel of `op` (one of `OPS`)."""
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; one of {', '.join(OPS)}")
+    if backend not in REGISTRY:
+        raise ValueError(f"unknown backend {backend!r}")
+
+    def register(fn: Callable) -> Callable:
+        _KERNELS[(op, backend)] = fn
+        return fn
+
+    return register
+
+
+def kernel(op: str, name: str) -> Callable | None:
+    """Backend `name`'s kernel of `op`, else the reference's; None for a prepared launch
+    (plan_masked_adamw) the backend does not have."""
+    module(name)  # importing a backend registers its kernels
+    found = _KERNELS.get((op, name))
+    if found is None and op != "plan_masked_adamw":
+        module("reference")
+        found = _KERNELS[(op, "reference")]
+    return found
 
 
 def module(name: str) -> ModuleType:
-    """The Python module implementing backend `name`."""
+    """The Python module implementing backend `name` (imported: its kernels registered)."""
     backend = REGISTRY.get(name)
     if backend is None:
         raise BackendUnavailableError(f"unknown backend {name!r}")
     return importlib.import_module(f"{__name__}.{backend.module}")
-
-
-def implementation(name: str, op: str) -> Callable:
-    """Backend `name`'s function for `op`, or the reference's where it has none of its own."""
-    return getattr(module(name), op, None) or getattr(module("reference"), op)

@@ -59,16 +59,19 @@ def whole_tensor_blocks(params: list[torch.Tensor]) -> tuple[list[torch.Tensor],
     return [zero if p.numel() else zero[:0] for p in params], [max(p.numel(), 1) for p in params]
 
 
-def adamw_entry_points(adamw):
-    """A backend's masked_adamw_ and adamw_fisher_ from its one `adamw` function, which takes
-    the masked-step arguments plus (fishers, fisher_scale): the masked step passes no
-    fishers; adamw_fisher_ passes one block spanning each tensor."""
+def register_adamw(backend: str, adamw):
+    """Register (and return) a backend's masked_adamw_ and adamw_fisher_, both made from its
+    one `adamw` function, which takes the masked-step arguments plus (fishers, fisher_scale):
+    the masked step passes no fishers; adamw_fisher_ passes one block spanning each tensor."""
+    from . import register_kernel
 
+    @register_kernel("masked_adamw_", backend)
     def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices,
                       block_sizes, steps, **hyper):
         adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices, block_sizes,
               steps, None, 0.0, **hyper)
 
+    @register_kernel("adamw_fisher_", backend)
     def adamw_fisher_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, steps, *,
                       fisher_scale, **hyper):
         indices, sizes = whole_tensor_blocks(params)

@@ -1,7 +1,8 @@
-"""The one cache of device-side plans the GPU backends keep between calls (tile lists,
+"""The memo of device-side plans the GPU backends keep between calls of an op (tile lists,
 per-tensor tables, statistics plans), keyed by the backend and what the plan was built from.
-A MaskedAdamW group's plan (`trace_kernels.plan`) holds a backend's own plan where the backend
-has one (the cpu backend's native table); the GPU backends plan per call, from here."""
+A MaskedAdamW group's plan (`trace_kernels.optim.functional.StepPlan`) holds a backend's
+prepared launch where the backend registers one (the cpu backend's native table); the GPU
+backends have none yet and find their tables here at each call."""
 
 from __future__ import annotations
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from .. import _native
-from ._common import adamw_entry_points, advance_steps, host_lr, inf_found
+from . import register_kernel
+from ._common import advance_steps, host_lr, inf_found, register_adamw
 from ._layout import masked_row, stats_row
 
 
@@ -16,6 +17,7 @@ def _ext():
     return ext
 
 
+@register_kernel("check_block_indices", "cpu")
 def check_block_indices(indices: torch.Tensor, limit: int) -> tuple[int, str] | None:
     return _ext().check_block_indices(
         indices.data_ptr(), indices.dtype == torch.int64, indices.numel(), limit,
@@ -47,7 +49,7 @@ def _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices,
     )
 
 
-masked_adamw_, adamw_fisher_ = adamw_entry_points(_adamw)
+masked_adamw_, adamw_fisher_ = register_adamw("cpu", _adamw)
 
 
 class NativePlan:
@@ -73,6 +75,7 @@ class NativePlan:
                          stochastic, seed, torch.get_num_threads())
 
 
+@register_kernel("plan_masked_adamw", "cpu")
 def plan_masked_adamw(lists: dict, amsgrad: bool) -> NativePlan | None:
     """The native plan when the step counters are fp32 on the CPU (as MaskedAdamW keeps
     them; the extension counts them); None otherwise."""
@@ -81,6 +84,7 @@ def plan_masked_adamw(lists: dict, amsgrad: bool) -> NativePlan | None:
     return NativePlan(lists, amsgrad)
 
 
+@register_kernel("delta_stats", "cpu")
 def delta_stats(post, pre, fishers, refs, block_sizes, num_refs, outputs):
     ext = _ext()
     table: list[int] = []
@@ -99,6 +103,7 @@ def _token_major(t: torch.Tensor) -> bool:
     return t.dim() == 2 and t.stride(0) == 1 and (t.stride(1) == t.shape[0] or t.shape[1] <= 1)
 
 
+@register_kernel("sampled_dot", "cpu")
 def sampled_dot(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     out = torch.empty(rows.numel(), dtype=torch.float32)
     if _token_major(a) and _token_major(b):  # transposed in cache-sized blocks, never in memory

@@ -25,7 +25,8 @@ from __future__ import annotations
 import torch
 
 from .. import _native
-from ._common import adamw_entry_points, advance_steps, host_lr, split_stats
+from . import register_kernel
+from ._common import advance_steps, host_lr, register_adamw, split_stats
 from ._layout import masked_row, stats_row
 from ._plan_cache import PLANS
 
@@ -144,9 +145,10 @@ def _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices,
         torch._foreach_add_(steps, [keep.to(s.dtype) for s in steps])
 
 
-masked_adamw_, adamw_fisher_ = adamw_entry_points(_adamw)
+masked_adamw_, adamw_fisher_ = register_adamw("cuda", _adamw)
 
 
+@register_kernel("delta_stats", "cuda")
 def delta_stats(post, pre, fishers, refs, block_sizes, num_refs, outputs):
     ext = _ext()
     device = post[0].device

@@ -12,7 +12,9 @@ import numpy as np
 import torch
 
 from ..masks import expand_blocks
-from ._common import adamw_entry_points, advance_steps, host_lr, inf_found, round_bits, round_key, to_param
+from . import register_kernel
+from ._common import (advance_steps, check_block_indices, host_lr, inf_found, register_adamw, round_bits,
+                      round_key, to_param)
 
 
 def _f32(x: float) -> float:
@@ -88,9 +90,11 @@ def _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices,
         flat_p[ei] = to_param(pv, p.dtype, bits)
 
 
-masked_adamw_, adamw_fisher_ = adamw_entry_points(_adamw)
+masked_adamw_, adamw_fisher_ = register_adamw("reference", _adamw)
+register_kernel("check_block_indices", "reference")(check_block_indices)
 
 
+@register_kernel("delta_stats", "reference")
 def delta_stats(post, pre, fishers, refs, block_sizes, num_refs, outputs):
     """Per-block sums of d^2, fisher, d*ref, ref^2 (d = post - pre in fp32; sums in fp64)."""
     sum_sq, fisher_sum, dots, ref_sq = outputs
@@ -120,6 +124,7 @@ def delta_stats(post, pre, fishers, refs, block_sizes, num_refs, outputs):
             ref_sq[rows, r] = block_sum(rr * rr)
 
 
+@register_kernel("sampled_dot", "reference")
 def sampled_dot(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
                 budget: int = 1 << 24) -> torch.Tensor:
     """out[i] = a[rows[i]] · b[cols[i]], in chunks of at most `budget` gathered values per

@@ -1,6 +1,6 @@
 """The AdamW ops: `masked_adamw_` (the step over selected blocks, compact state) and
 `adamw_fisher_` (the dense probe step that accumulates the Fisher diagonal in the same
-pass). Both run as one backend function (`backends._common.adamw_entry_points`).
+pass). Both run as one backend function (`backends._common.register_adamw`).
 
 The learning rate is ``float | Tensor``: a torch.library schema cannot say that, so the
 registered ops carry it as ``lr: float, lr_tensor: Tensor | None`` and the implementation
@@ -73,13 +73,13 @@ def _masked_adamw_impl(
         validate_masked_adamw(
             params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices, block_sizes,
             steps, lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, grad_scale,
-            found_inf, backends.index_checker(name) if check_indices else None,
+            found_inf, backends.kernel("check_block_indices", name) if check_indices else None,
         )
         check_rounding("masked_adamw_", params, masters, elem_bases, stochastic, seed,
                        [i.numel() * b for i, b in zip(block_indices, block_sizes)])
     if not params:
         return
-    backends.module(name).masked_adamw_(
+    backends.kernel("masked_adamw_", name)(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices, block_sizes,
         steps, lr=lr if lr_tensor is None else lr_tensor, beta1=beta1, beta2=beta2, eps=eps,
         weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, grad_scale=grad_scale,
@@ -215,8 +215,8 @@ def _adamw_fisher_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fi
     check_rounding("adamw_fisher_", params, [], [], stochastic, seed, [])
     if not params:
         return
-    impl = backends.module(backends.choose(params[0].device, backend or None).name)
-    impl.adamw_fisher_(
+    impl = backends.kernel("adamw_fisher_", backends.choose(params[0].device, backend or None).name)
+    impl(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, steps,
         fisher_scale=fisher_scale, lr=lr if lr_tensor is None else lr_tensor, beta1=beta1,
         beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,

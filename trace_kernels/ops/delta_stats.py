@@ -63,8 +63,8 @@ def _delta_stats_impl(post, pre, fishers, refs, block_sizes, num_refs, backend):
     outputs = _delta_stats_outputs(post, block_sizes, num_refs)
     device = outputs[0].device
     if outputs[0].numel():
-        impl = backends.module(backends.choose(device, backend or None).name)
-        impl.delta_stats(post, pre, fishers, refs, block_sizes, num_refs, outputs)
+        name = backends.choose(device, backend or None).name
+        backends.kernel("delta_stats", name)(post, pre, fishers, refs, block_sizes, num_refs, outputs)
     return outputs
 
 

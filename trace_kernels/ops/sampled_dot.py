@@ -49,7 +49,7 @@ def _(a: Tensor, b: Tensor, rows: Tensor, cols: Tensor, backend: str) -> Tensor:
 def _sampled_dot_impl(a: Tensor, b: Tensor, rows: Tensor, cols: Tensor, backend: str) -> Tensor:
     name = backends.choose(a.device, backend or None).name
     # a and b as given: the cpu backend reads transposed (token-major) operands in place
-    return backends.implementation(name, "sampled_dot")(a, b, rows.contiguous(), cols.contiguous())
+    return backends.kernel("sampled_dot", name)(a, b, rows.contiguous(), cols.contiguous())
 
 
 def sampled_dot_trusted(a: Tensor, b: Tensor, rows: Tensor, cols: Tensor, *,

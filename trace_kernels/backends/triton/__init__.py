@@ -17,7 +17,8 @@ import os
 
 import torch
 
-from .._common import adamw_entry_points, advance_steps, host_lr, inf_found, round_key, split_stats
+from .. import register_kernel
+from .._common import advance_steps, host_lr, inf_found, register_adamw, round_key, split_stats
 from .._plan_cache import PLANS
 
 _IMPORT_ERROR: str | None = None
@@ -145,9 +146,10 @@ def _adamw_plan(addr, gather: bool, device) -> dict:
             "tile_start": tile_start.to(device), "tile_tensor": torch.cat(tile_tensor).to(device)}
 
 
-masked_adamw_, adamw_fisher_ = adamw_entry_points(_adamw)
+masked_adamw_, adamw_fisher_ = register_adamw("triton", _adamw)
 
 
+@register_kernel("delta_stats", "triton")
 def delta_stats(post, pre, fishers, refs, block_sizes, num_refs, outputs):
     device = post[0].device
     R = num_refs

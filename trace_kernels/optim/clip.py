@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .core_rows_step import carrier_of, core_in_carrier
+from ..sharding import local_tensor
+from .core_rows import carrier_of, core_in_carrier
 from .layout import ParamLayout
-from .sharding import local_tensor
 
 
 @torch.no_grad()
 def clip_core_grad_norm_(layout: dict[Tensor, ParamLayout], max_norm: float, eps: float,
-                         rows_cache: dict, version: int) -> Tensor:
+                         rows_cache: dict) -> Tensor:
     """Scale every stepped gradient so the L2 norm of the core elements' gradients, over all
     parameters together, is at most `max_norm`; return the norm before clipping. The norm is
     the same whether a weight's gradient is full or core-only (a carrier's); a sharded
@@ -23,7 +23,7 @@ def clip_core_grad_norm_(layout: dict[Tensor, ParamLayout], max_norm: float, eps
             continue
         c = carrier_of(p)
         if c is not None:
-            g, (idx, bs) = c.grad, core_in_carrier(rows_cache, version, p, lay, c)
+            g, (idx, bs) = c.grad, core_in_carrier(rows_cache, p, lay, c)
         elif p.grad is not None:
             g, idx, bs = local_tensor(p.grad), lay.kernel_indices, lay.kernel.block_size
         else:

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from .masks import MaskEntry
-from .sharding import ShardLayout, local_tensor, localize, shard_layout
+from ..masks import MaskEntry
+from ..sharding import ShardLayout, local_tensor, localize, shard_layout
 
 # compact per-element state, in mask order ("master": fp32 values of a 16-bit parameter's core)
 MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master")

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .core_grads import core_rows
+from ..core_grads import core_rows
+from ..sharding import local_tensor
 from .layout import ParamLayout
-from .sharding import local_tensor
 
 
 def carrier_of(p: Tensor) -> Tensor | None:
@@ -65,12 +65,12 @@ class CoreRowsStep:
         self.weight.index_copy_(0, self.rows, self.rows_buffer)
 
 
-def core_in_carrier(cache: dict, version: int, p: Tensor, lay: ParamLayout, c: Tensor) -> tuple[Tensor, int]:
+def core_in_carrier(cache: dict, p: Tensor, lay: ParamLayout, c: Tensor) -> tuple[Tensor, int]:
     """The core's blocks in a carrier's compact rows (int64 indices, block size), kept in
-    `cache` until the masks (`version`) or the carrier change: finding the rows sorts the
-    core's indices, too slow to repeat every step."""
+    `cache` while the parameter's layout and carrier stay the same: finding the rows sorts
+    the core's indices, too slow to repeat every step."""
     hit = cache.get(p)
-    if hit is None or hit[0] != version or hit[1] is not c:
+    if hit is None or hit[0] is not lay or hit[1] is not c:
         kernel = core_rows(lay.entry, c.shape[1])[1].coarsest()
-        hit = cache[p] = (version, c, kernel.indices.to(c.device, torch.int64), kernel.block_size)
+        hit = cache[p] = (lay, c, kernel.indices.to(c.device, torch.int64), kernel.block_size)
     return hit[2], hit[3]

@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import ops
-from .masks import CoreMask, MaskEntry
+from .. import ops
+from ..masks import CoreMask, MaskEntry
+from ..sharding import rank_state
 from .layout import MOMENTS, ParamLayout
-from .sharding import rank_state
 
 
 def named_groups(params: Any) -> list[dict[str, Any]]:

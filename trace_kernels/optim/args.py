@@ -8,14 +8,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import backends
+from .. import backends
 
 UNMASKED = ("freeze", "dense")
 ROUNDINGS = ("nearest", "stochastic")
 
 
 def checked_defaults(*, lr, betas, eps, weight_decay, amsgrad, maximize, foreach, capturable,
-                     differentiable, fused, unmasked, backend, rounding, seed) -> dict[str, Any]:
+                     differentiable, fused, unmasked, backend, rounding, seed, master_weights) -> dict[str, Any]:
     """The param-group defaults, or ValueError naming the first bad argument."""
     if isinstance(lr, Tensor):
         if lr.numel() != 1:
@@ -36,6 +36,8 @@ def checked_defaults(*, lr, betas, eps, weight_decay, amsgrad, maximize, foreach
         raise ValueError(f"unmasked must be one of {UNMASKED}, got {unmasked!r}")
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    if master_weights is not None and not isinstance(master_weights, bool):
+        raise ValueError(f"master_weights must be True, False or None, got {master_weights!r}")
     if seed is not None and (not isinstance(seed, int) or not 0 <= seed < 2**63):
         raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
     if backend is not None and backend not in backends.BACKENDS:

@@ -1,8 +1,9 @@
 """MaskedAdamW: a drop-in torch.optim.AdamW that trains only the selected (core) elements.
 
-The class keeps the masks (`binding`), the compact state (`compact_state`) and the fp32
-masters (`masters`), and steps each group through one cached plan (`plan`); clipping is in
-`clip`, the stepping of weights with core-rows gradients in `core_rows_step`.
+The class keeps what torch's optimizers keep, param groups and lazily made state, and the
+masks (`binding`); its `step` gathers each group's lists and calls the functional core
+(`functional.masked_adamw`), which plans and runs the step. The state and its state_dict
+mapping are in `state`, clipping in `clip`.
 """
 
 from __future__ import annotations
@@ -14,18 +15,17 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import backends, ops
+from .. import backends
+from ..masks import CoreMask, MaskEntry
+from ..sharding import local_tensor
+from .args import checked_defaults
 from .binding import Binding, describe, flat_params, named_groups, param_names
 from .clip import clip_core_grad_norm_
-from .compact_state import export_state, follow_device, ready_state, restore_compact, split_saved_state
-from .core_rows_step import CoreRowsStep, carrier_of
+from .core_rows import carrier_of
+from .functional import StepPlan, masked_adamw
 from .layout import MOMENTS
-from .masks import CoreMask
-from .masters import Masters
-from .ops._checks import bump_versions
-from .optim_args import checked_defaults
-from .plan import GroupPlan
-from .sharding import is_dtensor, local_tensor
+from .state import (NO_MASTER, Masters, export_state, follow_device, new_state, ready_state, restore_compact,
+                    split_saved_state)
 
 
 class MaskedAdamW(Optimizer):
@@ -85,14 +85,13 @@ class MaskedAdamW(Optimizer):
         defaults = checked_defaults(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
             foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
-            unmasked=unmasked, backend=backend, rounding=rounding, seed=seed)
+            unmasked=unmasked, backend=backend, rounding=rounding, seed=seed, master_weights=master_weights)
         super().__init__(named_groups(params), defaults)
         self._backend = backend
         self._binding = Binding(self.param_groups, masks, unmasked, rounding == "stochastic")
         self._masters = Masters(master_weights, rounding == "stochastic")
-        self._plans: dict[int, GroupPlan] = {}
+        self._plans: dict[int, StepPlan] = {}        # each group's plan of its last step
         self._carrier_rows: dict[Tensor, tuple] = {}  # clip_grad_norm_'s core in each carrier
-        self._version = 0  # bumped whenever what a plan holds may have changed
         for device in {p.device for p in self._layout}:
             backends.choose(device, backend)  # fail now, not at the first step
 
@@ -103,7 +102,7 @@ class MaskedAdamW(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._plans, self._carrier_rows, self._version = {}, {}, 0
+        self._plans, self._carrier_rows = {}, {}
 
     @property
     def _layout(self):
@@ -115,8 +114,7 @@ class MaskedAdamW(Optimizer):
     def _rebind(self) -> None:
         """Follow parameters replaced in ``param_groups`` since the last look (accelerate
         swaps each for its FSDP2 shard after the optimizer is built)."""
-        if self._binding.rebind(self.param_groups, self.state):
-            self._version += 1
+        self._binding.rebind(self.param_groups, self.state)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (as torch's optimizers do). Its parameters have no mask yet: they are
@@ -127,7 +125,6 @@ class MaskedAdamW(Optimizer):
         super().add_param_group(named_groups([param_group])[0])
         if hasattr(self, "_binding"):  # after construction: extend the layout
             self._binding.extend(self.param_groups)
-            self._version += 1
 
     def set_masks(self, masks: CoreMask | Mapping[Tensor, Any]) -> None:
         """Switch to new masks (a new task). Parameters whose selection changed lose their
@@ -141,7 +138,24 @@ class MaskedAdamW(Optimizer):
             if old is None or cur is None or not old.entry.same_selection(cur.entry):
                 self.state.pop(p, None)
         self._binding.layout = new
-        self._version += 1
+
+    def mask_of(self, p: Tensor) -> MaskEntry | None:
+        """`p`'s core, as a global `MaskEntry` (None: no mask: frozen)."""
+        lay = self._layout.get(p)
+        return None if lay is None else lay.entry
+
+    def core_elements(self, p: Tensor) -> Tensor:
+        """The flat indices of `p`'s core elements in the storage this rank holds, in the
+        order its state keeps them (int64, on `p`'s device)."""
+        lay = self._layout[p]
+        return lay.local.element_indices().to(lay.indices.device)
+
+    def init_state(self, p: Tensor) -> dict[str, Any]:
+        """A fresh state for `p` (step 0, zero moments; masters from the weight where it keeps
+        them), replacing any it had: to fill from another optimizer (`swap_optimizer`)."""
+        self.state.pop(p, None)
+        amsgrad = next(g["amsgrad"] for g in self.param_groups if any(q is p for q in g["params"]))
+        return new_state(self.state[p], p, self._layout[p], amsgrad, self._masters)
 
     @property
     def trainable_elements(self) -> int:
@@ -167,27 +181,27 @@ class MaskedAdamW(Optimizer):
         core elements' gradients, so it is the same whether a weight's gradient is full or
         core-only (`install_core_grads`); the scaling applies to the whole gradient tensors."""
         self._rebind()
-        return clip_core_grad_norm_(self._layout, max_norm, eps, self._carrier_rows, self._version)
+        return clip_core_grad_norm_(self._layout, max_norm, eps, self._carrier_rows)
 
     @torch.no_grad()
     def step(self, closure=None):
         """One AdamW step over the core elements. GradScaler's grad_scale/found_inf are
         honoured (set on the optimizer by torch.amp.GradScaler.step).
 
-        What stays the same from step to step (the parameters stepped, their state, mask
-        indices, the native tables) is planned once per group and kept until it changes:
-        masks, groups or state (`set_masks`, `add_param_group`, `load_state_dict`, state
-        tensors replaced or cleared in ``self.state``), a parameter's storage (moved or cast:
-        `model.to(...)`), or which parameters have a gradient. A step then reads only the
-        gradients, which may be new tensors every step. A 16-bit weight written by something
-        else since the last step keeps what was written (see `masters`)."""
+        Each group's lists go to `functional.masked_adamw` with the group's plan of the last
+        step: what stays the same from step to step (the parameters stepped, their storage,
+        masks and state tensors, the native tables) is planned once and kept until it
+        changes (`set_masks`, `add_param_group`, `load_state_dict`, state replaced or cleared
+        in ``self.state``, `model.to(...)`, which parameters have a gradient); a step then
+        reads only the gradients. A 16-bit weight written by something else since the last
+        step keeps what was written (see `state`)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         self._rebind()
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        compiling = torch.compiler.is_compiling()
+        rounding = "stochastic" if self._binding.stochastic else "nearest"
         for gi, group in enumerate(self.param_groups):
             active, carriers = [], []
             for p in group["params"]:
@@ -198,74 +212,35 @@ class MaskedAdamW(Optimizer):
                 if p.grad is not None or c is not None:
                     active.append(p)
                     carriers.append(c)
+            if not active:
+                continue
+            amsgrad = group["amsgrad"]
+            states = [self._ready(p, amsgrad) for p in active]
             plan = self._plans.get(gi)
-            if plan is None or not plan.fits(self._version, active, carriers, group["amsgrad"], self.state):
-                plan = self._plans[gi] = self._plan_group(active, carriers, group["amsgrad"])
             beta1, beta2 = group["betas"]
-            hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                         weight_decay=group["weight_decay"], maximize=group["maximize"],
-                         stochastic=self._binding.stochastic, seed=group["rounding_seed"])
-            for device, dp in plan.devices.items():
-                grads = [self._grad(p, c) for p, c in zip(dp.params, dp.compact)]
-                scale = grad_scale.to(device) if grad_scale is not None else None
-                inf = found_inf.to(device) if found_inf is not None else None
-                if dp.native is not None and not compiling:
-                    dp.native.step(grads, grad_scale=scale, found_inf=inf, **hyper)
-                    bump_versions(dp.lists["params"])
-                else:  # the registered op: traceable by torch.compile
-                    l = dp.lists
-                    ops.masked_adamw_trusted_(
-                        l["params"], grads, l["m"], l["v"], l["vmax"], l["idx"], l["sizes"], l["steps"],
-                        amsgrad=plan.amsgrad, grad_scale=scale, found_inf=inf, backend=self._backend,
-                        masters=l["masters"], elem_bases=l["bases"], **hyper)
-                for c in dp.compact:
-                    if c is not None:
-                        c.scatter()
+            self._plans[gi] = masked_adamw(
+                active, [p.grad if c is None else c.grad for p, c in zip(active, carriers)],
+                [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
+                [st["max_exp_avg_sq"] for st in states] if amsgrad else None, [st["step"] for st in states],
+                [self._layout[p] for p in active], masters=[st.get("master", NO_MASTER) for st in states],
+                carriers=carriers, amsgrad=amsgrad, lr=group["lr"], beta1=beta1, beta2=beta2,
+                eps=group["eps"], weight_decay=group["weight_decay"], maximize=group["maximize"],
+                grad_scale=grad_scale, found_inf=found_inf, rounding=rounding, seed=group["rounding_seed"],
+                backend=self._backend, plan=plan, describe=self._describe,
+                all_params=flat_params(self.param_groups))
         return loss
 
-    def _grad(self, p: Tensor, c: CoreRowsStep | None) -> Tensor:
-        """`p`'s gradient as the kernels read it (a core-rows weight's: its carrier's, its
-        rows gathered into the buffer the kernels step)."""
-        g = p.grad if c is None else c.carrier.grad
-        if g.is_sparse:
-            raise ValueError(f"MaskedAdamW does not support sparse gradients ({self._describe(p)})")
-        g, want = local_tensor(g), local_tensor(p).dtype
-        if g.dtype != want:  # the kernels read a gradient as its parameter's dtype
-            raise TypeError(f"gradient of {self._describe(p)} is {g.dtype}, its parameter {want}: "
-                            "they must match (as torch.optim.AdamW requires)")
-        if c is not None:
-            c.gather()
-        return g if g.is_contiguous() else g.contiguous()
-
-    def _plan_group(self, active: list[Tensor], carriers: list, amsgrad: bool) -> GroupPlan:
-        """Check every parameter stepped and its gradient, make its state ready (created
-        here if new) and plan the group's step. `carriers`: each parameter's compact-gradient
-        carrier, or None (its gradient is its own)."""
-        compact = []
-        for p, c in zip(active, carriers):
-            what = self._describe(p)
-            lay = self._layout[p] = follow_device(p, self._layout[p], self.state.get(p, {}), what)
-            g = p.grad if c is None else c.grad
-            if is_dtensor(p) != is_dtensor(g):
-                raise ValueError(f"parameter {what} and its gradient are not sharded alike")
-            g, storage = local_tensor(g), local_tensor(p)
-            want = storage.shape if c is None else c.shape
-            if g.shape != want or g.device != storage.device:
-                raise ValueError(f"gradient of {what} is {tuple(g.shape)} on {g.device}, its "
-                                 f"parameter's storage {tuple(want)} on {storage.device}")
-            compact.append(None if c is None else
-                           CoreRowsStep.plan(p, c, lay, what, flat_params(self.param_groups)))
-            if ready_state(self.state, p, lay, amsgrad, self._masters, what):
-                self._version += 1
-        return GroupPlan.build(self._version, active, carriers, compact, self._layout, self.state,
-                               amsgrad, self._backend)
-
-    def _init_state(self, p: Tensor, amsgrad: bool) -> dict[str, Any]:
-        """A fresh state for `p` (step 0, zero moments), e.g. to fill from another optimizer."""
-        self.state.pop(p, None)
-        ready_state(self.state, p, self._layout[p], amsgrad, self._masters, self._describe(p))
-        self._version += 1
-        return self.state[p]
+    def _ready(self, p: Tensor, amsgrad: bool) -> dict:
+        """`p`'s state, fit for a step: made if missing (lazily, as torch's optimizers do) or
+        cleared, completed for the group's options, on the device `p` is on now."""
+        st = self.state.get(p)
+        lay = self._layout[p]
+        if (not st or "exp_avg" not in st or (amsgrad and "max_exp_avg_sq" not in st)
+                or ("master" in st) != self._masters.keeps(p) or lay.indices.device != local_tensor(p).device):
+            lay = self._layout[p] = follow_device(p, lay, self.state[p], self._describe(p))
+            ready_state(self.state, p, lay, amsgrad, self._masters)
+            st = self.state[p]
+        return st
 
     def state_dict(self) -> dict[str, Any]:
         """torch's optimizer state_dict. For a sharded parameter the moments are the global
@@ -292,5 +267,4 @@ class MaskedAdamW(Optimizer):
         super().load_state_dict({**state_dict, "state": state})
         for group in self.param_groups:  # a checkpoint from before the seed was saved
             group.setdefault("rounding_seed", self.defaults["rounding_seed"])
-        self._version += 1
-        restore_compact(self.state, kept, self._layout, self._masters)
+        restore_compact(self.state, kept, self._layout)

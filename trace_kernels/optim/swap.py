@@ -9,10 +9,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .masks import CoreMask
-from .optim import MaskedAdamW
+from ..masks import CoreMask
+from ..sharding import local_tensor
 from .layout import MOMENTS
-from .sharding import local_tensor
+from .optimizer import MaskedAdamW
 
 
 def swap_optimizer(
@@ -57,16 +57,15 @@ def swap_optimizer(
         amsgrad=d["amsgrad"], maximize=d.get("maximize", False), masks=masks,
         unmasked=unmasked, backend=backend,
     )
-    amsgrad_of = {p: g["amsgrad"] for g in out.param_groups for p in g["params"]}
     for p, st in optimizer.state.items():
-        lay = out._layout.get(p)
-        if lay is None or lay.entry.numel_selected == 0 or "exp_avg" not in st:
+        entry = out.mask_of(p)
+        if entry is None or entry.numel_selected == 0 or "exp_avg" not in st:
             continue
-        ns = out._init_state(p, amsgrad_of[p])
+        ns = out.init_state(p)
         step = st["step"]
         ns["step"] = (step.detach().to("cpu", torch.float32).clone() if isinstance(step, Tensor)
                       else torch.tensor(float(step), dtype=torch.float32))
-        ei = lay.local.element_indices().to(lay.indices.device)
+        ei = out.core_elements(p)
         for k in MOMENTS:
             if k in ns and k in st:
                 ns[k] = local_tensor(st[k]).reshape(-1)[ei].to(torch.float32).contiguous()
