@@ -11,10 +11,10 @@ Public API:
 """
 
 from ._version import __version__
-from .core_grads import CoreGrads, install_core_grads
+from .core_grads import CoreGrads, install_core_grads, remove_core_grads
 from .masks import CoreMask, MaskEntry
 from .optim import MaskedAdamW, masked_adamw, swap_optimizer
 from .report import report
 
-__all__ = ["CoreMask", "MaskEntry", "MaskedAdamW", "masked_adamw", "swap_optimizer", "install_core_grads", "CoreGrads",
+__all__ = ["CoreMask", "MaskEntry", "MaskedAdamW", "masked_adamw", "swap_optimizer", "install_core_grads", "remove_core_grads", "CoreGrads",
            "report", "__version__"]

@@ -21,14 +21,17 @@ broadcasts their one-element storage nor buckets them) and each carrier's accumu
 gradient is averaged over DDP's process group when DDP syncs (not under ``no_sync``), as
 DDP averages the gradients it buckets.
 
-The carriers are not part of the model's ``state_dict`` (saved and loaded models are
-unchanged). ``CoreGrads.remove()`` (or leaving its ``with`` block) restores the layers.
+An installed layer is a `CoreGradLinear` (an `nn.Linear` subclass) that keeps everything it
+needs in itself, so ``copy.deepcopy``, ``torch.save``/``torch.load`` of the whole model and
+``model.to`` keep it working. The carriers and index buffers are not part of the model's
+``state_dict`` (saved and loaded models are unchanged). ``CoreGrads.remove()`` (or leaving
+its ``with`` block) restores the layers; `remove_core_grads(model)` restores every installed
+layer of a model (a copy's, say).
 """
 
 from __future__ import annotations
 
-import types
-from dataclasses import dataclass
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -95,40 +98,70 @@ class _CoreLinear(torch.autograd.Function):
         return gx, None, gb, gc, None, None, None
 
 
-def _follow_weight(carrier: nn.Parameter, weight: Tensor) -> None:
-    """`model.to(...)` after install moves the weight, turns the one-element carrier into a
-    full k × in tensor and leaves the picks where they were: put the carrier back to one
-    element of the weight's dtype on its device, and the picks beside it."""
-    if carrier.dtype != weight.dtype or carrier.device != weight.device or any(carrier.stride()):
-        carrier.data = torch.empty_strided(carrier.shape, (0,) * carrier.dim(), dtype=weight.dtype,
-                                           device=weight.device)
-    if carrier.trace_rows.device != weight.device:
-        carrier.trace_rows = carrier.trace_rows.to(weight.device)
-        carrier.trace_pick = tuple(None if t is None else t.to(weight.device) for t in carrier.trace_pick)
+CARRIER_INDEX = "weight_core_index"  # buffer: the carrier's rows in the weight viewed as (-1, cols)
+CARRIER_PICK = "weight_core_pick"    # buffer: element path, (2, k) rows and columns; else empty
+# carriers whose DDP-averaging hook is registered, by id (a copied or loaded carrier has none:
+# torch keeps tensor hooks through neither deepcopy nor torch.save)
+_HOOKED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
-def _core_forward(self: nn.Linear, x: Tensor) -> Tensor:
-    carrier = getattr(self, CARRIER)
-    if not (torch.is_grad_enabled() and carrier.requires_grad):
-        return F.linear(x, self.weight, self.bias)
-    _follow_weight(carrier, self.weight)
-    carrier.trace_ddp_group = _ddp_sync_group(carrier)
-    dtype = None
-    kind = x.device.type
-    if torch.is_autocast_enabled(kind):
-        dtype = torch.get_autocast_dtype(kind)
-    return _CoreLinear.apply(x, self.weight, self.bias, carrier, *carrier.trace_pick, dtype)
+class CoreGradLinear(nn.Linear):
+    """An `nn.Linear` whose backward computes the weight gradient of its core only, into its
+    carrier (`install_core_grads` turns a layer into one; `remove` turns it back). Everything
+    it needs lives in the module (the carrier parameter, two non-persistent index buffers, its
+    name), so a deepcopy, ``torch.save`` of the whole model and ``model.to`` keep it working;
+    the links the optimizer reads (``weight.trace_core_grad``, ``carrier.trace_rows``) are
+    set again at every forward, before any gradient exists."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        carrier = getattr(self, CARRIER)
+        if not (torch.is_grad_enabled() and carrier.requires_grad):
+            return F.linear(x, self.weight, self.bias)
+        self._link(carrier)
+        carrier.trace_ddp_group = _ddp_sync_group(carrier, self._core_grad_name)
+        dtype = None
+        kind = x.device.type
+        if torch.is_autocast_enabled(kind):
+            dtype = torch.get_autocast_dtype(kind)
+        pick = getattr(self, CARRIER_PICK)
+        rows, cols = (getattr(self, CARRIER_INDEX), None) if not pick.numel() else (pick[0], pick[1])
+        return _CoreLinear.apply(x, self.weight, self.bias, carrier, rows, cols, dtype)
+
+    def _link(self, carrier: nn.Parameter) -> None:
+        """The weight and carrier as the optimizer finds them; the carrier back to one
+        element of the weight's dtype on its device (a deepcopy or ``model.to`` makes it a
+        full k × in tensor); the DDP hook on this carrier object."""
+        weight = self.weight
+        if carrier.dtype != weight.dtype or carrier.device != weight.device or any(carrier.stride()):
+            carrier.data = torch.empty_strided(carrier.shape, (0,) * carrier.dim(), dtype=weight.dtype,
+                                               device=weight.device)
+        weight.trace_core_grad = carrier
+        carrier.trace_rows = getattr(self, CARRIER_INDEX)
+        if _HOOKED.get(id(carrier)) is not carrier:
+            carrier.register_post_accumulate_grad_hook(_average_over_ddp)
+            _HOOKED[id(carrier)] = carrier
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination.pop(prefix + CARRIER, None)  # a saved model is the plain model
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if prefix + CARRIER in missing_keys:
+            missing_keys.remove(prefix + CARRIER)
 
 
-def _ddp_sync_group(carrier: nn.Parameter):
+def _ddp_sync_group(carrier: nn.Parameter, name: str):
     """The process group to average the carrier's gradient over after this forward's
     backward: DDP's when this forward runs inside a DDP forward that syncs, else None."""
     ddp = DistributedDataParallel._active_ddp_module
     if ddp is None:
         return None
-    if carrier.trace_name not in ddp.parameters_to_ignore:
+    if name not in ddp.parameters_to_ignore:
         raise RuntimeError(
-            f"{carrier.trace_name}: DistributedDataParallel was built before install_core_grads "
+            f"{name}: DistributedDataParallel was built before install_core_grads "
             "(it waits for the weight's full gradient and never averages the compact one); "
             "install on the module first, then wrap it")
     return ddp.process_group if ddp.require_backward_grad_sync else None
@@ -143,29 +176,45 @@ def _average_over_ddp(carrier: nn.Parameter) -> None:
         carrier.grad.div_(dist.get_world_size(group))
 
 
-def _drop_carrier(module, state_dict, prefix, local_metadata):
-    state_dict.pop(prefix + CARRIER, None)
+def _install(module: nn.Linear, name: str, index: Tensor, pick: Tensor, cols: int) -> None:
+    weight = module.weight
+    carrier = nn.Parameter(torch.empty_strided((index.numel(), cols), (0, 0), dtype=weight.dtype,
+                                               device=weight.device))
+    module.register_parameter(CARRIER, carrier)
+    module.register_buffer(CARRIER_INDEX, index, persistent=False)
+    module.register_buffer(CARRIER_PICK, pick, persistent=False)
+    module._core_grad_name = f"{name}.{CARRIER}" if name else CARRIER
+    module._core_grad_weight_flag = weight.requires_grad
+    module.__class__ = CoreGradLinear
+    module._link(carrier)
+    weight.requires_grad_(False)
 
 
-def _ignore_missing_carrier(module, incompatible):
-    missing = [k for k in incompatible.missing_keys if k.endswith("." + CARRIER) or k == CARRIER]
-    for k in missing:
-        incompatible.missing_keys.remove(k)
+def _uninstall(module: CoreGradLinear) -> None:
+    """The layer as it was: a plain nn.Linear, its weight's flag restored."""
+    weight = module.weight
+    weight.__dict__.pop("trace_core_grad", None)
+    weight.requires_grad_(module.__dict__.pop("_core_grad_weight_flag", True))
+    del module._parameters[CARRIER]
+    for b in (CARRIER_INDEX, CARRIER_PICK):
+        del module._buffers[b]
+    module.__dict__.pop("_core_grad_name", None)
+    module.__class__ = nn.Linear
 
 
-@dataclass
-class _Installed:
-    name: str
-    module: nn.Linear
-    forward: object          # the instance's own forward before (None: the class's)
-    hooks: list
-    requires_grad: bool      # the weight's flag before
+def remove_core_grads(model: nn.Module) -> int:
+    """Turn every installed layer of `model` back into a plain `nn.Linear` (a copy of a model
+    with core gradients installed, say); returns how many there were."""
+    found = [m for m in model.modules() if isinstance(m, CoreGradLinear)]
+    for m in found:
+        _uninstall(m)
+    return len(found)
 
 
 class CoreGrads:
     """The layers `install_core_grads` changed (a context manager: leaving it removes them)."""
 
-    def __init__(self, installed: list[_Installed], model: nn.Module | None = None,
+    def __init__(self, installed: list[tuple[str, CoreGradLinear]], model: nn.Module | None = None,
                  ignored: list | None = None) -> None:
         self._installed = installed
         self._model, self._ignored = model, ignored  # DDP's ignore list before (None: none)
@@ -173,12 +222,11 @@ class CoreGrads:
     @property
     def names(self) -> list[str]:
         """The weights whose gradients are compact."""
-        return [f"{i.name}.weight" if i.name else "weight" for i in self._installed]
+        return [f"{name}.weight" if name else "weight" for name, _ in self._installed]
 
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """The carriers, named as the model names them."""
-        return [(f"{i.name}.{CARRIER}" if i.name else CARRIER, getattr(i.module, CARRIER))
-                for i in self._installed]
+        return [(m._core_grad_name, getattr(m, CARRIER)) for _, m in self._installed]
 
     def remove(self) -> None:
         """Restore the layers (the carriers and their gradients are dropped)."""
@@ -188,18 +236,9 @@ class CoreGrads:
             else:
                 self._model._ddp_params_and_buffers_to_ignore = self._ignored
             self._model = None
-        for i in self._installed:
-            weight = i.module.weight
-            if getattr(weight, "trace_core_grad", None) is not None:
-                del weight.trace_core_grad
-            weight.requires_grad_(i.requires_grad)
-            del i.module._parameters[CARRIER]
-            if i.forward is None:
-                i.module.__dict__.pop("forward", None)
-            else:
-                i.module.forward = i.forward
-            for h in i.hooks:
-                h.remove()
+        for _, m in self._installed:
+            if isinstance(m, CoreGradLinear):
+                _uninstall(m)
         self._installed = []
 
     def __enter__(self) -> CoreGrads:
@@ -240,7 +279,7 @@ def install_core_grads(model: nn.Module, core: CoreMask, *, max_row_fraction: fl
             key = f"{name}.weight" if name else "weight"
             entry = core.get(key)
             if (type(module) is not nn.Linear or entry is None or not entry.num_selected
-                    or CARRIER in module._parameters):
+                    or CARRIER in module._parameters):  # (a CoreGradLinear is not an nn.Linear)
                 continue
             weight = module.weight
             if is_dtensor(weight) or counts.get(id(weight), 0) != 1 or entry.shape != tuple(weight.shape):
@@ -249,27 +288,15 @@ def install_core_grads(model: nn.Module, core: CoreMask, *, max_row_fraction: fl
             found = core_rows(entry, cols)
             if found is not None and found[0].numel() <= max_row_fraction * weight.shape[0]:
                 rows = found[0].to(weight.device)
-                pick = (rows, None)
+                pick = rows.new_empty((0,))
             elif entry.density <= max_element_fraction:
                 rows = core_rows(entry, 1)[0].to(weight.device)  # the core's elements
-                pick = (rows // cols, rows % cols)
+                pick = torch.stack([rows // cols, rows % cols])
                 cols = 1
             else:
                 continue
-            carrier = nn.Parameter(torch.empty_strided((rows.numel(), cols), (0, 0),
-                                                       dtype=weight.dtype, device=weight.device))
-            carrier.trace_rows = rows  # of the weight viewed as (-1, cols)
-            carrier.trace_pick = pick
-            carrier.trace_name = f"{name}.{CARRIER}" if name else CARRIER
-            own = module.__dict__.get("forward")
-            module.register_parameter(CARRIER, carrier)
-            weight.trace_core_grad = carrier
-            module.forward = types.MethodType(_core_forward, module)
-            hooks = [module._register_state_dict_hook(_drop_carrier),
-                     module.register_load_state_dict_post_hook(_ignore_missing_carrier),
-                     carrier.register_post_accumulate_grad_hook(_average_over_ddp)]
-            installed.append(_Installed(name, module, own, hooks, weight.requires_grad))
-            weight.requires_grad_(False)
+            _install(module, name, rows, pick, cols)
+            installed.append((name, module))
     except BaseException:
         CoreGrads(installed).remove()
         raise
@@ -277,5 +304,8 @@ def install_core_grads(model: nn.Module, core: CoreMask, *, max_row_fraction: fl
     if installed:  # DDP built on `model` later leaves the carriers to `_average_over_ddp`
         ignored = getattr(model, "_ddp_params_and_buffers_to_ignore", None)
         handle = CoreGrads(installed, model, None if ignored is None else list(ignored))
-        model._ddp_params_and_buffers_to_ignore = [*(ignored or []), *(n for n, _ in handle.named_parameters())]
+        # (the index buffers are the same on every rank: nothing to broadcast either)
+        buffers = [f"{name}.{b}" if name else b for name, _ in installed for b in (CARRIER_INDEX, CARRIER_PICK)]
+        model._ddp_params_and_buffers_to_ignore = [*(ignored or []), *(n for n, _ in handle.named_parameters()),
+                                                   *buffers]
     return handle

@@ -368,3 +368,56 @@ def test_sampled_dot_refuses_bad_input_by_name():
         ops.sampled_dot(a, b, ok.int(), ok)
     with pytest.raises(ValueError, match="differ in length"):
         ops.sampled_dot(a, b, ok, ok[:1])
+
+
+def _train(net, core, steps=3, seed=7):
+    """A MaskedAdamW over `net`'s core (core-only gradients as installed), `steps` steps."""
+    opt = MaskedAdamW(net.named_parameters(), lr=1e-2, masks=core, backend="cpu")
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        opt.zero_grad()
+        x = torch.randn(6, 13, generator=gen)
+        net(x).square().mean().backward()
+        opt.step()
+    return net
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("how", ["deepcopy", "save_whole", "state_dict"])
+def test_an_installed_model_survives_copies_and_saves(gen, mode, how, tmp_path):
+    """Issue #35: deepcopy then a forward raised AttributeError ('trace_rows'); a model saved
+    whole with torch.save could not be loaded ('_core_forward'). Now a copy, a reloaded model
+    and a state_dict round trip train exactly as the original does, and stay core-only."""
+    net = model()
+    core = weights_core(net, gen)
+    for n, p in net.named_parameters():
+        p.requires_grad_(n in core)
+    handle = install_core_grads(net, core, **MODES[mode])
+    if how == "deepcopy":
+        other = copy.deepcopy(net)
+    elif how == "save_whole":
+        torch.save(net, tmp_path / "model.pt")
+        other = torch.load(tmp_path / "model.pt", weights_only=False)
+    else:
+        other = model(seed=3)
+        for n, p in other.named_parameters():
+            p.requires_grad_(n in core)
+        install_core_grads(other, core, **MODES[mode])
+        missing, unexpected = other.load_state_dict(net.state_dict())
+        assert not missing and not unexpected
+        assert not any(k.endswith(CARRIER) or "core_index" in k for k in net.state_dict())
+    _train(net, core)
+    _train(other, core)
+    theirs = dict(other.named_parameters())
+    for n, a in net.named_parameters():
+        if not n.endswith(CARRIER):  # (a carrier's one element of storage is never read)
+            assert torch.equal(a, theirs[n]), n
+    assert all(p.grad is None for n, p in other.named_parameters() if n.endswith("weight"))
+    assert any(p.grad is not None for n, p in other.named_parameters() if n.endswith(CARRIER))
+    installed = len(handle.names)
+    assert installed
+    handle.remove()
+    from trace_kernels import remove_core_grads
+
+    assert remove_core_grads(other) == installed       # the copy's layers, restored
+    assert all(type(m) in (nn.Linear, nn.GELU) for m in (*net, *other))

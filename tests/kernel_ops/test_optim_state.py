@@ -322,3 +322,29 @@ def test_a_dtensor_replaced_by_one_of_the_same_layout_keeps_its_state():
         assert torch.equal(q.full_tensor(), ref.detach())
     finally:
         dist.destroy_process_group()
+
+
+def test_a_dense_adamw_state_is_refused_pointing_to_swap_optimizer():
+    model = _linear()
+    adamw = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _step(model, adamw, _grads(model, 1)[0])
+    opt = MaskedAdamW(model.parameters(), lr=1e-2, masks=_masks(model))
+    with pytest.raises(ValueError, match="swap_optimizer"):
+        opt.load_state_dict(adamw.state_dict())
+    assert not opt.state
+
+
+def test_torch_adamw_refuses_a_masked_state_before_stepping():
+    model = _linear()
+    masks = _masks(model)
+    opt = MaskedAdamW(model.parameters(), lr=1e-2, masks=masks)
+    grads = _grads(model, 2)
+    _step(model, opt, grads[0])
+    adamw = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    adamw.load_state_dict(opt.state_dict())
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="saved by trace_kernels.MaskedAdamW"):
+        _step(model, adamw, grads[1])
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    plain = torch.optim.AdamW(model.parameters(), lr=1e-2)  # an ordinary AdamW still steps
+    _step(model, plain, grads[1])

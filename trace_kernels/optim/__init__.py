@@ -12,8 +12,13 @@ Reading one `step()`: `optimizer.py` → `functional.py` → the backend's kerne
 (`trace_kernels.backends`, e.g. `backends/cpu.py`).
 """
 
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
 from .functional import StepPlan, masked_adamw
 from .optimizer import MaskedAdamW
+from .state import refuse_compact_state
 from .swap import swap_optimizer
+
+register_optimizer_step_pre_hook(refuse_compact_state)
 
 __all__ = ["MaskedAdamW", "masked_adamw", "StepPlan", "swap_optimizer"]
