@@ -71,7 +71,9 @@ def read_examples(path: str | Path) -> list[Example]:
         if text[pos + 1:].strip():
             raise TaskFormatError(f"{path}:{_line_of(text, pos + 1)}: data after the JSON array")
     else:
-        for i, line in enumerate(text.splitlines(), 1):
+        # JSON Lines are separated by "\n" alone: str.splitlines() would also split on
+        # U+2028, U+2029 and U+0085, which JSON strings may hold unescaped
+        for i, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             try:

@@ -275,3 +275,17 @@ def test_a_lock_on_a_new_directory_leaves_nothing_when_nothing_is_written(tmp_pa
     with TaskHistory.open(empty, model_fp(), create=True).hold():
         pass
     assert list(empty.iterdir()) == []
+
+
+def test_a_test_split_with_unicode_line_separators_reads_back(tmp_path):
+    """U+2028, U+2029 and U+0085 are legal unescaped inside JSON strings; the history writes
+    them so, and every later open read them as line breaks (issue #35: every later adapt on
+    such a history failed with HistoryError)."""
+    odd = [Example("a\u2028b", "c\u2029d"), Example("e\u0085f", "g\r\nh")]
+    rec = make_record(3)
+    rec.test = odd
+    h = TaskHistory.open(tmp_path / "h", model_fp(), create=True)
+    h.append(rec, model_fp())
+    again = TaskHistory.open(tmp_path / "h", model_fp())
+    assert list(again.record(0).test) == odd
+    assert again.tasks()[0].test == odd

@@ -112,3 +112,12 @@ def test_the_formats_suite_adapts_base_skills():
     assert all(e.answer == " ".join(e.prompt[4:-1]) for e in tasks["spc"].test)
     assert all(e.answer in ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
                for e in tasks["lenw"].test)
+
+
+def test_json_lines_keep_unicode_line_separators_inside_strings(tmp_path):
+    from trace_ft.tasks import read_examples
+
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"prompt": "one\u2028two", "answer": "x\u0085y"}\n{"input": "3\u2029", "output": "4"}\r\n',
+                    encoding="utf-8")
+    assert read_examples(path) == [Example("one\u2028two", "x\u0085y"), Example("3\u2029", "4")]
