@@ -32,13 +32,9 @@ def one(args) -> dict:
     """Run one strategy through the tasks (in this process) and return its costs."""
     import torch
 
-    from trace_ft.config import RunConfig, general_tasks
-    from trace_ft.continual.strategies.factory import build_strategy
-    from trace_ft.continual.sequence import TaskSequence, run_strategy
-    from trace_ft.evaluate import general_perplexity
+    from trace_ft.config import RunConfig, RunSetup
+    from trace_ft.continual.sequence import run_strategy
     from trace_ft.lm.memory import _rss
-    from trace_ft.lm.model import open_model
-    from trace_ft.tasks import resolve_tasks
 
     torch.set_num_threads(args.threads)
     cfg = RunConfig.from_dict(dict(
@@ -46,16 +42,12 @@ def one(args) -> dict:
         batch_size=args.batch_size, lr=args.lr, trace_lr=args.trace_lr, trace_probe_steps=args.probe_steps,
         n_train=args.n_train, n_test=args.n_test, trace_core_grads=args.core_grads, trace_budget=args.budget,
         trace_granularity=args.granularity, seed=0))
-    cfg.validate()
     rss_start = _rss()
-    base, codec, path = open_model(cfg.model, size=cfg.size, progress=False)
-    general, guard = general_tasks(cfg)
-    tasks = resolve_tasks(cfg.task_names, cfg.seed, cfg.n_train, cfg.n_test)
-    ppl = None if cfg.model == "builtin" else general_perplexity(codec, base)
-    seq = TaskSequence.build(tasks, general, base, codec, perplexity=ppl)
+    setup = RunSetup.open(cfg, progress=False)
+    base, path, tasks = setup.base, setup.model_dir, setup.tasks
+    seq = setup.sequence()
     rss_base = _rss()
-    strategy = build_strategy(args.one, cfg, guard)
-    entry = run_strategy(strategy, seq, base, codec, cfg.train_config(), seed=0)
+    entry, _ = run_strategy(setup.strategy(args.one), seq, base, setup.codec, cfg.train_config(), seed=0)
     from trace_ft.method.probe import eligible_parameters
 
     c = entry["costs"]

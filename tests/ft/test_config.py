@@ -21,9 +21,9 @@ def test_precedence_and_tables(tmp_path):
     f = tmp_path / "run.toml"
     f.write_text('steps = 7\nlr = 0.5\n[trace]\nbudget = 0.2\ngranularity = "row"\n')
     cfg = _parse(["--config", str(f), "--steps", "9"])
-    assert (cfg.steps, cfg.lr, cfg.trace.budget, cfg.trace.granularity) == (9, 0.5, 0.2, "row")
+    assert (cfg.steps, cfg.lr, cfg.trace.select.budget, cfg.trace.select.granularity) == (9, 0.5, 0.2, "row")
     assert cfg.threads >= 1
-    assert _parse(["--granularity", "64"]).trace.granularity == 64   # a block size
+    assert _parse(["--granularity", "64"]).trace.select.granularity == 64   # a block size
 
 
 @pytest.mark.parametrize("over,needle", [
@@ -47,7 +47,7 @@ def test_every_setting_is_checked(over, needle):
 @pytest.mark.parametrize("section,kwargs,needle", [
     (ReplaySettings, dict(buffer=0), "replay_buffer must be >= 1"),
     (TraceSettings, dict(lr=-1.0), "trace_lr must be > 0"),
-    (TraceSettings, dict(budget=1.5), "budget must be a fraction"),
+    (TraceSettings, dict(select=dict(budget=1.5)), "budget must be a fraction"),
     (LoRASettings, dict(rank=0), "lora_rank must be >= 1"),
     (EWCSettings, dict(lam=-1.0), "ewc_lambda must be >= 0"),
     (SweepSettings, dict(probe_steps=[0]), "sweep_probe_steps must be >= 1"),
@@ -59,12 +59,12 @@ def test_each_strategys_settings_check_themselves_when_built(section, kwargs, ne
 
 def test_flat_names_round_trip_and_name_the_nested_settings():
     cfg = RunConfig.from_dict({"trace": {"budget": 0.2}, "ewc": {"lambda": 3.0}, "lora_rank": 4})
-    assert (cfg.trace.budget, cfg.ewc.lam, cfg.lora.rank) == (0.2, 3.0, 4)
+    assert (cfg.trace.select.budget, cfg.ewc.lam, cfg.lora.rank) == (0.2, 3.0, 4)
     flat = cfg.flat()
     assert (flat["trace_budget"], flat["ewc_lambda"], flat["lora_rank"]) == (0.2, 3.0, 4)
     assert RunConfig.from_dict(flat) == cfg
     point = cfg.replaced(trace_lr=3e-4, seed=2)
-    assert (point.trace.lr, point.seed, point.trace.budget, cfg.trace.lr) == (3e-4, 2, 0.2, 1e-2)
+    assert (point.trace.lr, point.seed, point.trace.select.budget, cfg.trace.lr) == (3e-4, 2, 0.2, 1e-2)
 
 
 def test_learning_rates_left_unset_take_the_models_defaults():
@@ -96,3 +96,51 @@ def test_strategies_built_from_the_settings():
     names = [s.name for s in sweep_strategies(RunConfig.from_dict(dict(
         sweep_granularity=["row"], sweep_budget=[0.1], sweep_probe_steps=[5, 10])))]
     assert names == ["trace[row,0.1,p5]", "trace[row,0.1,p10]"]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--threshold", "nan"], "specificity_threshold must be a finite number"),
+    (["--trace-lr", "inf"], "trace_lr must be > 0 and finite"),
+    (["--lr", "inf"], "lr must be > 0 and finite"),
+    (["--probe-lr", "nan"], "trace_probe_lr must be > 0 and finite"),
+    (["--protect", "inf"], "protect must be >= 0 and finite"),
+    (["--lora-lr", "nan"], "lora_lr must be > 0 and finite"),
+    (["--ewc-lambda", "nan"], "ewc_lambda must be >= 0 and finite"),
+])
+def test_non_finite_settings_are_refused(argv, needle):
+    """Issue #35: a NaN threshold silently turned the specificity exclusion off; an infinite
+    lr was accepted."""
+    with pytest.raises(ValueError, match=needle):
+        _parse(argv)
+
+
+def test_settings_left_unset_are_resolved_once_from_the_model():
+    builtin, real = RunConfig(), RunConfig(model="smollm2-135m")
+    assert (builtin.steps, builtin.batch_size, builtin.trace.probe_steps, builtin.n_test,
+            builtin.general_every) == (200, 32, 50, 200, "task")
+    assert (real.steps, real.batch_size, real.trace.probe_steps, real.n_test, real.general_every) == (16, 8, 8, 32, "end")
+    # the probe is a short full fine-tuning: it runs at the run's lr, not the core's
+    assert (builtin.trace.probe_lr, real.trace.probe_lr) == (1e-3, 1e-4)
+    assert builtin.trace.core_grads and not RunConfig(parallel="fsdp2").trace.core_grads
+    # every explicit setting wins
+    given = RunConfig.from_dict(dict(model="smollm2-135m", steps=40, batch_size=4, trace_probe_steps=3, n_test=9,
+                                     general_every="task", trace_probe_lr=5e-5))
+    assert (given.steps, given.batch_size, given.trace.probe_steps, given.n_test, given.general_every,
+            given.trace.probe_lr) == (40, 4, 3, 9, "task", 5e-5)
+    # a frontier point's lr moves what was left to follow it (the core's and the probe's lr)
+    point = real.replaced(lr=3e-5)
+    assert (point.lr, point.trace.lr, point.trace.probe_lr) == (3e-5, 9e-5, 3e-5)
+    fixed = RunConfig.from_dict(dict(model="smollm2-135m", trace_lr=2e-4)).replaced(lr=3e-5)
+    assert (fixed.trace.lr, fixed.trace.probe_lr) == (2e-4, 3e-5)
+    # and a changed model brings its own defaults
+    assert builtin.replaced(model="smollm2-135m").steps == 16
+
+
+def test_the_selection_is_nested_and_named_flat():
+    cfg = RunConfig.from_dict({"trace": {"threshold": 0.3, "share_cores": True, "budget": 0.1}})
+    sel = cfg.trace.select
+    assert (sel.specificity_threshold, sel.share_earlier_cores, sel.budget) == (0.3, True, 0.1)
+    flat = cfg.flat()
+    assert (flat["trace_specificity_threshold"], flat["trace_share_earlier_cores"]) == (0.3, True)
+    assert "trace_threshold" not in flat and RunConfig.from_dict(flat) == cfg
+    assert RunConfig().trace.select.granularity == "element"  # one default, the method's

@@ -94,3 +94,13 @@ def test_gpu_check_script_parses_and_dry_runs():
         assert step in out, step
     for path in ("bench/bench_gpu.py", "bench/bench_train_step.py"):
         assert (script.parents[1] / path).is_file()
+
+
+def test_every_backend_registers_its_kernels():
+    from trace_kernels.backends import registry
+
+    assert set(registry.NAMES) == set(backends.REGISTRY)
+    for name in registry.NAMES:  # each finds a kernel of every op (its own or the reference's)
+        assert all(registry.kernel(op, name) is not None for op in registry.OPS if op != "plan_masked_adamw")
+    assert registry.kernel("plan_masked_adamw", "cpu") is not None
+    assert registry.kernel("plan_masked_adamw", "reference") is None

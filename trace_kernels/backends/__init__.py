@@ -23,6 +23,7 @@ from types import ModuleType
 import torch
 
 from .. import _native
+from .registry import OPS, kernel, register_kernel  # noqa: F401 (re-exported)
 
 GPU_DEVICES = ("cuda", "xpu")
 ENV_VAR = "TRACE_KERNELS_BACKEND"
@@ -129,41 +130,6 @@ def _choose(device_type: str, index: int | None, requested: str | None, env_valu
     if reasons:
         return Choice("reference", f"reference only: {'; '.join(reasons)}")
     return Choice("reference", f"no native backend for {device_type} in this build")
-
-
-# The ops each backend may implement. A backend module registers its kernels against them
-# when it is imported (`register_kernel`); `kernel` finds a backend's, or the reference's
-# where the backend has none of its own. "plan_masked_adamw" is a backend's prepared launch
-# of a masked step (built once from the step's lists, then stepped with only the gradients):
-# the reference has none, and a backend without one runs the op at every step.
-OPS = ("masked_adamw_", "adamw_fisher_", "delta_stats", "sampled_dot", "check_block_indices",
-       "plan_masked_adamw")
-_KERNELS: dict[tuple[str, str], Callable] = {}
-
-
-def register_kernel(op: str, backend: str) -> Callable[[Callable], Callable]:
-    """Decorator: `fn` is backend `backend`'s kernel of `op` (one of `OPS`)."""
-    if op not in OPS:
-        raise ValueError(f"unknown op {op!r}; one of {', '.join(OPS)}")
-    if backend not in REGISTRY:
-        raise ValueError(f"unknown backend {backend!r}")
-
-    def register(fn: Callable) -> Callable:
-        _KERNELS[(op, backend)] = fn
-        return fn
-
-    return register
-
-
-def kernel(op: str, name: str) -> Callable | None:
-    """Backend `name`'s kernel of `op`, else the reference's; None for a prepared launch
-    (plan_masked_adamw) the backend does not have."""
-    module(name)  # importing a backend registers its kernels
-    found = _KERNELS.get((op, name))
-    if found is None and op != "plan_masked_adamw":
-        module("reference")
-        found = _KERNELS[(op, "reference")]
-    return found
 
 
 def module(name: str) -> ModuleType:

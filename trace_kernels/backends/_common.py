@@ -63,7 +63,7 @@ def register_adamw(backend: str, adamw):
     """Register (and return) a backend's masked_adamw_ and adamw_fisher_, both made from its
     one `adamw` function, which takes the masked-step arguments plus (fishers, fisher_scale):
     the masked step passes no fishers; adamw_fisher_ passes one block spanning each tensor."""
-    from . import register_kernel
+    from .registry import register_kernel
 
     @register_kernel("masked_adamw_", backend)
     def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, block_indices,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import _native
-from . import register_kernel
+from .registry import register_kernel
 from ._common import advance_steps, host_lr, inf_found, register_adamw
 from ._layout import masked_row, stats_row
 

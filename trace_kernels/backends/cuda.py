@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from .. import _native
-from . import register_kernel
+from .registry import register_kernel
 from ._common import advance_steps, host_lr, register_adamw, split_stats
 from ._layout import masked_row, stats_row
 from ._plan_cache import PLANS

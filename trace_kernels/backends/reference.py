@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..masks import expand_blocks
-from . import register_kernel
+from .registry import register_kernel
 from ._common import (advance_steps, check_block_indices, host_lr, inf_found, register_adamw, round_bits,
                       round_key, to_param)
 

@@ -15,8 +15,7 @@ Reading one `step()`: `optimizer.py` → `functional.py` → the backend's kerne
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .functional import StepPlan, masked_adamw
-from .optimizer import MaskedAdamW
-from .state import refuse_compact_state
+from .optimizer import MaskedAdamW, refuse_compact_state
 from .swap import swap_optimizer
 
 register_optimizer_step_pre_hook(refuse_compact_state)

@@ -14,7 +14,6 @@ never undone by a stale master, however it was made.
 
 from __future__ import annotations
 
-import weakref
 from itertools import chain
 from typing import Any
 
@@ -149,24 +148,3 @@ def restore_compact(state: dict, kept: dict[Tensor, dict[str, Tensor]], layout: 
             st[k] = v.to(device=lay.indices.device, dtype=torch.float32, copy=True)
         st["block_indices"], st["block_size"] = lay.recorded_mask()
 
-
-# Optimizers (not MaskedAdamW) whose state object was found free of compact state: torch
-# replaces an optimizer's ``state`` when it loads a state_dict, so each load is checked once.
-_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def refuse_compact_state(optimizer, args, kwargs) -> None:
-    """A global optimizer step pre-hook: another optimizer (torch.optim.AdamW) that loaded a
-    MaskedAdamW state_dict would step full-size parameters with core-sized moments and fail
-    on a size mismatch; stop it first, saying what to do. O(1) per step once checked."""
-    from .optimizer import MaskedAdamW
-
-    if isinstance(optimizer, MaskedAdamW) or _CHECKED.get(optimizer) is optimizer.state:
-        return
-    for st in optimizer.state.values():
-        if isinstance(st, dict) and "block_indices" in st and "block_size" in st:
-            raise ValueError(
-                f"{type(optimizer).__name__} holds a state saved by trace_kernels.MaskedAdamW (moments "
-                "of the core elements only, in mask order), which it cannot step; load it into a "
-                "MaskedAdamW with the same masks instead")
-    _CHECKED[optimizer] = optimizer.state

@@ -21,17 +21,15 @@ import torch
 
 from trace_kernels import CoreMask
 
-from ..config import RunConfig
-from ..continual.strategies.factory import build_strategy
+from ..config import RunConfig, RunSetup
 from ..continual.strategies.base import Context
 from ..evaluate import Evaluator
-from ..lm.model import open_model, save_model, weights_sha256
-from ..lm.parallel import DataParallel, is_main, main_first
+from ..lm.model import save_model, weights_sha256
+from ..lm.parallel import DataParallel, is_main
 from ..method.routing import core_values, full_core_values, set_core_values
 from ..store.atomic import sha256_file
 from ..store.checkpoint import AdaptCheckpoint, CheckpointError
 from ..store.history import TaskHistory, TaskRecord, data_fingerprint, model_fingerprint
-from ..tasks import resolve_tasks
 
 
 def default_checkpoint_dir(out: str | Path) -> Path:
@@ -92,11 +90,11 @@ def _adapt(cfg: RunConfig, model, task, history, out, *, eval_history, resume, c
         raise ValueError(f"--resume: no checkpoint at {ckpt.path}")
     if out.exists() and not overwrite and not resume:
         raise ValueError(f"--out {out} already exists (pass --overwrite to replace it)")
-    (new_task,) = resolve_tasks([task], cfg.seed, cfg.n_train, cfg.n_test)  # bad data fails here
     core_mask = CoreMask.load(core) if core is not None else None
-    net, codec, model_dir = main_first(parallel, lambda: open_model(  # rank 0 fills a fresh cache
-        model, size=cfg.size, cache_dir=cfg.cache_dir, dtype=cfg.dtype, device=cfg.device, progress=False,
-        chat=cfg.chat))
+    if str(model) != cfg.model:  # the defaults follow the model adapted
+        cfg = cfg.replaced(model=str(model))
+    setup = RunSetup.open(cfg, parallel=parallel, progress=False, task_specs=[task])  # bad data fails first
+    (new_task,), net, codec, model_dir = setup.tasks, setup.base, setup.codec, setup.model_dir
     if core_mask is not None:
         core_mask.check_shapes({n: tuple(p.shape) for n, p in net.named_parameters()},
                                f"--core {core}")
@@ -124,7 +122,7 @@ def _adapt(cfg: RunConfig, model, task, history, out, *, eval_history, resume, c
             log(f"warning: {model_dir} is not the model the history's last task "
                 f"({hist.names[-1]!r}) produced; continuing")
 
-        strategy = build_strategy("trace", cfg)
+        strategy = setup.strategy("trace")
         strategy.history = hist.earlier()
         index = len(hist) + 1
         torch.manual_seed(cfg.seed)
@@ -151,11 +149,8 @@ def _adapt(cfg: RunConfig, model, task, history, out, *, eval_history, resume, c
             if core_mask is not None:
                 mask, updates, info = core_mask, {}, {"probe_loss": None, "source": str(core)}
             else:
-                result, sel = strategy.probe_and_select(ctx, index, new_task)
-                mask = sel.mask
-                deltas = parallel.gather_tensors(result.deltas) if sharded else result.deltas
-                updates = strategy.recorded_updates(deltas, mask)
-                info = {"probe_loss": result.losses[-1]}
+                found = strategy.find_core(ctx, index, new_task, gather=parallel.gather_tensors if sharded else None)
+                mask, updates, info = found.core, found.updates, {"probe_loss": found.probe_loss}
             if main:
                 ckpt.start(inputs, mask, updates, info)
             start, opt_state, losses = 0, None, []

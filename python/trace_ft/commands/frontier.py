@@ -18,16 +18,13 @@ from pathlib import Path
 
 import torch
 
-from ..config import RunConfig, general_tasks
-from ..continual.strategies.factory import build_strategy
+from ..config import RunConfig, RunSetup
 from ..continual.frontier import (DEFAULT_STRATEGIES, GRIDS, QUICK_GRIDS, REAL_GRIDS, REAL_STRATEGIES,
                                   grid_points, point_label, write_outputs)
 from ..continual.report import versions
-from ..continual.sequence import TaskSequence, routed_entry, run_strategy
-from ..evaluate import METRICS, general_perplexity
-from ..lm.model import open_model
+from ..continual.sequence import TaskSequence, run_strategy
+from ..evaluate import METRICS
 from ..store.atomic import write_bytes
-from ..tasks import resolve_tasks
 
 def _metric_entry(entry: dict, params: dict, seed: int) -> dict:
     m = entry["metrics"]
@@ -61,7 +58,7 @@ def frontier(cfg: RunConfig, out: str | Path | None = None, *, seeds: int = 3, q
         raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
-    real = cfg.model != "builtin"
+    real = not cfg.builtin
     table = {k: dict(v) for k, v in (REAL_GRIDS if real else QUICK_GRIDS if quick else GRIDS).items()}
     for name, key, values in grids:
         if name not in table:
@@ -92,19 +89,17 @@ def frontier(cfg: RunConfig, out: str | Path | None = None, *, seeds: int = 3, q
         saved = json.loads(results_file.read_text())
         # (a knob the grids set is each point's own: its base value is not used)
         free = {"grids", "seeds", "quick", "threads", "metric", *(k for n in names for k in table[n])}
-        differ = sorted(k for k in set(saved["config"]) | set(results["config"])
-                        if k not in free and saved["config"].get(k) != results["config"].get(k))
+        ours = json.loads(json.dumps(results["config"]))  # as JSON has it (tuples are lists)
+        differ = sorted(k for k in set(saved["config"]) | set(ours)
+                        if k not in free and saved["config"].get(k) != ours.get(k))
         if differ:
             raise ValueError(f"--resume: {results_file} was run with other settings ({', '.join(differ)})")
         for name, entries in saved["frontier"].items():
             results["frontier"].setdefault(name, []).extend(entries)
     done = {(n, json.dumps(e["params"], sort_keys=True), e["seed"])
             for n, es in results["frontier"].items() for e in es}
-    general, guard = general_tasks(cfg)
-    base, codec, model_dir = open_model(cfg.model, size=cfg.size, cache_dir=cfg.cache_dir,
-                                        dtype=cfg.dtype, device=cfg.device, progress=progress, chat=cfg.chat)
-    perplexity = None if cfg.model == "builtin" else general_perplexity(codec, base)
-    results["model"] = str(model_dir)
+    setup = RunSetup.open(cfg, progress=progress)
+    results["model"] = str(setup.model_dir)
     t_start = time.perf_counter()
     bar = tqdm(total=len(runs), desc="frontier", disable=not progress, dynamic_ncols=True)
     sequences: dict[int, TaskSequence] = {}
@@ -113,21 +108,16 @@ def frontier(cfg: RunConfig, out: str | Path | None = None, *, seeds: int = 3, q
         if (name, json.dumps(params, sort_keys=True), seed) in done:
             bar.update(1)
             continue
-        if seed not in sequences:
-            tasks = resolve_tasks(cfg.task_names, seed, cfg.n_train, cfg.n_test)
-            sequences = {seed: TaskSequence.build(tasks, general, base, codec, perplexity=perplexity)}
+        if seed not in sequences:  # (one seed's sequence at a time: its scores of the base)
+            sequences = {seed: setup.sequence(seed)}
         seq = sequences[seed]
         point = cfg.replaced(seed=seed, **params)
-        strategy = build_strategy(name, point, guard)
-        if name != "trace" and hasattr(strategy, "routes"):
-            strategy.routes = None  # the routed bound is trace's only
-        entry = run_strategy(strategy, seq, base, codec, point.train_config(), seed=seed,
-                             device=cfg.device, max_len=cfg.max_len, lora_rank=point.lora.rank,
-                             general_every=cfg.general_every)
+        entry, extra = run_strategy(setup.strategy(name, point), seq, setup.base, setup.codec,
+                                    point.train_config(), seed=seed, device=cfg.device, max_len=cfg.max_len,
+                                    general_every=cfg.general_every)
         results["frontier"][name].append(_metric_entry(entry, params, seed))
-        if name == "trace" and "routed" in entry:
-            results["frontier"]["trace_routed"].append(
-                _metric_entry(routed_entry(entry, seq.first), params, seed))
+        for other, row in extra.items():
+            results["frontier"].setdefault(other, []).append(_metric_entry(row, params, seed))
         results["columns"], results["first_task_column"] = seq.columns, seq.first
         results["seconds"] = results.get("seconds", 0.0) + entry["costs"]["seconds"]
         write_bytes(results_file, json.dumps(results, indent=1).encode())  # after every run

@@ -9,15 +9,11 @@ from pathlib import Path
 
 import torch
 
-from ..config import RunConfig, check_sharded_strategies, general_tasks
-from ..continual.strategies.factory import build_strategy, sweep_strategies
+from ..config import RunConfig, RunSetup
 from ..continual.report import summary_table, versions, write_outputs
-from ..continual.sequence import TaskSequence, routed_entry, run_strategy
-from ..evaluate import general_perplexity
+from ..continual.sequence import run_strategy
 from ..lm.memory import memory_note
-from ..lm.model import open_model
-from ..lm.parallel import DataParallel, is_main, main_first
-from ..tasks import resolve_tasks
+from ..lm.parallel import DataParallel, is_main
 
 
 def run(cfg: RunConfig, out: str | Path | None = None, sweep: bool = False,
@@ -26,8 +22,8 @@ def run(cfg: RunConfig, out: str | Path | None = None, sweep: bool = False,
     accuracy.png to `out` (default runs/<timestamp>/). Returns the results (None on the
     ranks other than 0 of a `--parallel` run, which train but neither score nor write)."""
     cfg.validate()
-    if cfg.parallel == "fsdp2" and not sweep:  # before any rank starts
-        check_sharded_strategies(cfg.strategies)
+    if not sweep:  # before any rank starts
+        cfg.check_sharded_strategies(cfg.strategies)
     parallel = DataParallel(cfg.device, cfg.parallel) if cfg.parallel else None
     try:
         return _run(cfg, out, sweep, progress, log, parallel)
@@ -46,39 +42,26 @@ def _run(cfg: RunConfig, out, sweep: bool, progress: bool, log, parallel: DataPa
         torch.set_num_threads(cfg.threads)
     out = Path(out) if out is not None else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     t_start = time.perf_counter()
-    tasks = resolve_tasks(cfg.task_names, cfg.seed, cfg.n_train, cfg.n_test)  # bad tasks fail first
-    # task 0: general ability (the built-in base skill, or a real model's knowledge probe);
-    # `guard`: what trace's --protect-base guards
-    general, guard = general_tasks(cfg)
-    strategies = (sweep_strategies(cfg, guard) if sweep
-                  else [build_strategy(s, cfg, guard) for s in cfg.strategies])
-    base, codec, model_dir = main_first(parallel, lambda: open_model(  # rank 0 fills a fresh cache
-        cfg.model, size=cfg.size, cache_dir=cfg.cache_dir, dtype=cfg.dtype, device=cfg.device,
-        progress=progress, chat=cfg.chat))
-    perplexity = None if cfg.model == "builtin" else general_perplexity(codec, base)
-    seq = TaskSequence.build(tasks, general, base, codec, score=main, perplexity=perplexity)
-    total_params = sum(p.numel() for p in base.parameters())
-    log(f"model: {model_dir} ({total_params:,} parameters); tasks: {', '.join(t.name for t in tasks)}; "
-        f"strategies: {', '.join(s.name for s in strategies)}")
+    setup = RunSetup.open(cfg, parallel=parallel, progress=progress)  # bad tasks fail before the model opens
+    strategies = setup.strategies(sweep)
+    seq = setup.sequence(score=main)
+    log(f"model: {setup.model_dir} ({setup.total_params:,} parameters); tasks: "
+        f"{', '.join(t.name for t in setup.tasks)}; strategies: {', '.join(s.name for s in strategies)}")
     results = {
         "config": cfg.flat(), "sweep": sweep, "versions": versions(), "seed": cfg.seed,
-        "model": str(model_dir), "total_params": total_params,
-        "columns": seq.columns, "first_task_column": seq.first, "chat": getattr(codec, "chat", False),
+        "model": str(setup.model_dir), "total_params": setup.total_params,
+        "columns": seq.columns, "first_task_column": seq.first, "chat": getattr(setup.codec, "chat", False),
         "memory_note": memory_note(cfg.device),
         "strategies": {},
     }
     for strategy in strategies:
-        if hasattr(strategy, "routes") and not (cfg.routed and strategy.name == "trace"):
-            strategy.routes = None  # no values kept: no routed row
-        entry = run_strategy(strategy, seq, base, codec, cfg.train_config(), seed=cfg.seed,
-                             device=cfg.device, max_len=cfg.max_len, progress=progress, log=log,
-                             lora_rank=cfg.lora.rank, parallel=parallel,
-                             general_every=cfg.general_every)
+        entry, extra = run_strategy(strategy, seq, setup.base, setup.codec, cfg.train_config(), seed=cfg.seed,
+                                    device=cfg.device, max_len=cfg.max_len, progress=progress, log=log,
+                                    parallel=parallel, general_every=cfg.general_every)
         if not main:
             continue
         results["strategies"][strategy.name] = entry
-        if strategy.name == "trace" and "routed" in entry:
-            results["strategies"]["trace_routed"] = routed_entry(entry, seq.first)
+        results["strategies"].update(extra)
         log(f"{strategy.name:>10s}: " + ", ".join(
             f"{k}={'-' if v is None else f'{v:.1f}'}" for k, v in entry["metrics"].items())
             + f" ({entry['costs']['seconds']:.0f} s)")

@@ -1,7 +1,7 @@
 """One continual sequence for one strategy: the same tasks, data, steps and seed for every
 strategy, an accuracy matrix per metric (row j: every task scored after training through
-task j), the costs, and for TRACE the task-routed bound. What `trace-ft run` and
-`trace-ft frontier` both run."""
+task j), the costs, and what the strategy reports beside them (TRACE: the task-routed
+bound). What `trace-ft run` and `trace-ft frontier` both run."""
 
 from __future__ import annotations
 
@@ -19,11 +19,9 @@ from ..lm.memory import PeakMemory, PhaseLog
 from ..lm.parallel import is_main
 from ..lm.text import Codec
 from ..lm.train import TrainConfig
-from ..method.routing import check_disjoint, set_back
 from ..tasks import Task
 from . import metrics
 from .strategies.base import Context, Strategy
-from .strategies.lora import adapter_bytes
 
 
 @dataclass
@@ -58,12 +56,12 @@ class TaskSequence:
 def run_strategy(strategy: Strategy, seq: TaskSequence, base: nn.Module, codec: Codec,
                  train: TrainConfig, *, seed: int, device: str = "cpu", max_len: int | None = None,
                  progress: bool = False, log: Callable[[str], None] = lambda msg: None,
-                 lora_rank: int = 8, parallel=None, general_every: str = "task") -> dict | None:
-    """Train a copy of `base` through `seq` with `strategy`; its results entry. A TRACE
-    strategy's entry also holds ``routed``: the task-routed final row (see `routed_row`).
-    With `parallel` (data parallel ranks) every rank trains; rank 0 alone scores and
-    returns the entry, the others return None. `general_every="end"`: task 0 and the
-    perplexity are scored after the last task only (None in the rows between)."""
+                 parallel=None, general_every: str = "task") -> tuple[dict | None, dict[str, dict]]:
+    """Train a copy of `base` through `seq` with `strategy`: its results entry and the further
+    rows it reports (`Strategy.report`: TRACE's task-routed row). With `parallel` (data
+    parallel ranks) every rank trains; rank 0 alone scores and returns them, the others
+    return (None, {}). `general_every="end"`: task 0 and the perplexity are scored after
+    the last task only (None in the rows between)."""
     torch.manual_seed(seed)
     T = len(seq.tasks)
     rows = {m: [list(seq.row0[m])] + [[None] * len(seq.eval_tasks) for _ in range(T)] for m in METRICS}
@@ -107,7 +105,7 @@ def run_strategy(strategy: Strategy, seq: TaskSequence, base: nn.Module, codec: 
         costs = strategy.fit(ctx, seq.tasks, evaluate)
     seconds = time.perf_counter() - t0
     if not ctx.is_main:
-        return None
+        return None, {}
     total_params = sum(p.numel() for p in base.parameters())
     trainable = [c.trainable for c in costs]
     entry = {
@@ -125,18 +123,13 @@ def run_strategy(strategy: Strategy, seq: TaskSequence, base: nn.Module, codec: 
             "per_task": [dataclasses.asdict(c) for c in costs],
             "phases": phases.rows,
         },
-        "selections": getattr(strategy, "selections", None),
     }
     if seq.perplexity is not None:
         entry["general"] = general_entry(ppl, seq.perplexity)
         entry["metrics"]["ppl_change"] = entry["general"]["perplexity_change"]
-    routes = getattr(strategy, "routes", None)
-    if routes:
-        with phases.phase("scoring: routed"):
-            # the strategy's model is done with: set back in place, no copy
-            entry["routed"] = routed_row(whole if sharded else ctx.model, base, routes, seq, in_place=True)
-        entry["routed"]["lora_bytes_per_task"] = adapter_bytes(base, lora_rank)
-    return entry
+    # what the strategy reports beyond the common entry (its model is done with)
+    extra = strategy.report(entry, whole if sharded else ctx.model, base, seq, phases)
+    return entry, extra
 
 
 def general_entry(ppl: list[float | None], measure: TextPerplexity) -> dict:
@@ -144,46 +137,3 @@ def general_entry(ppl: list[float | None], measure: TextPerplexity) -> dict:
     last = next((p for p in reversed(ppl) if p is not None), None)
     return {"perplexity": ppl, "tokens": measure.tokens, "text": measure.name,
             "perplexity_change": None if last is None or ppl[0] is None else last - ppl[0]}
-
-
-def routed_row(model: nn.Module, base: nn.Module, routes, seq: TaskSequence, in_place: bool = False) -> dict:
-    """The final row of the task-routed bound: task i scored with the model as it stood
-    right after task i, rebuilt from the final model by setting later tasks' cores back;
-    the base skill with every core set back. ``exact``: the fully set-back model equals
-    the untrained one bit for bit (cores disjoint, nothing moved outside a core).
-    `in_place`: set `model` itself back (a model not used afterwards) instead of a copy."""
-    disjoint = True
-    try:
-        check_disjoint(routes)
-    except ValueError:
-        disjoint = False
-    m = model if in_place else copy.deepcopy(model)
-    row = {metric: [None] * len(seq.eval_tasks) for metric in METRICS}
-    for i in range(len(routes), 0, -1):  # model after task i, newest first
-        for metric, v in seq.evaluator.task_scores(m, seq.first + i - 1).items():
-            row[metric][seq.first + i - 1] = v
-        set_back(m, [routes[i - 1]])
-    for k in range(seq.first):  # task 0: the model before any task
-        for metric, v in seq.evaluator.task_scores(m, k).items():
-            row[metric][k] = v
-    exact = all(torch.equal(p, q) for p, q in zip(m.parameters(), base.parameters()))
-    return {"row": row, "exact": bool(exact and disjoint), "disjoint": disjoint,
-            "bytes_per_task": [r.nbytes for r in routes]}
-
-
-def routed_entry(trace: dict, first: int) -> dict:
-    """`trace`'s entry as the task-routed strategy: its rows, with the final row the routed
-    one (so BWT is exactly 0 when routing is exact)."""
-    routed = trace["routed"]
-    matrices = {m: [list(r) for r in trace["matrices"][m][:-1]] + [routed["row"][m]] for m in METRICS}
-    return {
-        "config": {**trace["config"], "routed_from": "trace"},
-        "matrix": matrices["exact"],
-        "matrices": matrices,
-        "metrics": metrics.summarize(matrices["exact"], first),
-        "metrics_by": {m: metrics.summarize(matrices[m], first) for m in METRICS},
-        "costs": {**trace["costs"], "storage_bytes_per_task": routed["bytes_per_task"],
-                  "lora_bytes_per_task": routed["lora_bytes_per_task"]},
-        "routing_exact": routed["exact"],
-        "selections": trace.get("selections"),
-    }

@@ -52,6 +52,7 @@ class TraceState:
     core: CoreMask
     probe: ProbeResult | None = None
     selection: Selection | None = None
+    updates: dict | None = None     # the probe's update as a history keeps it (None: core given)
     before: dict | None = None      # the core's values before training (for the history)
     core_grads: CoreGrads | None = None  # the layers computing their core's gradients only
 
@@ -129,14 +130,14 @@ def trace_optimizer(
         def probe_here() -> TraceState:
             if probe_batches is None:
                 raise ValueError("trace_optimizer needs probe_batches (or a core to reuse)")
-            pipeline = TracePipeline(replace(select or SelectConfig(granularity="element"), **select_overrides),
+            pipeline = TracePipeline(replace(select or SelectConfig(), **select_overrides),
                                      probe_steps=probe_steps, probe_lr=probe_lr, exclude=exclude)
             pipeline.history = history.earlier() if history is not None else []
             device = next(model.parameters()).device
-            result, sel = pipeline.probe_and_select(
-                model, probe_batches, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+            found = pipeline.find_core(
+                model, probe_batches, lr=lr, keep=True, betas=betas, eps=eps, weight_decay=weight_decay,
                 max_grad_norm=max_grad_norm, loss_fn=_on_device(loss_fn, device), backend=backend)
-            return TraceState(core=sel.mask, probe=result, selection=sel)
+            return TraceState(core=found.core, probe=found.probe, selection=found.selection, updates=found.updates)
 
         state = _probe_once(model, probe_here)
     setup = TracePipeline.train_setup(model, state.core, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
@@ -253,10 +254,10 @@ class TraceCallback(_trainer_callback_base()):
         after = full_core_values(model, trace.core)  # collective when sharded: every rank
         if not state.is_world_process_zero:
             return control
-        updates = {}
-        if trace.probe is not None:
+        updates = trace.updates or {}
+        if updates and self.sketch_dim is not None:  # the recorded update, sketched
             unit = trace.selection.config.specificity_unit if trace.selection else "block"
-            updates = record_updates(trace.probe.deltas, trace.core, self.sketch_dim, unit)
+            updates = record_updates(updates, trace.core, self.sketch_dim, unit)
         history = self.history
         if not isinstance(history, TaskHistory):
             history = TaskHistory.open(history, model, create=True)

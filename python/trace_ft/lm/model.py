@@ -17,6 +17,7 @@ from ..store.atomic import install_dir, remove_stale, sha256_file, staging_dir
 from ..tasks import BASE, builtin_task
 from .batches import EncodedSet, sample_batches
 from .pretrained import KNOWN, is_pretrained_spec, pretrained_dir
+from .quiet import quiet_transformers
 from .text import CHAR_TOKENIZER_FILE, CharTokenizer, Codec, HFCodec
 from .train import TrainConfig, train_loop
 
@@ -47,18 +48,6 @@ SIZES = {
     "small": BuiltinSpec(),
     "medium": BuiltinSpec(hidden=192, layers=6, heads=6, intermediate=512, pretrain_steps=2000),
 }
-
-
-def quiet_transformers() -> None:
-    """No load/save progress bars or advisory warnings from transformers in our output."""
-    import warnings
-
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def default_cache_dir() -> Path:

@@ -116,7 +116,7 @@ def convert_gguf(gguf: Path, target: Path, source: dict, replace: bool = False) 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .model import quiet_transformers
+    from .quiet import quiet_transformers
 
     quiet_transformers()
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)

@@ -1,17 +1,18 @@
-"""One task through TRACE, assembled once: probe → select → train the core → remember.
+"""One task through TRACE, assembled once: `find_core` (the probe, the selection, and what
+the history keeps of the probe) → `train_setup` (the core's optimizer, everything else
+frozen) → training → `remember` (the task recorded for later tasks' selection).
 
 `TracePipeline` holds the method's settings and what it knows of earlier tasks
-(`history`). Whoever trains drives it:
+(`history`). Whoever trains calls those steps in that order:
 - the `trace` strategy of `trace-ft run` trains the core with the project's loop;
 - `trace-ft adapt` drives the same strategy and checkpoints between the steps;
-- `trace_ft.integrations.hf.trace_optimizer` hands the core optimizer to a Trainer.
-
-Training itself is not here: the pipeline gives the optimizer over the core (`optimizer`,
-with every other tensor frozen by `freeze_outside`), and records the task afterwards.
+- `trace_ft.integrations.hf.trace_optimizer` hands the core optimizer to a Trainer, and
+  `TraceCallback` records the task when the Trainer is done.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
@@ -76,6 +77,20 @@ def restore_flags(flags: Sequence[tuple[nn.Parameter, bool]]) -> None:
 
 
 @dataclass
+class FoundCore:
+    """A task's core and what its probe leaves for the history: the update in the history's
+    form (`record_updates`: exact, bf16 or on disk for a large model, or sketched) and the
+    probe's last loss. The probe result and selection themselves only when asked to be kept
+    (`find_core(keep=True)`), since they hold two model-sized tensors."""
+
+    core: CoreMask
+    updates: Mapping[str, Tensor | BlockSketch]
+    probe_loss: float | None = None
+    probe: ProbeResult | None = None
+    selection: Selection | None = None
+
+
+@dataclass
 class CoreTraining:
     """What `TracePipeline.train_setup` did to a model to train its core: the optimizer,
     the ``requires_grad`` flags it changed and the core-gradient layers it installed.
@@ -105,7 +120,7 @@ class TracePipeline:
     """The TRACE method for one task after another.
 
     select: the selection rule (`SelectConfig`); probe_steps / probe_lr: the warm-start
-    probe (lr defaults to the training lr); sketch_dim: keep earlier updates as count
+    probe (None: the lr its caller passes, the run's); sketch_dim: keep earlier updates as count
     sketches of this many values per unit (None: exact); exclude: name patterns that are
     never eligible; fisher_batches: batches of the Fisher estimate the guard stores.
     """
@@ -113,8 +128,7 @@ class TracePipeline:
     def __init__(self, select: SelectConfig | None = None, *, probe_steps: int = 50,
                  probe_lr: float | None = None, sketch_dim: int | None = None,
                  exclude: Sequence[str] = DEFAULT_EXCLUDE, fisher_batches: int = 20) -> None:
-        self.select_config = select or SelectConfig()
-        self.select_config.validate()
+        self.select_config = select or SelectConfig()  # (checked when it was made)
         if probe_steps < 1:
             raise ValueError(f"probe_steps must be >= 1, got {probe_steps}")
         if sketch_dim is not None and sketch_dim < 1:
@@ -166,6 +180,23 @@ class TracePipeline:
     def select(self, result: ProbeResult) -> Selection:
         """The core chosen from a probe against `history` (`probe_and_select`'s second half)."""
         return select_core(result, self.history, self.select_config)
+
+    def find_core(self, model: nn.Module, batches: Iterable, *, lr: float, keep: bool = False,
+                  gather: Callable[[dict], dict] | None = None, phase=None, **probe_kw) -> FoundCore:
+        """Step 1 of a task: the probe from the model's current weights (left as they were),
+        the core chosen against `history`, and the probe's update as the history keeps it
+        (`gather`: whole tensors from a sharded probe's, for a history on disk). `lr`: the
+        probe's when `probe_lr` is unset. `phase(name)`: a context timing each part."""
+        phase = phase or (lambda name: contextlib.nullcontext())
+        with phase("probe"):
+            result = self.probe(model, batches, lr=lr, **probe_kw)
+        with phase("selection"):
+            sel = self.select(result)
+        with phase("history"):
+            deltas = gather(result.deltas) if gather is not None else result.deltas
+            updates = self.recorded_updates(deltas, sel.mask)
+        loss = result.losses[-1] if result.losses else None
+        return FoundCore(sel.mask, updates, loss, result if keep else None, sel if keep else None)
 
     # -- 2. the optimizer over the core --
     @staticmethod

@@ -54,7 +54,7 @@ def specificity_size(shape: tuple[int, ...], block_size: int, unit: str) -> int:
 class SelectConfig:
     method: str = "trace"
     budget: float = 0.05              # fraction of eligible elements (paper: of tensors)
-    granularity: str | int = "row"    # "element", "row", "tensor" or a block size
+    granularity: str | int = "element"  # "element", "row", "tensor" or a block size
     scope: str = "global"             # budget over all tensors, or "per_tensor"
     importance: str = "rank"
     weights: tuple[float, float] = (0.5, 0.5)   # (L2, Fisher) for "weighted"
@@ -71,6 +71,9 @@ class SelectConfig:
     # Fisher mass that belongs to the new task, F_t / (F_t + protect·Σ_τ F_τ), using the
     # earlier tasks' Fisher diagonals (EarlierTask.fisher). 0 turns it off.
     protect: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.validate()  # (frozen: `replace` builds anew, so every variant is checked)
 
     @classmethod
     def paper(cls, budget: float = 0.10, specificity: bool = False) -> SelectConfig:
@@ -97,8 +100,12 @@ class SelectConfig:
                              f"got {self.specificity_unit!r}")
         if self.shared_rule not in ("exclude", "downweight"):
             raise ValueError(f"shared_rule must be 'exclude' or 'downweight', got {self.shared_rule!r}")
-        if not self.protect >= 0:
-            raise ValueError(f"protect must be >= 0, got {self.protect}")
+        if not (math.isfinite(self.protect) and self.protect >= 0):
+            raise ValueError(f"protect must be >= 0 and finite, got {self.protect}")
+        if not math.isfinite(self.specificity_threshold):  # NaN would silently exclude nothing
+            raise ValueError(f"specificity_threshold must be a finite number, got {self.specificity_threshold}")
+        if len(self.weights) != 2 or not all(math.isfinite(w) for w in self.weights):
+            raise ValueError(f"weights must be two finite numbers, got {self.weights}")
 
 
 @dataclass
@@ -497,7 +504,6 @@ def select_core(
     Keyword overrides replace fields of `config`, e.g. ``select_core(r, budget=0.01)``.
     """
     cfg = replace(config or SelectConfig(), **overrides)
-    cfg.validate()
     shapes = probe.shapes
     if not shapes:
         raise ValueError("the probe result has no parameters")

@@ -107,20 +107,17 @@ def test_bad_config_file(cache, tmp_path, capsys):
 
 
 def test_local_model_directory_and_task_directories(tmp_path):
-    import torch
-    from transformers import LlamaForCausalLM
+    pytest.importorskip("gguf")
+    from helpers import write_tiny_gguf
+    from trace_ft.lm.model import load_model, open_model
+    from trace_ft.lm.text import HFCodec
 
-    from trace_ft.lm.model import BuiltinSpec, builtin_config, load_model, save_model
-    from trace_ft.lm.text import CharTokenizer
-
-    tok = CharTokenizer()
-    torch.manual_seed(0)
-    model_dir = tmp_path / "model"
-    save_model(LlamaForCausalLM(builtin_config(BuiltinSpec(hidden=32, layers=1, heads=2,
-                                                           intermediate=64), tok.vocab_size)),
-               tok, model_dir)
+    # a pretrained model's stand-in: a tiny Llama with a byte-level tokenizer, as a local
+    # Hugging Face directory (converted from a GGUF the test writes)
+    _, _, model_dir = open_model(write_tiny_gguf(tmp_path / "tiny.gguf"), cache_dir=tmp_path / "cache",
+                                 progress=False)
     model, codec = load_model(model_dir)
-    assert isinstance(codec, CharTokenizer) and sum(p.numel() for p in model.parameters()) > 0
+    assert isinstance(codec, HFCodec) and sum(p.numel() for p in model.parameters()) > 0
     task = tmp_path / "echo"
     task.mkdir()
     rows = [json.dumps({"input": f"e:{i}=", "output": str(i)}) for i in range(40)]
@@ -129,7 +126,8 @@ def test_local_model_directory_and_task_directories(tmp_path):
     out = tmp_path / "run"
     assert main(["run", "--model", str(model_dir), "--tasks", f"{task},rev", "--strategies",
                  "seqft,trace,trace_guard", "--steps", "3", "--probe-steps", "2", "--n-train", "30",
-                 "--n-test", "10", "--batch-size", "4", "--out", str(out), "--quiet"]) == 0
+                 "--n-test", "10", "--batch-size", "4", "--general-every", "task", "--out", str(out),
+                 "--quiet"]) == 0
     res = json.loads((out / "results.json").read_text())
     # any model but the built-in one is scored on general ability: the knowledge probe as
     # task 0 and the perplexity on general prose, at the start and after every task
@@ -222,7 +220,8 @@ def test_help_shows_defaults_and_version(capsys):
     with pytest.raises(SystemExit):
         main(["run", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for needle in ("(default: 200)", "(default: 0.05)", "(default: element)",
+    for needle in ("default: 200 for the built-in model, 16 for a pretrained one", "(default: 0.05)",
+                   "(default: element)",
                    "default: 1e-3 for the built-in model, 1e-4 for a pretrained one",
                    "(default: trace,seqft,lora,ewc,replay,mtl)"):
         assert needle in text, needle

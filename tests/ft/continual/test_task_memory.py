@@ -50,7 +50,7 @@ out = {"eligible": sum(p.numel() for n, p in model.named_parameters() if "layers
 for name, strategy in (("seqft", SeqFT()),
                        ("trace", Trace(SelectConfig(granularity="element", budget=0.05), probe_steps=3,
                                        lr=1e-2, core_grads=True))):
-    entry = run_strategy(strategy, seq, model, tok, train, seed=0)
+    entry, _ = run_strategy(strategy, seq, model, tok, train, seed=0)
     out[name] = {"peak": entry["costs"]["peak_memory_bytes"], "phases": entry["costs"]["phases"]}
 print("RESULT " + json.dumps(out))
 """

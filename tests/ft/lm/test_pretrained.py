@@ -9,82 +9,15 @@ import os
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("transformers")
 
+from helpers import write_tiny_gguf  # noqa: E402
 from trace_ft.lm import pretrained as P  # noqa: E402
 from trace_ft.lm.model import default_cache_dir, open_model  # noqa: E402
-
-TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] "
-            "+ '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
-            "{% endif %}")
-SPECIALS = ["<unk>", "<|im_start|>", "<|im_end|>"]
-
-
-def _byte_tokens() -> list[str]:
-    """GPT-2's byte-to-unicode alphabet: every byte a token, so any text encodes."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    chars, n = list(keep), 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            chars.append(256 + n)
-            n += 1
-    return [chr(c) for c in chars]
-
-
-def write_tiny_gguf(path: Path, seed: int = 0, hidden: int = 16, layers: int = 2) -> Path:
-    """A 2-layer Llama in F32 with a byte-level BPE tokenizer and a chat template."""
-    rng = np.random.default_rng(seed)
-    tokens = SPECIALS + _byte_tokens() + ["he", "ll", "hell", "hello"]
-    merges = ["h e", "l l", "he ll", "hell o"]
-    vocab, inter, heads = len(tokens), 2 * hidden, 2
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name("tiny test llama")
-    w.add_block_count(layers)
-    w.add_context_length(64)
-    w.add_embedding_length(hidden)
-    w.add_feed_forward_length(inter)
-    w.add_head_count(heads)
-    w.add_head_count_kv(heads)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_dimension_count(hidden // heads)
-    w.add_vocab_size(vocab)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types([3, 3, 3] + [1] * (vocab - 3))
-    w.add_token_merges(merges)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_pad_token_id(2)
-    w.add_unk_token_id(0)
-    w.add_add_bos_token(False)
-    w.add_chat_template(TEMPLATE)
-
-    def t(*shape):
-        return (rng.standard_normal(shape) * 0.05).astype(np.float32)
-
-    w.add_tensor("token_embd.weight", t(vocab, hidden))
-    w.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
-    for i in range(layers):
-        for name, shape in (("attn_q", (hidden, hidden)), ("attn_k", (hidden, hidden)),
-                            ("attn_v", (hidden, hidden)), ("attn_output", (hidden, hidden)),
-                            ("ffn_gate", (inter, hidden)), ("ffn_up", (inter, hidden)),
-                            ("ffn_down", (hidden, inter))):
-            w.add_tensor(f"blk.{i}.{name}.weight", t(*shape))
-        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(hidden, np.float32))
-        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(hidden, np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
-
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory) -> Path:

@@ -51,14 +51,14 @@ def test_specificity_excludes_blocks_shared_with_an_earlier_task(gen):
     earlier[shared_rows] = result.deltas["weight"][shared_rows] * 3.0  # same direction
     other = torch.randn(earlier.shape, generator=gen)
     earlier[core[4:]] = other[core[4:]]  # unrelated direction elsewhere
-    sel = select_core(result, [EarlierTask(updates={"weight": earlier})], budget=12 / 48)
+    sel = select_core(result, [EarlierTask(updates={"weight": earlier})], budget=12 / 48, granularity="row")
     chosen = set(sel.mask["weight"].indices.tolist())
     assert not chosen & set(shared_rows.tolist())
     assert len(chosen & set(core[4:].tolist())) >= 7
     assert sel.report[0]["excluded_shared"] >= 4
     # "downweight" keeps them possible but lower; with a full budget they come back
     sel2 = select_core(result, [EarlierTask(updates={"weight": earlier})], budget=1.0,
-                       shared_rule="downweight")
+                       shared_rule="downweight", granularity="row")
     assert set(shared_rows.tolist()) <= set(sel2.mask["weight"].indices.tolist())
 
 
@@ -66,10 +66,10 @@ def test_earlier_cores_are_excluded_unless_shared(gen):
     layer, core, batches = planted_problem(gen)
     result = probe(layer, batches, steps=20, lr=1e-2, loss_fn=mse, exclude=())
     taken = CoreMask.from_blocks({"weight": ((48, 64), 64, torch.isin(torch.arange(48), core[:6]))})
-    sel = select_core(result, [EarlierTask(core=taken)], budget=12 / 48)
+    sel = select_core(result, [EarlierTask(core=taken)], budget=12 / 48, granularity="row")
     assert not set(sel.mask["weight"].indices.tolist()) & set(core[:6].tolist())
     assert sel.report[0]["excluded_earlier_core"] == 6
-    sel = select_core(result, [EarlierTask(core=taken)], budget=12 / 48, share_earlier_cores=True)
+    sel = select_core(result, [EarlierTask(core=taken)], budget=12 / 48, share_earlier_cores=True, granularity="row")
     assert set(core[:6].tolist()) <= set(sel.mask["weight"].indices.tolist())
 
 
@@ -105,7 +105,7 @@ def test_per_tensor_budget(gen):
     shapes = {"a": (40, 10), "b": (20, 10)}
     result = synthetic_result(gen, shapes)
     result.deltas["a"] *= 100  # global would favour a
-    sel = select_core(result, budget=0.25, scope="per_tensor")
+    sel = select_core(result, budget=0.25, scope="per_tensor", granularity="row")
     assert sel.mask["a"].num_selected == 10 and sel.mask["b"].num_selected == 5
     sel = select_core(result, budget=0.25, granularity="element")
     assert sel.mask.numel_selected == 150
@@ -131,7 +131,7 @@ def test_selection_with_sketched_history(gen):
     result = probe(layer, batches, steps=10, lr=1e-2, loss_fn=mse, exclude=())
     earlier = result.deltas["weight"].clone()
     sk = sketch_update(earlier, "weight", 8192, dim=1024)
-    sel = select_core(result, [EarlierTask(updates={"weight": sk})], budget=0.5)
+    sel = select_core(result, [EarlierTask(updates={"weight": sk})], budget=0.5, granularity="row")
     assert sel.report[0]["excluded_shared"] >= 4  # same direction everywhere: all shared
 
 

@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from .. import register_kernel
+from ..registry import register_kernel
 from .._common import advance_steps, host_lr, inf_found, register_adamw, round_key, split_stats
 from .._plan_cache import PLANS
 

@@ -142,5 +142,11 @@ class Strategy:
             evaluate(i)
         return costs
 
+    def report(self, entry: dict, model: nn.Module, base: nn.Module, seq, phases) -> dict[str, dict]:
+        """After the sequence: add what this strategy reports beyond the common results to
+        `entry` (its results entry), and return any further rows it makes (name → entry).
+        `model` is the trained model, done with (it may be changed)."""
+        return {}
+
     def desc(self, ctx: Context, index: int, task: Task) -> str:
         return f"{self.name} {index}/{ctx.num_tasks} {task.name}"

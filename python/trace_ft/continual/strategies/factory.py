@@ -3,35 +3,39 @@ trace variants of a sweep (`sweep_strategies`)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from ...method.probe import DEFAULT_EXCLUDE
-from ...method.select import GRANULARITIES, SelectConfig
 from ...tasks import Task
+from ...method.select import GRANULARITIES, SelectConfig
 from . import EWC, MTL, LoRA, Replay, SeqFT, Strategy, Trace, strategy_names_ok
 
-# `cfg` below is a `trace_ft.config.RunConfig`, the layer above this one (read, not imported)
+# `cfg` below is a `trace_ft.config.RunConfig`, the layer above this one (read, not imported);
+# its settings are resolved (every default filled in) when it is built
 
 
-def _trace_kwargs(cfg, general: Task | None) -> dict:
+def _trace_kwargs(cfg, general: Task | None, name: str) -> dict:
     t = cfg.trace
     return dict(probe_steps=t.probe_steps, probe_lr=t.probe_lr, lr=t.lr, sketch_dim=t.sketch_dim,
                 exclude=DEFAULT_EXCLUDE if t.exclude is None else tuple(t.exclude),
-                master_weights=t.master_weights,
-                core_grads=cfg.parallel != "fsdp2" if t.core_grads is None else t.core_grads,
-                general=general if t.protect_base else None)
+                master_weights=t.master_weights, core_grads=t.core_grads,
+                general=general if t.protect_base else None,
+                keep_routes=cfg.routed and name == "trace", lora_rank=cfg.lora.rank)
 
 
 def build_strategy(name: str, cfg, general: Task | None = None) -> Strategy:
     """`general`: the base skill's task, protected by trace when `trace_protect_base`."""
-    trace_kw = _trace_kwargs(cfg, general)
+    select = cfg.trace.select
     if name == "trace":
-        return Trace(cfg.trace.select_config(), name="trace", **trace_kw)
+        return Trace(select, name=name, **_trace_kwargs(cfg, general, name))
     if name == "trace_paper":
-        return Trace(SelectConfig.paper(), name="trace_paper", **trace_kw)
+        return Trace(SelectConfig.paper(), name=name, **_trace_kwargs(cfg, general, name))
     if name == "trace_guard":  # general ability guarded whatever --protect-base says
-        return Trace(cfg.trace.select_config(protect=cfg.trace.protect or 1.0), name="trace_guard",
-                     **{**trace_kw, "general": general})
+        return Trace(dataclasses.replace(select, protect=select.protect or 1.0), name=name,
+                     **{**_trace_kwargs(cfg, general, name), "general": general})
     if name.startswith("trace_") and name[6:] in GRANULARITIES:
-        return Trace(cfg.trace.select_config(granularity=name[6:]), name=name, **trace_kw)
+        return Trace(dataclasses.replace(select, granularity=name[6:]), name=name,
+                     **_trace_kwargs(cfg, general, name))
     if name == "seqft":
         return SeqFT()
     if name == "lora":
@@ -51,7 +55,7 @@ def sweep_strategies(cfg, general: Task | None = None) -> list[Strategy]:
     for g in cfg.sweep.granularity:
         for b in cfg.sweep.budget:
             for ps in cfg.sweep.probe_steps:
-                kw = {**_trace_kwargs(cfg, general), "probe_steps": ps}
-                out.append(Trace(cfg.trace.select_config(granularity=g, budget=b),
-                                 name=f"trace[{g},{b:g},p{ps}]", **kw))
+                name = f"trace[{g},{b:g},p{ps}]"
+                kw = {**_trace_kwargs(cfg, general, name), "probe_steps": ps}
+                out.append(Trace(dataclasses.replace(cfg.trace.select, granularity=g, budget=b), name=name, **kw))
     return out

@@ -19,11 +19,13 @@ import torch
 from trace_kernels import CoreMask, MaskedAdamW
 
 from ...lm.train import load_optimizer_state, train_loop
-from ...method.pipeline import TracePipeline
-from ...method.probe import DEFAULT_EXCLUDE, ProbeResult, default_loss
+from ...method.pipeline import FoundCore, TracePipeline
+from ...method.probe import DEFAULT_EXCLUDE, default_loss
 from ...method.routing import TaskValues, full_core_values
-from ...method.select import EarlierTask, Selection, SelectConfig
+from ...method.select import EarlierTask, SelectConfig
+from ..routed import routed_entry, routed_row
 from .base import Context, Strategy, TaskCost, final_loss, optimizer_state_bytes
+from .lora import adapter_bytes
 
 
 class Trace(Strategy):
@@ -33,7 +35,8 @@ class Trace(Strategy):
                  probe_lr: float | None = None, lr: float | None = None,
                  sketch_dim: int | None = None, exclude=DEFAULT_EXCLUDE,
                  fisher_batches: int = 20, general=None, name: str = "trace",
-                 master_weights: bool | None = None, core_grads: bool = False) -> None:
+                 master_weights: bool | None = None, core_grads: bool = False,
+                 keep_routes: bool = True, lora_rank: int = 8) -> None:
         super().__init__(lr)
         self.master_weights = master_weights
         self.core_grads = core_grads
@@ -43,8 +46,9 @@ class Trace(Strategy):
         self.general = general   # a Task of general ability whose Fisher is protected too
         self.name = name
         self.selections: list[dict] = []
-        # each task's core values before and after it (None: not kept, no routed row)
-        self.routes: list[TaskValues] | None = []
+        # each task's core values before and after it, for the task-routed row (None: not kept)
+        self.routes: list[TaskValues] | None = [] if keep_routes else None
+        self.lora_rank = lora_rank  # what the routed row's storage is compared with
 
     @property
     def history(self) -> list[EarlierTask]:
@@ -61,23 +65,27 @@ class Trace(Strategy):
 
     def learn(self, ctx: Context, index, task, seen) -> TaskCost:
         self.protect_general(ctx, index)
-        result, sel = self.probe_and_select(ctx, index, task)
-        # what the history keeps of the probe is taken now, and the rest of it (Δ where it is
-        # not kept, the probe's Fisher, the selection's scores) is let go before training
-        core = sel.mask
-        with ctx.phase("history"):
-            updates = self.recorded_updates(result.deltas, core)
-        probe_loss = result.losses[-1]
-        del result, sel
-        # whole-tensor values (gathered on every rank when sharded), for the routed row
-        with ctx.phase("core values"):
+        found = self.find_core(ctx, index, task)  # the probe's Δ and Fisher are let go here
+        core = found.core
+        with ctx.phase("core values"):  # whole tensors (gathered on every rank when sharded)
             before = full_core_values(ctx.model, core) if self.routes is not None else None
         losses, state = self.train_core(ctx, index, task, core)
         with ctx.phase("core values"):
             if self.routes is not None:
                 self.routes.append(TaskValues(core, before, full_core_values(ctx.model, core)))
-        self.remember(ctx, index, task, core, updates, probe_loss)
+        self.remember(ctx, index, task, found)
         return self.cost(core, state, losses)
+
+    def report(self, entry: dict, model, base, seq, phases) -> dict[str, dict]:
+        """The cores chosen, and the task-routed row: each task scored with the model as it
+        stood right after it (`model`, done with, is set back in place)."""
+        entry["selections"] = self.selections
+        if not self.routes:
+            return {}
+        with phases.phase("scoring: routed"):
+            entry["routed"] = routed_row(model, base, self.routes, seq, in_place=True)
+        entry["routed"]["lora_bytes_per_task"] = adapter_bytes(base, self.lora_rank)
+        return {f"{self.name}_routed": routed_entry(entry, seq.first)}
 
     # The steps of `learn`, also used one by one by `trace-ft adapt` (which checkpoints
     # between them), so both give the same numbers.
@@ -90,25 +98,23 @@ class Trace(Strategy):
         with ctx.phase("guard fisher"):
             return self.pipeline.fisher(ctx.model, batches, loss_fn=ctx.whole_batch_loss())
 
-    def probe_and_select(self, ctx: Context, index: int, task) -> tuple[ProbeResult, Selection]:
-        """The warm-start probe from the current weights, and the core chosen against
-        `self.history`."""
+    def find_core(self, ctx: Context, index: int, task, gather=None) -> FoundCore:
+        """The warm-start probe from the current weights, the core chosen against
+        `self.history`, and the probe's update as the history keeps it (`TracePipeline.find_core`).
+        The probe runs at the run's lr unless `probe_lr` is set."""
         cfg = self.train_config(ctx)
         par = ctx.parallel
         dp = {} if par is None else {"loss_fn": par.loss(default_loss), "sync_grads": par.sync_grads}
         batches = ctx.batches([task], self.pipeline.probe_steps, salt=10_000 + index)
-        with ctx.phase("probe"):
-            result = self.pipeline.probe(
-                ctx.model, batches, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
-                max_grad_norm=cfg.max_grad_norm,
-                progress=ctx.progress and f"{self.desc(ctx, index, task)} (probe)", **dp)
-        with ctx.phase("selection"):
-            sel = self.pipeline.select(result)
+        found = self.pipeline.find_core(
+            ctx.model, batches, lr=ctx.train.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+            max_grad_norm=cfg.max_grad_norm, gather=gather, phase=ctx.phase,
+            progress=ctx.progress and f"{self.desc(ctx, index, task)} (probe)", **dp)
         if par is not None:  # every rank must train the same core
             par.check_same(f"the core of {task.name}", b"".join(
                 n.encode() + e.block_size.to_bytes(8, "little") + e.indices.to(torch.int64).numpy().tobytes()
-                for n, e in sel.mask.items()))
-        return result, sel
+                for n, e in found.core.items()))
+        return found
 
     def train_core(self, ctx: Context, index: int, task, core: CoreMask, *, start_step: int = 0,
                    optimizer_state: dict | None = None,
@@ -144,23 +150,20 @@ class Trace(Strategy):
         selection protects); otherwise nothing."""
         return self._fisher(ctx, task, salt=20_000 + index) if self.pipeline.guarded else {}
 
-    def remember(self, ctx: Context, index: int, task, core: CoreMask, updates: dict,
-                 probe_loss: float | None) -> EarlierTask:
-        """Record the task for later tasks' selection: its update (as `recorded_updates`
-        gives it), its core and, with the guard on, its Fisher after training."""
+    def remember(self, ctx: Context, index: int, task, found: FoundCore) -> EarlierTask:
+        """Record the task for later tasks' selection: its update (as `find_core` kept it),
+        its core and, with the guard on, its Fisher after training."""
         fisher = self.trained_fisher(ctx, index, task)
+        core = found.core
         with ctx.phase("history"):
-            earlier = self.pipeline.remember(core, updates, fisher)
+            earlier = self.pipeline.remember(core, found.updates, fisher)
         self.selections.append({"task": task.name, "core_elements": core.numel_selected,
                                 "eligible_elements": core.numel,
                                 "tensors": sum(1 for e in core.values() if e.num_selected),
-                                "probe_loss": probe_loss})
+                                "probe_loss": found.probe_loss})
         return earlier
 
     @staticmethod
     def cost(core: CoreMask, state_bytes: int, losses: list[float]) -> TaskCost:
         return TaskCost(trainable=core.numel_selected, state_bytes=state_bytes,
                         final_loss=final_loss(losses), extra={"eligible": core.numel})
-
-    def recorded_updates(self, deltas, core: CoreMask) -> dict:
-        return self.pipeline.recorded_updates(deltas, core)

@@ -1,0 +1,46 @@
+"""What a setting left unset means, by kind of model: the built-in one (a 0.45M-parameter
+Llama trained from scratch here, seconds per task) or a pretrained one (a real model:
+SmolLM2-135M takes ~2.5 s per step of batch 8 on two CPU cores). `RunConfig` fills its unset
+settings from here once, when it is built; nothing downstream derives a default again."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..lm.text import CHAR_TOKENIZER_FILE
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    lr: float              # the run's lr: full fine-tuning's, the baselines' and the probe's
+    core_lr_factor: float  # the core's lr is the run's times this
+    steps: int             # training steps per task
+    batch_size: int
+    probe_steps: int
+    n_train: int
+    n_test: int
+    general_every: str     # general ability scored after every "task", or at the "end"
+
+
+DEFAULTS = {
+    # the built-in model's frontier (bench/results/trace_ft_frontier.md)
+    "builtin": ModelDefaults(lr=1e-3, core_lr_factor=10.0, steps=200, batch_size=32, probe_steps=50,
+                             n_train=2000, n_test=200, general_every="task"),
+    # SmolLM2-135M's real-model studies (docs/results.md): the instruct tasks are learned to
+    # ~100 % in 12-16 steps of batch 8 at lr 1e-4, and a probe of 8 steps at that lr finds a
+    # core that learns them; at core lr 10x TRACE destroyed more general ability than full
+    # fine-tuning, at 3x it kept it. 32 test examples per task give a score to ~3 points;
+    # general ability at the start and the end. The README's real-model command (4 tasks,
+    # trace and seqft) takes about 15 minutes with these on two CPU cores.
+    "pretrained": ModelDefaults(lr=1e-4, core_lr_factor=3.0, steps=16, batch_size=8, probe_steps=8,
+                                n_train=400, n_test=32, general_every="end"),
+}
+
+
+def model_kind(model: str | Path) -> str:
+    """"builtin" for the built-in model and any model saved from it (a directory with its
+    character tokenizer, e.g. `adapt`'s output), else "pretrained"."""
+    if str(model) == "builtin" or (Path(model) / CHAR_TOKENIZER_FILE).is_file():
+        return "builtin"
+    return "pretrained"

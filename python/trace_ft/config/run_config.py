@@ -1,0 +1,234 @@
+"""`RunConfig`: every setting of `trace-ft run` (and of `adapt`, `frontier` and `eval`
+where they apply), as given by flags, a TOML file or Python, with every setting left unset
+filled in once from the model's defaults (`defaults.DEFAULTS`) when it is built."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from ..continual.strategies import strategy_names_ok
+from ..lm.parallel import MODES as PARALLEL_MODES, check_launch
+from ..lm.train import TrainConfig
+from ..tasks import SUITES
+from .defaults import DEFAULTS, model_kind
+from .sections import (SECTIONS, EWCSettings, LoRASettings, ReplaySettings, SweepSettings, TraceSettings,
+                       granularity, section_field, section_flat)
+
+DEFAULT_STRATEGIES = ("trace", "seqft", "lora", "ewc", "replay", "mtl")
+DTYPES = ("float32", "bfloat16", "float16")
+# strategies that cannot run on a model sharded by --parallel fsdp2, and why
+FSDP2_REFUSED = {"lora": "lora inserts adapter modules into the model after it is sharded"}
+# the flat names `RunConfig` fills in from the model's defaults when they are unset
+RESOLVED = ("lr", "steps", "batch_size", "n_train", "n_test", "general_every", "trace_lr", "trace_probe_lr",
+            "trace_probe_steps", "trace_core_grads")
+
+
+@dataclass
+class RunConfig:
+    """Every setting of a run: the run's own, then each strategy's as a nested,
+    self-validating section. Unset (None) settings take the model's defaults when the
+    config is built; `from_dict` and `flat`/`replaced` speak the flat names flags and result
+    files use, and `replaced` lets the defaults follow a changed model or lr."""
+
+    suite: str = "skills"             # built-in suite: skills, formats, or instruct (for a real chat model)
+    tasks: list[str] = field(default_factory=list)   # empty: the suite's tasks
+    strategies: list[str] = field(default_factory=lambda: list(DEFAULT_STRATEGIES))
+    model: str = "builtin"            # "builtin", a known model (smollm2-135m), a .gguf file or a HF directory
+    chat: bool | None = None          # tasks in the tokenizer's chat template (None: where it has one)
+    general: str | None = None        # a task directory of general-ability items (default: the built-in probe)
+    general_every: str | None = None  # general ability scored after every "task" or at the "end"
+    size: str = "small"               # built-in model size (tiny, small, medium)
+    dtype: str = "float32"
+    device: str = "cpu"
+    cache_dir: str | None = None
+    steps: int | None = None          # per task
+    batch_size: int | None = None
+    lr: float | None = None
+    warmup: float = 0.1
+    schedule: str = "cosine"
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    n_train: int | None = None
+    n_test: int | None = None
+    max_len: int | None = None
+    seed: int = 0
+    threads: int | None = None
+    parallel: str | None = None       # "ddp"/"fsdp2" under torchrun: data parallel ranks (None: one process)
+    routed: bool = True               # keep trace's core values: the task-routed row
+    trace: TraceSettings = field(default_factory=TraceSettings)
+    lora: LoRASettings = field(default_factory=LoRASettings)
+    ewc: EWCSettings = field(default_factory=EWCSettings)
+    replay: ReplaySettings = field(default_factory=ReplaySettings)
+    sweep: SweepSettings = field(default_factory=SweepSettings)
+    # the flat names that were unset and took the model's defaults (`replaced` sets them anew)
+    defaulted: frozenset = field(default=frozenset(), compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        d = DEFAULTS[self.kind]
+        unset = set()
+        for name in ("lr", "steps", "batch_size", "n_train", "n_test", "general_every"):
+            if getattr(self, name) is None:
+                unset.add(name)
+                setattr(self, name, getattr(d, name))
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be > 0 and finite, got {self.lr}")
+        t = self.trace
+        if t.lr is None:
+            unset.add("trace_lr")
+            t.lr = float(f"{self.lr * d.core_lr_factor:.12g}")  # 3e-4, not 3.0000000000000003e-4
+        if t.probe_lr is None:
+            unset.add("trace_probe_lr")
+            t.probe_lr = self.lr
+        if t.probe_steps is None:
+            unset.add("trace_probe_steps")
+            t.probe_steps = d.probe_steps
+        if t.core_grads is None:
+            unset.add("trace_core_grads")
+            t.core_grads = self.parallel != "fsdp2"  # fsdp2 shards the weights
+        self.defaulted = frozenset(unset) | self.defaulted
+
+    @property
+    def kind(self) -> str:
+        """"builtin" or "pretrained" (`defaults.model_kind`): what the defaults are for."""
+        return model_kind(self.model)
+
+    @property
+    def builtin(self) -> bool:
+        return self.kind == "builtin"
+
+    def validate(self) -> None:
+        """The settings that depend on each other or on the machine, checked at once before
+        anything slow or visible happens (each section checked itself when built)."""
+        from ..lm.model import SIZES
+
+        if self.suite not in SUITES:
+            raise ValueError(f"suite must be one of {', '.join(SUITES)}, got {self.suite!r}")
+        if not self.strategies:
+            raise ValueError("strategies: give at least one strategy")
+        for s in self.strategies:
+            strategy_names_ok(s)
+        self.train_config().validate()
+        if self.model == "builtin" and self.size not in SIZES:
+            raise ValueError(f"size must be one of {', '.join(SIZES)}, got {self.size!r}")
+        if self.builtin and not self.tasks and self.suite == "instruct":
+            raise ValueError("suite instruct is for a pretrained chat model (e.g. --model smollm2-135m); "
+                             "the built-in model reads no English")
+        if self.general is not None and self.builtin:
+            raise ValueError("general: the built-in model's general ability is its base skill; "
+                             "--general is for other models")
+        if self.general_every not in ("task", "end"):
+            raise ValueError(f"general_every must be 'task' or 'end', got {self.general_every!r}")
+        if self.general is not None and not Path(self.general).is_dir():
+            raise ValueError(f"general: {self.general} is not a task directory")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r}: no CUDA device is visible")
+        if self.n_test < 1 or self.n_train < 1:
+            raise ValueError("n_train and n_test must be >= 1")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.parallel is not None and self.parallel not in PARALLEL_MODES:
+            raise ValueError(f"parallel must be one of {', '.join(PARALLEL_MODES)}, got {self.parallel!r}")
+        if self.parallel == "fsdp2" and self.trace.core_grads:
+            raise ValueError("--core-grads true needs unsharded weights; with --parallel fsdp2 "
+                             "train with full gradients (the default)")
+        if self.parallel is not None:
+            check_launch()
+        if self.max_len is not None and self.max_len < 2:
+            raise ValueError(f"max_len must be >= 2, got {self.max_len}")
+
+    def check_sharded_strategies(self, names) -> None:
+        """Raise, naming them, if `names` hold strategies --parallel fsdp2 cannot run."""
+        refused = [n for n in names if n in FSDP2_REFUSED]
+        if refused and self.parallel == "fsdp2":
+            raise ValueError(f"--parallel fsdp2 does not run {', '.join(refused)}: "
+                             + "; ".join(FSDP2_REFUSED[n] for n in refused)
+                             + " (leave it out with --strategies, or use --parallel ddp)")
+
+    @property
+    def task_names(self) -> list[str]:
+        """The tasks in order: `tasks`, or the suite's."""
+        return list(self.tasks) or list(SUITES[self.suite])
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr,
+                           warmup=self.warmup, schedule=self.schedule,
+                           weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm)
+
+    def flat(self) -> dict:
+        """Every setting under its flat name (``trace_budget``), as the run uses it: what
+        result files record."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in SECTIONS and f.name != "defaulted"}
+        for section in SECTIONS:
+            out.update(section_flat(section, getattr(self, section)))
+        return out
+
+    def replaced(self, **flat) -> RunConfig:
+        """A copy with settings replaced by flat name (a frontier point, a sweep). Settings
+        that took the model's defaults take them again (so a point's lr moves its core lr and
+        probe lr, unless those were given)."""
+        given = {k: v for k, v in self.flat().items() if k not in self.defaulted}
+        return RunConfig.from_dict({**given, **flat})
+
+    @classmethod
+    def flat_names(cls) -> set[str]:
+        return set(cls().flat())
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RunConfig:
+        """Flat names (``trace_budget``), or TOML tables of a section (``[trace] budget``);
+        each section validates its values as it is built."""
+        top = {f.name for f in fields(cls)} - set(SECTIONS) - {"defaulted"}
+        given: dict = {}
+        nested: dict[str, dict] = {s: {} for s in (*SECTIONS, "trace.select")}
+        unknown = []
+        for k, v in data.items():
+            items = ([(f"{k}_{kk}", vv) for kk, vv in v.items()] if isinstance(v, dict) else [(k, v)])
+            for name, value in items:
+                where = section_field(name)
+                if where is not None:
+                    nested[where[0]][where[1]] = value
+                elif name in top:
+                    given[name] = value
+                else:
+                    unknown.append(name)
+        if unknown:
+            raise ValueError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
+        select = nested.pop("trace.select")
+        if "granularity" in select:
+            select["granularity"] = granularity(select["granularity"])
+        if "weights" in select:  # (a list, from JSON or TOML)
+            select["weights"] = tuple(select["weights"])
+        if select:
+            nested["trace"]["select"] = dataclasses.replace(TraceSettings().select, **select)
+        return cls(**given, **{s: SECTIONS[s](**kw) for s, kw in nested.items()})
+
+
+def load_config_file(path: str | Path) -> dict:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"--config {path}: no such file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"--config {path}: {e}") from None
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
