@@ -86,3 +86,50 @@ def test_trace_ft_layers_import_only_downwards():
             if other in TRACE_FT_LAYERS and TRACE_FT_LAYERS.index(other) > TRACE_FT_LAYERS.index(own):
                 bad.setdefault(m, []).append(i)
     assert not bad, bad
+
+
+def _edges(name: str, path: Path, is_package: bool) -> set[str]:
+    """The project modules `name` imports, at any depth of its code (a lazy import inside a
+    function is still an import): ``from X import n`` depends on X.n where that is a module,
+    else on X itself."""
+    modules = set(GRAPH)
+    out = set()
+    package = name if is_package else name.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[:len(base) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module
+            targets = [f"{mod}.{a.name}" if f"{mod}.{a.name}" in modules else mod for a in node.names]
+        else:
+            continue
+        for t in targets:
+            while t and t not in modules:
+                t = t.rpartition(".")[0]
+            if t and t != name:
+                out.add(t)
+    return out
+
+
+def test_no_import_cycles():
+    edges = {name: _edges(name, path, pkg) for name, path, pkg in _modules()}
+    cycles, state = [], {}
+
+    def visit(m, stack):
+        state[m] = "open"
+        for n in sorted(edges.get(m, ())):
+            if state.get(n) == "open":
+                cycles.append(stack[stack.index(n):] + [n])
+            elif n not in state:
+                visit(n, stack + [n])
+        state[m] = "done"
+
+    for m in sorted(edges):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, "\n".join(" -> ".join(c) for c in cycles)

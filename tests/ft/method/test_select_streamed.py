@@ -13,8 +13,7 @@ import torch
 from helpers import same_report_rows
 from trace_kernels import CoreMask
 from trace_ft import EarlierTask, ProbeResult, select_core, sketch_update
-from trace_ft.method import select as select_mod
-from trace_ft.method import select_streamed
+from trace_ft.method.select import core, ranks
 
 SHAPES = {"a.weight": (7, 13), "b.weight": (31, 5), "c.weight": (3, 17, 2)}
 
@@ -40,10 +39,9 @@ def _earlier(gen, unit: str) -> list[EarlierTask]:
 
 
 def _both(monkeypatch, probe, earlier, **cfg):
-    monkeypatch.setattr(select_mod, "EXACT_RANKS_UP_TO", 64)
-    monkeypatch.setattr(select_streamed, "EXACT_RANKS_UP_TO", 64)
+    monkeypatch.setattr(ranks, "EXACT_RANKS_UP_TO", 64)
     streamed = select_core(probe, earlier, granularity="element", **cfg)
-    monkeypatch.setattr(select_streamed, "streamable", lambda *a: False)
+    monkeypatch.setattr(core, "streamable", lambda *a: False)
     materialised = select_core(probe, earlier, granularity="element", **cfg)
     return streamed, materialised
 
