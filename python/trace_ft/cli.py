@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run a continual sequence of tasks with TRACE and the baselines "
                        "and write results.json, report.md and accuracy.png. With no arguments: "
                        "the built-in model and suite, strategies trace,seqft,lora,ewc,replay,mtl.")
-    r.add_argument("--out", help="output directory (default runs/<timestamp>/)")
+    r.add_argument("--out", help="output directory (default: a new runs/<timestamp>/)")
+    r.add_argument("--overwrite", action="store_true", help="write into an --out that already holds files")
     r.add_argument("--sweep", action="store_true",
                    help="run the trace ablation (granularity × budget × probe steps) instead")
     add_settings(r)
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--frontier-strategies", help="comma-separated: which frontiers (default: seqft, "
                    "trace, lora, ewc, replay; for a real model, whose grids span lr 1e-5 to 1e-3: "
                    "seqft, lora, trace, trace_guard)")
+    f.add_argument("--overwrite", action="store_true", help="start again in an --out that holds a frontier")
     f.add_argument("--resume", action="store_true", help="reuse the runs in --out's results.json "
                    "(an interrupted frontier, or other points made with the same settings: add "
                    "seeds at chosen points with --grid and --seeds)")
@@ -151,7 +153,7 @@ def frontier_command(args: argparse.Namespace) -> int:
     from .commands.frontier import frontier
 
     frontier(cfg, args.out, seeds=args.seeds, quick=args.quick, strategies=names, grids=grids,
-             metric=args.metric, resume=args.resume, progress=not args.quiet)
+             metric=args.metric, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
     return 0
 
 
@@ -179,7 +181,7 @@ def run_command(args: argparse.Namespace) -> int:
     require_extras("run", [m for m in NEEDS["run"] if m != "peft" or lora])
     from .commands.run import run
 
-    run(cfg, out=args.out, sweep=args.sweep, progress=not args.quiet)
+    run(cfg, out=args.out, sweep=args.sweep, progress=not args.quiet, overwrite=args.overwrite)
     return 0
 
 

@@ -132,3 +132,23 @@ def test_bad_rounding_settings_are_refused():
         ops.masked_adamw_([q], [torch.ones(8)], [torch.zeros(8)], [torch.zeros(8)], [],
                           [torch.arange(8, dtype=torch.int32)], [1], [torch.tensor(0.0)], lr=1e-3,
                           masters=[torch.zeros(8)])
+
+
+def test_tensors_of_one_shape_round_with_independent_bits():
+    """Issue #35: the stochastic-rounding bits hashed only the seed, the step and the
+    element's index, so element (i, j) of every tensor of one shape rounded with the same
+    bits (unbiased each, correlated across layers). Each parameter now has its own range of
+    element indices (`ops.element_base` of its name): two identical parameters with
+    identical gradients round apart (the probe's dense step passes the same bases)."""
+    torch.manual_seed(0)
+    w = (torch.randn(64, 64) * 0.02).to(torch.bfloat16)
+    a, b = torch.nn.Parameter(w.clone()), torch.nn.Parameter(w.clone())
+    opt = MaskedAdamW([("layers.0.q", a), ("layers.1.q", b)], lr=1e-4, weight_decay=0.0, rounding="stochastic",
+                      seed=7, masks={a: torch.ones(64, 64, dtype=torch.bool), b: torch.ones(64, 64, dtype=torch.bool)})
+    g = torch.randn(64, 64).to(torch.bfloat16)
+    a.grad, b.grad = g.clone(), g.clone()
+    opt.step()
+    differ = (a != b).float().mean()
+    assert 0.05 < float(differ) < 0.95, float(differ)
+    assert ops.element_base("layers.0.q") != ops.element_base("layers.1.q")
+    assert ops.element_base("x", 5) == ops.element_base("x") + 5  # a shard's offset within its range

@@ -12,9 +12,9 @@ ValueError/TypeError that names the argument and leaves every tensor untouched.
 """
 
 from ._checks import INDEX_DTYPES, MAX_REFS, PARAM_DTYPES
-from .adamw import adamw_fisher_, masked_adamw_, masked_adamw_trusted_
+from .adamw import adamw_fisher_, element_base, masked_adamw_, masked_adamw_trusted_
 from .delta_stats import DeltaStats, delta_stats
 from .sampled_dot import sampled_dot
 
-__all__ = ["masked_adamw_", "masked_adamw_trusted_", "adamw_fisher_", "delta_stats", "DeltaStats", "sampled_dot",
+__all__ = ["masked_adamw_", "masked_adamw_trusted_", "adamw_fisher_", "element_base", "delta_stats", "DeltaStats", "sampled_dot",
            "PARAM_DTYPES", "INDEX_DTYPES", "MAX_REFS"]

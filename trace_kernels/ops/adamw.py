@@ -9,6 +9,7 @@ joins the pair again before any backend sees it.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 
 import torch
@@ -17,6 +18,15 @@ from torch import Tensor
 from .. import backends
 from ._checks import (bump_versions, check_rounding, int_sizes, split_lr, stochastic_flag,
                       validate_adamw_fisher, validate_masked_adamw)
+
+
+def element_base(name: str, offset: int = 0) -> int:
+    """The element base of stochastic rounding (``elem_bases[i]``) for the parameter called
+    `name` whose storage starts `offset` elements into it (a shard's): the offset, with a
+    hash of the name in the high 32 bits, so tensors of the same shape draw independent
+    bits (otherwise element (i, j) of every such tensor rounds with the same bits, and
+    rounding errors summed over layers add up coherently). The same on every rank."""
+    return ((zlib.crc32(name.encode()) & 0x7FFFFFFF) << 32) + int(offset)
 
 
 @torch.library.custom_op(
@@ -134,7 +144,8 @@ def masked_adamw_(
     "nearest" (even) or "stochastic" (bf16: up with probability equal to the dropped
     fraction, unbiased), its random bits a hash of ``seed``, the step and the element's
     index in the whole parameter (``elem_bases[i]``: where the storage starts in it, for a
-    shard), so the same seed gives the same bits on every backend.
+    shard, and a hash of the parameter's name: `element_base`), so the same seed gives the
+    same bits on every backend.
     """
     args = (
         list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs or []),
@@ -192,13 +203,14 @@ def _adamw_fisher_op(
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
     fisher_scale: float,
+    elem_bases: list[int],
     stochastic: bool,
     seed: int,
     backend: str,
 ) -> None:
     _adamw_fisher_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, steps, lr,
                        lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale,
-                       found_inf, fisher_scale, stochastic, seed, backend)
+                       found_inf, fisher_scale, elem_bases, stochastic, seed, backend)
 
 
 @_adamw_fisher_op.register_fake
@@ -208,11 +220,11 @@ def _adamw_fisher_fake(*args, **kwargs) -> None:
 
 def _adamw_fisher_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, steps, lr,
                        lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale,
-                       found_inf, fisher_scale, stochastic, seed, backend) -> None:
+                       found_inf, fisher_scale, elem_bases, stochastic, seed, backend) -> None:
     validate_adamw_fisher(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, steps,
                           lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, grad_scale,
                           found_inf, fisher_scale)
-    check_rounding("adamw_fisher_", params, [], [], stochastic, seed, [])
+    check_rounding("adamw_fisher_", params, [], elem_bases, stochastic, seed, [])
     if not params:
         return
     impl = backends.kernel("adamw_fisher_", backends.choose(params[0].device, backend or None).name)
@@ -220,7 +232,7 @@ def _adamw_fisher_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fi
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, steps,
         fisher_scale=fisher_scale, lr=lr if lr_tensor is None else lr_tensor, beta1=beta1,
         beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-        grad_scale=grad_scale, found_inf=found_inf, masters=[], elem_bases=[],
+        grad_scale=grad_scale, found_inf=found_inf, masters=[], elem_bases=elem_bases,
         stochastic=stochastic, seed=seed,
     )
     bump_versions(params)
@@ -248,18 +260,21 @@ def adamw_fisher_(
     backend: str | None = None,
     rounding: str = "nearest",
     seed: int = 0,
+    elem_bases: Sequence[int] | None = None,
 ) -> None:
     """Dense AdamW step (the warm-start probe's) that, in the same pass over memory, adds
     ``fisher_scale * g**2`` to ``fishers[i]`` (fp32, one value per element; ``g`` unscaled
     by ``grad_scale``): the empirical Fisher diagonal accumulates while the probe trains.
     State is dense fp32; numerics are exactly those of `masked_adamw_` with a full mask.
     ``rounding="stochastic"`` rounds bf16 parameters stochastically (see `masked_adamw_`):
-    full fp32 master weights would cost 4 bytes per parameter for a short probe."""
+    full fp32 master weights would cost 4 bytes per parameter for a short probe;
+    ``elem_bases`` as `masked_adamw_`'s (see `element_base`)."""
     args = (
         list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs or []),
         list(fishers), list(steps), *split_lr(lr), float(beta1), float(beta2), float(eps),
         float(weight_decay), bool(amsgrad), bool(maximize), grad_scale, found_inf,
-        float(fisher_scale), stochastic_flag("adamw_fisher_", rounding), seed, backend or "",
+        float(fisher_scale), list(elem_bases or []), stochastic_flag("adamw_fisher_", rounding), seed,
+        backend or "",
     )
     if torch.compiler.is_compiling():
         _adamw_fisher_op(*args)

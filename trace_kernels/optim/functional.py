@@ -88,6 +88,7 @@ def masked_adamw(
     plan: StepPlan | None = None,
     describe: Callable[[Tensor], str] | None = None,
     all_params: Sequence[Tensor] | None = None,
+    element_base: Callable[[Tensor], int] | None = None,
 ) -> StepPlan:
     """One AdamW step over the core elements of `params`, in place; returns the plan to pass
     back next time.
@@ -101,7 +102,9 @@ def masked_adamw(
     carrier's (its core rows). A selected element gets exactly torch.optim.AdamW's update;
     anything else is left bit for bit. ``all_params``: every parameter of the optimizer (a
     carrier must be among them, so zero_grad and clipping see it); `describe(p)`: how errors
-    name a parameter (default ``params[i]``)."""
+    name a parameter (default ``params[i]``); `element_base(p)`: the base of `p`'s element
+    indices for stochastic rounding (`ops.element_base` of its name; default 0), to which a
+    shard's offset is added."""
     params = list(params)
     n = len(params)
     carriers = list(carriers) if carriers is not None else [None] * n
@@ -111,7 +114,8 @@ def masked_adamw(
     stochastic = stochastic_flag("masked_adamw", rounding)
     if plan is None or not plan.fits(refs, params, amsgrad, backend):
         what = [describe(p) if describe is not None else f"params[{i}]" for i, p in enumerate(params)]
-        plan = _plan(refs, grads, amsgrad, backend, what, all_params if all_params is not None else params)
+        plan = _plan(refs, grads, amsgrad, backend, what, all_params if all_params is not None else params,
+                     element_base)
         for dp in plan.devices.values():
             lst = dp.lists
             check_rounding("masked_adamw", lst["params"], lst["masters"], lst["bases"], stochastic, seed,
@@ -148,7 +152,8 @@ def _grad(p: Tensor, g: Tensor, rows: CoreRowsStep | None) -> Tensor:
     return g if g.is_contiguous() else g.contiguous()
 
 
-def _plan(refs: tuple, grads, amsgrad: bool, backend: str | None, what: list[str], all_params) -> StepPlan:
+def _plan(refs: tuple, grads, amsgrad: bool, backend: str | None, what: list[str], all_params,
+          element_base: Callable[[Tensor], int] | None) -> StepPlan:
     """Check every parameter, its gradient and state, and plan the step, device by device."""
     params, carriers, masks, m, v, vmax, steps, masters = refs
     if amsgrad and len(vmax) != len(params):
@@ -179,8 +184,10 @@ def _plan(refs: tuple, grads, amsgrad: bool, backend: str | None, what: list[str
             "masters": kept if any(x.numel() for x in kept) else [],
             # stochastic rounding keys on the element's place in what the kernel steps (for a
             # core-rows weight: in its rows buffer, so its bits differ from the full-gradient
-            # path's; the rounding is as unbiased)
-            "bases": [lay.shard.lo if lay.shard is not None else 0 for lay in lays]}
+            # path's; the rounding is as unbiased), in the parameter's own range of indices
+            "bases": [(lay.shard.lo if lay.shard is not None else 0)
+                      + (element_base(params[i]) if element_base is not None else 0)
+                      for i, lay in zip(where, lays)]}
         name = backends.choose(device, backend).name
         planner = backends.kernel("plan_masked_adamw", name)
         devices[device] = DevicePlan([params[i] for i in where], lists,

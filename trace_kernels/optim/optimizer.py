@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .. import backends
+from .. import backends, ops
 from ..masks import CoreMask, MaskEntry
 from ..sharding import local_tensor
 from .args import checked_defaults
@@ -49,8 +49,9 @@ class MaskedAdamW(Optimizer):
         full master weights). The weight stays the source of truth: a weight written by
         anything else, ``.data`` writes included, keeps what was written.
     rounding: how an fp32 result is written to a 16-bit parameter: "nearest" (even) or
-        "stochastic" (bf16; unbiased, its random bits a hash of `seed`, the step and the
-        element, the same on every backend). seed: None draws one from torch's generator.
+        "stochastic" (bf16; unbiased, its random bits a hash of `seed`, the step, the
+        parameter's name and the element, the same on every backend and sharding). seed: None
+        draws one from torch's generator.
 
     ``foreach`` and ``fused`` are accepted for drop-in compatibility (the step is always one
     fused multi-tensor call); ``capturable``, ``differentiable`` and sparse gradients are
@@ -228,8 +229,14 @@ class MaskedAdamW(Optimizer):
                 eps=group["eps"], weight_decay=group["weight_decay"], maximize=group["maximize"],
                 grad_scale=grad_scale, found_inf=found_inf, rounding=rounding, seed=group["rounding_seed"],
                 backend=self._backend, plan=plan, describe=self._describe,
-                all_params=flat_params(self.param_groups))
+                all_params=flat_params(self.param_groups), element_base=self._element_base)
         return loss
+
+    def _element_base(self, p: Tensor) -> int:
+        """The base of `p`'s element indices in stochastic rounding: a hash of its name (else
+        its place in the optimizer), so tensors of one shape draw independent bits."""
+        name = param_names(self.param_groups).get(p)
+        return ops.element_base(name if name is not None else self._describe(p))
 
     def _ready(self, p: Tensor, amsgrad: bool) -> dict:
         """`p`'s state, fit for a step: made if missing (lazily, as torch's optimizers do) or

@@ -49,7 +49,8 @@ def _metric_entry(entry: dict, params: dict, seed: int) -> dict:
 
 def frontier(cfg: RunConfig, out: str | Path | None = None, *, seeds: int = 3, quick: bool = False,
              strategies: list[str] | None = None, grids: list[tuple[str, str, list]] = (),
-             metric: str = "exact", resume: bool = False, progress: bool = True, log=None) -> dict:
+             metric: str = "exact", resume: bool = False, progress: bool = True, log=None,
+             overwrite: bool = False) -> dict:
     from tqdm.auto import tqdm
 
     log = log or (lambda msg: tqdm.write(msg))
@@ -78,6 +79,9 @@ def frontier(cfg: RunConfig, out: str | Path | None = None, *, seeds: int = 3, q
         torch.set_num_threads(cfg.threads)
     out = Path(out) if out is not None else Path("runs") / ("frontier-" + datetime.now().strftime("%Y%m%d-%H%M%S"))
     results_file = out / "results.json"
+    if results_file.exists() and not (resume or overwrite):
+        raise ValueError(f"--out {out} holds a frontier already: pass --resume to continue it (and keep its "
+                         "runs), or --overwrite to start it again")
     results = {"config": {**cfg.flat(), "seeds": seeds, "quick": quick, "metric": metric,
                           "grids": {n: table[n] for n in names}},
                "versions": versions(), "frontier": {n: [] for n in names}}

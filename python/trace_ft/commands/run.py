@@ -14,14 +14,18 @@ from ..continual.report import summary_table, versions, write_outputs
 from ..continual.sequence import run_strategy
 from ..lm.memory import memory_note
 from ..lm.parallel import DataParallel, is_main
+from ..store.atomic import check_out, claim_dir
 
 
 def run(cfg: RunConfig, out: str | Path | None = None, sweep: bool = False,
-        progress: bool = True, log=None) -> dict:
+        progress: bool = True, log=None, overwrite: bool = False) -> dict:
     """Run every strategy of `cfg` (or the sweep) and write results.json, report.md and
-    accuracy.png to `out` (default runs/<timestamp>/). Returns the results (None on the
-    ranks other than 0 of a `--parallel` run, which train but neither score nor write)."""
+    accuracy.png to `out` (default a new runs/<timestamp>/; an `out` that holds files is
+    refused unless `overwrite`). Returns the results (None on the ranks other than 0 of a
+    `--parallel` run, which train but neither score nor write)."""
     cfg.validate()
+    if out is not None:
+        check_out(out, overwrite)
     if not sweep:  # before any rank starts
         cfg.check_sharded_strategies(cfg.strategies)
     parallel = DataParallel(cfg.device, cfg.parallel) if cfg.parallel else None
@@ -40,7 +44,6 @@ def _run(cfg: RunConfig, out, sweep: bool, progress: bool, log, parallel: DataPa
     progress = progress and main
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    out = Path(out) if out is not None else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     t_start = time.perf_counter()
     setup = RunSetup.open(cfg, parallel=parallel, progress=progress)  # bad tasks fail before the model opens
     strategies = setup.strategies(sweep)
@@ -70,6 +73,7 @@ def _run(cfg: RunConfig, out, sweep: bool, progress: bool, log, parallel: DataPa
         parallel.barrier()  # rank 0 writes
         return None
     results["parallel"] = None if parallel is None else {"mode": cfg.parallel, "world": parallel.world}
+    out = Path(out) if out is not None else claim_dir(Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
     write_outputs(results, out)
     if parallel is not None:
         parallel.barrier()

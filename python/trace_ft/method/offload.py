@@ -51,7 +51,12 @@ class DiskCopy:
 class TensorsOnDisk(Mapping[str, Tensor]):
     """A read-only mapping of named, exact CPU tensors whose bytes are on disk: each lookup
     reads a fresh tensor (the caller's to keep or drop), so memory holds only what is in
-    use. Selection asks it whether it holds exact or sharded updates without reading any."""
+    use. Selection asks it whether it holds exact or sharded updates without reading any;
+    `spec` gives a tensor's shape and dtype without reading it (a file is written header
+    first)."""
+
+    def spec(self, name: str) -> tuple[torch.Size, torch.dtype]:
+        raise NotImplementedError
 
 
 class DiskTensors(TensorsOnDisk):
@@ -77,6 +82,10 @@ class DiskTensors(TensorsOnDisk):
         out = torch.empty(shape, dtype=dtype)
         self._copy.read_into(i, out)
         return out
+
+    def spec(self, name: str) -> tuple[torch.Size, torch.dtype]:
+        _, shape, dtype = self._index[name]
+        return shape, dtype
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._index)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from trace_kernels import ops
-from trace_kernels.sharding import like, local_tensor
+from trace_kernels.sharding import is_dtensor, like, local_tensor, shard_layout
 
 from .offload import DiskCopy
 
@@ -161,6 +161,9 @@ def probe(
         seed = int(torch.randint(0, 2**62, ()).item())
     eligible = {id(p) for _, p in named}
     params = [p for _, p in named]
+    # each parameter's element indices for stochastic rounding: in the whole parameter (a
+    # shard's offset), in a range of its own (its name), as MaskedAdamW keys them
+    bases_of = [ops.element_base(n, shard_layout(p, n).lo if is_dtensor(p) else 0) for n, p in named]
     flags = [(p, p.requires_grad) for p in model.parameters()]
     grads = [(p, p.grad) for p in model.parameters()]
     was_training = model.training
@@ -197,18 +200,21 @@ def probe(
             step = dict(lr=lr, beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=weight_decay,
                         backend=backend, rounding=rounding, seed=seed or 0)
             live_params = [local_tensor(params[i]) for i in live]
+            bases = [bases_of[i] for i in live]
             live_grads = [local_tensor(params[i].grad).contiguous() for i in live]
             if fishers is not None:
                 ops.adamw_fisher_(live_params, live_grads, [exp_avgs[i] for i in live],
                                   [exp_avg_sqs[i] for i in live], [], [fishers[i] for i in live],
-                                  [step_counts[i] for i in live], fisher_scale=1.0 / steps, **step)
+                                  [step_counts[i] for i in live], fisher_scale=1.0 / steps,
+                                  elem_bases=bases, **step)
             else:  # the same step (a mask of one whole-tensor block), no Fisher buffer
                 full = [j for j, p in enumerate(live_params) if p.numel()]  # (a rank's shard may be empty)
                 ops.masked_adamw_([live_params[j] for j in full], [live_grads[j] for j in full],
                                   [exp_avgs[live[j]] for j in full], [exp_avg_sqs[live[j]] for j in full], [],
                                   [torch.zeros(1, dtype=torch.int64, device=live_params[j].device) for j in full],
                                   [live_params[j].numel() for j in full],
-                                  [step_counts[live[j]] for j in full], **step)
+                                  [step_counts[live[j]] for j in full], elem_bases=[bases[j] for j in full],
+                                  **step)
             del live_params, live_grads  # the gradients go before the next forward
             for p in params:
                 p.grad = None

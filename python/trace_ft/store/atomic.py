@@ -202,3 +202,26 @@ def remove_stale(parent: str | Path, name: str) -> None:
             else:
                 with contextlib.suppress(OSError):
                     p.unlink()
+
+
+def check_out(out: str | Path, overwrite: bool, flag: str = "--overwrite") -> None:
+    """Refuse an output folder that already holds something, before any work, unless told
+    to replace what is there."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ValueError(f"--out {out} already exists and is not empty (pass {flag} to write into it)")
+
+
+def claim_dir(base: str | Path) -> Path:
+    """A new, empty folder at `base`, or at `base`-2, -3, ... when that is taken: made with
+    one mkdir each, so two runs started in the same second never share a folder."""
+    base = Path(base)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for k in range(1, 10_000):
+        path = base if k == 1 else base.with_name(f"{base.name}-{k}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free folder name next to {base}")

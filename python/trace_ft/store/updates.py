@@ -5,27 +5,72 @@ tensor) or a count sketch (`BlockSketch`), told apart by the file's layout metad
 from __future__ import annotations
 
 import json
+import math
+import struct
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 from ..method.offload import TensorsOnDisk
 from ..method.sketch import BlockSketch
 
 
-def save_updates(updates: Mapping[str, Tensor | BlockSketch], path: Path) -> None:
-    from safetensors.torch import save_file
+# safetensors' names of the dtypes a history holds
+_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+           torch.bool: "BOOL"}
 
-    tensors, layout = {}, {}
-    for n, u in updates.items():
+
+def write_safetensors(specs: list[tuple[str, tuple, torch.dtype]], tensors: Iterator[Tensor], path: Path,
+                      metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file written as it goes: the header from each tensor's name, shape and
+    dtype (`specs`, in file order), then each of `tensors` (the same order) as it comes, so
+    a large model's updates kept on disk are never all in memory at once (safetensors'
+    own writer serialises the whole file in memory first)."""
+    header, offset = {}, 0
+    for name, shape, dtype in specs:
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    if metadata:
+        header["__metadata__"] = metadata
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        it = iter(tensors)  # (not zip: it holds its last item while it reads the next)
+        for name, shape, dtype in specs:
+            t = next(it).detach().cpu().contiguous()
+            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                raise ValueError(f"tensor {name!r} is {tuple(t.shape)} {t.dtype}, its header says {tuple(shape)} {dtype}")
+            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+            del t  # (before the next is read: one tensor in memory at a time)
+
+
+def save_updates(updates: Mapping[str, Tensor | BlockSketch], path: Path) -> None:
+    """The updates to a safetensors file, one tensor at a time (exact updates kept on disk
+    are read one by one)."""
+    specs, layout = [], {}
+    for n in updates:
+        u = updates[n] if not isinstance(updates, TensorsOnDisk) else None
         if isinstance(u, BlockSketch):
-            tensors[n] = u.values.detach().cpu().contiguous()
+            specs.append((n, tuple(u.values.shape), u.values.dtype))
             layout[n] = {"kind": "sketch", "block_size": u.block_size, "seed": u.seed, "exact": u.exact}
         else:
-            tensors[n] = u.detach().cpu().contiguous()
+            shape, dtype = updates.spec(n) if u is None else (u.shape, u.dtype)
+            specs.append((n, tuple(shape), dtype))
             layout[n] = {"kind": "tensor"}
-    save_file(tensors, str(path), metadata={"layout": json.dumps(layout)})
+
+    def values() -> Iterator[Tensor]:
+        for n in updates:
+            u = updates[n]
+            yield u.values if isinstance(u, BlockSketch) else u
+            del u
+
+    write_safetensors(specs, values(), path, {"layout": json.dumps(layout)})
 
 
 class FileUpdates(TensorsOnDisk):
@@ -42,6 +87,13 @@ class FileUpdates(TensorsOnDisk):
             raise KeyError(name)
         with safe_open(str(self.path), framework="pt") as f:
             return f.get_tensor(name)
+
+    def spec(self, name: str) -> tuple[torch.Size, torch.dtype]:
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="pt") as f:
+            sl = f.get_slice(name)
+            return torch.Size(sl.get_shape()), {v: k for k, v in _DTYPES.items()}[sl.get_dtype()]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)

@@ -179,7 +179,11 @@ def test_bad_input_leaves_the_file_system_as_it_was(cache, tmp_path, capsys, mon
             "--n-train", "16", "--n-test", "4", "--threads", "1"]
     adapt = ["adapt", *tiny, "--task", "rev", "--history", str(work / "new" / "hist"),
              "--out", str(work / "m")]
+    (work / "done").mkdir()
+    (work / "done" / "results.json").write_text("{}")  # an earlier run's or frontier's output
     cases = [
+        (["run", *tiny, "--out", str(work / "done")], "already exists and is not empty (pass --overwrite"),
+        (["frontier", *tiny, "--out", str(work / "done")], "pass --resume to continue it"),
         (["run", *tiny, "--granularity", "foo"], "granularity must be one of"),
         (["run", *tiny, "--specificity-unit", "page"], "specificity_unit must be one of"),
         (["run", *tiny, "--dtype", "float8"], "dtype must be one of"),

@@ -8,7 +8,7 @@ import torch
 
 from helpers import same_report_rows
 from trace_kernels import CoreMask
-from trace_ft import EarlierTask, ProbeResult, select_core
+from trace_ft import EarlierTask, ProbeResult, select_core, sketch_update
 from trace_ft.method import offload
 from trace_ft.method.offload import DiskTensors
 from trace_ft.method.pipeline import record_updates
@@ -86,3 +86,39 @@ def test_record_updates_goes_to_disk_only_past_the_large_model_size(monkeypatch)
     out = record_updates(probe.deltas, core, None)
     assert isinstance(out, DiskTensors) and all(out[n].dtype == torch.bfloat16 for n in SHAPES)
     assert all(torch.equal(out[n], probe.deltas[n].bfloat16()) for n in SHAPES)
+
+
+def test_updates_on_disk_are_saved_one_tensor_at_a_time(tmp_path):
+    """Issue #35: saving a history read a whole DiskTensors into memory first. The file is
+    written header first, then tensor by tensor: at most one read tensor alive at a time,
+    and it reads back exactly (exact updates, bf16, sketches, an empty tensor)."""
+    import gc
+    import weakref
+
+    from trace_ft.method.offload import DiskTensors
+    from trace_ft.store.updates import load_updates, save_updates
+
+    g = torch.Generator().manual_seed(3)
+    want = {"a": torch.randn(5, 7, generator=g).to(torch.bfloat16), "b": torch.randn(33, generator=g),
+            "c": torch.zeros(0, 4)}
+    alive, most = [], [0]
+
+    class Watched(DiskTensors):
+        def __getitem__(self, name):
+            t = super().__getitem__(name)
+            gc.collect()
+            alive[:] = [r for r in alive if r() is not None]
+            alive.append(weakref.ref(t))
+            most[0] = max(most[0], len(alive))
+            return t
+
+    save_updates(Watched(want.items()), tmp_path / "u.safetensors")
+    assert most[0] == 1
+    got = load_updates(tmp_path / "u.safetensors")
+    assert list(got) == list(want) and all(torch.equal(got[n], want[n]) and got[n].dtype == want[n].dtype for n in want)
+    lazy = load_updates(tmp_path / "u.safetensors", lazy=True)
+    assert [lazy.spec(n) for n in want] == [(t.shape, t.dtype) for t in want.values()]
+    sk = {"s": sketch_update(torch.randn(64, generator=g), "s", 16, dim=4), "e": torch.randn(3, generator=g)}
+    save_updates(sk, tmp_path / "s.safetensors")
+    back = load_updates(tmp_path / "s.safetensors")
+    assert torch.equal(back["s"].values, sk["s"].values) and back["s"].block_size == 16 and torch.equal(back["e"], sk["e"])

@@ -65,3 +65,20 @@ def test_sha256_file(tmp_path):
     f.write_bytes(b"abc")
     assert atomic.sha256_file(f) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
     assert os.path.getsize(f) == 3
+
+
+def test_output_folders_are_claimed_once_and_never_silently_reused(tmp_path):
+    """Issue #35: runs/<timestamp> had one-second resolution, and --out overwrote an
+    existing folder without asking."""
+    from trace_ft.store.atomic import check_out, claim_dir
+
+    base = tmp_path / "runs" / "20261206-101010"
+    assert [claim_dir(base).name for _ in range(3)] == ["20261206-101010", "20261206-101010-2", "20261206-101010-3"]
+    check_out(tmp_path / "absent", overwrite=False)
+    (tmp_path / "empty").mkdir()
+    check_out(tmp_path / "empty", overwrite=False)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "results.json").write_text("{}")
+    with pytest.raises(ValueError, match="already exists and is not empty.*--overwrite"):
+        check_out(tmp_path / "full", overwrite=False)
+    check_out(tmp_path / "full", overwrite=True)
