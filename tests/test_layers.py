@@ -8,7 +8,7 @@ ROOT = Path(__file__).parents[1]
 PACKAGES = {"trace_kernels": ROOT / "trace_kernels", "trace_ft": ROOT / "python" / "trace_ft"}
 
 # trace_ft's packages, lowest first: a package imports only those before it (and itself).
-TRACE_FT_LAYERS = ["tasks", "method", "store", "lm", "evaluate", "continual", "config",
+TRACE_FT_LAYERS = ["tasks", "method", "store", "lm", "benchmarks", "evaluate", "continual", "config",
                    "integrations", "commands", "cli"]
 
 

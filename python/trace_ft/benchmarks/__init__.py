@@ -1,0 +1,1 @@
+"""Standard benchmarks (ARC, HellaSwag, PIQA, MMLU, ...), offline."""
