@@ -32,6 +32,7 @@ layer of a model (a copy's, say).
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -248,21 +249,60 @@ class CoreGrads:
         self.remove()
 
 
-def install_core_grads(model: nn.Module, core: CoreMask, *, max_row_fraction: float = 0.5,
-                       max_element_fraction: float = 0.04) -> CoreGrads:
-    """Give every `nn.Linear` of `model` whose weight's core lies in at most
-    `max_row_fraction` of its rows a backward that computes only those rows' weight
-    gradient, and every other one whose core is at most `max_element_fraction` of its
-    elements a backward that computes only those elements' (see the module's docstring).
-    Layers where it would not save work (a dense core), weights shared between modules,
-    sharded (DTensor) weights and blocks that straddle rows keep the full gradient. Returns
-    the handle that removes it.
+@dataclass(frozen=True)
+class PathCosts:
+    """What a layer's weight gradient costs per token on each path, in multiply-adds of the
+    full product (out × in for an out × in weight):
 
-    The element path's cost grows with the core (k dot products over the tokens) from a floor
-    of reading both operands once; the full product's is the matmul's. Measured on 2 Intel
-    Xeon cores, 512 tokens, against the full product of the same weight: 1536 × 576 at 1 / 2
-    / 4 / 8 % of the elements 0.49 / 0.57 / 0.71 / 1.42×, 576 × 1536 0.54 / 0.67 / 1.06 /
-    1.80×, 192 × 576 1.25× at 1 % (too small to pay); hence the 4 % default."""
+    - rows: ``row_factor · k · in`` for k core rows (a smaller product, a little less
+      efficient, plus the gather of k gradient columns);
+    - elements: ``element_floor · (out + in) + element_factor · n`` for n core elements (both
+      operands read once, then one strided dot product per element).
+
+    A compact path is taken only where it costs at most `margin` of the full product. The
+    element path's constants differ fivefold between machines (`bench/bench_core_grad_paths.py`,
+    512–1024 tokens, SmolLM2-135M's shapes: 2-core Intel Xeon floor ≈ 160, factor ≈ 14;
+    2-core AMD EPYC floor 39, factor 2.9, bench/results/core_grad_paths_cpu.md); the
+    defaults are the slower machine's, so the element path is never chosen where it loses
+    (on the faster one it would also pay for denser cores: pass your own `PathCosts`). The
+    choice depends on shapes and cores only, never on a timing, so a run repeats bit for bit."""
+
+    row_factor: float = 1.2
+    element_floor: float = 160.0
+    element_factor: float = 14.0
+    margin: float = 0.9
+
+    def choose(self, out: int, inp: int, rows: int | None, elements: int) -> str:
+        """ "rows", "elements" or "full" for an out × inp weight whose core spans `rows` rows
+        (None: blocks that straddle rows, no row path) and holds `elements` elements."""
+        full = float(out) * inp
+        costs = {"elements": self.element_floor * (out + inp) + self.element_factor * elements}
+        if rows is not None:
+            costs["rows"] = self.row_factor * rows * inp
+        path = min(costs, key=costs.get)
+        return path if costs[path] <= self.margin * full else "full"
+
+
+COSTS = PathCosts()
+
+
+def install_core_grads(model: nn.Module, core: CoreMask, *, max_row_fraction: float | None = None,
+                       max_element_fraction: float | None = None, costs: PathCosts = COSTS) -> CoreGrads:
+    """Give every `nn.Linear` of `model` whose core makes it cheaper a backward that computes
+    only its core rows' weight gradient, or only its core elements' (see the module's
+    docstring); which one, or neither, is chosen per layer by the estimated cost of each path
+    (`PathCosts`). Given `max_row_fraction` and/or `max_element_fraction`, fixed rules decide
+    instead: rows where the core lies in at most that fraction of the rows (default 0.5),
+    else elements where it is at most that fraction of the elements (default 0.04). Weights
+    shared between modules and sharded (DTensor) weights keep the full gradient. Returns the
+    handle that removes it.
+
+    Measured on 2 Intel Xeon cores, 512 tokens, against the full product of the same weight:
+    the element path on 1536 × 576 at 1 / 2 / 4 / 8 % of the elements 0.49 / 0.57 / 0.71 /
+    1.42×, 576 × 1536 0.54 / 0.67 / 1.06 / 1.80×, 192 × 576 1.25× at 1 % (too small to pay)."""
+    fixed = max_row_fraction is not None or max_element_fraction is not None
+    max_row_fraction = 0.5 if max_row_fraction is None else max_row_fraction
+    max_element_fraction = 0.04 if max_element_fraction is None else max_element_fraction
     if not 0.0 < max_row_fraction <= 1.0:
         raise ValueError(f"max_row_fraction must be in (0, 1], got {max_row_fraction}")
     if not 0.0 <= max_element_fraction <= 1.0:
@@ -284,12 +324,18 @@ def install_core_grads(model: nn.Module, core: CoreMask, *, max_row_fraction: fl
             weight = module.weight
             if is_dtensor(weight) or counts.get(id(weight), 0) != 1 or entry.shape != tuple(weight.shape):
                 continue
-            cols = weight.shape[1]
+            out, cols = weight.shape
             found = core_rows(entry, cols)
-            if found is not None and found[0].numel() <= max_row_fraction * weight.shape[0]:
+            if fixed:
+                path = ("rows" if found is not None and found[0].numel() <= max_row_fraction * out
+                        else "elements" if entry.density <= max_element_fraction else "full")
+            else:
+                path = costs.choose(out, cols, None if found is None else int(found[0].numel()),
+                                    entry.numel_selected)
+            if path == "rows":
                 rows = found[0].to(weight.device)
                 pick = rows.new_empty((0,))
-            elif entry.density <= max_element_fraction:
+            elif path == "elements":
                 rows = core_rows(entry, 1)[0].to(weight.device)  # the core's elements
                 pick = torch.stack([rows // cols, rows % cols])
                 cols = 1
