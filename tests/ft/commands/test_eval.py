@@ -35,3 +35,20 @@ def test_eval_scores_a_model_and_writes_its_results(tmp_path, monkeypatch, capsy
     assert "reads no English" in capsys.readouterr().err
     assert main(["eval", "--model", str(model), "--bench", "arc", "--cache-dir", str(cache), "--quiet"]) == 2
     assert "unknown benchmark 'arc'" in capsys.readouterr().err
+
+
+def test_models_lists_every_known_name_with_its_cache_state(tmp_path, capsys):
+    from trace_ft.lm.pretrained import KNOWN
+
+    assert main(["models", "--cache-dir", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    for name, spec in KNOWN.items():
+        assert f"| {name} | {spec.family} | " in text
+    assert "| gemma3-270m | gemma3 | 268.1M |" in text and "no (plain framing) | not fetched |" in text
+    (tmp_path / "downloads").mkdir()
+    (tmp_path / "downloads" / KNOWN["gemma3-270m"].wheels[1].filename).write_bytes(b"x")
+    (tmp_path / "smollm2-135m").mkdir()
+    (tmp_path / "smollm2-135m" / "trace_ft_source.json").write_text("{}")
+    assert main(["models", "--cache-dir", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "1 of 5 wheels fetched" in text and f"converted ({tmp_path / 'smollm2-135m'})" in text

@@ -32,3 +32,35 @@ def test_sampler_is_seeded():
     c = [b["input_ids"] for b in sample_batches([enc], 4, 6, seed=4)]
     assert len(a) == 6 and all(torch.equal(x, y) for x, y in zip(a, b))
     assert not all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, c))
+
+
+def test_label_only_logits_give_the_models_own_loss_and_gradient(monkeypatch):
+    """Past FULL_LOGITS_BYTES the loss is computed from the logits of the positions that
+    predict a label only (a 262k vocabulary's full logits are GBs); loss and gradient are
+    the model's own, and the logits the same numbers."""
+    import pytest
+
+    pytest.importorskip("transformers")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trace_ft.lm import batches as B
+    from trace_ft.lm.train import causal_lm_loss
+
+    torch.manual_seed(0)
+    tok = CharTokenizer()
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2))
+    enc = EncodedSet([Example("a long prompt here=", "xy"), Example("short=", "answer z")], tok)
+    batch = enc.batch([0, 1])
+    want = model(**batch).loss
+    (g_want,) = torch.autograd.grad(want, model.model.layers[0].mlp.up_proj.weight)
+    full_logits, full_labels = B.label_logits(model, batch)
+    monkeypatch.setattr(B, "FULL_LOGITS_BYTES", 0)
+    logits, labels = B.label_logits(model, batch)
+    first = full_labels.shape[1] - labels.shape[1]
+    assert first > 0 and torch.equal(labels, full_labels[:, first:])
+    torch.testing.assert_close(logits, full_logits[:, first:], rtol=1e-5, atol=1e-6)
+    got = causal_lm_loss(model, batch)
+    (g_got,) = torch.autograd.grad(got, model.model.layers[0].mlp.up_proj.weight)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-7)

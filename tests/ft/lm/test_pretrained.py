@@ -58,33 +58,31 @@ def test_known_model_comes_from_its_wheel_checked_by_digest(tiny_gguf, tmp_path,
     """The fetch step is pip's; the rest (read the GGUF out of the wheel, check its digest,
     convert, never again) is tested with a wheel the test builds, placed where pip would."""
     member = "tiny_pkg/tiny.gguf"
-    spec = P.KnownModel(package="tiny-pkg", version="1.0", member=member,
-                        sha256=P.sha256_file(tiny_gguf), about="a test model")
+    spec = P.KnownModel.single("tiny-pkg", "1.0", member, P.sha256_file(tiny_gguf), "a test model")
     monkeypatch.setitem(P.KNOWN, "tiny-test", spec)
     calls = []
     monkeypatch.setattr(W.subprocess, "run", lambda *a, **k: calls.append(a) or pytest.fail("no download"))
     downloads = tmp_path / "downloads"
     downloads.mkdir()
-    with zipfile.ZipFile(downloads / spec.wheel.filename, "w") as z:
+    with zipfile.ZipFile(downloads / spec.wheels[0].filename, "w") as z:
         z.write(tiny_gguf, member)
     _, codec, path = open_model("tiny-test", cache_dir=tmp_path, progress=False)
     assert path == tmp_path / "tiny-test" and codec.chat and not calls
-    assert json.loads((path / P.SOURCE_FILE).read_text())["package"] == "tiny-pkg"
+    assert json.loads((path / P.SOURCE_FILE).read_text())["wheels"][0]["package"] == "tiny-pkg"
 
 
 def test_wrong_digest_and_failed_fetch_leave_nothing_in_the_cache(tiny_gguf, tmp_path, monkeypatch):
-    spec = P.KnownModel(package="tiny-pkg", version="1.0", member="tiny_pkg/tiny.gguf",
-                        sha256="0" * 64, about="a test model")
+    spec = P.KnownModel.single("tiny-pkg", "1.0", "tiny_pkg/tiny.gguf", "0" * 64, "a test model")
     monkeypatch.setitem(P.KNOWN, "tiny-test", spec)
     (tmp_path / "downloads").mkdir()
-    with zipfile.ZipFile(tmp_path / "downloads" / spec.wheel.filename, "w") as z:
-        z.write(tiny_gguf, spec.member)
+    with zipfile.ZipFile(tmp_path / "downloads" / spec.wheels[0].filename, "w") as z:
+        z.write(tiny_gguf, spec.parts[0][1])
     with pytest.raises(ValueError, match="sha256"):
         open_model("tiny-test", cache_dir=tmp_path, progress=False)
     assert not (tmp_path / "tiny-test").exists()
 
     # no network: pip fails, the error names the manual step, nothing is left behind
-    (tmp_path / "downloads" / spec.wheel.filename).unlink()
+    (tmp_path / "downloads" / spec.wheels[0].filename).unlink()
 
     class Failed:
         returncode, stdout, stderr = 1, "", "ERROR: No matching distribution found for tiny-pkg==1.0"
@@ -102,14 +100,13 @@ def test_leftovers_of_killed_runs_go_and_an_incomplete_folder_is_converted_again
     removed (and a half-fetched wheel in downloads/); a cache folder without its source
     file made every run convert again and then fail with FileExistsError, forever."""
     member = "tiny_pkg/tiny.gguf"
-    spec = P.KnownModel(package="tiny-pkg", version="1.0", member=member,
-                        sha256=P.sha256_file(tiny_gguf), about="a test model")
+    spec = P.KnownModel.single("tiny-pkg", "1.0", member, P.sha256_file(tiny_gguf), "a test model")
     monkeypatch.setitem(P.KNOWN, "tiny-test", spec)
     downloads = tmp_path / "downloads"
     downloads.mkdir()
-    with zipfile.ZipFile(downloads / spec.wheel.filename, "w") as z:
+    with zipfile.ZipFile(downloads / spec.wheels[0].filename, "w") as z:
         z.write(tiny_gguf, member)
-    for leftover in (tmp_path / ".tiny-test.k1ll3d.tmp", downloads / f".{spec.wheel.filename}.k1ll3d.tmp"):
+    for leftover in (tmp_path / ".tiny-test.k1ll3d.tmp", downloads / f".{spec.wheels[0].filename}.k1ll3d.tmp"):
         leftover.mkdir()
         (leftover / "tiny.gguf").write_bytes(b"x" * 100)
     (tmp_path / "tiny-test").mkdir()
@@ -117,7 +114,7 @@ def test_leftovers_of_killed_runs_go_and_an_incomplete_folder_is_converted_again
     _, codec, path = open_model("tiny-test", cache_dir=tmp_path, progress=False)
     assert (path / P.SOURCE_FILE).is_file() and codec.chat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["downloads", "tiny-test"]
-    assert [p.name for p in downloads.iterdir()] == [spec.wheel.filename]
+    assert [p.name for p in downloads.iterdir()] == [spec.wheels[0].filename]
 
 
 def test_a_second_run_waits_for_the_conversion_under_way(tiny_gguf, tmp_path):
@@ -188,14 +185,58 @@ def test_missing_gguf_package_is_a_clear_error(tiny_gguf, tmp_path, monkeypatch)
         open_model(tmp_path / "absent.gguf", cache_dir=tmp_path, progress=False)
 
 
-@pytest.mark.skipif(not (default_cache_dir() / "smollm2-135m" / P.SOURCE_FILE).is_file(),
+USER_CACHE = default_cache_dir()  # read at import, before the session points the default elsewhere
+
+
+@pytest.mark.skipif(not (USER_CACHE / "smollm2-135m" / P.SOURCE_FILE).is_file(),
                     reason="SmolLM2-135M-Instruct is not in the cache (trace-ft run --model smollm2-135m fills it)")
 def test_smollm2_from_the_cache_answers_in_its_chat_template():
     from trace_ft.lm.batches import EncodedSet, greedy_decode
     from trace_ft.tasks import Example
 
-    model, codec, path = open_model("smollm2-135m", progress=False)
+    model, codec, path = open_model("smollm2-135m", cache_dir=USER_CACHE, progress=False)
     assert sum(p.numel() for p in model.parameters()) == 134_515_008 and codec.chat
     enc = EncodedSet([Example("What is the capital of France?", "Paris")], codec)
     (ids,) = greedy_decode(model, enc, eos_id=codec.eos_id, max_new_tokens=16)
     assert "Paris" in codec.decode(ids)
+
+
+def test_a_model_in_chunk_wheels_is_assembled_checked_and_keeps_its_terms(tiny_gguf, tmp_path, monkeypatch, capsys):
+    """Gemma's layout: a first wheel with the license terms, the GGUF split over further
+    wheels; reassembled in order, its digest checked, the terms shown once and kept, and a
+    base model without a chat template framed plainly (prompt, separator; answer after a
+    space, ended by eos)."""
+    data = tiny_gguf.read_bytes()
+    half = len(data) // 2
+    wheels = (W.Wheel("tiny-base", "1.0"), W.Wheel("tiny-base-part1", "1.0"), W.Wheel("tiny-base-part2", "1.0"))
+    spec = P.KnownModel(wheels, ((1, "p1/data/m.gguf.part00"), (2, "p2/data/m.gguf.part01")), "m.gguf",
+                        P.sha256_file(tiny_gguf), "a split test model", family="llama", params=1,
+                        license="Test Terms", chat=False, terms=(0, "base/data/TERMS.html"))
+    monkeypatch.setitem(P.KNOWN, "tiny-split", spec)
+    monkeypatch.setattr(W.subprocess, "run", lambda *a, **k: pytest.fail("no download"))
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    for w, members in zip(wheels, ({"base/data/TERMS.html": b"<p>terms</p>"}, {"p1/data/m.gguf.part00": data[:half]},
+                                   {"p2/data/m.gguf.part01": data[half:]})):
+        with zipfile.ZipFile(downloads / w.filename, "w") as z:
+            for name, blob in members.items():
+                z.writestr(name, blob)
+    model, codec, path = open_model("tiny-split", cache_dir=tmp_path, progress=True)
+    err = capsys.readouterr().err
+    assert "tiny-split is provided under the Test Terms" in err and str(path / P.TERMS_FILE) in err
+    assert (path / P.TERMS_FILE).read_bytes() == b"<p>terms</p>"
+    assert [w["package"] for w in json.loads((path / P.SOURCE_FILE).read_text())["wheels"]] == [
+        "tiny-base", "tiny-base-part1", "tiny-base-part2"]
+    # no chat template: plain framing with the stated separator and stop rule
+    assert not codec.chat and codec.eos_id == codec.tok.eos_token_id
+    assert codec.tok.decode(codec.prompt_ids("2+2?")[1:]) == "2+2?" + codec.PLAIN_SEPARATOR
+    assert codec.answer_ids("4") == codec.encode(" 4") + [codec.eos_id]
+    open_model("tiny-split", cache_dir=tmp_path, progress=True)
+    assert "provided under" not in capsys.readouterr().err  # shown at first fetch only
+    # chunks in the wrong order do not assemble to the pinned digest
+    swapped = P.KnownModel(wheels, ((2, "p2/data/m.gguf.part01"), (1, "p1/data/m.gguf.part00")), "m.gguf",
+                           spec.sha256, "swapped", chat=False)
+    monkeypatch.setitem(P.KNOWN, "tiny-swapped", swapped)
+    with pytest.raises(ValueError, match="has sha256 .* expected"):
+        open_model("tiny-swapped", cache_dir=tmp_path, progress=False)
+    assert not (tmp_path / "tiny-swapped").exists()
