@@ -77,6 +77,54 @@ def restore_flags(flags: Sequence[tuple[nn.Parameter, bool]]) -> None:
 
 
 @dataclass
+class CoreStart:
+    """Where training a core continues from when the probe's steps count toward the task: per
+    core tensor, its core elements' values after the probe (θ⁰ + Δ, fp32, in mask order) and
+    the probe's AdamW moments there, and the probe's step count."""
+
+    values: dict[str, Tensor]
+    exp_avg: dict[str, Tensor]
+    exp_avg_sq: dict[str, Tensor]
+    steps: int
+
+
+def core_start(model: nn.Module, result: ProbeResult, core: CoreMask) -> CoreStart:
+    """The probe's state on the core (the model holds θ⁰ again): see `CoreStart`."""
+    m = result.moments
+    if m is None:
+        raise ValueError("the probe kept no moments: probe with keep_moments=True to continue from it")
+    params = dict(model.named_parameters())
+    values, exp_avg, exp_avg_sq = {}, {}, {}
+    with torch.no_grad():
+        for name, entry in core.nonempty().items():
+            if is_dtensor(params[name]):
+                raise ValueError(f"{name!r}: continuing from the probe needs unsharded weights")
+            idx = entry.element_indices().to(params[name].device)
+            values[name] = params[name].detach().reshape(-1)[idx].float() + result.deltas[name].reshape(-1)[idx].float()
+            exp_avg[name] = m.exp_avg[name].reshape(-1)[idx].clone()
+            v = m.exp_avg_sq.get(name)
+            exp_avg_sq[name] = (v.reshape(-1)[idx].clone() if v is not None
+                                else result.fisher[name].reshape(-1)[idx].float() * m.v_scale[name])
+    return CoreStart(values, exp_avg, exp_avg_sq, max(int(t) for t in m.step.values()))
+
+
+def continue_from(opt: MaskedAdamW, model: nn.Module, start: CoreStart) -> None:
+    """Put the probe's state on the core into `model` (the core's values) and into `opt`'s
+    state (moments, fp32 masters, step), so training continues where the probe left off."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, values in start.values.items():
+            p = params[name]
+            p.view(-1)[opt.core_elements(p)] = values.to(p.dtype)
+            st = opt.init_state(p)
+            st["exp_avg"].copy_(start.exp_avg[name])
+            st["exp_avg_sq"].copy_(start.exp_avg_sq[name])
+            if "master" in st:
+                st["master"].copy_(values)
+            st["step"] = torch.tensor(float(start.steps))
+
+
+@dataclass
 class FoundCore:
     """A task's core and what its probe leaves for the history: the update in the history's
     form (`record_updates`: exact, bf16 or on disk for a large model, or sketched) and the
@@ -88,6 +136,7 @@ class FoundCore:
     probe_loss: float | None = None
     probe: ProbeResult | None = None
     selection: Selection | None = None
+    start: CoreStart | None = None   # the probe's state on the core (`find_core(keep_moments=True)`)
 
 
 @dataclass
@@ -182,21 +231,26 @@ class TracePipeline:
         return select_core(result, self.history, self.select_config)
 
     def find_core(self, model: nn.Module, batches: Iterable, *, lr: float, keep: bool = False,
-                  gather: Callable[[dict], dict] | None = None, phase=None, **probe_kw) -> FoundCore:
+                  gather: Callable[[dict], dict] | None = None, phase=None, keep_moments: bool = False,
+                  **probe_kw) -> FoundCore:
         """Step 1 of a task: the probe from the model's current weights (left as they were),
         the core chosen against `history`, and the probe's update as the history keeps it
         (`gather`: whole tensors from a sharded probe's, for a history on disk). `lr`: the
-        probe's when `probe_lr` is unset. `phase(name)`: a context timing each part."""
+        probe's when `probe_lr` is unset. `phase(name)`: a context timing each part.
+        `keep_moments`: also the probe's state on the core (`FoundCore.start`), to continue
+        training from."""
         phase = phase or (lambda name: contextlib.nullcontext())
         with phase("probe"):
-            result = self.probe(model, batches, lr=lr, **probe_kw)
+            result = self.probe(model, batches, lr=lr, keep_moments=keep_moments, **probe_kw)
         with phase("selection"):
             sel = self.select(result)
+        start = core_start(model, result, sel.mask) if keep_moments else None
+        result.moments = None  # (the probe's moments are let go with it)
         with phase("history"):
             deltas = gather(result.deltas) if gather is not None else result.deltas
             updates = self.recorded_updates(deltas, sel.mask)
         loss = result.losses[-1] if result.losses else None
-        return FoundCore(sel.mask, updates, loss, result if keep else None, sel if keep else None)
+        return FoundCore(sel.mask, updates, loss, result if keep else None, sel if keep else None, start)
 
     # -- 2. the optimizer over the core --
     @staticmethod

@@ -32,6 +32,19 @@ DEFAULT_EXCLUDE: tuple[str, ...] = (
 
 
 @dataclass
+class ProbeMoments:
+    """The probe's AdamW state at its end, per eligible parameter (the storage each rank
+    holds): the first moment, the second moment (or, where the Fisher was read from it, the
+    Fisher and the factor that turns it back: v = fisher · v_scale[name], within rounding),
+    and the step count."""
+
+    exp_avg: dict[str, Tensor]
+    exp_avg_sq: dict[str, Tensor]
+    v_scale: dict[str, float]
+    step: dict[str, float]
+
+
+@dataclass
 class ProbeResult:
     """Per eligible parameter: the update Δ and the mean squared gradient (Fisher). Those
     the probe computed in place are views of one buffer (`zeros_in_one`), whose memory is
@@ -41,6 +54,9 @@ class ProbeResult:
     fisher: dict[str, Tensor]
     steps: int
     losses: list[float] = field(default_factory=list)
+    # with `probe(keep_moments=True)`: the optimizer's state at the end, per parameter, to
+    # continue training from (`ProbeMoments`); else None
+    moments: ProbeMoments | None = None
 
     @property
     def names(self) -> list[str]:
@@ -122,6 +138,7 @@ def probe(
     seed: int | None = None,
     sync_grads: Callable[[list[Tensor]], None] | None = None,
     fisher: str = "mean",
+    keep_moments: bool = False,
 ) -> ProbeResult:
     """Warm-start probe of `steps` AdamW steps on the eligible parameters.
 
@@ -144,6 +161,8 @@ def probe(
         v̂ = v / (1 − β2^t) read at the end: the same g² weighted by β2^(T−t) (within
         1 − β2^T of the mean: 1 % over 10 steps, 5 % over 50 at β2 = 0.999), and no
         fourth model-sized buffer. The update, Δ, is identical either way.
+    keep_moments: keep the optimizer's state at the end (`ProbeResult.moments`), so training
+        can continue from it; Δ then takes a buffer of its own instead of the first moment's.
     """
     if fisher not in ("mean", "adam"):
         raise ValueError(f"fisher must be 'mean' or 'adam', got {fisher!r}")
@@ -224,11 +243,22 @@ def probe(
         # Δ = θ_probe − θ⁰ in fp32 (exact for 16-bit parameters too), written into the spent
         # first-moment buffer where it can be (same device, fp32 Δ): no model-sized allocation
         # beyond the pre-probe copy; the second moments are freed first, or become the Fisher
+        moments = None
+        if keep_moments:  # Δ in a buffer of its own, the moments kept
+            v_scale = {n: 1.0 for n, _ in named}
+            moments = ProbeMoments({n: m for (n, _), m in zip(named, exp_avgs)}, {}, v_scale,
+                                   {n: float(t) for (n, _), t in zip(named, step_counts)})
+            exp_avgs = zeros_in_one(sizes)
         if fishers is None:
             with torch.no_grad():
-                for v, t in zip(exp_avg_sqs, step_counts):
-                    v.div_(1 - betas[1] ** float(t)) if float(t) > 0 else v.zero_()
+                for (n, _), v, t in zip(named, exp_avg_sqs, step_counts):
+                    scale = 1 - betas[1] ** float(t)
+                    v.div_(scale) if float(t) > 0 else v.zero_()
+                    if moments is not None:
+                        moments.v_scale[n] = scale if float(t) > 0 else 0.0
             fishers = exp_avg_sqs
+        elif moments is not None:
+            moments.exp_avg_sq.update({n: v for (n, _), v in zip(named, exp_avg_sqs)})
         del exp_avg_sqs
         deltas, fisher = {}, {}
         with torch.no_grad():
@@ -260,7 +290,7 @@ def probe(
         for p, g in grads:
             p.grad = g
         model.train(was_training)
-    return ProbeResult(deltas=deltas, fisher=fisher, steps=steps, losses=losses)
+    return ProbeResult(deltas=deltas, fisher=fisher, steps=steps, losses=losses, moments=moments)
 
 
 def empirical_fisher(model: nn.Module, batches: Iterable, steps: int,

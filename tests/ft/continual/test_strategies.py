@@ -52,6 +52,26 @@ def test_trace_moves_only_core_elements_and_avoids_earlier_cores():
     assert 0 < core2.numel_selected <= 0.1 * core2.numel + max(e.block_size for e in core2.values())
 
 
+def test_trace_continuing_from_its_probe_counts_the_probe_steps_toward_the_task():
+    ctx = _ctx(steps=6)
+    strat = Trace(SelectConfig(budget=0.1, granularity="element"), probe_steps=4, continue_probe=True)
+    before = {n: p.detach().clone() for n, p in ctx.model.named_parameters()}
+    found = strat.find_core(ctx, 1, TASKS[0])
+    assert found.start is not None and found.start.steps == 4
+    assert set(found.start.values) == set(found.core.nonempty())
+    losses, _ = strat.train_core(ctx, 1, TASKS[0], found.core, start=found.start)
+    assert len(losses) == 6 - 4  # the task's 6 steps: 4 of probe, 2 on the core
+    for n, p in ctx.model.named_parameters():
+        changed = p.detach() != before[n]
+        inside = found.core.to_dense(n) if n in found.core else torch.zeros_like(changed)
+        assert not (changed & ~inside).any(), n
+    assert strat.config()["continue_probe"] is True
+    # a probe longer than the task: the core keeps the probe's values, no step of its own
+    ctx = _ctx(steps=3)
+    found = strat.find_core(ctx, 1, TASKS[0])
+    assert strat.train_core(ctx, 1, TASKS[0], found.core, start=found.start)[0] == []
+
+
 def test_seqft_replay_train_everything_and_lora_merges_back():
     for strat in (SeqFT(), Replay(buffer_per_task=4)):
         ctx = _ctx()

@@ -69,3 +69,38 @@ def test_settings_are_checked():
     with pytest.raises(ValueError, match="granularity must be one of"):
         TracePipeline(SelectConfig(granularity="page"))
     assert not TracePipeline().guarded and TracePipeline(SelectConfig(protect=1.0)).guarded
+
+
+@pytest.mark.parametrize("fisher", ["mean", "adam"])
+def test_continuing_from_the_probe_is_one_uninterrupted_adamw_run(gen, fisher):
+    """With the whole model as the core, a probe of 3 steps continued for 2 on the core is
+    torch's AdamW run for 5 steps on the same batches: the probe's values, moments and step
+    count carry over (with fisher="adam" the second moment is read back from the Fisher,
+    equal within rounding)."""
+    from trace_ft import probe
+    from trace_ft.method.pipeline import continue_from, core_start
+
+    batches = _batches(gen, 1.5) + _batches(gen, 1.5)[:1]
+    model, ref = _model(), _model()
+    result = probe(model, batches[:3], steps=3, lr=1e-2, loss_fn=_loss, keep_moments=True, fisher=fisher,
+                   include=[r"weight", r"bias"], exclude=())
+    core = CoreMask.full({n: tuple(p.shape) for n, p in model.named_parameters()}, "element")
+    start = core_start(model, result, core)
+    assert start.steps == 3
+    opt = MaskedAdamW(model.named_parameters(), lr=1e-2, weight_decay=0.0, masks=core)
+    continue_from(opt, model, start)
+    for b in batches[3:5]:
+        opt.zero_grad()
+        _loss(model, b).backward()
+        opt.step()
+    torch_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.0)
+    for b in batches[:5]:
+        torch_opt.zero_grad()
+        _loss(ref, b).backward()
+        torch_opt.step()
+    tol = dict(rtol=1e-5, atol=1e-6) if fisher == "mean" else dict(rtol=1e-4, atol=1e-5)
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, **tol, msg=n)
+    plain = probe(_model(), batches[:3], steps=3, lr=1e-2, loss_fn=_loss)
+    with pytest.raises(ValueError, match="keep_moments=True"):
+        core_start(_model(), plain, core)

@@ -20,7 +20,8 @@ def _trace_kwargs(cfg, general: Task | None, name: str) -> dict:
                 exclude=DEFAULT_EXCLUDE if t.exclude is None else tuple(t.exclude),
                 master_weights=t.master_weights, core_grads=t.core_grads,
                 general=general if t.protect_base else None,
-                keep_routes=cfg.routed and name == "trace", lora_rank=cfg.lora.rank)
+                keep_routes=cfg.routed and name == "trace", lora_rank=cfg.lora.rank,
+                continue_probe=t.continue_probe)
 
 
 def build_strategy(name: str, cfg, general: Task | None = None) -> Strategy:

@@ -12,15 +12,16 @@ the next task's specificity and exclusion.
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable
 
 import torch
 
 from trace_kernels import CoreMask, MaskedAdamW
 
-from ...lm.train import load_optimizer_state, train_loop
-from ...method.pipeline import FoundCore, TracePipeline
-from ...method.probe import DEFAULT_EXCLUDE, default_loss
+from ...lm.train import causal_lm_loss, load_optimizer_state, train_loop
+from ...method.pipeline import CoreStart, FoundCore, TracePipeline, continue_from
+from ...method.probe import DEFAULT_EXCLUDE
 from ...method.routing import TaskValues, full_core_values
 from ...method.select import EarlierTask, SelectConfig
 from ..routed import routed_entry, routed_row
@@ -36,8 +37,11 @@ class Trace(Strategy):
                  sketch_dim: int | None = None, exclude=DEFAULT_EXCLUDE,
                  fisher_batches: int = 20, general=None, name: str = "trace",
                  master_weights: bool | None = None, core_grads: bool = False,
-                 keep_routes: bool = True, lora_rank: int = 8) -> None:
+                 keep_routes: bool = True, lora_rank: int = 8, continue_probe: bool = False) -> None:
         super().__init__(lr)
+        # the probe's steps count toward the task: the core trains on from the probe's state
+        # on it (its values and moments) for the rest of the task's steps
+        self.continue_probe = continue_probe
         self.master_weights = master_weights
         self.core_grads = core_grads
         self.pipeline = TracePipeline(select, probe_steps=probe_steps, probe_lr=probe_lr,
@@ -60,7 +64,7 @@ class Trace(Strategy):
 
     def config(self) -> dict:
         return {"lr": self.lr, **self.pipeline.config(), "master_weights": self.master_weights,
-                "core_grads": self.core_grads,
+                "core_grads": self.core_grads, "continue_probe": self.continue_probe,
                 "protect_general": None if self.general is None else self.general.name}
 
     def learn(self, ctx: Context, index, task, seen) -> TaskCost:
@@ -69,7 +73,7 @@ class Trace(Strategy):
         core = found.core
         with ctx.phase("core values"):  # whole tensors (gathered on every rank when sharded)
             before = full_core_values(ctx.model, core) if self.routes is not None else None
-        losses, state = self.train_core(ctx, index, task, core)
+        losses, state = self.train_core(ctx, index, task, core, start=found.start)
         with ctx.phase("core values"):
             if self.routes is not None:
                 self.routes.append(TaskValues(core, before, full_core_values(ctx.model, core)))
@@ -104,29 +108,44 @@ class Trace(Strategy):
         The probe runs at the run's lr unless `probe_lr` is set."""
         cfg = self.train_config(ctx)
         par = ctx.parallel
-        dp = {} if par is None else {"loss_fn": par.loss(default_loss), "sync_grads": par.sync_grads}
+        dp = ({"loss_fn": causal_lm_loss} if par is None
+              else {"loss_fn": par.loss(causal_lm_loss), "sync_grads": par.sync_grads})
         batches = ctx.batches([task], self.pipeline.probe_steps, salt=10_000 + index)
+        t0 = time.perf_counter()
         found = self.pipeline.find_core(
             ctx.model, batches, lr=ctx.train.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
-            max_grad_norm=cfg.max_grad_norm, gather=gather, phase=ctx.phase,
+            max_grad_norm=cfg.max_grad_norm, gather=gather, phase=lambda name: self._phase(ctx, index, task, name),
+            keep_moments=self.continue_probe,
             progress=ctx.progress and f"{self.desc(ctx, index, task)} (probe)", **dp)
+        core = found.core
+        ctx.log(f"{self.desc(ctx, index, task)}: core of {core.numel_selected:,} of {core.numel:,} eligible "
+                f"elements ({core.density:.2%}) after the probe and selection ({time.perf_counter() - t0:.0f} s)")
         if par is not None:  # every rank must train the same core
             par.check_same(f"the core of {task.name}", b"".join(
                 n.encode() + e.block_size.to_bytes(8, "little") + e.indices.to(torch.int64).numpy().tobytes()
                 for n, e in found.core.items()))
         return found
 
+    def _phase(self, ctx: Context, index: int, task, name: str):
+        """A phase of finding the core, timed; the selection (no progress bar) says it starts."""
+        if name == "selection":
+            ctx.log(f"{self.desc(ctx, index, task)}: selecting the core")
+        return ctx.phase(name)
+
     def train_core(self, ctx: Context, index: int, task, core: CoreMask, *, start_step: int = 0,
                    optimizer_state: dict | None = None,
                    on_step: Callable[[int, list[float], MaskedAdamW], None] | None = None,
-                   ) -> tuple[list[float], int]:
+                   start: CoreStart | None = None) -> tuple[list[float], int]:
         """The task's schedule with MaskedAdamW on `core` only; returns the losses of the
         steps run and the optimizer's state bytes. To resume, restore the weights of step
-        `start_step` and pass the optimizer's state_dict of that step."""
+        `start_step` and pass the optimizer's state_dict of that step. `start`: continue from
+        the probe's state on the core, its steps counted among the task's."""
         cfg = self.train_config(ctx)
         if not core.nonempty():
             return [], 0
         model = ctx.model
+        if start is not None:
+            start_step = min(start.steps, cfg.steps)
         batches = itertools.islice(ctx.batches([task], cfg.steps, salt=index), start_step, None)
         with ctx.phase("train setup"):
             # linear layers whose core is a few rows: backward computes only those rows' gradients
@@ -138,6 +157,9 @@ class Trace(Strategy):
             if optimizer_state is not None:
                 with ctx.phase("train setup"):
                     load_optimizer_state(opt, optimizer_state, ctx.parallel, model)
+            elif start is not None:
+                with ctx.phase("train setup"):
+                    continue_from(opt, model, start)
             with ctx.phase("train steps"):
                 losses = train_loop(model, opt, batches, cfg, desc=self.desc(ctx, index, task),
                                     progress=ctx.progress, start_step=start_step, parallel=ctx.parallel,
