@@ -54,3 +54,16 @@ def builtin_cache(tmp_path_factory):
     """One cache of built-in base models for the whole session (the tiny one pretrains in
     seconds, once)."""
     return tmp_path_factory.mktemp("trace-ft-cache")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _default_cache(builtin_cache):
+    """The session's cache is the default one, so no test writes into the user's
+    ~/.cache/trace-ft (models, kept scores) unless it names that cache itself."""
+    old = os.environ.get("TRACE_FT_CACHE")
+    os.environ["TRACE_FT_CACHE"] = str(builtin_cache)
+    yield
+    if old is None:
+        os.environ.pop("TRACE_FT_CACHE", None)
+    else:
+        os.environ["TRACE_FT_CACHE"] = old

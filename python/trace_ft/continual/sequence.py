@@ -14,11 +14,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..benchmarks.results import BenchmarkSet, bench_entry
 from ..evaluate import METRICS, Evaluator, TextPerplexity
 from ..lm.memory import PeakMemory, PhaseLog
 from ..lm.parallel import is_main
 from ..lm.text import Codec
 from ..lm.train import TrainConfig
+from ..store.scores import ScoreCache
 from ..tasks import Task
 from . import metrics
 from .strategies.base import Context, Strategy
@@ -28,7 +30,9 @@ from .strategies.base import Context, Strategy
 class TaskSequence:
     """The tasks of a run in order, task 0 (the general ability: the built-in model's base
     skill, or a real model's knowledge probe) first among the scored columns, the
-    untrained model's scores, and, for a real model, its perplexity on fixed prose."""
+    untrained model's scores, and, for a real model, its perplexity on fixed prose and the
+    standard benchmarks chosen (`--general-bench`): each measured on the base once and shared
+    by every strategy."""
 
     tasks: list[Task]
     eval_tasks: list[Task]
@@ -37,16 +41,30 @@ class TaskSequence:
     row0: dict[str, list[float]]    # per metric, the untrained model's scores
     perplexity: TextPerplexity | None = None
     ppl0: float | None = None       # the untrained model's perplexity
+    bench: BenchmarkSet | None = None
+    bench0: dict | None = None      # the untrained model's benchmark results
 
     @classmethod
     def build(cls, tasks: list[Task], general: Task | None, base: nn.Module, codec: Codec,
-              score: bool = True, perplexity: TextPerplexity | None = None) -> TaskSequence:
-        """`score=False` (the ranks other than 0 of a parallel run): no scores."""
+              score: bool = True, perplexity: TextPerplexity | None = None,
+              bench: BenchmarkSet | None = None, progress: bool = False,
+              cache: ScoreCache | None = None) -> TaskSequence:
+        """`score=False` (the ranks other than 0 of a parallel run): no scores. `cache`: the
+        untrained model's scores kept across runs, read from it or measured and put there."""
         eval_tasks = ([general] if general is not None else []) + tasks
-        evaluator = Evaluator(eval_tasks, codec)
-        row0 = evaluator(base) if score else {m: [None] * len(eval_tasks) for m in METRICS}
-        ppl0 = perplexity(base) if score and perplexity is not None else None
-        return cls(tasks, eval_tasks, len(eval_tasks) - len(tasks), evaluator, row0, perplexity, ppl0)
+        evaluator = Evaluator(eval_tasks, codec, progress=progress)
+
+        def measured(what: dict, compute):
+            return compute() if cache is None else cache.get_or(what, compute)
+
+        row0: dict[str, list] = {m: [None] * len(eval_tasks) for m in METRICS}
+        for k in range(len(eval_tasks) if score else 0):
+            for m, v in measured(evaluator.signature(k), lambda: evaluator.task_scores(base, k)).items():
+                row0[m][k] = v
+        ppl0 = measured(perplexity.signature(), lambda: perplexity(base)) if score and perplexity else None
+        bench0 = measured(bench.signature(), lambda: bench(base)) if score and bench is not None else None
+        return cls(tasks, eval_tasks, len(eval_tasks) - len(tasks), evaluator, row0, perplexity, ppl0,
+                   bench, bench0)
 
     @property
     def columns(self) -> list[str]:
@@ -66,11 +84,12 @@ def run_strategy(strategy: Strategy, seq: TaskSequence, base: nn.Module, codec: 
     T = len(seq.tasks)
     rows = {m: [list(seq.row0[m])] + [[None] * len(seq.eval_tasks) for _ in range(T)] for m in METRICS}
     ppl = [seq.ppl0] + [None] * T
+    bench = [seq.bench0] + [None] * T
     phases = PhaseLog(device)
     with phases.phase("model copy"):
         ctx = Context(model=copy.deepcopy(base), codec=codec, train=train, seed=seed,
                       progress=progress and is_main(parallel), max_len=max_len,
-                      num_tasks=T, parallel=parallel, phases=phases)
+                      num_tasks=T, parallel=parallel, phases=phases, log=log if progress else (lambda msg: None))
         sharded = parallel is not None and parallel.sharded
         # a sharded model is scored through rank 0's whole copy, gathered after each task
         whole = copy.deepcopy(base) if sharded and ctx.is_main else None
@@ -96,6 +115,9 @@ def run_strategy(strategy: Strategy, seq: TaskSequence, base: nn.Module, codec: 
         if seq.perplexity is not None and general:
             with phases.phase("scoring: perplexity"):
                 ppl[j] = seq.perplexity(model)
+        if seq.bench is not None and general:
+            with phases.phase("scoring: benchmarks"):
+                bench[j] = seq.bench(model)
         log(f"{strategy.name:>10s} after {j}/{T} {seq.tasks[j - 1].name:>8s}: "
             + " ".join(f"{t.name}={s:5.1f}" for t, s in zip(seq.eval_tasks, scores) if s is not None)
             + ("" if ppl[j] is None else f" ppl={ppl[j]:.2f}"))
@@ -127,6 +149,9 @@ def run_strategy(strategy: Strategy, seq: TaskSequence, base: nn.Module, codec: 
     if seq.perplexity is not None:
         entry["general"] = general_entry(ppl, seq.perplexity)
         entry["metrics"]["ppl_change"] = entry["general"]["perplexity_change"]
+    if seq.bench is not None:
+        entry["general_bench"] = bench_entry(bench)
+        entry["metrics"]["bench_change"] = entry["general_bench"]["mean_change"]
     # what the strategy reports beyond the common entry (its model is done with)
     extra = strategy.report(entry, whole if sharded else ctx.model, base, seq, phases)
     return entry, extra

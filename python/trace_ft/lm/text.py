@@ -3,6 +3,7 @@ adapter over Hugging Face tokenizers, with one interface (`Codec`)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import string
 from pathlib import Path
@@ -32,6 +33,13 @@ class Codec:
         """A task's answer as the model writes it: the text, then the token that ends it."""
         return self.encode(answer) + [self.eos_id]
 
+    def fingerprint(self) -> str:
+        """sha256 of what decides the ids of any text (kept scores are filed under it)."""
+        return hashlib.sha256(json.dumps(self._identity(), sort_keys=True).encode()).hexdigest()
+
+    def _identity(self) -> dict:
+        raise NotImplementedError
+
 
 class CharTokenizer(Codec):
     """One token per printable ASCII character, plus <pad>, <bos>, <eos>, <unk>."""
@@ -53,6 +61,9 @@ class CharTokenizer(Codec):
         n = len(self.SPECIALS)
         return "".join(self.chars[i - n] for i in ids if n <= i < self.vocab_size)
 
+    def _identity(self) -> dict:
+        return {"kind": "char", "chars": self.chars}
+
     def save(self, directory: str | Path) -> None:
         Path(directory, CHAR_TOKENIZER_FILE).write_text(json.dumps({"chars": self.chars}))
 
@@ -71,7 +82,11 @@ class HFCodec(Codec):
     chat: wrap each prompt as a user turn of the tokenizer's chat template (with the
     template's default system turn, if it has one) and end each answer, the assistant's
     turn, with the template's end-of-turn token, which is then `eos_id` (where decoding
-    stops). None: on where the tokenizer has a chat template."""
+    stops). None: on where the tokenizer has a chat template. Without chat (a base model),
+    the plain framing: bos, the prompt, then `PLAIN_SEPARATOR`; the answer after a space,
+    ended by the tokenizer's eos token, where decoding stops."""
+
+    PLAIN_SEPARATOR = "\nAnswer:"
 
     def __init__(self, tokenizer, chat: bool | None = None) -> None:
         self.tok = tokenizer
@@ -92,6 +107,13 @@ class HFCodec(Codec):
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
 
+    def _identity(self) -> dict:
+        backend = getattr(self.tok, "backend_tokenizer", None)
+        vocab = backend.to_str() if backend is not None else sorted(self.tok.get_vocab().items())
+        return {"kind": "hf", "tokenizer": vocab, "chat": self.chat,
+                "template": getattr(self.tok, "chat_template", None) if self.chat else None,
+                "eos": self.eos_id, "bos": self.bos_id, "pad": self.pad_id}
+
     def _template(self, messages: list[dict], generation_prompt: bool) -> str:
         return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
@@ -106,5 +128,8 @@ class HFCodec(Codec):
 
     def prompt_ids(self, prompt: str) -> list[int]:
         if not self.chat:
-            return super().prompt_ids(prompt)
+            return super().prompt_ids(prompt + self.PLAIN_SEPARATOR)
         return self.encode(self._template([{"role": "user", "content": prompt}], True))
+
+    def answer_ids(self, answer: str) -> list[int]:
+        return super().answer_ids(answer if self.chat else " " + answer)
