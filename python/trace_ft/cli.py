@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--device", default="cpu")
     v.add_argument("--threads", type=int, help="CPU threads for torch")
     v.add_argument("--quiet", action="store_true", help="no progress bars")
+    mo = sub.add_parser("models", help="the models known by name and whether they are cached",
+                        description="List every model `--model NAME` knows: family, parameters, license, "
+                        "whether it has a chat template (else the plain framing), and its state in the cache.")
+    mo.add_argument("--cache-dir", help="the cache to look in (default ~/.cache/trace-ft)")
     t = sub.add_parser("transfer", help="map a core found on a small model onto a larger one",
                        description="Map a task's core from a small model (its history entry or a "
                        "CoreMask file) onto a larger model of the same family, per layer and module "
@@ -196,6 +200,13 @@ def eval_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def models_command(args: argparse.Namespace) -> int:
+    from .commands.models import list_models
+
+    print(list_models(args.cache_dir))
+    return 0
+
+
 def transfer_command(args: argparse.Namespace) -> int:
     require_extras("transfer")
     from .commands.transfer import source_core, transfer
@@ -221,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"run": run_command, "adapt": adapt_command, "history": history_command,
                 "export": export_command, "transfer": transfer_command,
-                "frontier": frontier_command, "eval": eval_command}[args.command](args)
+                "frontier": frontier_command, "eval": eval_command, "models": models_command}[args.command](args)
     except (ValueError, RuntimeError, OSError) as e:
         print(f"trace-ft {args.command}: error: {e}", file=sys.stderr)
         return 2

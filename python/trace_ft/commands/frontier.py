@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..config import RunConfig, RunSetup
+from ..config.plan import plan_line
 from ..continual.frontier import (DEFAULT_STRATEGIES, GRIDS, QUICK_GRIDS, REAL_GRIDS, REAL_STRATEGIES,
                                   grid_points, point_label, write_outputs)
 from ..continual.report import versions
@@ -38,6 +39,10 @@ def _metric_entry(entry: dict, params: dict, seed: int) -> dict:
     if "general" in entry:  # a real model's perplexity on general prose
         out["ppl_delta"] = entry["general"]["perplexity_change"]
         out["perplexity"] = entry["general"]["perplexity"]
+    if "general_bench" in entry:  # the standard benchmarks' mean change, and each one's
+        out["bench_delta"] = entry["general_bench"]["mean_change"]
+        out["bench_delta_se"] = entry["general_bench"]["mean_change_se"]
+        out["bench_change"] = entry["general_bench"]["change"]
     for key in ("routing_exact",):
         if key in entry:
             out[key] = entry[key]
@@ -104,6 +109,10 @@ def frontier(cfg: RunConfig, out: str | Path | None = None, *, seeds: int = 3, q
             for n, es in results["frontier"].items() for e in es}
     setup = RunSetup.open(cfg, progress=progress)
     results["model"] = str(setup.model_dir)
+    todo = [(n, p, s) for n, p, s in runs if (n, json.dumps(p, sort_keys=True), s) not in done]
+    if todo:
+        log(plan_line(setup, [setup.strategy(n, cfg.replaced(seed=s, **p)) for n, p, s in todo],
+                      what=f"{len(todo)} runs of the sequence ({len(runs) - len(todo)} done already)"))
     t_start = time.perf_counter()
     bar = tqdm(total=len(runs), desc="frontier", disable=not progress, dynamic_ncols=True)
     sequences: dict[int, TaskSequence] = {}

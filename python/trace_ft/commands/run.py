@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..config import RunConfig, RunSetup
+from ..config.plan import plan_line
 from ..continual.report import summary_table, versions, write_outputs
 from ..continual.sequence import run_strategy
 from ..lm.memory import memory_note
@@ -47,9 +48,10 @@ def _run(cfg: RunConfig, out, sweep: bool, progress: bool, log, parallel: DataPa
     t_start = time.perf_counter()
     setup = RunSetup.open(cfg, parallel=parallel, progress=progress)  # bad tasks fail before the model opens
     strategies = setup.strategies(sweep)
+    log(f"model: {setup.model_dir} ({setup.total_params:,} parameters)")
+    if main:
+        log(plan_line(setup, strategies))
     seq = setup.sequence(score=main)
-    log(f"model: {setup.model_dir} ({setup.total_params:,} parameters); tasks: "
-        f"{', '.join(t.name for t in setup.tasks)}; strategies: {', '.join(s.name for s in strategies)}")
     results = {
         "config": cfg.flat(), "sweep": sweep, "versions": versions(), "seed": cfg.seed,
         "model": str(setup.model_dir), "total_params": setup.total_params,

@@ -5,6 +5,7 @@ settings from here once, when it is built; nothing downstream derives a default 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,21 +22,34 @@ class ModelDefaults:
     n_train: int
     n_test: int
     general_every: str     # general ability scored after every "task", or at the "end"
+    routed: bool           # trace's task-routed row (a rescoring of every task after the run)
 
 
 DEFAULTS = {
     # the built-in model's frontier (bench/results/trace_ft_frontier.md)
     "builtin": ModelDefaults(lr=1e-3, core_lr_factor=10.0, steps=200, batch_size=32, probe_steps=50,
-                             n_train=2000, n_test=200, general_every="task"),
+                             n_train=2000, n_test=200, general_every="task", routed=True),
     # SmolLM2-135M's real-model studies (docs/results.md): the instruct tasks are learned to
     # ~100 % in 12-16 steps of batch 8 at lr 1e-4, and a probe of 8 steps at that lr finds a
     # core that learns them; at core lr 10x TRACE destroyed more general ability than full
     # fine-tuning, at 3x it kept it. 32 test examples per task give a score to ~3 points;
-    # general ability at the start and the end. The README's real-model command (4 tasks,
-    # trace and seqft) takes about 15 minutes with these on two CPU cores.
+    # general ability at the start and the end; the routed row (an extra analysis that
+    # rescored every task, 10 % of a run) only when asked.
     "pretrained": ModelDefaults(lr=1e-4, core_lr_factor=3.0, steps=16, batch_size=8, probe_steps=8,
-                                n_train=400, n_test=32, general_every="end"),
+                                n_train=400, n_test=32, general_every="end", routed=False),
 }
+
+
+# what a suite changes in its model's defaults: the real tasks (tasks.real) need test sets of
+# 200 for a standard error under 4 points, and more steps than the instruct formats
+SUITE_DEFAULTS: dict[tuple[str, str], dict] = {
+    ("pretrained", "real"): {"n_train": 1000, "n_test": 200, "steps": 60},
+}
+
+
+def defaults_for(kind: str, suite: str) -> ModelDefaults:
+    """The defaults of a model kind, with those of its suite over them."""
+    return dataclasses.replace(DEFAULTS[kind], **SUITE_DEFAULTS.get((kind, suite), {}))
 
 
 def model_kind(model: str | Path) -> str:

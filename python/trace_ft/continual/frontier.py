@@ -88,9 +88,9 @@ def point_label(params: dict) -> str:
 def summarise_point(entries: list[dict], metric: str) -> dict:
     """Mean and spread (sample std; min–max) over seeds of one grid point's runs."""
     out = {"seeds": [e["seed"] for e in entries], "params": entries[0]["params"]}
-    for key in ("plasticity", "bwt", "ap", "fwt", "base_delta", "ppl_delta"):
-        # the perplexity change does not depend on the metric (a real model's only)
-        vals = [e.get(key) if key == "ppl_delta" else e["metrics_by"][metric][key] for e in entries]
+    for key in ("plasticity", "bwt", "ap", "fwt", "base_delta", "ppl_delta", "bench_delta"):
+        # the perplexity's and the benchmarks' changes do not depend on the metric (a real model's only)
+        vals = [e.get(key) if key in ("ppl_delta", "bench_delta") else e["metrics_by"][metric][key] for e in entries]
         vals = [v for v in vals if v is not None]
         if not vals:
             out[key] = out[key + "_std"] = out[key + "_min"] = out[key + "_max"] = None
@@ -180,11 +180,15 @@ def markdown(results: dict, metric: str) -> str:
              ""]
     points = summaries(results, metric)
     ppl = any(p["ppl_delta"] is not None for pts in points.values() for p in pts)
+    bench = any(p["bench_delta"] is not None for pts in points.values() for p in pts)
     measures = [("bwt", "task BWT", "retains more of the earlier tasks"),
                 ("base_delta", "general-ability (task 0) change", "keeps more of task 0")]
     if ppl:
         measures.append(("ppl_delta", "perplexity rise on general prose (sign flipped)",
                          "raises the perplexity less"))
+    if bench:
+        measures.append(("bench_delta", "standard benchmarks' mean change (points)",
+                         "keeps more of the standard benchmarks"))
     for mine in [n for n in points if n.startswith("trace") and n != "trace_routed"]:
         for key, label, meaning in measures:
             gaps = comparisons(points, key, mine)
@@ -204,12 +208,14 @@ def markdown(results: dict, metric: str) -> str:
                       f"lies above the other's, i.e. it {meaning} at the same plasticity.", ""]
     for name, pts in points.items():
         lines += [f"## {name}", "", "| point | plasticity | BWT | AP | base Δ | " + ("ppl Δ | " if ppl else "")
-                  + "seeds |", "|---|---|---|---|---|" + ("---|" if ppl else "") + "---|"]
+                  + ("bench Δ | " if bench else "") + "seeds |",
+                  "|---|---|---|---|---|" + ("---|" if ppl else "") + ("---|" if bench else "") + "---|"]
         for p in sorted(pts, key=lambda p: (p["plasticity"] is None, p["plasticity"])):
             lines.append(f"| {point_label(p['params'])} | {_fmt(p['plasticity'], p['plasticity_std'])} | "
                          f"{_fmt(p['bwt'], p['bwt_std'])} | {_fmt(p['ap'], p['ap_std'])} | "
                          f"{_fmt(p['base_delta'], p['base_delta_std'])} | "
                          + (f"{_fmt(p['ppl_delta'], p['ppl_delta_std'], 2)} | " if ppl else "")
+                         + (f"{_fmt(p['bench_delta'], p['bench_delta_std'])} | " if bench else "")
                          + f"{len(p['seeds'])} |")
         lines.append("")
     other = [m for m in METRICS if m != metric]
@@ -233,6 +239,8 @@ def plot(results: dict, path: Path, metric: str) -> None:
     keys = ["bwt", "base_delta"]
     if any(p["ppl_delta"] is not None for pts in points.values() for p in pts):
         keys.append("ppl_delta")
+    if any(p["bench_delta"] is not None for pts in points.values() for p in pts):
+        keys.append("bench_delta")
     fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4.4), constrained_layout=True)
     for name, pts in points.items():
         pts = sorted((p for p in pts if p["plasticity"] is not None and p["bwt"] is not None),
@@ -253,10 +261,12 @@ def plot(results: dict, path: Path, metric: str) -> None:
     axes[1].set_xlabel(f"plasticity ({metric})")
     axes[1].set_ylabel(f"general ability (task 0) change ({metric})")
     axes[1].set_title("learning against general ability", fontsize=9)
-    if len(keys) == 3:
-        axes[2].set_xlabel(f"plasticity ({metric})")
-        axes[2].set_ylabel("perplexity change on general prose")
-        axes[2].set_title("learning against language (lower is better)", fontsize=9)
+    titles = {"ppl_delta": ("perplexity change on general prose", "learning against language (lower is better)"),
+              "bench_delta": ("standard benchmarks, mean change (points)", "learning against benchmarks")}
+    for ax, key in zip(axes[2:], keys[2:]):
+        ax.set_xlabel(f"plasticity ({metric})")
+        ax.set_ylabel(titles[key][0])
+        ax.set_title(titles[key][1], fontsize=9)
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)

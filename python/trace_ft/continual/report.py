@@ -44,14 +44,16 @@ def versions() -> dict:
 
 def summary_table(results: dict) -> str:
     ppl = any("general" in r for r in results["strategies"].values())
+    bench = any("general_bench" in r for r in results["strategies"].values())
     head = ("| strategy | AP | BWT | FWT | forgetting | plasticity | base Δ " + ("| ppl Δ " if ppl else "")
-            + "| trainable % | optimizer state | time (s) | peak memory |")
-    lines = [head, "|" + "|".join(["---"] * (12 if ppl else 11)) + "|"]
+            + ("| bench Δ " if bench else "") + "| trainable % | optimizer state | time (s) | peak memory |")
+    lines = [head, "|" + "|".join(["---"] * (11 + ppl + bench)) + "|"]
     for name, r in results["strategies"].items():
         m, c = r["metrics"], r["costs"]
         lines.append(
             f"| {name} | " + " | ".join(_fmt(m[k]) for k in COLUMNS)
             + (f" | {_fmt(m.get('ppl_change'), 2)}" if ppl else "")
+            + (f" | {_fmt(m.get('bench_change'))}" if bench else "")
             + f" | {100 * c['trainable_fraction']:.2f} | {_bytes(c['state_bytes'])} "
             f"| {c['seconds']:.0f} | {_bytes(c['peak_memory_bytes'])} |")
     return "\n".join(lines)
@@ -75,6 +77,29 @@ def general_table(results: dict) -> str:
             rows.append(("perplexity", r["general"]["perplexity"], 2))
         for label, values, digits in rows:
             lines.append(f"| {name} | {label} | " + " | ".join(_fmt(v, digits) for v in values) + " |")
+    return "\n".join(lines)
+
+
+def bench_table(results: dict) -> str:
+    """Each standard benchmark at the start and the end, per strategy, on its primary metric
+    (OLMES's), and the change with its paired standard error."""
+    rows = [(n, r["general_bench"]) for n, r in results["strategies"].items() if "general_bench" in r]
+    if not rows:
+        return ""
+    names = list(next(iter(rows))[1]["change"] or (next(iter(rows))[1]["rows"][0] or {}))
+    lines = ["| strategy | " + " | ".join(names) + " | mean Δ |", "|---|" + "---|" * (len(names) + 1)]
+    for strategy, b in rows:
+        base, last = b["rows"][0], next((r for r in reversed(b["rows"][1:]) if r is not None), None)
+        cells = []
+        for n in names:
+            if base is None or last is None or n not in b["change"]:
+                cells.append("–")
+                continue
+            primary = b["change"][n]["primary"]
+            c = b["change"][n][primary]
+            cells.append(f"{base[n][primary]:.1f} → {last[n][primary]:.1f} ({c['delta']:+.1f} ± {c['se']:.1f})")
+        mean = "–" if b["mean_change"] is None else f"{b['mean_change']:+.1f} ± {b['mean_change_se']:.1f}"
+        lines.append(f"| {strategy} | " + " | ".join(cells) + f" | {mean} |")
     return "\n".join(lines)
 
 
@@ -152,6 +177,11 @@ def markdown(results: dict) -> str:
         "",
         general_table(results),
         "",
+        *(["## Standard benchmarks", "",
+           "Zero-shot ranked classification as OLMES scores it (`trace-ft eval`), on each benchmark's "
+           "primary metric (acc or acc per character), from the start to the end of each strategy's "
+           "run: start → end (change ± paired standard error, in points). bench Δ above: the mean "
+           "change.", "", bench_table(results), ""] if bench_table(results) else []),
         "## Accuracy matrices",
         "",
     ]

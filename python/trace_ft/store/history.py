@@ -130,7 +130,10 @@ class TaskRecord:
 def _write_test(examples: Sequence[Example], path: Path) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for e in examples:
-            f.write(json.dumps({"prompt": e.prompt, "answer": e.answer}, ensure_ascii=False) + "\n")
+            row = {"prompt": e.prompt, "answer": e.answer}
+            if e.alternatives:
+                row["alternatives"] = list(e.alternatives)
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 # ---- the history ----------------------------------------------------------------------

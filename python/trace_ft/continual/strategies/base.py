@@ -22,8 +22,7 @@ from ...lm.batches import EncodedSet, sample_batches
 from ...lm.memory import PhaseLog
 from ...lm.parallel import DataParallel, is_main
 from ...lm.text import Codec
-from ...lm.train import TrainConfig, train_loop
-from ...method.probe import default_loss
+from ...lm.train import TrainConfig, causal_lm_loss, train_loop
 from ...tasks import Task
 
 
@@ -49,6 +48,7 @@ class Context:
     num_tasks: int = 0
     parallel: DataParallel | None = None   # data parallel ranks (`--parallel ddp`), or one process
     phases: PhaseLog | None = None         # where a task's time and memory go (None: not recorded)
+    log: Callable[[str], None] = lambda msg: None   # a line for a phase without a progress bar
     _encoded: dict = field(default_factory=dict)
 
     def phase(self, name: str):
@@ -64,8 +64,8 @@ class Context:
         """The loss of a pass over whole batches outside training (Fisher estimates): on
         every rank as it is, or on a sharded model (whose backward sums the ranks'
         gradients) each rank's rows, weighted, so the summed gradient is the batch's."""
-        return self.parallel.loss(default_loss) if self.parallel is not None and self.parallel.sharded \
-            else default_loss
+        return self.parallel.loss(causal_lm_loss) if self.parallel is not None and self.parallel.sharded \
+            else causal_lm_loss
 
     def encoded(self, task: Task) -> EncodedSet:
         if task.name not in self._encoded:
