@@ -1,7 +1,7 @@
 """Where a TRACE task's time and memory go, phase by phase, against a sequential full
 fine-tuning (seqft) task on the same model, tasks and settings.
 
-    python bench/bench_task_cost.py --model smollm2-135m [--tasks json,keyval] [--steps 10]
+    python bench/bench_task_cost.py --model smollm2-135m [--tasks json,keyval] [--steps 30,100] [--probe-continue]
     python bench/bench_task_cost.py --model builtin --size medium
 
 Each strategy runs in its own process (its peak resident memory is its own) through the
@@ -9,8 +9,11 @@ same code as `trace-ft run` (`run_strategy`), which records every phase: the mod
 tokenisation, the probe, the Fisher passes, selection, core values (routing), history,
 training setup and steps, scoring. Per phase: seconds (summed over tasks) and the peak
 resident memory above the loaded base model. Per training step: seconds, and its ratio to
-seqft's step (a full fine-tuning step with torch's AdamW). Writes
-bench/results/task_cost_<model>.{json,md} and prints the table.
+seqft's step (a full fine-tuning step with torch's AdamW). The whole run of each (training,
+probe, selection, scoring after every task) and trace's ratio, at each step count given;
+with two or more, the length from which trace's run is the cheaper. Learning rates are the
+model's defaults unless given. Writes bench/results/task_cost_<model>.{json,md} and prints
+the tables.
 """
 
 from __future__ import annotations
@@ -41,13 +44,14 @@ def one(args) -> dict:
         model=args.model, size=args.size, tasks=args.tasks.split(","), steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, trace_lr=args.trace_lr, trace_probe_steps=args.probe_steps,
         n_train=args.n_train, n_test=args.n_test, trace_core_grads=args.core_grads, trace_budget=args.budget,
-        trace_granularity=args.granularity, seed=0))
+        trace_granularity=args.granularity, trace_continue_probe=args.probe_continue, seed=0))
     rss_start = _rss()
     setup = RunSetup.open(cfg, progress=False)
     base, path, tasks = setup.base, setup.model_dir, setup.tasks
     seq = setup.sequence()
     rss_base = _rss()
-    entry, _ = run_strategy(setup.strategy(args.one), seq, base, setup.codec, cfg.train_config(), seed=0)
+    entry, _ = run_strategy(setup.strategy(args.one), seq, base, setup.codec, cfg.train_config(), seed=0,
+                            general_every=cfg.general_every, score_unseen=cfg.score_unseen)
     from trace_ft.method.probe import eligible_parameters
 
     c = entry["costs"]
@@ -79,20 +83,25 @@ def paired_steps(args) -> dict:
     from trace_ft.method.pipeline import TracePipeline
     from trace_ft.method.select import SelectConfig
 
+    from trace_ft.config import RunConfig
+
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    resolved = RunConfig(model=args.model, lr=args.lr)  # the model's defaults where not given
+    lr = resolved.lr
+    trace_lr = args.trace_lr or resolved.trace.lr
     base, codec, _ = open_model(args.model, size=args.size, progress=False)
     vocab = base.get_input_embeddings().weight.shape[0]
     batches = [{"input_ids": ids, "labels": ids} for ids in
                (torch.randint(0, vocab, (args.batch_size, args.seq_len)) for _ in range(4))]
     pipe = TracePipeline(SelectConfig(budget=args.budget, granularity=args.granularity),
                          probe_steps=args.probe_steps)
-    core = pipe.select(pipe.probe(base, batches, lr=args.trace_lr)).mask
+    core = pipe.select(pipe.probe(base, batches, lr=lr)).mask
 
     full = copy.deepcopy(base)
-    full_opt = torch.optim.AdamW(full.parameters(), lr=args.lr, weight_decay=0.0, fused=True)
+    full_opt = torch.optim.AdamW(full.parameters(), lr=lr, weight_decay=0.0, fused=True)
     trace = copy.deepcopy(base)
-    setup = TracePipeline.train_setup(trace, core, lr=args.trace_lr, core_grads=args.core_grads)
+    setup = TracePipeline.train_setup(trace, core, lr=trace_lr, core_grads=args.core_grads)
     turn = {"i": 0}
 
     def step(model, opt, clip):
@@ -219,16 +228,45 @@ def table(results: dict, args) -> str:
     return "\n".join(lines)
 
 
+def whole_run(runs: dict[int, dict]) -> str:
+    """Per step count, each strategy's whole run (its training, probe, selection and the
+    scoring after every task) and trace's ratio; with two or more step counts, each
+    strategy's time as fixed + per-step · steps (least squares) and the length from which
+    trace's run is the cheaper."""
+    lines = ["| steps per task | seqft s | trace s | trace / seqft | peak trace / seqft |", "|---:|---:|---:|---:|---:|"]
+    for n, r in sorted(runs.items()):
+        lines.append(f"| {n} | {r['seqft']['seconds']:.0f} | {r['trace']['seconds']:.0f} | "
+                     f"**{r['trace']['seconds'] / r['seqft']['seconds']:.2f}×** | "
+                     f"{r['trace']['peak_bytes'] / r['seqft']['peak_bytes']:.2f}× |")
+    if len(runs) >= 2:
+        fits = {}
+        for name in ("seqft", "trace"):
+            xs = sorted(runs)
+            ys = [runs[n][name]["seconds"] for n in xs]
+            mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+            slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+            fits[name] = (my - slope * mx, slope)
+        (a_s, b_s), (a_t, b_t) = fits["seqft"], fits["trace"]
+        cross = (a_t - a_s) / (b_s - b_t) if b_s > b_t else float("inf")
+        lines += ["", f"Fitted per run: seqft {a_s:.0f} s + {b_s:.1f} s × steps, trace {a_t:.0f} s + {b_t:.1f} s × "
+                  f"steps (per task sequence); trace's run is the cheaper from **{cross:.0f} steps per task** "
+                  + ("on" if cross > 0 else "(at any length)")]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--size", default="medium", help="with --model builtin")
     ap.add_argument("--tasks", default=None, help="default: json,keyval (real model), rev,sub (builtin)")
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", default="10", help="steps per task; several (30,100): one pair of runs each, "
+                                                  "the whole-run ratio at each and the crossover")
     ap.add_argument("--probe-steps", type=int, default=10)
+    ap.add_argument("--probe-continue", action="store_true", help="trace continues from its probe (the probe's "
+                                                                    "steps count toward the task)")
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=None)
-    ap.add_argument("--trace-lr", type=float, default=None)
+    ap.add_argument("--lr", type=float, default=None, help="default: the model's (trace-ft run's)")
+    ap.add_argument("--trace-lr", type=float, default=None, help="default: the model's (trace-ft run's)")
     ap.add_argument("--n-train", type=int, default=400)
     ap.add_argument("--n-test", type=int, default=20)
     ap.add_argument("--core-grads", type=lambda s: s.lower() in ("1", "true", "yes"), default=True)
@@ -243,28 +281,48 @@ def main() -> None:
     args = ap.parse_args()
     if args.render:
         saved = json.loads(Path(args.render).read_text())
-        print(table(saved["results"], argparse.Namespace(**{**vars(args), **saved["args"]})))
+        print(report(saved["runs"], saved.get("paired"), argparse.Namespace(**{**vars(args), **saved["args"]})))
         return
     real = args.model != "builtin"
     args.tasks = args.tasks or ("json,keyval" if real else "rev,sub")
-    args.lr = args.lr or (2e-5 if real else 1e-3)
-    args.trace_lr = args.trace_lr or (2e-4 if real else 1e-2)
     if args.one:
+        args.steps = int(args.steps)
         print("RESULT " + json.dumps(paired_steps(args) if args.one == "paired" else one(args)))
         return
-    results = {}
-    for name in ("seqft", "trace", "paired")[:3 if args.paired_rounds else 2]:
-        cmd = [sys.executable, __file__, *sys.argv[1:], "--one", name]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        line = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
-        if done.returncode != 0 or not line:
-            sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
-        results[name] = json.loads(line[-1][7:])
+    runs, paired = {}, None
+    for n in [int(x) for x in args.steps.split(",")]:
+        runs[n] = {name: _child(name, n) for name in ("seqft", "trace")}
+    if args.paired_rounds:
+        paired = _child("paired", int(args.steps.split(",")[0]))
     stem = args.out or str(ROOT / "bench" / "results" / f"task_cost_{'builtin_' + args.size if not real else args.model}")
-    Path(stem + ".json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
-    text = table(results, args)
+    Path(stem + ".json").write_text(json.dumps({"args": vars(args), "runs": runs, "paired": paired}, indent=1))
+    text = report(runs, paired, args)
     print(text)
     Path(stem + ".md").write_text(f"# Cost of a task, phase by phase\n\n{text}\n")
+
+
+def _child(name: str, steps: int) -> dict:
+    """Run one strategy (or the paired timing) in a process of its own and read its JSON."""
+    argv = list(sys.argv[1:])
+    if "--steps" in argv:
+        argv[argv.index("--steps") + 1] = str(steps)
+    else:
+        argv += ["--steps", str(steps)]
+    done = subprocess.run([sys.executable, __file__, *argv, "--one", name], capture_output=True, text=True)
+    line = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+    if done.returncode != 0 or not line:
+        sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
+    return json.loads(line[-1][7:])
+
+
+def report(runs: dict, paired: dict | None, args) -> str:
+    """The whole-run table, then each step count's phase table."""
+    runs = {int(n): r for n, r in runs.items()}
+    out = ["## The whole run", "", whole_run(runs)]
+    for n, r in sorted(runs.items()):
+        out += ["", f"## {n} steps per task", "", table({**r, **({"paired": paired} if paired else {})},
+                                                        argparse.Namespace(**{**vars(args), "steps": n}))]
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

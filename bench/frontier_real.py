@@ -13,9 +13,11 @@ command a user runs; this script only picks stage 2's points. Resumable: run it 
 Stage "levers": the method's levers at trace's stage-2 core lr, seed 0, into the same results:
 the guard on general text (trace_guard), a smaller budget (2 %) and row granularity.
 
-Regimes: "gentle" (lr 3e-5, 12 steps per task: full fine-tuning keeps general ability) and
+Regimes: "gentle" (lr 3e-5, 12 steps per task: full fine-tuning keeps general ability),
 "hot" (lr 1e-4, 16 steps: the regime where full fine-tuning loses it, and where TRACE's
-claim is tested), each with its own grids and results directory.
+claim is tested), each with its own grids and results directory, and "hot-bench": hot's
+points of equal plasticity, every seed at once, general ability also on the standard
+benchmarks (`--general-bench headline`, 250 questions each).
 """
 
 from __future__ import annotations
@@ -41,18 +43,27 @@ SETTINGS = ["--model", "smollm2-135m", "--suite", "instruct", "--tasks", "json,k
 
 # per regime: settings that replace SETTINGS' values, the stage-1 grids (None: the
 # defaults, `continual.frontier.REAL_GRIDS`) and the results directory
+HOT = {"--steps": "16", "--lr": "1e-4", "--probe-lr": "1e-4"}
 REGIMES = {
     "gentle": ({}, None, "frontier_smollm2"),
-    "hot": ({"--steps": "16", "--lr": "1e-4", "--probe-lr": "1e-4"},
-            {"seqft": "lr=1e-4", "lora": "lora_lr=1e-3", "trace": "trace_lr=3e-4,1e-3",
-             "trace_guard": "trace_lr=1e-3"}, "frontier_smollm2_hot"),
+    "hot": (HOT, {"seqft": "lr=1e-4", "lora": "lora_lr=1e-3", "trace": "trace_lr=3e-4,1e-3",
+                  "trace_guard": "trace_lr=1e-3"}, "frontier_smollm2_hot"),
+    # the hot regime's points of equal plasticity (stage 2 of "hot"), general ability also on
+    # the standard benchmarks (the headline four, the first 250 questions of each): stage 1
+    # runs every seed there at once
+    "hot-bench": ({**HOT, "--general-bench": "headline", "--general-bench-limit": "250"},
+                  {"seqft": "lr=1e-4", "lora": "lora_lr=1e-3", "trace": "trace_lr=3e-4"},
+                  "frontier_smollm2_hot_bench"),
 }
 
 
 def settings(regime: str) -> list[str]:
     out = list(SETTINGS)
     for flag, value in REGIMES[regime][0].items():
-        out[out.index(flag) + 1] = value
+        if flag in out:
+            out[out.index(flag) + 1] = value
+        else:
+            out += [flag, value]
     return out
 
 
@@ -84,8 +95,12 @@ def main() -> None:
     _, grids, directory = REGIMES[args.regime]
     out = Path(args.out or ROOT / "bench" / "results" / directory)
     if args.stage in ("1", "all"):
-        frontier(out, args.regime, "--seeds", "1", "--frontier-strategies", ",".join(STRATEGIES),
+        seeds = str(args.seeds) if args.regime == "hot-bench" else "1"
+        names = list(grids) if args.regime == "hot-bench" else list(STRATEGIES)
+        frontier(out, args.regime, "--seeds", seeds, "--frontier-strategies", ",".join(names),
                  *[a for s, g in (grids or {}).items() for a in ("--grid", f"{s}:{g}")])
+        if args.regime == "hot-bench":
+            return
     if args.stage in ("2", "all"):
         points = stage2_points(json.loads((out / "results.json").read_text()))
         points = {s: v for s, v in points.items() if s in args.stage2_strategies.split(",")}

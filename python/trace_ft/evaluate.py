@@ -101,7 +101,7 @@ class Evaluator:
                   dynamic_ncols=True) as bar:
             ids = greedy_decode(model, enc, eos_id=self.codec.eos_id, max_new_tokens=task.meta.get("max_new_tokens"),
                                 on_batch=bar.update)
-            predictions = [self.codec.decode(x) for x in ids]
+            predictions = [self.codec.answer_text(x) for x in ids]
             edit = sum(edit_similarity(p, e.answer) for p, e in zip(predictions, task.test))
             loglik = answer_loglik(model, enc, on_batch=bar.update)
         return {"exact": task.score(predictions), "edit": 100.0 * edit / len(task.test), "loglik": loglik}

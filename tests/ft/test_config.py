@@ -118,7 +118,7 @@ def test_settings_left_unset_are_resolved_once_from_the_model():
     builtin, real = RunConfig(), RunConfig(model="smollm2-135m")
     assert (builtin.steps, builtin.batch_size, builtin.trace.probe_steps, builtin.n_test,
             builtin.general_every) == (200, 32, 50, 200, "task")
-    assert (real.steps, real.batch_size, real.trace.probe_steps, real.n_test, real.general_every) == (16, 8, 8, 32, "end")
+    assert (real.steps, real.batch_size, real.trace.probe_steps, real.n_test, real.general_every) == (24, 8, 8, 32, "end")
     # the probe is a short full fine-tuning: it runs at the run's lr, not the core's
     assert (builtin.trace.probe_lr, real.trace.probe_lr) == (1e-3, 1e-4)
     assert builtin.trace.core_grads and not RunConfig(parallel="fsdp2").trace.core_grads
@@ -133,7 +133,7 @@ def test_settings_left_unset_are_resolved_once_from_the_model():
     fixed = RunConfig.from_dict(dict(model="smollm2-135m", trace_lr=2e-4)).replaced(lr=3e-5)
     assert (fixed.trace.lr, fixed.trace.probe_lr) == (2e-4, 3e-5)
     # and a changed model brings its own defaults
-    assert builtin.replaced(model="smollm2-135m").steps == 16
+    assert builtin.replaced(model="smollm2-135m").steps == 24
 
 
 def test_the_selection_is_nested_and_named_flat():

@@ -127,7 +127,7 @@ def frontier(cfg: RunConfig, out: str | Path | None = None, *, seeds: int = 3, q
         point = cfg.replaced(seed=seed, **params)
         entry, extra = run_strategy(setup.strategy(name, point), seq, setup.base, setup.codec,
                                     point.train_config(), seed=seed, device=cfg.device, max_len=cfg.max_len,
-                                    general_every=cfg.general_every)
+                                    general_every=cfg.general_every, score_unseen=cfg.score_unseen)
         results["frontier"][name].append(_metric_entry(entry, params, seed))
         for other, row in extra.items():
             results["frontier"].setdefault(other, []).append(_metric_entry(row, params, seed))

@@ -62,7 +62,8 @@ def _run(cfg: RunConfig, out, sweep: bool, progress: bool, log, parallel: DataPa
     for strategy in strategies:
         entry, extra = run_strategy(strategy, seq, setup.base, setup.codec, cfg.train_config(), seed=cfg.seed,
                                     device=cfg.device, max_len=cfg.max_len, progress=progress, log=log,
-                                    parallel=parallel, general_every=cfg.general_every)
+                                    parallel=parallel, general_every=cfg.general_every,
+                                    score_unseen=cfg.score_unseen)
         if not main:
             continue
         results["strategies"][strategy.name] = entry

@@ -46,6 +46,8 @@ RUN_FLAGS = {
     "--general-every": ("general_every", str, "task: general ability (task 0, perplexity) scored after "
                         "every task; end: at the start and after the last only, the tasks still after "
                         "each (default: task for the built-in model, end for a pretrained one)"),
+    "--score-unseen": ("score_unseen", str, "tasks not yet trained, scored after each task: all (the whole "
+                       "matrix) or next (only what FWT reads; default for a pretrained model)"),
     "--general-bench": ("general_bench", _list, "standard benchmarks scored with general ability (the "
                         "start, the end, and after every task with --general-every task): headline, "
                         "standard or a comma-separated list (see trace-ft eval; default: none)"),

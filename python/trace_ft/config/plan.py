@@ -67,7 +67,8 @@ def estimate(setup: RunSetup, strategies: Sequence[Strategy], step_s: float, tok
             total += T * s.pipeline.probe_steps * step_s
             if s.routes is not None:
                 total += T * task_scoring
-        total += T * T * task_scoring + general * (T if cfg.general_every == "task" else 1)
+        scored = T * T if cfg.score_unseen == "all" else sum(min(T, j + 1) for j in range(1, T + 1))
+        total += scored * task_scoring + general * (T if cfg.general_every == "task" else 1)
     return total
 
 

@@ -28,7 +28,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 # strategies that cannot run on a model sharded by --parallel fsdp2, and why
 FSDP2_REFUSED = {"lora": "lora inserts adapter modules into the model after it is sharded"}
 # the flat names `RunConfig` fills in from the model's defaults when they are unset
-RESOLVED = ("lr", "steps", "batch_size", "n_train", "n_test", "general_every", "routed", "trace_lr",
+RESOLVED = ("lr", "steps", "batch_size", "n_train", "n_test", "general_every", "routed", "score_unseen", "trace_lr",
             "trace_probe_lr", "trace_probe_steps", "trace_core_grads")
 
 
@@ -46,6 +46,7 @@ class RunConfig:
     chat: bool | None = None          # tasks in the tokenizer's chat template (None: where it has one)
     general: str | None = None        # a task directory of general-ability items (default: the built-in probe)
     general_every: str | None = None  # general ability scored after every "task" or at the "end"
+    score_unseen: str | None = None   # tasks not yet trained scored after each task: "all" or the "next" only
     general_bench: list[str] = field(default_factory=list)  # standard benchmarks scored with it (none: off)
     general_bench_limit: int | None = 500  # the first N questions of each (None: whole splits)
     size: str = "small"               # built-in model size (tiny, small, medium)
@@ -77,7 +78,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         d = defaults_for(self.kind, self.suite)
         unset = set()
-        for name in ("lr", "steps", "batch_size", "n_train", "n_test", "general_every", "routed"):
+        for name in ("lr", "steps", "batch_size", "n_train", "n_test", "general_every", "routed", "score_unseen"):
             if getattr(self, name) is None:
                 unset.add(name)
                 setattr(self, name, getattr(d, name))
@@ -129,6 +130,8 @@ class RunConfig:
                              "--general is for other models")
         if self.general_every not in ("task", "end"):
             raise ValueError(f"general_every must be 'task' or 'end', got {self.general_every!r}")
+        if self.score_unseen not in ("all", "next"):
+            raise ValueError(f"score_unseen must be 'all' or 'next', got {self.score_unseen!r}")
         if self.general is not None and not Path(self.general).is_dir():
             raise ValueError(f"general: {self.general} is not a task directory")
         if self.general_bench:

@@ -74,12 +74,14 @@ class TaskSequence:
 def run_strategy(strategy: Strategy, seq: TaskSequence, base: nn.Module, codec: Codec,
                  train: TrainConfig, *, seed: int, device: str = "cpu", max_len: int | None = None,
                  progress: bool = False, log: Callable[[str], None] = lambda msg: None,
-                 parallel=None, general_every: str = "task") -> tuple[dict | None, dict[str, dict]]:
+                 parallel=None, general_every: str = "task",
+                 score_unseen: str = "all") -> tuple[dict | None, dict[str, dict]]:
     """Train a copy of `base` through `seq` with `strategy`: its results entry and the further
     rows it reports (`Strategy.report`: TRACE's task-routed row). With `parallel` (data
     parallel ranks) every rank trains; rank 0 alone scores and returns them, the others
     return (None, {}). `general_every="end"`: task 0 and the perplexity are scored after
-    the last task only (None in the rows between)."""
+    the last task only (None in the rows between). `score_unseen="next"`: of the tasks not
+    yet trained only the next is scored after each task (all FWT needs; None above it)."""
     torch.manual_seed(seed)
     T = len(seq.tasks)
     rows = {m: [list(seq.row0[m])] + [[None] * len(seq.eval_tasks) for _ in range(T)] for m in METRICS}
@@ -108,7 +110,8 @@ def run_strategy(strategy: Strategy, seq: TaskSequence, base: nn.Module, codec: 
             return
         general = general_every == "task" or j == T
         with phases.phase("scoring"):
-            for k in range(0 if general else seq.first, len(seq.eval_tasks)):
+            last = len(seq.eval_tasks) if score_unseen == "all" else min(len(seq.eval_tasks), seq.first + j + 1)
+            for k in range(0 if general else seq.first, last):
                 for m, v in seq.evaluator.task_scores(model, k).items():
                     rows[m][j][k] = v
         scores = rows["exact"][j]

@@ -33,6 +33,10 @@ class Codec:
         """A task's answer as the model writes it: the text, then the token that ends it."""
         return self.encode(answer) + [self.eos_id]
 
+    def answer_text(self, ids: list[int]) -> str:
+        """A generated answer's text, as a task's scorer reads it."""
+        return self.decode(ids)
+
     def fingerprint(self) -> str:
         """sha256 of what decides the ids of any text (kept scores are filed under it)."""
         return hashlib.sha256(json.dumps(self._identity(), sort_keys=True).encode()).hexdigest()
@@ -84,7 +88,8 @@ class HFCodec(Codec):
     turn, with the template's end-of-turn token, which is then `eos_id` (where decoding
     stops). None: on where the tokenizer has a chat template. Without chat (a base model),
     the plain framing: bos, the prompt, then `PLAIN_SEPARATOR`; the answer after a space,
-    ended by the tokenizer's eos token, where decoding stops."""
+    ended by the tokenizer's eos token, where decoding stops; a generated answer is read up
+    to the end of its first line (`answer_text`)."""
 
     PLAIN_SEPARATOR = "\nAnswer:"
 
@@ -133,3 +138,10 @@ class HFCodec(Codec):
 
     def answer_ids(self, answer: str) -> list[int]:
         return super().answer_ids(answer if self.chat else " " + answer)
+
+    def answer_text(self, ids: list[int]) -> str:
+        """Plain framing stops at eos or at the end of the answer's first line (leading
+        blank space skipped): a base model that has not learned to write eos goes on to the
+        next "Question:" (lm-eval's generation tasks stop at a newline for the same reason)."""
+        text = self.decode(ids)
+        return text if self.chat else text.lstrip().split("\n", 1)[0]

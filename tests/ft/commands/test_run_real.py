@@ -33,7 +33,7 @@ def cache(tmp_path, monkeypatch):
 
 def _run(model, cache, out, *extra):
     return main(["run", "--model", str(model), "--cache-dir", str(cache), "--out", str(out), "--suite", "real",
-                 "--tasks", "arith,code", "--strategies", "seqft,trace", "--steps", "2", "--probe-steps", "2",
+                 "--tasks", "arith,code,jeopardy", "--strategies", "seqft,trace", "--steps", "2", "--probe-steps", "2",
                  "--n-train", "8", "--n-test", "6", "--batch-size", "4", "--general-bench", "arc_easy",
                  "--general-bench-limit", "5", "--threads", "1", *extra])
 
@@ -43,7 +43,12 @@ def test_real_tasks_with_general_ability_on_a_standard_benchmark(cache, tmp_path
     out = tmp_path / "run"
     assert _run(model, cache, out, "--quiet") == 0
     res = json.loads((out / "results.json").read_text())
-    assert res["columns"][1:] == ["arith", "code"]
+    assert res["columns"][1:] == ["arith", "code", "jeopardy"]
+    # of the tasks not yet trained only the next is scored (a pretrained model's default):
+    # every metric is there, the rest of the upper triangle is not measured
+    m = res["strategies"]["seqft"]["matrix"]
+    assert m[1][3] is None and m[2][3] is not None and m[1][2] is not None
+    assert all(v is not None for v in res["strategies"]["seqft"]["metrics"].values())
     assert res["config"]["suite"] == "real" and res["config"]["general_bench"] == ["arc_easy"]
     for name in ("seqft", "trace"):
         b = res["strategies"][name]["general_bench"]

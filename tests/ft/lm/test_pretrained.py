@@ -231,6 +231,8 @@ def test_a_model_in_chunk_wheels_is_assembled_checked_and_keeps_its_terms(tiny_g
     assert not codec.chat and codec.eos_id == codec.tok.eos_token_id
     assert codec.tok.decode(codec.prompt_ids("2+2?")[1:]) == "2+2?" + codec.PLAIN_SEPARATOR
     assert codec.answer_ids("4") == codec.encode(" 4") + [codec.eos_id]
+    assert codec.answer_text(codec.encode(" 4\nQuestion: 5+5?")) == "4"   # read to the end of the line
+    assert codec.answer_text(codec.encode("\n 4 apples")) == "4 apples"
     open_model("tiny-split", cache_dir=tmp_path, progress=True)
     assert "provided under" not in capsys.readouterr().err  # shown at first fetch only
     # chunks in the wrong order do not assemble to the pinned digest
