@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from trace_kernels import CoreMask, MaskEntry, MaskedAdamW, install_core_grads, ops
-from trace_kernels.core_grads import CARRIER, PathCosts, core_rows
+from trace_kernels.core_grads import CARRIER, core_rows
 
 # install_core_grads arguments for each compact mode: core rows, or core elements only
 MODES = {"rows": dict(max_row_fraction=1.0), "elements": dict(max_row_fraction=1e-9, max_element_fraction=1.0)}
@@ -422,24 +422,3 @@ def test_an_installed_model_survives_copies_and_saves(gen, mode, how, tmp_path):
     assert remove_core_grads(other) == installed       # the copy's layers, restored
     assert all(type(m) in (nn.Linear, nn.GELU) for m in (*net, *other))
 
-
-def test_the_cost_model_takes_the_cheapest_path_or_the_full_product():
-    c = PathCosts(row_factor=1.0, element_floor=100.0, element_factor=10.0, margin=0.9)
-    # a core in few rows: rows (0.1 of the product) beat elements (floor + every element)
-    assert c.choose(1000, 1000, rows=100, elements=100_000) == "rows"
-    # scattered over most rows at low density: elements
-    assert c.choose(1000, 1000, rows=900, elements=5_000) == "elements"
-    # blocks that straddle rows have no row path
-    assert c.choose(1000, 1000, rows=None, elements=5_000) == "elements"
-    # dense, or too small a weight for the element path's floor to pay: the full product
-    assert c.choose(1000, 1000, rows=950, elements=200_000) == "full"
-    assert c.choose(8, 8, rows=None, elements=1) == "full"
-    net = model()
-    shapes = {n: tuple(p.shape) for n, p in net.named_parameters() if n.endswith("weight")}
-    spread = CoreMask.from_indices({n: ((r, col), 1, torch.arange(r) * col + torch.arange(r) % col)
-                                    for n, (r, col) in shapes.items()})
-    cheap = PathCosts(element_floor=0.0, element_factor=1.0)
-    with install_core_grads(net, spread, costs=cheap) as handle:  # chosen by the model given
-        assert sorted(handle.names) == ["0.weight", "2.weight", "4.weight"]
-    with install_core_grads(net, spread, costs=PathCosts(element_floor=1e9)) as handle:
-        assert handle.names == []

@@ -21,6 +21,7 @@ import torch
 
 from trace_kernels import CoreMask
 
+from ..benchmarks.results import bench_entry
 from ..config import RunConfig, RunSetup
 from ..config.plan import TRACE_STEP, time_step
 from ..continual.strategies.base import Context
@@ -126,6 +127,9 @@ def _adapt(cfg: RunConfig, model, task, history, out, *, eval_history, resume, c
             log(f"warning: {model_dir} is not the model the history's last task "
                 f"({hist.names[-1]!r}) produced; continuing")
 
+        # the standard benchmarks before training (`--general-bench`; kept across runs)
+        bench = setup.benchmarks if main else None
+        bench_before = None if bench is None else setup.score_cache.get_or(bench.signature(), lambda: bench(net))
         strategy = setup.strategy("trace")
         strategy.history = hist.earlier()
         step_s, _ = time_step(setup)
@@ -207,6 +211,8 @@ def _adapt(cfg: RunConfig, model, task, history, out, *, eval_history, resume, c
                    "scores_loglik": dict(zip(names, by_metric["loglik"])), "model_in": model_in,
                    "model_out": weights_sha256(out),
                    "out": str(out), "checkpoint": str(ckpt.path), "resumed": resume}
+        if bench is not None:
+            summary["general_bench"] = bench_entry([bench_before, bench(net)])
         record = TaskRecord(name=new_task.name, core=mask, updates=updates, fisher=fisher,
                             before=before, after=core_values(net, mask),
                             test=new_task.test, scorer=new_task.scorer, data=data,
@@ -226,9 +232,13 @@ def _adapt(cfg: RunConfig, model, task, history, out, *, eval_history, resume, c
 def format_summary(name: str, index: int, s: dict, history) -> str:
     share = s["core_elements"] / s["eligible_elements"] if s["eligible_elements"] else 0.0
     scores = ", ".join(f"{k}={v:.1f}" for k, v in s["scores"].items())
+    b = s.get("general_bench")
+    bench = "" if not b else ("\n  standard benchmarks: " + ", ".join(
+        f"{n} {c[c['primary']]['delta']:+.1f} ± {c[c['primary']]['se']:.1f}" for n, c in b["change"].items())
+        + f" (mean {b['mean_change']:+.1f} ± {b['mean_change_se']:.1f} points)")
     return (f"task {index} {name!r}: trained {s['core_elements']:,} of {s['eligible_elements']:,} "
             f"eligible elements ({share:.2%}); optimizer state {s['state_bytes']:,} bytes; "
-            f"{s['seconds']:.1f} s\n  scores: {scores}\n  model: {s['out']}   history: {history}")
+            f"{s['seconds']:.1f} s\n  scores: {scores}{bench}\n  model: {s['out']}   history: {history}")
 
 
 __all__ = ["adapt", "default_checkpoint_dir", "CheckpointError"]

@@ -75,3 +75,16 @@ def test_real_tasks_with_general_ability_on_a_standard_benchmark(cache, tmp_path
 def test_a_benchmark_the_builtin_model_cannot_read_is_refused(cache, capsys):
     assert main(["run", "--cache-dir", str(cache), "--general-bench", "headline", "--quiet"]) == 2
     assert "general_bench" in capsys.readouterr().err
+
+
+def test_adapt_scores_the_benchmarks_before_and_after(cache, tmp_path, capsys):
+    model = write_tiny_gguf(tmp_path / "tiny.gguf")
+    out = tmp_path / "m1"
+    assert main(["adapt", "--model", str(model), "--task", "arith", "--history", str(tmp_path / "hist"),
+                 "--out", str(out), "--cache-dir", str(cache), "--steps", "2", "--probe-steps", "2",
+                 "--n-train", "8", "--n-test", "6", "--batch-size", "4", "--general-bench", "arc_easy",
+                 "--general-bench-limit", "5", "--threads", "1"]) == 0
+    assert "standard benchmarks: arc_easy" in capsys.readouterr().out
+    entry = json.loads((tmp_path / "hist" / "manifest.json").read_text())["tasks"][0]
+    b = entry["summary"]["general_bench"]
+    assert b["rows"][0]["arc_easy"]["n"] == 5 and b["change"]["arc_easy"]["primary"] == "acc"

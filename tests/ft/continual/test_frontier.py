@@ -33,3 +33,16 @@ def test_summaries_over_seeds():
     s = summarise_point(entries, "exact")
     assert s["plasticity"] == 45.0 and s["bwt"] == -35.0 and s["bwt_min"] == -40.0
     assert s["plasticity_std"] == pytest.approx(7.0710678) and s["fwt"] is None and s["seeds"] == [0, 1]
+
+
+def test_summaries_carry_the_benchmarks_change_whatever_the_metric():
+    entries = [{"seed": s, "params": {"lr": 1e-4}, "bench_delta": d, "ppl_delta": 0.5,
+                "metrics_by": {m: {"plasticity": 90.0, "bwt": -10.0, "ap": 1.0, "fwt": None, "base_delta": -1.0}
+                               for m in ("exact", "edit")}}
+               for s, d in enumerate([-2.0, -4.0, -3.0])]
+    for metric in ("exact", "edit"):
+        s = summarise_point(entries, metric)
+        assert s["bench_delta"] == -3.0 and s["bench_delta_std"] == pytest.approx(1.0)
+        assert (s["bench_delta_min"], s["bench_delta_max"]) == (-4.0, -2.0) and s["ppl_delta"] == 0.5
+    no_bench = summarise_point([{**e, "bench_delta": None} for e in entries], "exact")
+    assert no_bench["bench_delta"] is None and no_bench["bench_delta_std"] is None
