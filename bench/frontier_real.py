@@ -17,7 +17,9 @@ Regimes: "gentle" (lr 3e-5, 12 steps per task: full fine-tuning keeps general ab
 "hot" (lr 1e-4, 16 steps: the regime where full fine-tuning loses it, and where TRACE's
 claim is tested), each with its own grids and results directory, and "hot-bench": hot's
 points of equal plasticity, every seed at once, general ability also on the standard
-benchmarks (`--general-bench headline`, 250 questions each).
+benchmarks (`--general-bench headline`, 250 questions each); "real": the real suite
+(SQuAD, MedMCQA, code, arithmetic, Jeopardy), one point per strategy, seed 0 in stage 1 and
+`--seeds` at the points of `--stage2-strategies` in stage 2.
 """
 
 from __future__ import annotations
@@ -54,6 +56,14 @@ REGIMES = {
     "hot-bench": ({**HOT, "--general-bench": "headline", "--general-bench-limit": "250"},
                   {"seqft": "lr=1e-4", "lora": "lora_lr=1e-3", "trace": "trace_lr=3e-4"},
                   "frontier_smollm2_hot_bench"),
+    # the real suite (tasks.real): five real tasks, general ability on the knowledge probe, the
+    # perplexity and the headline benchmarks; one point per strategy (the hot regime's
+    # equal-plasticity settings), seed 0 in stage 1, more seeds in stage 2
+    "real": ({"--suite": "real", "--tasks": "squad,medmcqa,code,arith,jeopardy", "--steps": "40",
+              "--n-train": "1000", "--n-test": "150", "--lr": "1e-4", "--probe-lr": "1e-4",
+              "--general-bench": "headline", "--general-bench-limit": "250", "--routed": "true"},
+             {"seqft": "lr=1e-4", "lora": "lora_lr=1e-3", "trace": "trace_lr=3e-4", "trace_guard": "trace_lr=3e-4"},
+             "frontier_smollm2_real"),
 }
 
 
@@ -101,6 +111,11 @@ def main() -> None:
                  *[a for s, g in (grids or {}).items() for a in ("--grid", f"{s}:{g}")])
         if args.regime == "hot-bench":
             return
+    if args.regime == "real" and args.stage in ("2", "all"):  # one point per strategy: more seeds there
+        names = [n for n in args.stage2_strategies.split(",") if n in grids]
+        frontier(out, args.regime, "--seeds", str(args.seeds), "--frontier-strategies", ",".join(names),
+                 *[a for n in names for a in ("--grid", f"{n}:{grids[n]}")])
+        return
     if args.stage in ("2", "all"):
         points = stage2_points(json.loads((out / "results.json").read_text()))
         points = {s: v for s, v in points.items() if s in args.stage2_strategies.split(",")}

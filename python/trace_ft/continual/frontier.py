@@ -62,7 +62,8 @@ def grid_points(grid: dict[str, list]) -> list[dict]:
 
 
 def parse_grid(spec: str) -> tuple[str, str, list]:
-    """``"trace:trace_lr=1e-3,3e-3"`` → ("trace", "trace_lr", [0.001, 0.003])."""
+    """``"trace:trace_lr=1e-3,3e-3"`` → ("trace", "trace_lr", [0.001, 0.003]); true/false are
+    booleans (``trace:trace_continue_probe=true``)."""
     try:
         strategy, rest = spec.split(":", 1)
         key, values = rest.split("=", 1)
@@ -70,6 +71,8 @@ def parse_grid(spec: str) -> tuple[str, str, list]:
         raise ValueError(f"--grid {spec!r}: expected STRATEGY:KEY=V1,V2,...") from None
 
     def value(text: str):
+        if text.lower() in ("true", "false"):
+            return text.lower() == "true"
         try:
             return int(text)
         except ValueError:

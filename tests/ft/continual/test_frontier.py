@@ -11,6 +11,7 @@ def test_grid_points_and_parsing():
         {"a": 1, "b": "x"}, {"a": 1, "b": "y"}, {"a": 2, "b": "x"}, {"a": 2, "b": "y"}]
     assert parse_grid("trace:trace_lr=1e-3, 3e-3") == ("trace", "trace_lr", [1e-3, 3e-3])
     assert parse_grid("lora:lora_rank=4,16") == ("lora", "lora_rank", [4, 16])
+    assert parse_grid("trace:trace_continue_probe=true,False") == ("trace", "trace_continue_probe", [True, False])
     with pytest.raises(ValueError, match="STRATEGY:KEY"):
         parse_grid("trace_lr=1")
 
