@@ -99,6 +99,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="default: bench/results/<the regime's directory>")
     ap.add_argument("--stage", default="all", choices=("1", "2", "all", "levers"))
     ap.add_argument("--seeds", type=int, default=3, help="stage 2: seeds at each chosen point (seed 0 is stage 1's)")
+    ap.add_argument("--strategies", default=None, help="stage 1: the strategies run, in this order (default all)")
     ap.add_argument("--stage2-strategies", default=",".join(STRATEGIES),
                     help="stage 2: the strategies given more seeds (default all)")
     args = ap.parse_args()
@@ -107,8 +108,10 @@ def main() -> None:
     if args.stage in ("1", "all"):
         seeds = str(args.seeds) if args.regime == "hot-bench" else "1"
         names = list(grids) if args.regime == "hot-bench" else list(STRATEGIES)
+        if args.strategies:
+            names = [n for n in args.strategies.split(",") if n in names]
         frontier(out, args.regime, "--seeds", seeds, "--frontier-strategies", ",".join(names),
-                 *[a for s, g in (grids or {}).items() for a in ("--grid", f"{s}:{g}")])
+                 *[a for s, g in (grids or {}).items() if s in names for a in ("--grid", f"{s}:{g}")])
         if args.regime == "hot-bench":
             return
     if args.regime == "real" and args.stage in ("2", "all"):  # one point per strategy: more seeds there

@@ -2,8 +2,7 @@
 gradient's core rows or core elements up to matmul reduction order (fp32: rtol 1e-5;
 bf16: the bf16 rounding of the same sums, rtol 2e-2), and MaskedAdamW stepped from it
 moves exactly the elements the full-gradient path moves, to the same values (bit for bit
-when the gradients are equal), with no full-size weight gradient made. `sampled_dot`, the
-element path's kernel, against the dense product on odd sizes."""
+when the gradients are equal), with no full-size weight gradient made."""
 
 import copy
 import types
@@ -12,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from trace_kernels import CoreMask, MaskEntry, MaskedAdamW, install_core_grads, ops
+from trace_kernels import CoreMask, MaskEntry, MaskedAdamW, install_core_grads
 from trace_kernels.core_grads import CARRIER, core_rows
 
 # install_core_grads arguments for each compact mode: core rows, or core elements only
@@ -288,86 +287,6 @@ def test_layers_take_rows_when_the_core_is_in_few_rows_else_elements_when_it_is_
     rows = row_core(gen, shapes, 0.2, "row")
     with install_core_grads(net, rows, max_row_fraction=0.5) as handle:
         assert all(getattr(net[int(n[0])], CARRIER).shape[1] == shapes[n][1] for n in handle.names)
-
-
-def _operand(gen, vectors: int, length: int, layout: str) -> torch.Tensor:
-    """vectors × length: rows in memory, or the transpose of a token-major (length ×
-    vectors) matrix as a linear layer's backward holds its activations."""
-    if layout == "rows":
-        return torch.randn(vectors, length, generator=gen)
-    return torch.randn(length, vectors, generator=gen).t()
-
-
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
-@pytest.mark.parametrize("layout,sizes", [
-    (("rows", "rows"), (37, 53, 1031)),
-    (("tokens", "tokens"), (37, 53, 1031)),        # one token block
-    (("tokens", "tokens"), (37, 2053, 300)),       # a wide b: many token blocks
-    (("tokens", "rows"), (37, 53, 301)),           # mixed: made contiguous
-])
-def test_sampled_dot_equals_the_dense_product_on_odd_sizes(backend, layout, sizes):
-    gen = torch.Generator().manual_seed(9)
-    R, C, n = sizes
-    a, b = _operand(gen, R, n, layout[0]), _operand(gen, C, n, layout[1])
-    rows = torch.randint(0, R, (5001,), generator=gen)
-    cols = torch.randint(0, C, (5001,), generator=gen)
-    rows = rows.sort().values if layout[0] == "tokens" else rows  # (sorted, as a core's are; any order works)
-    got = ops.sampled_dot(a, b, rows, cols, backend=backend)
-    torch.testing.assert_close(got, (a.double() @ b.double().t())[rows, cols].float(), rtol=1e-5, atol=1e-4)
-    if backend == "cpu":  # one summation order whatever the thread count
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            assert torch.equal(ops.sampled_dot(a, b, rows, cols, backend=backend), got)
-        finally:
-            torch.set_num_threads(threads)
-    assert ops.sampled_dot(a, b, rows[:0], cols[:0], backend=backend).shape == (0,)
-
-
-def test_sampled_dot_token_major_gives_each_entry_the_same_bits_in_any_order():
-    """The token-major kernel groups entries of one row and caches tiles of rows: an entry's
-    value must not depend on its neighbours (order, repeats, groups cut at a thread's edge)."""
-    gen = torch.Generator().manual_seed(21)
-    R, C, n = 45, 70, 517   # rows not a multiple of the 16-row tile; a tail after 64-token lanes
-    a, b = _operand(gen, R, n, "tokens"), _operand(gen, C, n, "tokens")
-    rows = torch.randint(0, R, (3001,), generator=gen).sort().values
-    cols = torch.randint(0, C, (3001,), generator=gen)
-    want = ops.sampled_dot(a, b, rows, cols, backend="cpu")
-    perm = torch.randperm(rows.numel(), generator=gen)
-    assert torch.equal(ops.sampled_dot(a, b, rows[perm], cols[perm], backend="cpu"), want[perm])
-    for lo, hi in ((0, 1), (5, 8), (100, 1103)):   # alone, a short group, a slice
-        assert torch.equal(ops.sampled_dot(a, b, rows[lo:hi], cols[lo:hi], backend="cpu"), want[lo:hi])
-
-
-def test_sampled_dot_is_a_registered_op_torch_compile_traces():
-    """`trace_kernels::sampled_dot` passes torch's op checks (schema, fake, autograd
-    registration) and a compiled function calling it equals the eager result."""
-    from trace_kernels.ops.sampled_dot import _sampled_dot_op, sampled_dot_trusted
-
-    g = torch.Generator().manual_seed(3)
-    a, b = torch.randn(7, 13, generator=g), torch.randn(5, 13, generator=g)
-    rows, cols = torch.tensor([0, 3, 6, 6]), torch.tensor([4, 0, 2, 4])
-    torch.library.opcheck(_sampled_dot_op, (a, b, rows, cols, ""))
-    compiled = torch.compile(lambda x, y: sampled_dot_trusted(x, y, rows, cols) * 2, backend="aot_eager",
-                             fullgraph=True)
-    assert torch.equal(compiled(a, b), ops.sampled_dot(a, b, rows, cols) * 2)
-
-
-def test_sampled_dot_refuses_bad_input_by_name():
-    a, b = torch.randn(4, 8), torch.randn(5, 8)
-    ok = torch.tensor([0, 3])
-    with pytest.raises(ValueError, match="rows holds an index outside"):
-        ops.sampled_dot(a, b, torch.tensor([0, 4]), ok)
-    with pytest.raises(ValueError, match="cols holds an index outside"):
-        ops.sampled_dot(a, b, ok, torch.tensor([-1, 0]))
-    with pytest.raises(ValueError, match="b must be a 2-D float32"):
-        ops.sampled_dot(a, b.double(), ok, ok)
-    with pytest.raises(ValueError, match="second dimension"):
-        ops.sampled_dot(a, torch.randn(5, 9), ok, ok)
-    with pytest.raises(ValueError, match="rows must be a 1-D int64"):
-        ops.sampled_dot(a, b, ok.int(), ok)
-    with pytest.raises(ValueError, match="differ in length"):
-        ops.sampled_dot(a, b, ok, ok[:1])
 
 
 def _train(net, core, steps=3, seed=7):

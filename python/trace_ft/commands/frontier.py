@@ -105,6 +105,7 @@ def frontier(cfg: RunConfig, out: str | Path | None = None, *, seeds: int = 3, q
             raise ValueError(f"--resume: {results_file} was run with other settings ({', '.join(differ)})")
         for name, entries in saved["frontier"].items():
             results["frontier"].setdefault(name, []).extend(entries)
+        results["seconds"] = saved.get("seconds", 0.0)  # the kept runs' time counts too
     done = {(n, json.dumps(e["params"], sort_keys=True), e["seed"])
             for n, es in results["frontier"].items() for e in es}
     setup = RunSetup.open(cfg, progress=progress)

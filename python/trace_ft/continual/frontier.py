@@ -119,13 +119,17 @@ def envelope_gap(mine: list[tuple[float, float]], theirs: list[tuple[float, floa
                  samples: int = 50) -> dict | None:
     """How far `mine`'s upper envelope (linear between Pareto points) lies above `theirs`
     over the plasticity range both cover: mean, smallest and largest gap in BWT points.
-    None when the ranges do not overlap."""
+    When the ranges do not overlap (one point each, say 100.0 against 99.3), the gap between
+    the two Pareto points nearest in plasticity, with both plasticities ("nearest"). None
+    when either side has no point."""
     a, b = pareto(mine), pareto(theirs)
     if not a or not b:
         return None
     lo, hi = max(a[0][0], b[0][0]), min(a[-1][0], b[-1][0])
     if hi < lo:
-        return None
+        pa, pb = min(((pa, pb) for pa in a for pb in b), key=lambda ab: abs(ab[0][0] - ab[1][0]))
+        gap = pa[1] - pb[1]
+        return {"nearest": [pa[0], pb[0]], "mean": gap, "min": gap, "max": gap}
     xs = np.linspace(lo, hi, samples) if hi > lo else np.array([lo])
     ya = np.interp(xs, [p[0] for p in a], [p[1] for p in a])
     yb = np.interp(xs, [p[0] for p in b], [p[1] for p in b])
@@ -192,6 +196,7 @@ def markdown(results: dict, metric: str) -> str:
     if bench:
         measures.append(("bench_delta", "standard benchmarks' mean change (points)",
                          "keeps more of the standard benchmarks"))
+    lines += side_by_side(points, ppl, bench)
     for mine in [n for n in points if n.startswith("trace") and n != "trace_routed"]:
         for key, label, meaning in measures:
             gaps = comparisons(points, key, mine)
@@ -200,11 +205,14 @@ def markdown(results: dict, metric: str) -> str:
             lines += [f"## {mine} against the others at equal plasticity: {label}", "",
                       "| against | plasticity range both cover | mean gap | smallest | largest |",
                       "|---|---|---|---|---|"]
+            digits = 2 if key == "ppl_delta" else 1
             for name, g in gaps.items():
                 if g is None:
-                    lines.append(f"| {name} | no overlap | – | – | – |")
+                    lines.append(f"| {name} | no points | – | – | – |")
+                elif "nearest" in g:
+                    lines.append(f"| {name} | none; nearest points {g['nearest'][0]:.1f} and {g['nearest'][1]:.1f} | "
+                                 f"{g['mean']:+.{digits}f} | – | – |")
                 else:
-                    digits = 2 if key == "ppl_delta" else 1
                     lines.append(f"| {name} | {g['range'][0]:.1f}–{g['range'][1]:.1f} | {g['mean']:+.{digits}f} | "
                                  f"{g['min']:+.{digits}f} | {g['max']:+.{digits}f} |")
             lines += ["", f"A positive gap: {mine}'s upper envelope (linear between its Pareto points) "
@@ -230,6 +238,25 @@ def markdown(results: dict, metric: str) -> str:
             cells = " | ".join(f"{_fmt(per[m][k]['plasticity'])} | {_fmt(per[m][k]['bwt'])}" for m in other)
             lines.append(f"| {name} | {point_label(p['params'])} | {cells} |")
     return "\n".join(lines) + "\n"
+
+
+def side_by_side(points: dict[str, list[dict]], ppl: bool, bench: bool) -> list[str]:
+    """Every strategy's points in one table, in the TRACE paper's layout: OP (the mean
+    score over all tasks after the last, our AP), BWT, then the general-ability changes."""
+    head = "| strategy | point | seeds | OP | BWT | plasticity | FWT | probe Δ | " + ("ppl Δ | " if ppl else "") \
+        + ("benchmarks Δ | " if bench else "")
+    lines = ["## Side by side (the TRACE paper's layout)", "", head.rstrip(),
+             "|---|---|---|---|---|---|---|---|" + ("---|" if ppl else "") + ("---|" if bench else "")]
+    for name, pts in points.items():
+        for p in sorted(pts, key=lambda p: (p["plasticity"] is None, p["plasticity"])):
+            row = (f"| {name} | {point_label(p['params'])} | {len(p['seeds'])} | {_fmt(p['ap'], p['ap_std'])} | "
+                   f"{_fmt(p['bwt'], p['bwt_std'])} | {_fmt(p['plasticity'], p['plasticity_std'])} | "
+                   f"{_fmt(p['fwt'], p.get('fwt_std'))} | {_fmt(p['base_delta'], p['base_delta_std'])} | "
+                   + (f"{_fmt(p['ppl_delta'], p['ppl_delta_std'], 2)} | " if ppl else "")
+                   + (f"{_fmt(p['bench_delta'], p['bench_delta_std'])} | " if bench else ""))
+            lines.append(row.rstrip())
+    return lines + ["", "OP: mean task score after the last task; probe Δ: the general-ability probe "
+                    "(task 0) from start to end; mean ± sample std over seeds.", ""]
 
 
 def plot(results: dict, path: Path, metric: str) -> None:

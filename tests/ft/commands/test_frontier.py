@@ -40,12 +40,14 @@ def test_frontier_points_seeds_and_outputs(builtin_cache, tmp_path):
     assert all(e["metrics_by"]["loglik"]["bwt"] == 0.0 for e in fr["trace_routed"])
     report = (out / "report.md").read_text()
     assert "trace against the others at equal plasticity: task BWT" in report and "## seqft" in report
+    assert "## Side by side (the TRACE paper's layout)" in report
     assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"
     # an interrupted frontier resumes: finished runs are kept, not run again
     before = (out / "results.json").read_text()
     assert main(_args(builtin_cache, out, "--resume")) == 0
     again = json.loads((out / "results.json").read_text())
     assert again["frontier"] == json.loads(before)["frontier"]
+    assert again["seconds"] == json.loads(before)["seconds"] > 0   # the kept runs' time is kept
 
 
 def test_bad_frontier_settings_are_refused(builtin_cache, tmp_path, capsys):

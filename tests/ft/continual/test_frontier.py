@@ -24,7 +24,10 @@ def test_pareto_and_envelope_gap():
     gap = envelope_gap(better, seq, samples=5)
     assert gap["range"] == [20.0, 60.0]
     assert gap["min"] == pytest.approx(10.0) and gap["max"] == pytest.approx(20.0)
-    assert envelope_gap([(95, -1)], [(10, -10), (50, -50)]) is None   # no common range
+    # no common range: the nearest points' gap, with both plasticities
+    assert envelope_gap([(95, -1)], [(10, -10), (50, -50)]) == {"nearest": [95.0, 50.0], "mean": 49.0,
+                                                                  "min": 49.0, "max": 49.0}
+    assert envelope_gap([], seq) is None
 
 
 def test_summaries_over_seeds():
