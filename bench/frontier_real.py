@@ -2,7 +2,8 @@
 model: SmolLM2-135M-Instruct, three tasks of the instruct suite, general ability measured
 at the start and the end. Writes bench/results/frontier_smollm2/{results.json,report.md,frontier.png}.
 
-    python bench/frontier_real.py [--regime gentle|hot] [--out DIR] [--stage 1|2|all|levers] [--seeds N]
+    python bench/frontier_real.py [--regime gentle|hot|hot-bench|real|real-short] [--out DIR]
+        [--stage 1|2|all|levers] [--seeds N] [--strategies seqft,trace,...]
 
 Stage 1: every point of each strategy's real-model grid (`continual.frontier.REAL_GRIDS`:
 seqft and lora lr, trace and trace_guard core lr), seed 0. Stage 2: seeds 1..N-1 at each
@@ -18,8 +19,9 @@ Regimes: "gentle" (lr 3e-5, 12 steps per task: full fine-tuning keeps general ab
 claim is tested), each with its own grids and results directory, and "hot-bench": hot's
 points of equal plasticity, every seed at once, general ability also on the standard
 benchmarks (`--general-bench headline`, 250 questions each); "real": the real suite
-(SQuAD, MedMCQA, code, arithmetic, Jeopardy), one point per strategy, seed 0 in stage 1 and
-`--seeds` at the points of `--stage2-strategies` in stage 2.
+(SQuAD, MedMCQA, code, arithmetic, Jeopardy; ~50 min a point here), one point per
+strategy, seed 0 in stage 1 and `--seeds` at the points of `--stage2-strategies` in stage 2;
+"real-short": the same with MedMCQA, arithmetic and Jeopardy only (~20 min a point).
 """
 
 from __future__ import annotations
@@ -59,11 +61,21 @@ REGIMES = {
     # the real suite (tasks.real): five real tasks, general ability on the knowledge probe, the
     # perplexity and the headline benchmarks; one point per strategy (the hot regime's
     # equal-plasticity settings), seed 0 in stage 1, more seeds in stage 2
-    "real": ({"--suite": "real", "--tasks": "squad,medmcqa,code,arith,jeopardy", "--steps": "40",
-              "--n-train": "1000", "--n-test": "150", "--lr": "1e-4", "--probe-lr": "1e-4",
-              "--general-bench": "headline", "--general-bench-limit": "250", "--routed": "true"},
+    # (sized to ~20 min a point here: a step of SQuAD's ~200-token prompts takes ~12 s, so
+    # 24 steps per task and 100 test examples; the routed row only in stage 2)
+    "real": ({"--suite": "real", "--tasks": "squad,medmcqa,code,arith,jeopardy", "--steps": "24",
+              "--n-train": "1000", "--n-test": "100", "--lr": "1e-4", "--probe-lr": "1e-4",
+              "--general-bench": "headline", "--general-bench-limit": "250", "--routed": "false"},
              {"seqft": "lr=1e-4", "lora": "lora_lr=1e-3", "trace": "trace_lr=3e-4", "trace_guard": "trace_lr=3e-4"},
              "frontier_smollm2_real"),
+    # three of the real tasks with short prompts (medicine, arithmetic, trivia; ~12 min a
+    # point here): the first real-task comparison, while the full sequence needs ~50 min a point
+    "real-short": ({"--suite": "real", "--tasks": "medmcqa,arith,jeopardy", "--steps": "24",
+                    "--n-train": "1000", "--n-test": "100", "--lr": "1e-4", "--probe-lr": "1e-4",
+                    "--general-bench": "headline", "--general-bench-limit": "250", "--routed": "false"},
+                   {"seqft": "lr=1e-4", "lora": "lora_lr=1e-3", "trace": "trace_lr=3e-4",
+                    "trace_guard": "trace_lr=3e-4"},
+                   "frontier_smollm2_real_short"),
 }
 
 
@@ -114,7 +126,7 @@ def main() -> None:
                  *[a for s, g in (grids or {}).items() if s in names for a in ("--grid", f"{s}:{g}")])
         if args.regime == "hot-bench":
             return
-    if args.regime == "real" and args.stage in ("2", "all"):  # one point per strategy: more seeds there
+    if args.regime.startswith("real") and args.stage in ("2", "all"):  # one point per strategy: more seeds there
         names = [n for n in args.stage2_strategies.split(",") if n in grids]
         frontier(out, args.regime, "--seeds", str(args.seeds), "--frontier-strategies", ",".join(names),
                  *[a for n in names for a in ("--grid", f"{n}:{grids[n]}")])

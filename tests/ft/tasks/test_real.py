@@ -38,6 +38,8 @@ def test_each_task_is_framed_and_scored_by_its_communitys_metric():
         assert isinstance(t, Task) and t.scorer == REAL[name].scorer
         assert len(t.test) == 4 and len(t.train) == 8  # 12 distinct: the duplicate dropped
         assert t.meta["distinct"] == 12 and t.meta["domain"] == REAL[name].domain
+        # generation leaves room for a sentence around the answer, not the answer's length
+        assert t.meta["max_new_tokens"] == REAL[name].max_new_tokens >= 16
         assert not {e.prompt for e in t.test} & {e.prompt for e in t.train}
     sq = tasks["squad"].test[0]
     assert sq.prompt.startswith("Answer the question with a short phrase from the passage.")
@@ -78,7 +80,10 @@ def test_squad_passage_window_keeps_the_answer_sentence_and_nearest_neighbours()
 
 
 @pytest.mark.parametrize("pred,ok", [("B", True), ("B.", True), (" (b) the second", True), ("[B]", True),
-                                     ("A", False), ("Because", False), ("", False)])
+                                     ("A", False), ("Because", False), ("", False),
+                                     ("The correct answer is B.", True), ("Answer: (b) Heart", True),
+                                     ("I think the answer is B", True), ("The answer is A, not B", False),
+                                     ("Answers vary", False)])
 def test_letter_scorer(pred, ok):
     assert SCORERS["letter"](pred, "B") == ok
 
