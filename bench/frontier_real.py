@@ -21,7 +21,7 @@ points of equal plasticity, every seed at once, general ability also on the stan
 benchmarks (`--general-bench headline`, 250 questions each); "real": the real suite
 (SQuAD, MedMCQA, code, arithmetic, Jeopardy; ~50 min a point here), one point per
 strategy, seed 0 in stage 1 and `--seeds` at the points of `--stage2-strategies` in stage 2;
-"real-short": the same with MedMCQA, arithmetic and Jeopardy only (~20 min a point).
+"real-short": the same with MedMCQA, arithmetic and Jeopardy only (~11 min a point).
 """
 
 from __future__ import annotations
@@ -61,14 +61,14 @@ REGIMES = {
     # the real suite (tasks.real): five real tasks, general ability on the knowledge probe, the
     # perplexity and the headline benchmarks; one point per strategy (the hot regime's
     # equal-plasticity settings), seed 0 in stage 1, more seeds in stage 2
-    # (sized to ~20 min a point here: a step of SQuAD's ~200-token prompts takes ~12 s, so
+    # (a step of SQuAD's ~200-token prompts takes 6-13 s here, so ~50 min a point at
     # 24 steps per task and 100 test examples; the routed row only in stage 2)
     "real": ({"--suite": "real", "--tasks": "squad,medmcqa,code,arith,jeopardy", "--steps": "24",
               "--n-train": "1000", "--n-test": "100", "--lr": "1e-4", "--probe-lr": "1e-4",
               "--general-bench": "headline", "--general-bench-limit": "250", "--routed": "false"},
              {"seqft": "lr=1e-4", "lora": "lora_lr=1e-3", "trace": "trace_lr=3e-4", "trace_guard": "trace_lr=3e-4"},
              "frontier_smollm2_real"),
-    # three of the real tasks with short prompts (medicine, arithmetic, trivia; ~12 min a
+    # three of the real tasks with short prompts (medicine, arithmetic, trivia; ~11 min a
     # point here): the first real-task comparison, while the full sequence needs ~50 min a point
     "real-short": ({"--suite": "real", "--tasks": "medmcqa,arith,jeopardy", "--steps": "24",
                     "--n-train": "1000", "--n-test": "100", "--lr": "1e-4", "--probe-lr": "1e-4",
