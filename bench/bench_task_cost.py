@@ -281,6 +281,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.render:
         saved = json.loads(Path(args.render).read_text())
+        if "runs" not in saved:  # saved before round 7: one step count, the paired timing among the results
+            results = dict(saved["results"])
+            saved = {**saved, "paired": results.pop("paired", None), "runs": {saved["args"]["steps"]: results}}
         print(report(saved["runs"], saved.get("paired"), argparse.Namespace(**{**vars(args), **saved["args"]})))
         return
     real = args.model != "builtin"
