@@ -1,6 +1,7 @@
 """What a run will do and about how long it will take, said before any work: from a quick
-timing of one training step's forward and backward on a batch of the first task, the
-training and probe steps and the scoring of every strategy are counted up."""
+timing of one training step's forward and backward on a batch of the first task, scaled to
+each task by the tokens of its batches (a suite's tasks differ: a SQuAD batch is 4x a
+trivia batch), the training and probe steps and the scoring of every strategy are counted up."""
 
 from __future__ import annotations
 
@@ -43,16 +44,36 @@ def time_step(setup: RunSetup) -> tuple[float, int]:
     return min(times), int(batch["attention_mask"].sum())
 
 
+def batch_tokens(setup: RunSetup, task, n_batches: int = 4) -> float:
+    """Tokens a training step of `task` computes (padding included: it is computed too), the
+    mean over its first batches."""
+    cfg = setup.cfg
+    examples = task.train[:cfg.batch_size * n_batches] or task.test[:cfg.batch_size]
+    enc = EncodedSet(examples, setup.codec, cfg.max_len)
+    sizes = [int(enc.batch(range(i, min(i + cfg.batch_size, len(enc))))["input_ids"].numel())
+             for i in range(0, len(enc), cfg.batch_size)]
+    return sum(sizes) / max(1, len(sizes))
+
+
+def task_step_seconds(setup: RunSetup, step_s: float) -> list[float]:
+    """Each task's training step: the timed step of the first task's first batch, scaled by
+    the tokens of the task's batches against that batch's."""
+    first = batch_tokens(setup, setup.tasks[0], n_batches=1)
+    return [step_s * batch_tokens(setup, t) / max(1.0, first) for t in setup.tasks]
+
+
 def estimate(setup: RunSetup, strategies: Sequence[Strategy], step_s: float, tokens: int) -> float:
     """Seconds a run of `strategies` should take: each one's training (and trace's probes),
-    and the scoring of every task after every task, of general ability and the benchmarks."""
+    and the scoring of every task after every task, of general ability and the benchmarks.
+    `step_s`, `tokens`: one step of the first task's first batch and its (unpadded) tokens."""
     cfg = setup.cfg
     T = len(setup.tasks)
     token_s = step_s / (3 * max(1, tokens))  # a forward pass is about a third of a step
+    task_steps = task_step_seconds(setup, step_s)
     # scoring one example: its prompt and answer once to decode (slower per token) and once
-    # for the answer's log-likelihood
-    per_example = sum(len(e.prompt) + 2 * len(e.answer) for e in setup.tasks[0].test[:50]) / \
-        max(1, min(50, len(setup.tasks[0].test))) / 4  # ~4 characters a token
+    # for the answer's log-likelihood (~4 characters a token), averaged over the tasks
+    per_example = sum(sum(len(e.prompt) + 2 * len(e.answer) for e in t.test[:50]) / max(1, min(50, len(t.test)))
+                      for t in setup.tasks) / T / 4
     task_scoring = cfg.n_test * per_example * token_s * (1 + DECODE_SLOWDOWN)
     general = len(setup.general.test) * 60 * token_s * (1 + DECODE_SLOWDOWN)
     if setup.perplexity is not None:
@@ -62,9 +83,9 @@ def estimate(setup: RunSetup, strategies: Sequence[Strategy], step_s: float, tok
     total = (T + 1) * task_scoring + general  # the base, once
     for s in strategies:
         factor = TRACE_STEP if isinstance(s, Trace) else LORA_STEP if s.name == "lora" else 1.0
-        total += T * cfg.steps * step_s * factor
+        total += cfg.steps * sum(task_steps) * factor
         if isinstance(s, Trace):
-            total += T * s.pipeline.probe_steps * step_s
+            total += s.pipeline.probe_steps * sum(task_steps)
             if s.routes is not None:
                 total += T * task_scoring
         scored = T * T if cfg.score_unseen == "all" else sum(min(T, j + 1) for j in range(1, T + 1))
@@ -87,7 +108,13 @@ def plan_line(setup: RunSetup, strategies: Sequence[Strategy], what: str | None 
             + f"; {cfg.steps} steps per task at batch {cfg.batch_size}"
             + (f" (trace: a {'/'.join(map(str, sorted(probe)))}-step probe first)" if probe else "")
             + f"; {cfg.n_test} test examples per task scored after every task; general ability ({measures}) "
-            f"{general}. One training step here: {step_s:.1f} s; estimated {_duration(seconds)}.")
+            f"{general}. One training step here: {step_s:.1f} s{_spread(setup, step_s)}; estimated {_duration(seconds)}.")
+
+
+def _spread(setup: RunSetup, step_s: float) -> str:
+    """The range of the tasks' step times where they differ by more than a fifth."""
+    steps = task_step_seconds(setup, step_s)
+    return f" ({min(steps):.1f}-{max(steps):.1f} s by task)" if max(steps) > 1.2 * min(steps) else ""
 
 
 def _duration(seconds: float) -> str:
