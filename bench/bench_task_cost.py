@@ -59,7 +59,10 @@ def one(args) -> dict:
             "eligible": sum(p.numel() for _, p in eligible_parameters(base)),
             "core_fraction": args.budget, "tasks": len(tasks),
             "seconds": c["seconds"], "peak_bytes": c["peak_memory_bytes"], "phases": c["phases"],
-            "rss_model_bytes": rss_base - rss_start, "train_steps": args.steps * len(tasks),
+            "rss_model_bytes": rss_base - rss_start,
+            # (continuing from the probe, its steps are the task's first: the core trains the rest)
+            "train_steps": (args.steps - (min(args.probe_steps, args.steps) if args.probe_continue
+                                          and args.one.startswith("trace") else 0)) * len(tasks),
             "probe_steps": args.probe_steps * len(tasks) if args.one.startswith("trace") else 0,
             "state_bytes": c["state_bytes"]}
 
@@ -200,7 +203,7 @@ def table(results: dict, args) -> str:
                 if p not in ("train steps", "probe", "scoring", "scoring: perplexity", "scoring: routed"))
     allowed = seq["seconds"] + tr["probe_steps"] * 1.1 * step["seqft"]
     lines += ["", f"- training step: trace {step['trace']:.2f} s, seqft (full fine-tuning) {step['seqft']:.2f} s: "
-              f"**{step['trace'] / step['seqft']:.2f}×** (the two runs' medians, in separate processes)",
+              f"**{step['trace'] / step['seqft']:.2f}×** (each run's mean step, in separate processes)",
               *([f"- training step, paired in one process ({paired['rounds']} rounds, each trace step right "
                  f"after a full fine-tuning step on an identical model; batch {paired['batch_size']} × "
                  f"{paired['seq_len']} tokens): trace {paired['median_s']:.2f} s, full "
