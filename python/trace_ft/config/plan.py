@@ -19,6 +19,11 @@ from .setup import RunSetup
 # a trace step (core-only gradients) and a LoRA step; decoding runs about half as many tokens a
 # second as a training step's forward pass
 TRACE_STEP, LORA_STEP, DECODE_SLOWDOWN = 0.8, 0.85, 2.0
+# a benchmark question costs about as much as 60 tokens of a training step's forward pass (its
+# context runs once, its choices share it through the KV cache): SmolLM2's headline four at 500
+# questions each took 238 s at 2.9 s a step of ~500 tokens (bench/results/benchmarks_smollm2.md);
+# the 150 tokens at half the rate assumed before made a frontier's plan 2x too long
+BENCH_QUESTION = 60
 
 
 def time_step(setup: RunSetup) -> tuple[float, int]:
@@ -78,8 +83,8 @@ def estimate(setup: RunSetup, strategies: Sequence[Strategy], step_s: float, tok
     general = len(setup.general.test) * 60 * token_s * (1 + DECODE_SLOWDOWN)
     if setup.perplexity is not None:
         general += setup.perplexity.tokens * token_s
-    if setup.benchmarks is not None:  # (about 150 tokens a question, half the rate of training)
-        general += len(setup.benchmarks.names) * (cfg.general_bench_limit or 2000) * 150 * token_s * 2
+    if setup.benchmarks is not None:
+        general += len(setup.benchmarks.names) * (cfg.general_bench_limit or 2000) * BENCH_QUESTION * token_s
     total = (T + 1) * task_scoring + general  # the base, once
     for s in strategies:
         factor = TRACE_STEP if isinstance(s, Trace) else LORA_STEP if s.name == "lora" else 1.0
