@@ -28,6 +28,7 @@ from ..continual.strategies.base import Context
 from ..evaluate import Evaluator
 from ..lm.model import save_model, weights_sha256
 from ..lm.parallel import DataParallel, is_main
+from ..method.pipeline import CoreStart
 from ..method.routing import core_values, full_core_values, set_core_values
 from ..store.atomic import sha256_file
 from ..store.checkpoint import AdaptCheckpoint, CheckpointError
@@ -78,9 +79,10 @@ def _adapt(cfg: RunConfig, model, task, history, out, *, eval_history, resume, c
     t0 = time.perf_counter()
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
-    if cfg.trace.continue_probe:
-        raise ValueError("--probe-continue is for `trace-ft run` and `frontier`: adapt's checkpoints do not "
-                         "keep the probe's state yet, so a resumed adapt could not continue from it")
+    if cfg.trace.continue_probe and core is not None:
+        raise ValueError("--probe-continue continues from the probe, and --core skips it: pass one of them")
+    if cfg.trace.continue_probe and parallel is not None and parallel.sharded:
+        raise ValueError("--probe-continue needs unsharded weights: use --parallel ddp, or leave it off")
     if cfg.trace.protect_base:
         raise ValueError("trace_protect_base is for `trace-ft run` only: an adapt history "
                          "guards the tasks it holds")
@@ -153,6 +155,9 @@ def _adapt(cfg: RunConfig, model, task, history, out, *, eval_history, resume, c
             state = ckpt.check_inputs(inputs)
             mask, updates, info = ckpt.selection(state)
             start, tensors, opt_state, losses = ckpt.load_step(state)
+            saved_start = ckpt.continue_from(state)
+            # killed before the first checkpointed step: continue from the probe as it left off
+            resume_from = CoreStart.from_tensors(saved_start) if saved_start and opt_state is None else None
             log(f"resuming {new_task.name!r} from {ckpt.path} at step {start}/{cfg.steps}")
             before = core_values(net, mask)  # the input model, as the interrupted run had it
             if tensors:  # only core elements ever change: put them back
@@ -165,8 +170,10 @@ def _adapt(cfg: RunConfig, model, task, history, out, *, eval_history, resume, c
             else:
                 found = strategy.find_core(ctx, index, new_task, gather=parallel.gather_tensors if sharded else None)
                 mask, updates, info = found.core, found.updates, {"probe_loss": found.probe_loss}
+            resume_from = None if core_mask is not None else found.start  # (--probe-continue)
             if main:
-                ckpt.start(inputs, mask, updates, info)
+                ckpt.start(inputs, mask, updates, info,
+                           continue_from=None if resume_from is None else resume_from.to_tensors())
             start, opt_state, losses = 0, None, []
             before = core_values(net, mask)
 
@@ -184,7 +191,8 @@ def _adapt(cfg: RunConfig, model, task, history, out, *, eval_history, resume, c
                 on_step(done)
 
         run_losses, state_bytes = strategy.train_core(ctx, index, new_task, mask, start_step=start,
-                                                      optimizer_state=opt_state, on_step=save)
+                                                      optimizer_state=opt_state, on_step=save,
+                                                      start=resume_from)
         losses = losses + run_losses
         fisher = strategy.trained_fisher(ctx, index, new_task)
         if sharded:

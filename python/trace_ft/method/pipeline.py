@@ -87,6 +87,19 @@ class CoreStart:
     exp_avg_sq: dict[str, Tensor]
     steps: int
 
+    _PARTS = ("values", "exp_avg", "exp_avg_sq")
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        """One flat dict of tensors (for a safetensors file): `<part>/<name>`, and the step count."""
+        out = {f"{part}/{n}": t for part in self._PARTS for n, t in getattr(self, part).items()}
+        return {**out, "steps": torch.tensor([self.steps], dtype=torch.int64)}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor]) -> CoreStart:
+        parts = {part: {k.split("/", 1)[1]: t for k, t in tensors.items() if k.startswith(part + "/")}
+                 for part in cls._PARTS}
+        return cls(**parts, steps=int(tensors["steps"][0]))
+
 
 def core_start(model: nn.Module, result: ProbeResult, core: CoreMask) -> CoreStart:
     """The probe's state on the core (the model holds θ⁰ again): see `CoreStart`."""

@@ -80,7 +80,11 @@ class AdaptCheckpoint:
                                       "delete the checkpoint to start over")
 
     # -- the selection, saved once after the probe --
-    def start(self, inputs: dict, core: CoreMask, updates: dict, info: dict) -> None:
+    def start(self, inputs: dict, core: CoreMask, updates: dict, info: dict,
+              continue_from: dict[str, Tensor] | None = None) -> None:
+        """Save the selection. `continue_from`: the probe's state on the core, as tensors, when
+        the task's training continues from it (so a run killed before its first step resumes
+        from it too, without probing again)."""
         self.path.mkdir(parents=True, exist_ok=True)
         target = self.path / "selection"
         atomic.remove_stale(self.path, "selection")
@@ -89,6 +93,8 @@ class AdaptCheckpoint:
         with atomic.staging_dir(target) as tmp:
             core.save(tmp / "core.safetensors")
             save_updates(updates, tmp / "updates.safetensors")
+            if continue_from is not None:
+                save_tensors(continue_from, tmp / "continue_from.safetensors")
             (tmp / "info.json").write_text(json.dumps(info))
             files = _describe_files(tmp)
             atomic.install_dir(tmp, target)
@@ -100,6 +106,12 @@ class AdaptCheckpoint:
         self._verify(folder, state["selection"])
         return (CoreMask.load(folder / "core.safetensors"), load_updates(folder / "updates.safetensors"),
                 json.loads((folder / "info.json").read_text()))
+
+    def continue_from(self, state: dict) -> dict[str, Tensor] | None:
+        """The probe's state on the core saved with the selection (checked by `selection`), or None."""
+        if "continue_from.safetensors" not in state["selection"]:
+            return None
+        return load_tensors(self.path / "selection" / "continue_from.safetensors")
 
     # -- training progress, saved every N steps --
     def save_step(self, step: int, tensors: dict[str, Tensor], optimizer_state: dict,

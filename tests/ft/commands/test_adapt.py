@@ -131,6 +131,45 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(builtin_cache,
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("stop_at", [6, 10])  # before the first checkpointed step, and after it
+def test_probe_continuation_resumes_to_the_uninterrupted_run(builtin_cache, tmp_path, stop_at):
+    """With --probe-continue the probe's 3 steps are the task's first: the core trains steps
+    3..11 from the probe's state. Killed before any step is checkpointed (every 8 steps here:
+    step 8), the resume starts from the probe's state saved with the selection; after it,
+    from step 8's optimizer state. Either way: the uninterrupted run's weights and history."""
+    m1, h0 = _first_task(builtin_cache, tmp_path)
+    for copy in ("hA", "hB", "hC"):
+        shutil.copytree(h0, tmp_path / copy)
+    cont = config(builtin_cache, trace_continue_probe=True)
+    a = adapt(cont, str(m1), "sub", tmp_path / "hA", tmp_path / "A", checkpoint_every=8, progress=False, log=print)
+    adapt(config(builtin_cache), str(m1), "sub", tmp_path / "hC", tmp_path / "C", progress=False, log=print)
+    assert not same_weights(tmp_path / "A", tmp_path / "C")  # continuing is not restarting
+    assert len(TaskHistory.open(tmp_path / "hA").entries[-1]["summary"]["scores"]) == 1
+    assert a["core_elements"] > 0
+
+    def stop(done):
+        if done == stop_at:
+            raise KeyboardInterrupt
+
+    B, hB = tmp_path / "B", tmp_path / "hB"
+    with pytest.raises(KeyboardInterrupt):
+        adapt(cont, str(m1), "sub", hB, B, checkpoint_every=8, progress=False, log=print, on_step=stop)
+    state = json.loads((tmp_path / "B.checkpoint" / "state.json").read_text())
+    assert state["step"] == (0 if stop_at < 8 else 8)
+    assert "continue_from.safetensors" in state["selection"]
+    adapt(cont, str(m1), "sub", hB, B, resume=True, checkpoint_every=8, progress=False, log=print)
+    assert same_weights(tmp_path / "A", B)
+    assert comparable(tmp_path / "hA") == comparable(hB)
+
+
+def test_probe_continuation_refuses_a_given_core(builtin_cache, tmp_path):
+    with pytest.raises(ValueError, match="--probe-continue continues from the probe, and --core skips it"):
+        adapt(config(builtin_cache, trace_continue_probe=True), "builtin", "rev", tmp_path / "h", tmp_path / "m",
+              core=tmp_path / "core.safetensors", progress=False, log=print)
+    assert not (tmp_path / "h").exists() and not (tmp_path / "m").exists()
+
+
+@pytest.mark.slow
 def test_resume_after_the_process_is_killed(builtin_cache, tmp_path):
     m1, A, hA, B, hB = _resume_setup(builtin_cache, tmp_path)
     argv = ["adapt", *flags(builtin_cache), "--model", str(m1), "--task", "sub", "--history",
