@@ -20,7 +20,7 @@ claim is tested), each with its own grids and results directory, and "hot-bench"
 points of equal plasticity, every seed at once, general ability also on the standard
 benchmarks (`--general-bench headline`, 250 questions each), and "hot-bench-gemma" the same
 on Gemma 3 270M; "real": the real suite
-(SQuAD, MedMCQA, code, arithmetic, Jeopardy; ~50 min a point here), one point per
+(SQuAD, SciQ, code, arithmetic, Jeopardy; ~50 min a point here), one point per
 strategy, seed 0 in stage 1 and `--seeds` at the points of `--stage2-strategies` in stage 2;
 "real-short": the same with MedMCQA, arithmetic and Jeopardy only (~11 min a point).
 """
@@ -71,7 +71,7 @@ REGIMES = {
     # equal-plasticity settings), seed 0 in stage 1, more seeds in stage 2
     # (a step of SQuAD's ~200-token prompts takes 6-13 s here, so ~50 min a point at
     # 24 steps per task and 100 test examples; the routed row only in stage 2)
-    "real": ({"--suite": "real", "--tasks": "squad,medmcqa,code,arith,jeopardy", "--steps": "24",
+    "real": ({"--suite": "real", "--tasks": "squad,sciq,code,arith,jeopardy", "--steps": "24",
               "--n-train": "1000", "--n-test": "100", "--lr": "1e-4", "--probe-lr": "1e-4",
               "--general-bench": "headline", "--general-bench-limit": "250", "--routed": "false"},
              {"seqft": "lr=1e-4", "lora": "lora_lr=1e-3", "trace": "trace_lr=3e-4", "trace_guard": "trace_lr=3e-4"},

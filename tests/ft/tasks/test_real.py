@@ -22,9 +22,13 @@ def real_docs(n: int = 12) -> dict[str, list[dict]]:
     code = [{"question": f'def f{i}(x):\n    """Return x plus {i}."""\n    return',
              "choices": ["x", f"x + {i}"], "gold": 1} for i in range(n)]
     arith = [{"question": f"{i} + 1 =", "choices": [str(i), str(i + 1)], "gold": 1} for i in range(n)]
+    options = lambda i: sorted([f"cell {i}", "atom", "proton", "gene"])  # noqa: E731
+    sciq = [{"question": f"What is unit {i} of life?", "correct_answer": f"cell {i}",
+             "query": f"Question: What is unit {i} of life?\n" + "".join(
+                 f" {letter}. {o}\n" for letter, o in zip("ABCD", options(i))) + "Answer:"} for i in range(n)]
     jeo = [{"query": f"Category: SCIENCE\nQuestion: Clue number {i}\nAnswer:", "answer": f"thing {i}"}
            for i in range(n)]
-    docs = {"squad": squad, "medmcqa": med, "code": code, "arith": arith, "jeopardy": jeo}
+    docs = {"squad": squad, "sciq": sciq, "medmcqa": med, "code": code, "arith": arith, "jeopardy": jeo}
     for v in docs.values():
         v.append(dict(v[0]))  # a duplicate prompt, dropped
     return docs
@@ -32,8 +36,9 @@ def real_docs(n: int = 12) -> dict[str, list[dict]]:
 
 def test_each_task_is_framed_and_scored_by_its_communitys_metric():
     docs = real_docs()
-    tasks = {n: real_task(n, docs[n], n_train=100, n_test=4) for n in REAL_SUITE}
-    assert SUITES["real"] == REAL_SUITE and set(REAL_SUITE) == set(REAL)
+    tasks = {n: real_task(n, docs[n], n_train=100, n_test=4) for n in REAL}
+    # MedMCQA is built but not in the suite (at chance after 100 steps of SmolLM2)
+    assert SUITES["real"] == REAL_SUITE and set(REAL) - set(REAL_SUITE) == {"medmcqa"}
     for name, t in tasks.items():
         assert isinstance(t, Task) and t.scorer == REAL[name].scorer
         assert len(t.test) == 4 and len(t.train) == 8  # 12 distinct: the duplicate dropped
@@ -48,6 +53,13 @@ def test_each_task_is_framed_and_scored_by_its_communitys_metric():
     assert tasks["squad"].score(["flows"], [sq]) == pytest.approx(200 / 3)  # F1 against "flows north"
     med = tasks["medmcqa"].test[0]
     assert med.prompt.endswith("A. a\nB. b\nC. c\nD. d") and med.answer in "ABCD"
+    sci = tasks["sciq"].test[0]
+    assert sci.prompt.startswith("Answer the science question with the correct option, written out.")
+    assert sci.prompt.endswith("Options: atom; " + "; ".join(sorted([sci.answer, "gene", "proton"])))
+    assert tasks["sciq"].score(["It is " + sci.answer], [sci]) == 0.0  # exact match only
+    assert tasks["sciq"].score(["The " + sci.answer.title() + "."], [sci]) == 100.0  # after normalisation
+    bad = dict(docs["sciq"][0], correct_answer="nucleus")  # the answer among no option: skipped
+    assert real_task("sciq", [bad] + docs["sciq"][1:], n_train=2, n_test=4).meta["skipped"] == 1
     assert tasks["code"].test[0].prompt.endswith("return") and tasks["code"].test[0].answer.startswith("x + ")
     assert tasks["arith"].test[0].prompt.startswith("Compute the value.")
     assert "Category: SCIENCE\nClue: Clue number" in tasks["jeopardy"].test[0].prompt
@@ -95,10 +107,12 @@ def test_code_scorer_ignores_whitespace_only():
 
 
 def test_a_benchmark_sharing_a_tasks_dataset_is_refused(monkeypatch):
-    monkeypatch.setattr(RC, "REAL_DATASETS", {**RC.REAL_DATASETS, "squad": "sciq"})
     cfg = RunConfig(model="smollm2-135m", suite="real", general_bench=["sciq"])
-    with pytest.raises(ValueError, match="general_bench: sciq is the source of task 'squad'"):
+    with pytest.raises(ValueError, match="general_bench: sciq is the source of task 'sciq'"):
         cfg.validate()
+    monkeypatch.setattr(RC, "REAL_DATASETS", {**RC.REAL_DATASETS, "squad": "boolq"})
+    with pytest.raises(ValueError, match="general_bench: boolq is the source of task 'squad'"):
+        RunConfig(model="smollm2-135m", suite="real", general_bench=["boolq"]).validate()
     assert cfg.n_test == 200 and cfg.steps == 60  # the real suite's defaults
     RunConfig(model="smollm2-135m", suite="real", general_bench=["arc_easy"], device="cpu").validate()
     with pytest.raises(ValueError, match="suite real is for a pretrained chat model"):
