@@ -242,14 +242,11 @@ def whole_run(runs: dict[int, dict]) -> str:
                      f"**{r['trace']['seconds'] / r['seqft']['seconds']:.2f}×** | "
                      f"{r['trace']['peak_bytes'] / r['seqft']['peak_bytes']:.2f}× |")
     if len(runs) >= 2:
-        fits = {}
-        for name in ("seqft", "trace"):
-            xs = sorted(runs)
-            ys = [runs[n][name]["seconds"] for n in xs]
-            mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-            slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-            fits[name] = (my - slope * mx, slope)
-        (a_s, b_s), (a_t, b_t) = fits["seqft"], fits["trace"]
+        import numpy as np
+
+        xs = sorted(runs)
+        (b_s, a_s), (b_t, a_t) = (np.polyfit(xs, [runs[n][name]["seconds"] for n in xs], 1)
+                                  for name in ("seqft", "trace"))
         cross = (a_t - a_s) / (b_s - b_t) if b_s > b_t else float("inf")
         lines += ["", f"Fitted per run: seqft {a_s:.0f} s + {b_s:.1f} s × steps, trace {a_t:.0f} s + {b_t:.1f} s × "
                   f"steps (per task sequence); trace's run is the cheaper from **{cross:.0f} steps per task** "
