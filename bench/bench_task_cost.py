@@ -171,8 +171,6 @@ def projection(P: float = 8.03e9, E: float = 6.98e9, k: float = 0.05, ranks: int
 
 
 def table(results: dict, args) -> str:
-    from common import machine
-
     seq, tr = results["seqft"], results["trace"]
     step = {k: r["phases"]["train steps"]["seconds"] / r["train_steps"] for k, r in results.items()
             if k != "paired"}
@@ -181,7 +179,7 @@ def table(results: dict, args) -> str:
              f"{seq['params']:,} parameters; tasks {args.tasks}; {args.steps} steps per task, batch "
              f"{args.batch_size}; trace: {args.granularity} level, budget {args.budget}, probe "
              f"{args.probe_steps} steps, core-only gradients {args.core_grads}. "
-             f"Machine: {machine()['cpu']}, {args.threads} threads. Peak: resident memory above the loaded "
+             f"Machine: {getattr(args, 'machine', None) or 'not recorded'}, {args.threads} threads. Peak: resident memory above the loaded "
              "base model (the base itself: "
              f"{seq['rss_model_bytes'] / gib:.2f} GiB).", "",
              "| phase | seqft s | seqft peak GiB | trace s | trace peak GiB |", "|---|---:|---:|---:|---:|"]
@@ -236,16 +234,20 @@ def whole_run(runs: dict[int, dict]) -> str:
     scoring after every task) and trace's ratio; with two or more step counts, each
     strategy's time as fixed + per-step · steps (least squares) and the length from which
     trace's run is the cheaper."""
-    lines = ["| steps per task | seqft s | trace s | trace / seqft | peak trace / seqft |", "|---:|---:|---:|---:|---:|"]
+    lines = ["| steps per task | seqft s (mean) | trace s (mean) | trace / seqft | each pair, trace/seqft s (ABBA order) | peak trace / seqft |",
+             "|---:|---:|---:|---:|---|---:|"]
+    secs = {n: r.get("repeats") or {k: [r[k]["seconds"]] for k in ("seqft", "trace")} for n, r in runs.items()}
     for n, r in sorted(runs.items()):
-        lines.append(f"| {n} | {r['seqft']['seconds']:.0f} | {r['trace']['seconds']:.0f} | "
-                     f"**{r['trace']['seconds'] / r['seqft']['seconds']:.2f}×** | "
+        s_, t_ = secs[n]["seqft"], secs[n]["trace"]
+        each = ", ".join(f"{t:.0f}/{s:.0f}" for s, t in zip(s_, t_))
+        lines.append(f"| {n} | {sum(s_) / len(s_):.0f} | {sum(t_) / len(t_):.0f} | "
+                     f"**{sum(t_) / sum(s_):.2f}×** | {each} | "
                      f"{r['trace']['peak_bytes'] / r['seqft']['peak_bytes']:.2f}× |")
     if len(runs) >= 2:
         import numpy as np
 
         xs = sorted(runs)
-        (b_s, a_s), (b_t, a_t) = (np.polyfit(xs, [runs[n][name]["seconds"] for n in xs], 1)
+        (b_s, a_s), (b_t, a_t) = (np.polyfit(xs, [sum(secs[n][name]) / len(secs[n][name]) for n in xs], 1)
                                   for name in ("seqft", "trace"))
         cross = (a_t - a_s) / (b_s - b_t) if b_s > b_t else float("inf")
         lines += ["", f"Fitted per run: seqft {a_s:.0f} s + {b_s:.1f} s × steps, trace {a_t:.0f} s + {b_t:.1f} s × "
@@ -276,6 +278,10 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=64, help="the paired step timing's sequence length")
     ap.add_argument("--paired-rounds", type=int, default=8, help="the paired step timing's rounds (0: skip it)")
     ap.add_argument("--out", default=None, help="default bench/results/task_cost_<model>")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="whole runs of each strategy per step count, in ABBA order (seqft, trace, trace, "
+                         "seqft, ...): the machine's speed drifts ~20 %% within an hour, so one pair's ratio "
+                         "moves by as much; the phase tables are the first pair's")
     ap.add_argument("--render", help="re-render the table of a saved JSON result (no run)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run this strategy and print JSON
     args = ap.parse_args()
@@ -286,6 +292,8 @@ def main() -> None:
             saved = {**saved, "paired": results.pop("paired", None), "runs": {saved["args"]["steps"]: results}}
         print(report(saved["runs"], saved.get("paired"), argparse.Namespace(**{**vars(args), **saved["args"]})))
         return
+    from common import machine
+
     real = args.model != "builtin"
     args.tasks = args.tasks or ("json,keyval" if real else "rev,sub")
     if args.one:
@@ -295,9 +303,15 @@ def main() -> None:
     runs, paired = {}, None
     for n in [int(x) for x in args.steps.split(",")]:
         runs[n] = {name: _child(name, n) for name in ("seqft", "trace")}
+        if args.repeats > 1:  # then trace before seqft, and so on (ABBA): a linear drift cancels
+            order = [("trace", "seqft") if i % 2 else ("seqft", "trace") for i in range(1, args.repeats)]
+            more = [{name: _child(name, n)["seconds"] for name in pair} for pair in order]
+            runs[n]["repeats"] = {name: [runs[n][name]["seconds"]] + [m[name] for m in more]
+                                  for name in ("seqft", "trace")}
     if args.paired_rounds:
         paired = _child("paired", int(args.steps.split(",")[0]))
     stem = args.out or str(ROOT / "bench" / "results" / f"task_cost_{'builtin_' + args.size if not real else args.model}")
+    args.machine = machine()["cpu"]  # (saved with the arguments: a re-render names the machine that ran it)
     Path(stem + ".json").write_text(json.dumps({"args": vars(args), "runs": runs, "paired": paired}, indent=1))
     text = report(runs, paired, args)
     print(text)
@@ -323,6 +337,7 @@ def report(runs: dict, paired: dict | None, args) -> str:
     runs = {int(n): r for n, r in runs.items()}
     out = ["## The whole run", "", whole_run(runs)]
     for n, r in sorted(runs.items()):
+        r = {k: v for k, v in r.items() if k != "repeats"}
         out += ["", f"## {n} steps per task", "", table({**r, **({"paired": paired} if paired else {})},
                                                         argparse.Namespace(**{**vars(args), "steps": n}))]
     return "\n".join(out)
