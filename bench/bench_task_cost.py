@@ -234,7 +234,8 @@ def whole_run(runs: dict[int, dict]) -> str:
     scoring after every task) and trace's ratio; with two or more step counts, each
     strategy's time as fixed + per-step · steps (least squares) and the length from which
     trace's run is the cheaper."""
-    lines = ["| steps per task | seqft s (mean) | trace s (mean) | trace / seqft | each pair, trace/seqft s (ABBA order) | peak trace / seqft |",
+    lines = ["| steps per task | seqft s (mean) | trace s (mean) | trace / seqft "
+             "| each pair, trace/seqft s (ABBA order) | peak trace / seqft |",
              "|---:|---:|---:|---:|---|---:|"]
     secs = {n: r.get("repeats") or {k: [r[k]["seconds"]] for k in ("seqft", "trace")} for n, r in runs.items()}
     for n, r in sorted(runs.items()):
