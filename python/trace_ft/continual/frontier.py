@@ -217,18 +217,10 @@ def markdown(results: dict, metric: str) -> str:
                                  f"{g['min']:+.{digits}f} | {g['max']:+.{digits}f} |")
             lines += ["", f"A positive gap: {mine}'s upper envelope (linear between its Pareto points) "
                       f"lies above the other's, i.e. it {meaning} at the same plasticity.", ""]
+    cols = [("plasticity", "plasticity"), ("BWT", "bwt"), ("AP", "ap"), ("base Δ", "base_delta")] \
+        + [("ppl Δ", "ppl_delta")] * ppl + [("bench Δ", "bench_delta")] * bench
     for name, pts in points.items():
-        lines += [f"## {name}", "", "| point | plasticity | BWT | AP | base Δ | " + ("ppl Δ | " if ppl else "")
-                  + ("bench Δ | " if bench else "") + "seeds |",
-                  "|---|---|---|---|---|" + ("---|" if ppl else "") + ("---|" if bench else "") + "---|"]
-        for p in sorted(pts, key=lambda p: (p["plasticity"] is None, p["plasticity"])):
-            lines.append(f"| {point_label(p['params'])} | {_fmt(p['plasticity'], p['plasticity_std'])} | "
-                         f"{_fmt(p['bwt'], p['bwt_std'])} | {_fmt(p['ap'], p['ap_std'])} | "
-                         f"{_fmt(p['base_delta'], p['base_delta_std'])} | "
-                         + (f"{_fmt(p['ppl_delta'], p['ppl_delta_std'], 2)} | " if ppl else "")
-                         + (f"{_fmt(p['bench_delta'], p['bench_delta_std'])} | " if bench else "")
-                         + f"{len(p['seeds'])} |")
-        lines.append("")
+        lines += [f"## {name}", ""] + _table([("point", None)] + cols + [("seeds", None)], {name: pts}, False) + [""]
     other = [m for m in METRICS if m != metric]
     lines += ["## The other metrics", "", "| strategy | point | " + " | ".join(
         f"{m} plasticity | {m} BWT" for m in other) + " |", "|---|---|" + "---|" * (2 * len(other))]
@@ -240,23 +232,33 @@ def markdown(results: dict, metric: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _table(cols: list[tuple[str, str | None]], points: dict[str, list[dict]], name_column: bool) -> list[str]:
+    """A markdown table of `points` (each strategy's, by plasticity) in the columns `cols`:
+    (header, the summary's key of a mean ± std cell, or None for the point's label or its
+    seeds); the strategy's name first when `name_column`."""
+    head = ["strategy"] * name_column + [h for h, _ in cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, pts in points.items():
+        for p in sorted(pts, key=lambda p: (p["plasticity"] is None, p["plasticity"])):
+            cells = [name] * name_column
+            for header, key in cols:
+                if key is None:
+                    cells.append(point_label(p["params"]) if header == "point" else str(len(p["seeds"])))
+                else:
+                    cells.append(_fmt(p[key], p.get(f"{key}_std"), 2 if key == "ppl_delta" else 1))
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def side_by_side(points: dict[str, list[dict]], ppl: bool, bench: bool) -> list[str]:
     """Every strategy's points in one table, in the TRACE paper's layout: OP (the mean
     score over all tasks after the last, our AP), BWT, then the general-ability changes."""
-    head = "| strategy | point | seeds | OP | BWT | plasticity | FWT | probe Δ | " + ("ppl Δ | " if ppl else "") \
-        + ("benchmarks Δ | " if bench else "")
-    lines = ["## Side by side (the TRACE paper's layout)", "", head.rstrip(),
-             "|---|---|---|---|---|---|---|---|" + ("---|" if ppl else "") + ("---|" if bench else "")]
-    for name, pts in points.items():
-        for p in sorted(pts, key=lambda p: (p["plasticity"] is None, p["plasticity"])):
-            row = (f"| {name} | {point_label(p['params'])} | {len(p['seeds'])} | {_fmt(p['ap'], p['ap_std'])} | "
-                   f"{_fmt(p['bwt'], p['bwt_std'])} | {_fmt(p['plasticity'], p['plasticity_std'])} | "
-                   f"{_fmt(p['fwt'], p.get('fwt_std'))} | {_fmt(p['base_delta'], p['base_delta_std'])} | "
-                   + (f"{_fmt(p['ppl_delta'], p['ppl_delta_std'], 2)} | " if ppl else "")
-                   + (f"{_fmt(p['bench_delta'], p['bench_delta_std'])} | " if bench else ""))
-            lines.append(row.rstrip())
-    return lines + ["", "OP: mean task score after the last task; probe Δ: the general-ability probe "
-                    "(task 0) from start to end; mean ± sample std over seeds.", ""]
+    cols = [("point", None), ("seeds", None), ("OP", "ap"), ("BWT", "bwt"), ("plasticity", "plasticity"),
+            ("FWT", "fwt"), ("probe Δ", "base_delta")] + [("ppl Δ", "ppl_delta")] * ppl \
+        + [("benchmarks Δ", "bench_delta")] * bench
+    return (["## Side by side (the TRACE paper's layout)", ""] + _table(cols, points, True)
+            + ["", "OP: mean task score after the last task; probe Δ: the general-ability probe "
+               "(task 0) from start to end; mean ± sample std over seeds.", ""])
 
 
 def plot(results: dict, path: Path, metric: str) -> None:
