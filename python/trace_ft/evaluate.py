@@ -110,18 +110,22 @@ class Evaluator:
 class TextPerplexity:
     """Perplexity of a model on a fixed text: the text tokenised once (no chat framing) and
     cut into back-to-back windows of `window` tokens; every token but each window's first
-    is predicted from the tokens before it in its window. exp(mean NLL over tokens)."""
+    is predicted from the tokens before it in its window. Where the tokenizer starts a text
+    with its own prefix (`Codec.text_prefix`: Gemma's bos), each window starts with it and
+    holds that many text tokens fewer, every one predicted. exp(mean NLL over tokens)."""
 
     def __init__(self, text: str, codec: Codec, window: int = 256, batch_size: int = 8,
                  name: str = "text", progress: bool = False) -> None:
         """`batch_size`: windows per forward pass, at most; fewer where their logits would
         pass `SCORING_BYTES`."""
         self.name, self.progress = name, progress
-        ids = codec.encode(text)
-        if len(ids) < 2 * window:
+        ids, prefix = codec.encode(text), codec.text_prefix
+        width = window - len(prefix)  # text tokens a window holds
+        if len(ids) < 2 * width:
             raise ValueError(f"the text has {len(ids)} tokens, fewer than two windows of {window}")
-        n = len(ids) // window
-        self.windows = torch.tensor(ids[:n * window], dtype=torch.long).view(n, window)
+        n = len(ids) // width
+        text = torch.tensor(ids[:n * width], dtype=torch.long).view(n, width)
+        self.windows = torch.cat([torch.tensor(prefix, dtype=torch.long).expand(n, len(prefix)), text], dim=1)
         self.batch_size = batch_size
 
     def signature(self) -> dict:

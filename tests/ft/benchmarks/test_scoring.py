@@ -59,6 +59,30 @@ def test_shared_context_scoring_equals_scoring_each_choice_alone():
     assert math.isclose(alone[0][0].loglik, want, rel_tol=1e-6, abs_tol=1e-5)
 
 
+def test_a_context_prefix_starts_every_context():
+    """Where the tokenizer starts a text with bos (Gemma), every context starts with it,
+    shared or alone, and an empty context is it alone: the continuation's log-likelihood is
+    read after [bos] + context."""
+    gen = torch.Generator().manual_seed(2)
+    model, pairs = tiny_llama(window=128), random_pairs(gen, questions=5) + [[("", " alpha"), ("", " be")]]
+    shared = score_choices(model, encode, pairs, prefix_id=1, pad_id=0, context_prefix=[1], tokens_per_batch=96)
+    alone = score_choices(model, encode, pairs, prefix_id=1, pad_id=0, context_prefix=[1], share=False)
+    plain = score_choices(model, encode, pairs, prefix_id=1, pad_id=0)
+    for q, (a, b) in enumerate(zip(shared, alone)):
+        for c, (x, y) in enumerate(zip(a, b)):
+            assert math.isclose(x.loglik, y.loglik, rel_tol=1e-5, abs_tol=1e-4), (q, c)
+    for q, (ctx, cont) in enumerate([pairs[0][0], pairs[-1][0]]):
+        cids, kids = encode_pair(encode, ctx, cont)
+        ids = torch.tensor([[1] + cids + kids])
+        logp = torch.log_softmax(model(input_ids=ids[:, :-1]).logits.float(), -1)[0, -len(kids):]
+        want = float(logp.gather(-1, torch.tensor(kids).unsqueeze(-1)).sum())
+        got = (alone[0][0], alone[-1][0])[q]
+        assert math.isclose(got.loglik, want, rel_tol=1e-6, abs_tol=1e-5)
+    # an empty context reads [bos] either way; a non-empty one differs with the prefix
+    assert alone[-1][0].loglik == pytest.approx(plain[-1][0].loglik, rel=1e-6)
+    assert abs(alone[0][0].loglik - plain[0][0].loglik) > 1e-4
+
+
 def test_trailing_context_space_moves_to_the_continuation():
     ctx, cont = encode_pair(encode, "Answer: ", "yes")
     assert ctx == encode("Answer:") and cont == encode(" yes")
