@@ -115,6 +115,12 @@ def test_text_sets_score_every_token_without_framing():
     tok = CharTokenizer()
     enc = EncodedSet([Example("", "hello world"), Example("", "abc")], tok, max_len=5, text=True)
     assert enc.prompts == [[], []] and enc.answers == [tok.encode("hello"), tok.encode("abc")]
+
+    class BosChars(CharTokenizer):  # a tokenizer that starts a text with bos (Gemma's)
+        text_prefix = [0]
+
+    bos = EncodedSet([Example("", "hello world")], BosChars(), max_len=5, text=True)
+    assert bos.prompts == [[0]] and bos.answers == [tok.encode("hell")]  # bos read, never scored
     batch = enc.batch([0, 1])
     assert batch["labels"][0].tolist() == tok.encode("hello")
     assert batch["labels"][1].tolist()[:3] == tok.encode("abc") and batch["labels"][1, 3:].eq(-100).all()

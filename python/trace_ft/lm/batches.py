@@ -17,13 +17,15 @@ IGNORE = -100
 class EncodedSet:
     """A task's examples tokenised once, as the codec frames them (`Codec.prompt_ids`,
     `Codec.answer_ids`: bos and eos, or a chat model's user and assistant turns); with
-    `text`, each answer is plain prose for language modelling (no prompt, no end token)."""
+    `text`, each answer is plain prose for language modelling (no prompt but the tokenizer's
+    own text prefix, no end token)."""
 
     def __init__(self, examples: Sequence[Example], codec: Codec, max_len: int | None = None,
                  text: bool = False) -> None:
         self.examples = list(examples)
-        if text:  # plain prose (a text task): no framing, every token of the answer scored
-            self.prompts = [[] for _ in self.examples]
+        if text:  # plain prose (a text task): no framing, every token of the answer scored, after
+            # what the tokenizer starts a text with (Gemma's bos), as perplexity reads prose
+            self.prompts = [list(codec.text_prefix) for _ in self.examples]
             self.answers = [codec.encode(e.answer) for e in self.examples]
         else:
             self.prompts = [codec.prompt_ids(e.prompt) for e in self.examples]
