@@ -73,6 +73,10 @@ def test_learning_rates_left_unset_take_the_models_defaults():
     assert (real.lr, real.trace.lr) == (1e-4, 3e-4)       # measured on SmolLM2-135M (README)
     assert RunConfig.from_dict({"model": "smollm2-135m", "lr": 2e-5}).trace.lr == 6e-5
     assert RunConfig.from_dict({"model": "m", "lr": 2e-5, "trace_lr": 1e-3}).trace.lr == 1e-3
+    # a model with its own: Gemma 3 270M's weights are 5x smaller, so its lr is lower
+    gemma = RunConfig(model="gemma3-270m")
+    assert (gemma.lr, gemma.trace.lr, gemma.trace.probe_lr, gemma.steps) == (3e-5, 9e-5, 3e-5, 24)
+    assert RunConfig.from_dict({"model": "gemma3-270m", "lr": 1e-4}).trace.lr == 3e-4  # explicit wins
 
 
 def test_a_model_saved_from_the_builtin_one_keeps_its_defaults(tmp_path):

@@ -53,9 +53,19 @@ SUITE_DEFAULTS: dict[tuple[str, str], dict] = {
 }
 
 
-def defaults_for(kind: str, suite: str) -> ModelDefaults:
-    """The defaults of a model kind, with those of its suite over them."""
-    return dataclasses.replace(DEFAULTS[kind], **SUITE_DEFAULTS.get((kind, suite), {}))
+# what a known model changes in the pretrained defaults. Gemma 3 270M's attention and MLP
+# weights are 5x smaller than SmolLM2's (median RMS 0.040 against 0.19), and Adam moves a
+# weight by about lr a step whatever its size, so SmolLM2's lr 1e-4 is 5x hotter on Gemma: in
+# the hot regime it took Gemma's perplexity from 24 to ~9,000 (full fine-tuning) and ~160
+# (TRACE); at 3e-5 full fine-tuning still learned every task in 16 steps
+# (docs/results.md, "The second family")
+MODEL_DEFAULTS: dict[str, dict] = {"gemma3-270m": {"lr": 3e-5}}
+
+
+def defaults_for(kind: str, suite: str, model: str | Path | None = None) -> ModelDefaults:
+    """The defaults of a model kind, with those of its suite and of the model over them."""
+    d = dataclasses.replace(DEFAULTS[kind], **SUITE_DEFAULTS.get((kind, suite), {}))
+    return dataclasses.replace(d, **MODEL_DEFAULTS.get(str(model), {})) if kind == "pretrained" else d
 
 
 def model_kind(model: str | Path) -> str:

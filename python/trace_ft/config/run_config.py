@@ -76,7 +76,7 @@ class RunConfig:
     defaulted: frozenset = field(default=frozenset(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        d = defaults_for(self.kind, self.suite)
+        d = defaults_for(self.kind, self.suite, self.model)
         unset = set()
         for name in ("lr", "steps", "batch_size", "n_train", "n_test", "general_every", "routed", "score_unseen"):
             if getattr(self, name) is None:
