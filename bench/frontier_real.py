@@ -50,57 +50,45 @@ SETTINGS = ["--model", "smollm2-135m", "--suite", "instruct", "--tasks", "json,k
 # per regime: settings that replace SETTINGS' values, the stage-1 grids (None: the
 # defaults, `continual.frontier.REAL_GRIDS`) and the results directory
 HOT = {"--steps": "16", "--lr": "1e-4", "--probe-lr": "1e-4"}
+# general ability also on the standard benchmarks: the headline four, the first 250 questions of each
+BENCH = {"--general-bench": "headline", "--general-bench-limit": "250"}
+GEMMA = {**HOT, "--model": "gemma3-270m", **BENCH}
+# the real suite (tasks.real) at the hot regime's lr; the routed row only in stage 2
+REAL = {"--suite": "real", "--n-train": "1000", "--lr": "1e-4", "--probe-lr": "1e-4", **BENCH, "--routed": "false"}
+# the hot regime's points of equal plasticity (stage 2 of "hot")
+HOT_POINTS = {"seqft": "lr=1e-4", "lora": "lora_lr=1e-3", "trace": "trace_lr=3e-4"}
+REAL_POINTS = {**HOT_POINTS, "trace_guard": "trace_lr=3e-4"}
 REGIMES = {
     "gentle": ({}, None, "frontier_smollm2"),
     "hot": (HOT, {"seqft": "lr=1e-4", "lora": "lora_lr=1e-3", "trace": "trace_lr=3e-4,1e-3",
                   "trace_guard": "trace_lr=1e-3"}, "frontier_smollm2_hot"),
-    # the hot regime's points of equal plasticity (stage 2 of "hot"), general ability also on
-    # the standard benchmarks (the headline four, the first 250 questions of each): stage 1
-    # runs every seed there at once
-    "hot-bench": ({**HOT, "--general-bench": "headline", "--general-bench-limit": "250"},
-                  {"seqft": "lr=1e-4", "lora": "lora_lr=1e-3", "trace": "trace_lr=3e-4"},
-                  "frontier_smollm2_hot_bench"),
+    # the hot regime's points of equal plasticity with the standard benchmarks: stage 1 runs
+    # every seed there at once
+    "hot-bench": ({**HOT, **BENCH}, HOT_POINTS, "frontier_smollm2_hot_bench"),
     # the same on the second family: Gemma 3 270M, the pre-trained base model (plain framing,
     # no chat template), at the same settings and knob values (seed 0: plasticity 97.9-100
     # for all three, so these are points of equal plasticity there too) ...
-    "hot-bench-gemma": ({**HOT, "--model": "gemma3-270m", "--general-bench": "headline",
-                         "--general-bench-limit": "250"},
-                        {"seqft": "lr=1e-4", "lora": "lora_lr=1e-3", "trace": "trace_lr=3e-4"},
-                        "frontier_gemma3_hot_bench"),
+    "hot-bench-gemma": (GEMMA, HOT_POINTS, "frontier_gemma3_hot_bench"),
     # ... where every method wrecks Gemma (full fine-tuning: perplexity 24 -> 11,653), so each
     # knob a notch lower (a third; trace's core lr at the run's lr), into the same results
-    "hot-bench-gemma-lower": ({**HOT, "--model": "gemma3-270m", "--general-bench": "headline",
-                               "--general-bench-limit": "250"},
-                              {"seqft": "lr=3e-5", "lora": "lora_lr=3e-4", "trace": "trace_lr=1e-4"},
+    "hot-bench-gemma-lower": (GEMMA, {"seqft": "lr=3e-5", "lora": "lora_lr=3e-4", "trace": "trace_lr=1e-4"},
                               "frontier_gemma3_hot_bench"),
-    # the real suite (tasks.real): five real tasks, general ability on the knowledge probe, the
-    # perplexity and the headline benchmarks; one point per strategy (the hot regime's
-    # equal-plasticity settings), seed 0 in stage 1, more seeds in stage 2
-    # (a step of SQuAD's ~200-token prompts takes 6-13 s here, so ~50 min a point at
-    # 24 steps per task and 100 test examples; the routed row only in stage 2)
-    "real": ({"--suite": "real", "--tasks": "squad,sciq,code,arith,jeopardy", "--steps": "24",
-              "--n-train": "1000", "--n-test": "100", "--lr": "1e-4", "--probe-lr": "1e-4",
-              "--general-bench": "headline", "--general-bench-limit": "250", "--routed": "false"},
-             {"seqft": "lr=1e-4", "lora": "lora_lr=1e-3", "trace": "trace_lr=3e-4", "trace_guard": "trace_lr=3e-4"},
-             "frontier_smollm2_real"),
+    # five real tasks, general ability on the knowledge probe, the perplexity and the headline
+    # benchmarks; one point per strategy (the hot regime's equal-plasticity settings), seed 0
+    # in stage 1, more seeds in stage 2 (a step of SQuAD's ~200-token prompts takes 6-13 s
+    # here, so ~50 min a point at 24 steps per task and 100 test examples)
+    "real": ({**REAL, "--tasks": "squad,sciq,code,arith,jeopardy", "--steps": "24", "--n-test": "100"},
+             REAL_POINTS, "frontier_smollm2_real"),
     # three of the real tasks with short prompts (medicine, arithmetic, trivia; ~11 min a
     # point here): the first real-task comparison, while the full sequence needs ~50 min a point
-    "real-short": ({"--suite": "real", "--tasks": "medmcqa,arith,jeopardy", "--steps": "24",
-                    "--n-train": "1000", "--n-test": "100", "--lr": "1e-4", "--probe-lr": "1e-4",
-                    "--general-bench": "headline", "--general-bench-limit": "250", "--routed": "false"},
-                   {"seqft": "lr=1e-4", "lora": "lora_lr=1e-3", "trace": "trace_lr=3e-4",
-                    "trace_guard": "trace_lr=3e-4"},
-                   "frontier_smollm2_real_short"),
+    "real-short": ({**REAL, "--tasks": "medmcqa,arith,jeopardy", "--steps": "24", "--n-test": "100"},
+                   REAL_POINTS, "frontier_smollm2_real_short"),
     # the real tasks sized to be learned (round 8): science, arithmetic and trivia, short
     # prompts, 100 steps each (arithmetic went 8 -> 27 in 100 steps of full fine-tuning, 8 -> 7
     # in 24; MedMCQA stayed at chance and left the suite), 200 test examples (SE <= 3.5
     # points); ~20 min a point here
-    "real-100": ({"--suite": "real", "--tasks": "sciq,arith,jeopardy", "--steps": "100",
-                  "--n-train": "1000", "--n-test": "200", "--lr": "1e-4", "--probe-lr": "1e-4",
-                  "--general-bench": "headline", "--general-bench-limit": "250", "--routed": "false"},
-                 {"seqft": "lr=1e-4", "lora": "lora_lr=1e-3", "trace": "trace_lr=3e-4",
-                  "trace_guard": "trace_lr=3e-4"},
-                 "frontier_smollm2_real_100"),
+    "real-100": ({**REAL, "--tasks": "sciq,arith,jeopardy", "--steps": "100", "--n-test": "200"},
+                 REAL_POINTS, "frontier_smollm2_real_100"),
 }
 
 

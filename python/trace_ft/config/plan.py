@@ -67,14 +67,15 @@ def task_step_seconds(setup: RunSetup, step_s: float) -> list[float]:
     return [step_s * batch_tokens(setup, t) / max(1.0, first) for t in setup.tasks]
 
 
-def estimate(setup: RunSetup, strategies: Sequence[Strategy], step_s: float, tokens: int) -> float:
+def estimate(setup: RunSetup, strategies: Sequence[Strategy], step_s: float, tokens: int,
+             task_steps: Sequence[float]) -> float:
     """Seconds a run of `strategies` should take: each one's training (and trace's probes),
     and the scoring of every task after every task, of general ability and the benchmarks.
-    `step_s`, `tokens`: one step of the first task's first batch and its (unpadded) tokens."""
+    `step_s`, `tokens`: one step of the first task's first batch and its (unpadded) tokens;
+    `task_steps`: each task's step (`task_step_seconds`)."""
     cfg = setup.cfg
     T = len(setup.tasks)
     token_s = step_s / (3 * max(1, tokens))  # a forward pass is about a third of a step
-    task_steps = task_step_seconds(setup, step_s)
     # scoring one example: its prompt and answer once to decode (slower per token) and once
     # for the answer's log-likelihood (~4 characters a token), averaged over the tasks
     per_example = sum(sum(len(e.prompt) + 2 * len(e.answer) for e in t.test[:50]) / max(1, min(50, len(t.test)))
@@ -103,7 +104,8 @@ def plan_line(setup: RunSetup, strategies: Sequence[Strategy], what: str | None 
     estimated duration. `what`: how to name the strategies' runs (a frontier's points)."""
     cfg = setup.cfg
     step_s, tokens = time_step(setup)
-    seconds = estimate(setup, strategies, step_s, tokens)
+    task_steps = task_step_seconds(setup, step_s)
+    seconds = estimate(setup, strategies, step_s, tokens, task_steps)
     probe = {s.pipeline.probe_steps for s in strategies if isinstance(s, Trace)}
     general = "after every task" if cfg.general_every == "task" else "at the start and the end"
     measures = "the base skill" if cfg.builtin else "the knowledge probe, perplexity" + (
@@ -113,12 +115,11 @@ def plan_line(setup: RunSetup, strategies: Sequence[Strategy], what: str | None 
             + f"; {cfg.steps} steps per task at batch {cfg.batch_size}"
             + (f" (trace: a {'/'.join(map(str, sorted(probe)))}-step probe first)" if probe else "")
             + f"; {cfg.n_test} test examples per task scored after every task; general ability ({measures}) "
-            f"{general}. One training step here: {step_s:.1f} s{_spread(setup, step_s)}; estimated {_duration(seconds)}.")
+            f"{general}. One training step here: {step_s:.1f} s{_spread(task_steps)}; estimated {_duration(seconds)}.")
 
 
-def _spread(setup: RunSetup, step_s: float) -> str:
+def _spread(steps: Sequence[float]) -> str:
     """The range of the tasks' step times where they differ by more than a fifth."""
-    steps = task_step_seconds(setup, step_s)
     return f" ({min(steps):.1f}-{max(steps):.1f} s by task)" if max(steps) > 1.2 * min(steps) else ""
 
 

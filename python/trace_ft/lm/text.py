@@ -3,6 +3,7 @@ adapter over Hugging Face tokenizers, with one interface (`Codec`)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import string
@@ -119,8 +120,8 @@ class HFCodec(Codec):
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
 
-    @property
-    def text_prefix(self) -> list[int]:
+    @functools.cached_property
+    def text_prefix(self) -> list[int]:  # (once: an encoding set reads it for every example)
         probe = "a"
         default, plain = self.tok(probe)["input_ids"], self.encode(probe)
         if len(default) <= len(plain) or default[len(default) - len(plain):] != plain:
