@@ -3,7 +3,7 @@ model: SmolLM2-135M-Instruct, three tasks of the instruct suite, general ability
 at the start and the end. Writes bench/results/frontier_smollm2/{results.json,report.md,frontier.png}.
 
     python bench/frontier_real.py [--regime gentle|hot|hot-bench|hot-bench-gemma[-lower]|real|real-short|real-100] [--out DIR]
-        [--stage 1|2|all|levers] [--seeds N] [--strategies seqft,trace,...]
+        [--stage 1|2|all|levers|continue] [--seeds N] [--strategies seqft,trace,...]
 
 Stage 1: every point of each strategy's real-model grid (`continual.frontier.REAL_GRIDS`:
 seqft and lora lr, trace and trace_guard core lr), seed 0. Stage 2: seeds 1..N-1 at each
@@ -13,6 +13,9 @@ command a user runs; this script only picks stage 2's points. Resumable: run it 
 
 Stage "levers": the method's levers at trace's stage-2 core lr, seed 0, into the same results:
 the guard on general text (trace_guard), a smaller budget (2 %) and row granularity.
+Stage "continue": trace at the same core lr with `--probe-continue` (the probe's steps count
+toward the task, core training goes on from the probe's state), `--seeds` seeds, into the
+same results: does continuing change forgetting and general ability?
 
 Regimes: "gentle" (lr 3e-5, 12 steps per task: full fine-tuning keeps general ability),
 "hot" (lr 1e-4, 16 steps: the regime where full fine-tuning loses it, and where TRACE's
@@ -122,7 +125,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--regime", default="gentle", choices=tuple(REGIMES))
     ap.add_argument("--out", default=None, help="default: bench/results/<the regime's directory>")
-    ap.add_argument("--stage", default="all", choices=("1", "2", "all", "levers"))
+    ap.add_argument("--stage", default="all", choices=("1", "2", "all", "levers", "continue"))
     ap.add_argument("--seeds", type=int, default=3, help="stage 2: seeds at each chosen point (seed 0 is stage 1's)")
     ap.add_argument("--strategies", default=None, help="stage 1: the strategies run, in this order (default all)")
     ap.add_argument("--stage2-strategies", default=",".join(STRATEGIES),
@@ -158,6 +161,10 @@ def main() -> None:
         for knob in ("trace_budget=0.02", "trace_granularity=row"):
             frontier(out, args.regime, "--seeds", "1", "--frontier-strategies", "trace",
                      "--grid", f"trace:trace_lr={lr:g}", "--grid", f"trace:{knob}")
+    if args.stage == "continue":
+        lr = stage2_points(json.loads((out / "results.json").read_text()))["trace"]
+        frontier(out, args.regime, "--seeds", str(args.seeds), "--frontier-strategies", "trace",
+                 "--grid", f"trace:trace_lr={lr:g}", "--grid", "trace:trace_continue_probe=true")
 
 
 if __name__ == "__main__":
