@@ -115,12 +115,16 @@ def plan_line(setup: RunSetup, strategies: Sequence[Strategy], what: str | None 
             + f"; {cfg.steps} steps per task at batch {cfg.batch_size}"
             + (f" (trace: a {'/'.join(map(str, sorted(probe)))}-step probe first)" if probe else "")
             + f"; {cfg.n_test} test examples per task scored after every task; general ability ({measures}) "
-            f"{general}. One training step here: {step_s:.1f} s{_spread(task_steps)}; estimated {_duration(seconds)}.")
+            f"{general}. One training step here: {_step(task_steps)}; estimated {_duration(seconds)}.")
 
 
-def _spread(steps: Sequence[float]) -> str:
-    """The range of the tasks' step times where they differ by more than a fifth."""
-    return f" ({min(steps):.1f}-{max(steps):.1f} s by task)" if max(steps) > 1.2 * min(steps) else ""
+def _step(steps: Sequence[float]) -> str:
+    """The tasks' mean step, and their range where they differ by more than a fifth (the
+    timed batch alone can lie outside it: a task's step is the mean over its batches)."""
+    mean = sum(steps) / len(steps)
+    if max(steps) > 1.2 * min(steps):
+        return f"{mean:.1f} s on average ({min(steps):.1f}-{max(steps):.1f} s by task)"
+    return f"{mean:.1f} s"
 
 
 def _duration(seconds: float) -> str:
