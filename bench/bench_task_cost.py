@@ -250,10 +250,13 @@ def whole_run(runs: dict[int, dict]) -> str:
         xs = sorted(runs)
         (b_s, a_s), (b_t, a_t) = (np.polyfit(xs, [sum(secs[n][name]) / len(secs[n][name]) for n in xs], 1)
                                   for name in ("seqft", "trace"))
-        cross = (a_t - a_s) / (b_s - b_t) if b_s > b_t else float("inf")
+        if b_s <= b_t:
+            where = "at no length past the fit's fixed parts (its step costs as much)"
+        else:
+            cross = (a_t - a_s) / (b_s - b_t)
+            where = f"from **{cross:.0f} steps per task** on" if cross > 0 else "at **any length**"
         lines += ["", f"Fitted per run: seqft {a_s:.0f} s + {b_s:.1f} s × steps, trace {a_t:.0f} s + {b_t:.1f} s × "
-                  f"steps (per task sequence); trace's run is the cheaper from **{cross:.0f} steps per task** "
-                  + ("on" if cross > 0 else "(at any length)")]
+                  f"steps (per task sequence); trace's run is the cheaper {where}"]
     return "\n".join(lines)
 
 
