@@ -5,7 +5,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from trace_ft.config.plan import batch_tokens, task_step_seconds
+from trace_ft.config.plan import TRACE_STEP, batch_tokens, estimate, task_step_seconds
+from trace_ft.continual.strategies import Trace
 from trace_ft.lm.text import CharTokenizer
 from trace_ft.tasks.base import Example, Task
 
@@ -36,3 +37,15 @@ def test_padding_counts_as_computed():
     mixed = Task("mixed", [Example("p" * (100 if i % 4 == 0 else 10), "aaa") for i in range(16)], [Example("q", "a")])
     wide = Task("wide", [Example("p" * 100, "aaa") for _ in range(16)], [Example("q", "a")])
     assert batch_tokens(_setup(mixed), mixed) == batch_tokens(_setup(wide), wide)
+
+
+def test_a_continued_probe_counts_among_the_tasks_steps():
+    # --probe-continue: the probe's 8 steps are the task's first 8 of 24, not 8 more
+    task = _task("t", 20)
+    setup = SimpleNamespace(
+        cfg=SimpleNamespace(batch_size=4, max_len=512, n_test=4, steps=24, score_unseen="next", general_every="end"),
+        tasks=[task, task], general=SimpleNamespace(test=[]), perplexity=None, benchmarks=None)
+    args = dict(step_s=2.0, tokens=100, task_steps=[2.0, 3.0])
+    separate = estimate(setup, [Trace(probe_steps=8, keep_routes=False)], **args)
+    continued = estimate(setup, [Trace(probe_steps=8, keep_routes=False, continue_probe=True)], **args)
+    assert separate - continued == pytest.approx(8 * TRACE_STEP * (2.0 + 3.0))

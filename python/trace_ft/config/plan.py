@@ -89,11 +89,12 @@ def estimate(setup: RunSetup, strategies: Sequence[Strategy], step_s: float, tok
     total = (T + 1) * task_scoring + general  # the base, once
     for s in strategies:
         factor = TRACE_STEP if isinstance(s, Trace) else LORA_STEP if s.name == "lora" else 1.0
-        total += cfg.steps * sum(task_steps) * factor
-        if isinstance(s, Trace):
-            total += s.pipeline.probe_steps * sum(task_steps)
-            if s.routes is not None:
-                total += T * task_scoring
+        probe = s.pipeline.probe_steps if isinstance(s, Trace) else 0
+        # a continued probe's steps are the task's first (`--probe-continue`)
+        core_steps = max(0, cfg.steps - probe) if isinstance(s, Trace) and s.continue_probe else cfg.steps
+        total += (core_steps * factor + probe) * sum(task_steps)
+        if isinstance(s, Trace) and s.routes is not None:
+            total += T * task_scoring
         scored = T * T if cfg.score_unseen == "all" else sum(min(T, j + 1) for j in range(1, T + 1))
         total += scored * task_scoring + general * (T if cfg.general_every == "task" else 1)
     return total
@@ -107,13 +108,15 @@ def plan_line(setup: RunSetup, strategies: Sequence[Strategy], what: str | None 
     task_steps = task_step_seconds(setup, step_s)
     seconds = estimate(setup, strategies, step_s, tokens, task_steps)
     probe = {s.pipeline.probe_steps for s in strategies if isinstance(s, Trace)}
+    first = "the first {} of them a probe" if all(s.continue_probe for s in strategies if isinstance(s, Trace)) \
+        else "a {}-step probe first"
     general = "after every task" if cfg.general_every == "task" else "at the start and the end"
     measures = "the base skill" if cfg.builtin else "the knowledge probe, perplexity" + (
         f", {', '.join(setup.benchmarks.names)}" if setup.benchmarks is not None else "")
     return (f"plan: {len(setup.tasks)} tasks ({', '.join(t.name for t in setup.tasks)}) × "
             + (what or f"{len(strategies)} strategies ({', '.join(s.name for s in strategies)})")
             + f"; {cfg.steps} steps per task at batch {cfg.batch_size}"
-            + (f" (trace: a {'/'.join(map(str, sorted(probe)))}-step probe first)" if probe else "")
+            + (f" (trace: {first.format('/'.join(map(str, sorted(probe))))})" if probe else "")
             + f"; {cfg.n_test} test examples per task scored after every task; general ability ({measures}) "
             f"{general}. One training step here: {_step(task_steps)}; estimated {_duration(seconds)}.")
 
