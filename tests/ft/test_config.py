@@ -148,3 +148,14 @@ def test_the_selection_is_nested_and_named_flat():
     assert (flat["trace_specificity_threshold"], flat["trace_share_earlier_cores"]) == (0.3, True)
     assert "trace_threshold" not in flat and RunConfig.from_dict(flat) == cfg
     assert RunConfig().trace.select.granularity == "element"  # one default, the method's
+
+
+def test_a_yes_no_setting_alone_means_true_and_a_typo_is_refused(capsys):
+    assert _parse(["--probe-continue"]).trace.continue_probe is True
+    assert _parse(["--probe-continue", "--steps", "9"]).steps == 9   # the next flag is not its value
+    assert _parse(["--probe-continue", "off"]).trace.continue_probe is False
+    assert _parse([]).trace.continue_probe is False
+    with pytest.raises(SystemExit):
+        _parse(["--probe-continue", "ture"])
+    err = capsys.readouterr().err
+    assert "--probe-continue" in err and "'ture'" in err

@@ -13,7 +13,12 @@ def _list(text: str) -> list[str]:
 
 
 def _flag(text: str) -> bool:
-    return text.lower() in ("1", "true", "yes", "on")
+    """true/false (1/0, yes/no, on/off); anything else is refused, not read as false."""
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def _floats(text: str) -> list[float]:
@@ -130,8 +135,10 @@ def add_settings(parser: argparse.ArgumentParser, skip=frozenset()) -> None:
         if dest not in skip:
             default = defaults[dest]
             shown = "" if default is None or "default:" in text else f" (default: {_shown(default)})"
+            # a yes/no setting given alone means true (`--probe-continue`)
+            boolean = {"nargs": "?", "const": True} if typ is _flag else {}
             parser.add_argument(flag, dest=dest, type=typ, default=None, help=text + shown,
-                                metavar=flag[2:].upper().replace("-", "_"))
+                                metavar=flag[2:].upper().replace("-", "_"), **boolean)
 
 
 # `run` flags that mean nothing for one task added to a history
