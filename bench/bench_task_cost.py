@@ -37,6 +37,7 @@ def one(args) -> dict:
 
     from trace_ft.config import RunConfig, RunSetup
     from trace_ft.continual.sequence import run_strategy
+    from trace_ft.continual.strategies import Trace
     from trace_ft.lm.memory import _rss
 
     torch.set_num_threads(args.threads)
@@ -50,7 +51,8 @@ def one(args) -> dict:
     base, path, tasks = setup.base, setup.model_dir, setup.tasks
     seq = setup.sequence()
     rss_base = _rss()
-    entry, _ = run_strategy(setup.strategy(args.one), seq, base, setup.codec, cfg.train_config(), seed=0,
+    strategy = setup.strategy(args.one)
+    entry, _ = run_strategy(strategy, seq, base, setup.codec, cfg.train_config(), seed=0,
                             general_every=cfg.general_every, score_unseen=cfg.score_unseen)
     from trace_ft.method.probe import eligible_parameters
 
@@ -60,9 +62,8 @@ def one(args) -> dict:
             "core_fraction": args.budget, "tasks": len(tasks),
             "seconds": c["seconds"], "peak_bytes": c["peak_memory_bytes"], "phases": c["phases"],
             "rss_model_bytes": rss_base - rss_start,
-            # (continuing from the probe, its steps are the task's first: the core trains the rest)
-            "train_steps": (args.steps - (min(args.probe_steps, args.steps) if args.probe_continue
-                                          and args.one.startswith("trace") else 0)) * len(tasks),
+            "train_steps": len(tasks) * (strategy.core_steps(args.steps) if isinstance(strategy, Trace)
+                                         else args.steps),
             "probe_steps": args.probe_steps * len(tasks) if args.one.startswith("trace") else 0,
             "state_bytes": c["state_bytes"]}
 

@@ -154,15 +154,15 @@ def main() -> None:
         print("stage 2 points:", points, flush=True)
         frontier(out, args.regime, "--seeds", str(args.seeds), "--frontier-strategies", ",".join(points),
                  *[a for s, v in points.items() for a in ("--grid", f"{s}:{KNOB[s]}={v:g}")])
-    if args.stage == "levers":
+    if args.stage in ("levers", "continue"):  # at trace's stage-2 core lr
         lr = stage2_points(json.loads((out / "results.json").read_text()))["trace"]
+    if args.stage == "levers":
         frontier(out, args.regime, "--seeds", "1", "--frontier-strategies", "trace_guard",
                  "--grid", f"trace_guard:trace_lr={lr:g}")
         for knob in ("trace_budget=0.02", "trace_granularity=row"):
             frontier(out, args.regime, "--seeds", "1", "--frontier-strategies", "trace",
                      "--grid", f"trace:trace_lr={lr:g}", "--grid", f"trace:{knob}")
     if args.stage == "continue":
-        lr = stage2_points(json.loads((out / "results.json").read_text()))["trace"]
         frontier(out, args.regime, "--seeds", str(args.seeds), "--frontier-strategies", "trace",
                  "--grid", f"trace:trace_lr={lr:g}", "--grid", "trace:trace_continue_probe=true")
 

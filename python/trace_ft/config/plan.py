@@ -88,13 +88,12 @@ def estimate(setup: RunSetup, strategies: Sequence[Strategy], step_s: float, tok
         general += len(setup.benchmarks.names) * (cfg.general_bench_limit or 2000) * BENCH_QUESTION * token_s
     total = (T + 1) * task_scoring + general  # the base, once
     for s in strategies:
-        factor = TRACE_STEP if isinstance(s, Trace) else LORA_STEP if s.name == "lora" else 1.0
-        probe = s.pipeline.probe_steps if isinstance(s, Trace) else 0
-        # a continued probe's steps are the task's first (`--probe-continue`)
-        core_steps = max(0, cfg.steps - probe) if isinstance(s, Trace) and s.continue_probe else cfg.steps
-        total += (core_steps * factor + probe) * sum(task_steps)
-        if isinstance(s, Trace) and s.routes is not None:
-            total += T * task_scoring
+        if isinstance(s, Trace):  # its probe at a full step's cost, then the core's steps
+            total += (s.core_steps(cfg.steps) * TRACE_STEP + s.pipeline.probe_steps) * sum(task_steps)
+            if s.routes is not None:
+                total += T * task_scoring
+        else:
+            total += cfg.steps * (LORA_STEP if s.name == "lora" else 1.0) * sum(task_steps)
         scored = T * T if cfg.score_unseen == "all" else sum(min(T, j + 1) for j in range(1, T + 1))
         total += scored * task_scoring + general * (T if cfg.general_every == "task" else 1)
     return total

@@ -54,6 +54,11 @@ class Trace(Strategy):
         self.routes: list[TaskValues] | None = [] if keep_routes else None
         self.lora_rank = lora_rank  # what the routed row's storage is compared with
 
+    def core_steps(self, steps: int) -> int:
+        """The core's training steps in a task of `steps`: all of them, or, continuing from
+        the probe, those after it (the probe's steps are the task's first)."""
+        return steps - min(self.pipeline.probe_steps, steps) if self.continue_probe else steps
+
     @property
     def history(self) -> list[EarlierTask]:
         return self.pipeline.history
