@@ -101,6 +101,16 @@ def summarise_point(entries: list[dict], metric: str) -> dict:
         out[key] = float(np.mean(vals))
         out[key + "_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
         out[key + "_min"], out[key + "_max"] = float(min(vals)), float(max(vals))
+    # the benchmarks' paired standard error of one run's change (its range over seeds), and
+    # each benchmark's change in its primary metric
+    ses = [e["bench_delta_se"] for e in entries if e.get("bench_delta_se") is not None]
+    out["bench_delta_se"] = (float(min(ses)), float(max(ses))) if ses else None
+    each: dict[str, list[float]] = {}
+    for e in entries:
+        for bench, change in (e.get("bench_change") or {}).items():
+            each.setdefault(bench, []).append(change[change["primary"]]["delta"])
+    out["bench_each"] = {b: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0)
+                         for b, v in each.items()}
     return out
 
 
@@ -234,15 +244,19 @@ def markdown(results: dict, metric: str) -> str:
 
 def _table(cols: list[tuple[str, str | None]], points: dict[str, list[dict]], name_column: bool) -> list[str]:
     """A markdown table of `points` (each strategy's, by plasticity) in the columns `cols`:
-    (header, the summary's key of a mean ± std cell, or None for the point's label or its
-    seeds); the strategy's name first when `name_column`."""
+    (header, the summary's key of a mean ± std cell, or None for the point's label, its
+    seeds or the benchmarks' standard error per run); the strategy's name first when `name_column`."""
     head = ["strategy"] * name_column + [h for h, _ in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, pts in points.items():
         for p in sorted(pts, key=lambda p: (p["plasticity"] is None, p["plasticity"])):
             cells = [name] * name_column
             for header, key in cols:
-                if key is None:
+                if header == "SE per run":
+                    se = p["bench_delta_se"]
+                    cells.append("–" if se is None else f"{se[0]:.1f}" if round(se[0], 1) == round(se[1], 1)
+                                 else f"{se[0]:.1f}–{se[1]:.1f}")
+                elif key is None:
                     cells.append(point_label(p["params"]) if header == "point" else str(len(p["seeds"])))
                 else:
                     cells.append(_fmt(p[key], p.get(f"{key}_std"), 2 if key == "ppl_delta" else 1))
@@ -255,10 +269,27 @@ def side_by_side(points: dict[str, list[dict]], ppl: bool, bench: bool) -> list[
     score over all tasks after the last, our AP), BWT, then the general-ability changes."""
     cols = [("point", None), ("seeds", None), ("OP", "ap"), ("BWT", "bwt"), ("plasticity", "plasticity"),
             ("FWT", "fwt"), ("probe Δ", "base_delta")] + [("ppl Δ", "ppl_delta")] * ppl \
-        + [("benchmarks Δ", "bench_delta")] * bench
+        + [("benchmarks Δ", "bench_delta"), ("SE per run", None)] * bench
     return (["## Side by side (the TRACE paper's layout)", ""] + _table(cols, points, True)
             + ["", "OP: mean task score after the last task; probe Δ: the general-ability probe "
-               "(task 0) from start to end; mean ± sample std over seeds.", ""])
+               "(task 0) from start to end; mean ± sample std over seeds."
+               + (" SE per run: the paired standard error of one run's benchmarks Δ over the questions "
+                  "(its range over the seeds); every seed scores the same questions, so averaging "
+                  "seeds does not shrink it." if bench else ""), ""]
+            + (benchmarks_one_by_one(points) if bench else []))
+
+
+def benchmarks_one_by_one(points: dict[str, list[dict]]) -> list[str]:
+    """Each standard benchmark's change (its primary metric, points) per strategy and point."""
+    names = list(dict.fromkeys(b for pts in points.values() for p in pts for b in p["bench_each"]))
+    lines = ["## The standard benchmarks one by one", "",
+             "| strategy | point | seeds | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
+    for name, pts in points.items():
+        for p in sorted(pts, key=lambda p: (p["plasticity"] is None, p["plasticity"])):
+            cells = [_fmt(*p["bench_each"][b]) if b in p["bench_each"] else "–" for b in names]
+            lines.append(f"| {name} | {point_label(p['params'])} | {len(p['seeds'])} | " + " | ".join(cells) + " |")
+    return lines + ["", "Change from the start to the end in each benchmark's primary metric "
+                    "(points; mean ± sample std over seeds).", ""]
 
 
 def plot(results: dict, path: Path, metric: str) -> None:

@@ -3,7 +3,7 @@
 import pytest
 
 from trace_ft.continual.frontier import (envelope_gap, grid_points, pareto, parse_grid,
-                                         summarise_point)
+                                         side_by_side, summarise_point)
 
 
 def test_grid_points_and_parsing():
@@ -50,3 +50,26 @@ def test_summaries_carry_the_benchmarks_change_whatever_the_metric():
         assert (s["bench_delta_min"], s["bench_delta_max"]) == (-4.0, -2.0) and s["ppl_delta"] == 0.5
     no_bench = summarise_point([{**e, "bench_delta": None} for e in entries], "exact")
     assert no_bench["bench_delta"] is None and no_bench["bench_delta_std"] is None
+
+
+def test_the_side_by_side_table_shows_each_benchmark_and_the_standard_error_per_run():
+    def entry(seed, arc, piqa, se):
+        change = {"arc_easy": {"acc": {"delta": arc, "se": 3.0}, "acc_per_char": {"delta": 99.0, "se": 3.0},
+                               "primary": "acc"},
+                  "piqa": {"acc": {"delta": 99.0, "se": 2.0}, "acc_per_char": {"delta": piqa, "se": 2.0},
+                           "primary": "acc_per_char"}}
+        return {"seed": seed, "params": {"lr": 1e-4}, "bench_delta": (arc + piqa) / 2, "bench_delta_se": se,
+                "bench_change": change, "ppl_delta": 0.5,
+                "metrics_by": {"exact": {"plasticity": 90.0, "bwt": -10.0, "ap": 1.0, "fwt": None, "base_delta": -1.0}}}
+
+    s = summarise_point([entry(0, -4.0, -1.0, 1.42), entry(1, -6.0, 1.0, 1.61)], "exact")
+    # each benchmark in its primary metric, mean and sample std over seeds
+    assert s["bench_each"]["arc_easy"] == (-5.0, pytest.approx(2 ** 0.5))
+    assert s["bench_each"]["piqa"] == (0.0, pytest.approx(2 ** 0.5))
+    assert s["bench_delta_se"] == (1.42, 1.61)
+    text = "\n".join(side_by_side({"seqft": [s]}, ppl=True, bench=True))
+    assert "| benchmarks Δ | SE per run |" in text and "| -2.5 ± 0.0 | 1.4–1.6 |" in text
+    assert "| seqft | lr=0.0001 | 2 | -5.0 ± 1.4 | 0.0 ± 1.4 |" in text
+    # one seed: a single standard error, no range
+    one = summarise_point([entry(0, -4.0, -1.0, 1.42)], "exact")
+    assert "| -2.5 ± 0.0 | 1.4 |" in "\n".join(side_by_side({"seqft": [one]}, ppl=True, bench=True))
