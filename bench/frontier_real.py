@@ -145,9 +145,8 @@ def main() -> None:
             return
     if args.regime.startswith("real") and args.stage in ("2", "all"):  # one point per strategy: more seeds there
         names = [n for n in args.stage2_strategies.split(",") if n in grids]
-        # trace's routed row (each task scored with the model as it stood after it) from here on
         frontier(out, args.regime, "--seeds", str(args.seeds), "--frontier-strategies", ",".join(names),
-                 *[a for n in names for a in ("--grid", f"{n}:{grids[n]}")], "--routed", "true")
+                 *[a for n in names for a in ("--grid", f"{n}:{grids[n]}")])
         return
     if args.stage in ("2", "all"):
         points = stage2_points(json.loads((out / "results.json").read_text()))
