@@ -24,7 +24,8 @@ points of equal plasticity, every seed at once, general ability also on the stan
 benchmarks (`--general-bench headline`, 250 questions each), and "hot-bench-gemma" the same
 on Gemma 3 270M ("hot-bench-gemma-lower": each knob a notch lower, into the same results); "real": the real suite
 (SQuAD, SciQ, code, arithmetic, Jeopardy; ~50 min a point here), one point per
-strategy, seed 0 in stage 1 and `--seeds` at the points of `--stage2-strategies` in stage 2;
+strategy, seed 0 in stage 1 and `--seeds` at the points of `--stage2-strategies` in stage 2
+(with trace's routed row);
 "real-short": the same with MedMCQA, arithmetic and Jeopardy only (~11 min a point);
 "real-100": SciQ, arithmetic and Jeopardy at 100 steps and 200 test examples (~20 min a point).
 """
@@ -145,8 +146,9 @@ def main() -> None:
             return
     if args.regime.startswith("real") and args.stage in ("2", "all"):  # one point per strategy: more seeds there
         names = [n for n in args.stage2_strategies.split(",") if n in grids]
+        # trace's routed row (each task scored with the model as it stood after it) from here on
         frontier(out, args.regime, "--seeds", str(args.seeds), "--frontier-strategies", ",".join(names),
-                 *[a for n in names for a in ("--grid", f"{n}:{grids[n]}")])
+                 *[a for n in names for a in ("--grid", f"{n}:{grids[n]}")], "--routed", "true")
         return
     if args.stage in ("2", "all"):
         points = stage2_points(json.loads((out / "results.json").read_text()))

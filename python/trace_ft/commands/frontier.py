@@ -96,8 +96,9 @@ def frontier(cfg: RunConfig, out: str | Path | None = None, *, seeds: int = 3, q
         # every finished run is reused and kept, those of other grid points too (a frontier
         # grows: more seeds at chosen points); the settings other than the grids must match
         saved = json.loads(results_file.read_text())
-        # (a knob the grids set is each point's own: its base value is not used)
-        free = {"grids", "seeds", "quick", "threads", "metric", *(k for n in names for k in table[n])}
+        # (a knob the grids set is each point's own: its base value is not used; routed only
+        # adds trace's routed row, to the runs that have it: a study may ask for it later)
+        free = {"grids", "seeds", "quick", "threads", "metric", "routed", *(k for n in names for k in table[n])}
         ours = json.loads(json.dumps(results["config"]))  # as JSON has it (tuples are lists)
         differ = sorted(k for k in set(saved["config"]) | set(ours)
                         if k not in free and saved["config"].get(k) != ours.get(k))

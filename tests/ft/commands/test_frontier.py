@@ -21,7 +21,7 @@ def _args(cache, out, *extra):
 
 
 @pytest.mark.slow
-def test_frontier_points_seeds_and_outputs(builtin_cache, tmp_path):
+def test_frontier_points_seeds_and_outputs(builtin_cache, tmp_path, capsys):
     out = tmp_path / "f"
     assert main(_args(builtin_cache, out)) == 0
     res = json.loads((out / "results.json").read_text())
@@ -48,6 +48,11 @@ def test_frontier_points_seeds_and_outputs(builtin_cache, tmp_path):
     again = json.loads((out / "results.json").read_text())
     assert again["frontier"] == json.loads(before)["frontier"]
     assert again["seconds"] == json.loads(before)["seconds"] > 0   # the kept runs' time is kept
+    # the routed row may be asked for later (it adds a row, changes no run); other settings not
+    assert main(_args(builtin_cache, out, "--resume", "--routed", "false")) == 0
+    assert json.loads((out / "results.json").read_text())["frontier"] == json.loads(before)["frontier"]
+    assert main(_args(builtin_cache, out, "--resume", "--steps", "5")) == 2
+    assert "was run with other settings (steps)" in capsys.readouterr().err
 
 
 def test_bad_frontier_settings_are_refused(builtin_cache, tmp_path, capsys):
