@@ -242,6 +242,11 @@ def markdown(results: dict, metric: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def by_plasticity(pts: list[dict]) -> list[dict]:
+    """A strategy's points by plasticity, those without one last."""
+    return sorted(pts, key=lambda p: (p["plasticity"] is None, p["plasticity"]))
+
+
 def _table(cols: list[tuple[str, str | None]], points: dict[str, list[dict]], name_column: bool) -> list[str]:
     """A markdown table of `points` (each strategy's, by plasticity) in the columns `cols`:
     (header, the summary's key of a mean ± std cell, or None for the point's label, its
@@ -249,7 +254,7 @@ def _table(cols: list[tuple[str, str | None]], points: dict[str, list[dict]], na
     head = ["strategy"] * name_column + [h for h, _ in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, pts in points.items():
-        for p in sorted(pts, key=lambda p: (p["plasticity"] is None, p["plasticity"])):
+        for p in by_plasticity(pts):
             cells = [name] * name_column
             for header, key in cols:
                 if header == "SE per run":
@@ -285,7 +290,7 @@ def benchmarks_one_by_one(points: dict[str, list[dict]]) -> list[str]:
     lines = ["## The standard benchmarks one by one", "",
              "| strategy | point | seeds | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
     for name, pts in points.items():
-        for p in sorted(pts, key=lambda p: (p["plasticity"] is None, p["plasticity"])):
+        for p in by_plasticity(pts):
             cells = [_fmt(*p["bench_each"][b]) if b in p["bench_each"] else "–" for b in names]
             lines.append(f"| {name} | {point_label(p['params'])} | {len(p['seeds'])} | " + " | ".join(cells) + " |")
     return lines + ["", "Change from the start to the end in each benchmark's primary metric "
