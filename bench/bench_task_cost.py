@@ -57,14 +57,14 @@ def one(args) -> dict:
     from trace_ft.method.probe import eligible_parameters
 
     c = entry["costs"]
+    is_trace = isinstance(strategy, Trace)  # (trace_guard, trace_paper too)
     return {"strategy": args.one, "model": str(path), "params": sum(p.numel() for p in base.parameters()),
             "eligible": sum(p.numel() for _, p in eligible_parameters(base)),
             "core_fraction": args.budget, "tasks": len(tasks),
             "seconds": c["seconds"], "peak_bytes": c["peak_memory_bytes"], "phases": c["phases"],
             "rss_model_bytes": rss_base - rss_start,
-            "train_steps": len(tasks) * (strategy.core_steps(args.steps) if isinstance(strategy, Trace)
-                                         else args.steps),
-            "probe_steps": args.probe_steps * len(tasks) if args.one.startswith("trace") else 0,
+            "train_steps": len(tasks) * (strategy.core_steps(args.steps) if is_trace else args.steps),
+            "probe_steps": len(tasks) * strategy.pipeline.probe_steps if is_trace else 0,
             "state_bytes": c["state_bytes"]}
 
 

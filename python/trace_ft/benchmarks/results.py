@@ -152,8 +152,16 @@ def bench_entry(rows: Sequence[dict | None]) -> dict:
         out["change"][n] = {m: dict(zip(("delta", "se"), change(base[n], last[n], m)))
                             for m in sorted({primary, "acc_per_char", "acc"})}
         out["change"][n]["primary"] = primary
-    deltas = [c[c["primary"]]["delta"] for c in out["change"].values()]
-    ses = [c[c["primary"]]["se"] for c in out["change"].values()]
-    out["mean_change"] = sum(deltas) / len(deltas)
-    out["mean_change_se"] = math.sqrt(sum(s * s for s in ses)) / len(ses)  # benchmarks independent
+    out["mean_change"], out["mean_change_se"] = mean_change(out["change"])
     return out
+
+
+def mean_change(change: dict[str, dict], leave_out: Sequence[str] = ()) -> tuple[float | None, float | None]:
+    """The mean over the benchmarks of `change` (a `bench_entry`'s), but those in
+    `leave_out`, of each one's change on its primary metric, and its standard error (the
+    benchmarks are independent question sets); (None, None) when none is left."""
+    kept = [c[c["primary"]] for n, c in change.items() if n not in leave_out]
+    if not kept:
+        return None, None
+    return (sum(c["delta"] for c in kept) / len(kept),
+            math.sqrt(sum(c["se"] * c["se"] for c in kept)) / len(kept))

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from ..benchmarks.results import mean_change
 from ..evaluate import METRICS
+from ..tasks.real import near_benchmarks
 from ..store.atomic import write_bytes
 
 # Each strategy's strength knob(s) (RunConfig fields) and the default grid: chosen so the
@@ -88,12 +90,20 @@ def point_label(params: dict) -> str:
     return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
-def summarise_point(entries: list[dict], metric: str) -> dict:
-    """Mean and spread (sample std; min–max) over seeds of one grid point's runs."""
+def summarise_point(entries: list[dict], metric: str, near: Sequence[str] = ()) -> dict:
+    """Mean and spread (sample std; min–max) over seeds of one grid point's runs. With `near`
+    (the standard benchmarks near the sequence's tasks), also the benchmarks' change without
+    them ("bench_far_delta")."""
     out = {"seeds": [e["seed"] for e in entries], "params": entries[0]["params"]}
-    for key in ("plasticity", "bwt", "ap", "fwt", "base_delta", "ppl_delta", "bench_delta"):
+    far = [mean_change(e["bench_change"], near) if near and e.get("bench_change") else (None, None)
+           for e in entries]
+    for key in ("plasticity", "bwt", "ap", "fwt", "base_delta", "ppl_delta", "bench_delta", "bench_far_delta"):
         # the perplexity's and the benchmarks' changes do not depend on the metric (a real model's only)
-        vals = [e.get(key) if key in ("ppl_delta", "bench_delta") else e["metrics_by"][metric][key] for e in entries]
+        if key == "bench_far_delta":
+            vals = [m for m, _ in far]
+        else:
+            vals = [e.get(key) if key in ("ppl_delta", "bench_delta") else e["metrics_by"][metric][key]
+                    for e in entries]
         vals = [v for v in vals if v is not None]
         if not vals:
             out[key] = out[key + "_std"] = out[key + "_min"] = out[key + "_max"] = None
@@ -103,8 +113,10 @@ def summarise_point(entries: list[dict], metric: str) -> dict:
         out[key + "_min"], out[key + "_max"] = float(min(vals)), float(max(vals))
     # the benchmarks' paired standard error of one run's change (its range over seeds), and
     # each benchmark's change in its primary metric
-    ses = [e["bench_delta_se"] for e in entries if e.get("bench_delta_se") is not None]
-    out["bench_delta_se"] = (float(min(ses)), float(max(ses))) if ses else None
+    for key, ses in (("bench_delta_se", [e.get("bench_delta_se") for e in entries]),
+                     ("bench_far_delta_se", [se for _, se in far])):
+        ses = [se for se in ses if se is not None]
+        out[key] = (float(min(ses)), float(max(ses))) if ses else None
     each: dict[str, list[float]] = {}
     for e in entries:
         for bench, change in (e.get("bench_change") or {}).items():
@@ -152,13 +164,21 @@ def envelope_gap(mine: list[tuple[float, float]], theirs: list[tuple[float, floa
 
 def summaries(results: dict, metric: str) -> dict[str, list[dict]]:
     """Per strategy, one summary per grid point (mean and spread over seeds)."""
+    near = near_scored(results)
     out = {}
     for name, entries in results["frontier"].items():
         by_point: dict[str, list[dict]] = {}
         for e in entries:
             by_point.setdefault(json.dumps(e["params"], sort_keys=True), []).append(e)
-        out[name] = [summarise_point(es, metric) for es in by_point.values()]
+        out[name] = [summarise_point(es, metric, near) for es in by_point.values()]
     return out
+
+
+def near_scored(results: dict) -> list[str]:
+    """The scored standard benchmarks near the sequence's tasks (see `tasks.real`)."""
+    scored = dict.fromkeys(b for entries in results["frontier"].values() for e in entries
+                           for b in e.get("bench_change") or {})
+    return near_benchmarks(results["config"].get("tasks") or [], scored)
 
 
 def comparisons(points: dict[str, list[dict]], key: str = "bwt", mine: str = "trace") -> dict[str, dict | None]:
@@ -198,6 +218,7 @@ def markdown(results: dict, metric: str) -> str:
     points = summaries(results, metric)
     ppl = any(p["ppl_delta"] is not None for pts in points.values() for p in pts)
     bench = any(p["bench_delta"] is not None for pts in points.values() for p in pts)
+    near = near_scored(results)
     measures = [("bwt", "task BWT", "retains more of the earlier tasks"),
                 ("base_delta", "general-ability (task 0) change", "keeps more of task 0")]
     if ppl:
@@ -206,7 +227,10 @@ def markdown(results: dict, metric: str) -> str:
     if bench:
         measures.append(("bench_delta", "standard benchmarks' mean change (points)",
                          "keeps more of the standard benchmarks"))
-    lines += side_by_side(points, ppl, bench)
+    if near:
+        measures.append(("bench_far_delta", f"standard benchmarks' mean change without {', '.join(near)} "
+                         "(near the tasks; points)", "keeps more of the standard benchmarks the tasks do not train"))
+    lines += side_by_side(points, ppl, bench, near)
     for mine in [n for n in points if n.startswith("trace") and n != "trace_routed"]:
         for key, label, meaning in measures:
             gaps = comparisons(points, key, mine)
@@ -228,7 +252,8 @@ def markdown(results: dict, metric: str) -> str:
             lines += ["", f"A positive gap: {mine}'s upper envelope (linear between its Pareto points) "
                       f"lies above the other's, i.e. it {meaning} at the same plasticity.", ""]
     cols = [("plasticity", "plasticity"), ("BWT", "bwt"), ("AP", "ap"), ("base Δ", "base_delta")] \
-        + [("ppl Δ", "ppl_delta")] * ppl + [("bench Δ", "bench_delta")] * bench
+        + [("ppl Δ", "ppl_delta")] * ppl + [("bench Δ", "bench_delta")] * bench \
+        + [("bench Δ without the tasks' kind", "bench_far_delta")] * bool(near)
     for name, pts in points.items():
         lines += [f"## {name}", ""] + _table([("point", None)] + cols + [("seeds", None)], {name: pts}, False) + [""]
     other = [m for m in METRICS if m != metric]
@@ -249,16 +274,17 @@ def by_plasticity(pts: list[dict]) -> list[dict]:
 
 def _table(cols: list[tuple[str, str | None]], points: dict[str, list[dict]], name_column: bool) -> list[str]:
     """A markdown table of `points` (each strategy's, by plasticity) in the columns `cols`:
-    (header, the summary's key of a mean ± std cell, or None for the point's label, its
-    seeds or the benchmarks' standard error per run); the strategy's name first when `name_column`."""
+    (header, the summary's key of a mean ± std cell, of a standard error's range over seeds
+    (ending in "_se"), or None for the point's label or its seeds); the strategy's name first
+    when `name_column`."""
     head = ["strategy"] * name_column + [h for h, _ in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, pts in points.items():
         for p in by_plasticity(pts):
             cells = [name] * name_column
             for header, key in cols:
-                if header == "SE per run":
-                    se = p["bench_delta_se"]
+                if key is not None and key.endswith("_se"):
+                    se = p[key]
                     cells.append("–" if se is None else f"{se[0]:.1f}" if round(se[0], 1) == round(se[1], 1)
                                  else f"{se[0]:.1f}–{se[1]:.1f}")
                 elif key is None:
@@ -269,18 +295,23 @@ def _table(cols: list[tuple[str, str | None]], points: dict[str, list[dict]], na
     return lines
 
 
-def side_by_side(points: dict[str, list[dict]], ppl: bool, bench: bool) -> list[str]:
+def side_by_side(points: dict[str, list[dict]], ppl: bool, bench: bool, near: Sequence[str] = ()) -> list[str]:
     """Every strategy's points in one table, in the TRACE paper's layout: OP (the mean
-    score over all tasks after the last, our AP), BWT, then the general-ability changes."""
+    score over all tasks after the last, our AP), BWT, then the general-ability changes
+    (the benchmarks' also without those `near` the tasks)."""
     cols = [("point", None), ("seeds", None), ("OP", "ap"), ("BWT", "bwt"), ("plasticity", "plasticity"),
             ("FWT", "fwt"), ("probe Δ", "base_delta")] + [("ppl Δ", "ppl_delta")] * ppl \
-        + [("benchmarks Δ", "bench_delta"), ("SE per run", None)] * bench
+        + [("benchmarks Δ", "bench_delta"), ("SE per run", "bench_delta_se")] * bench \
+        + [("without the tasks' kind Δ", "bench_far_delta"), ("SE per run", "bench_far_delta_se")] * bool(near)
     return (["## Side by side (the TRACE paper's layout)", ""] + _table(cols, points, True)
             + ["", "OP: mean task score after the last task; probe Δ: the general-ability probe "
                "(task 0) from start to end; mean ± sample std over seeds."
                + (" SE per run: the paired standard error of one run's benchmarks Δ over the questions "
                   "(its range over the seeds); every seed scores the same questions, so averaging "
-                  "seeds does not shrink it." if bench else ""), ""]
+                  "seeds does not shrink it." if bench else "")
+               + (f" Without the tasks' kind: the benchmarks' mean change leaving out {', '.join(near)}, "
+                  "which ask the kind of question one of the sequence's tasks trains (from another "
+                  "source), so that training lifts them by transfer." if near else ""), ""]
             + (benchmarks_one_by_one(points) if bench else []))
 
 

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import torch
 
+from ..benchmarks.results import mean_change
 from ..store.atomic import write_bytes
+from ..tasks.real import near_benchmarks
 
 COLUMNS = ("AP", "BWT", "FWT", "forgetting", "plasticity", "base_change")
 
@@ -82,12 +84,15 @@ def general_table(results: dict) -> str:
 
 def bench_table(results: dict) -> str:
     """Each standard benchmark at the start and the end, per strategy, on its primary metric
-    (OLMES's), and the change with its paired standard error."""
+    (OLMES's), and the change with its paired standard error; the mean change, and without
+    the benchmarks near the sequence's tasks where some are (see `tasks.real`)."""
     rows = [(n, r["general_bench"]) for n, r in results["strategies"].items() if "general_bench" in r]
     if not rows:
         return ""
     names = list(next(iter(rows))[1]["change"] or (next(iter(rows))[1]["rows"][0] or {}))
-    lines = ["| strategy | " + " | ".join(names) + " | mean Δ |", "|---|" + "---|" * (len(names) + 1)]
+    near = near_benchmarks(results["config"].get("tasks") or [], names)
+    lines = ["| strategy | " + " | ".join(names) + " | mean Δ |" + f" without {', '.join(near)} |" * bool(near),
+             "|---|" + "---|" * (len(names) + 1 + bool(near))]
     for strategy, b in rows:
         base, last = b["rows"][0], next((r for r in reversed(b["rows"][1:]) if r is not None), None)
         cells = []
@@ -98,8 +103,9 @@ def bench_table(results: dict) -> str:
             primary = b["change"][n]["primary"]
             c = b["change"][n][primary]
             cells.append(f"{base[n][primary]:.1f} → {last[n][primary]:.1f} ({c['delta']:+.1f} ± {c['se']:.1f})")
-        mean = "–" if b["mean_change"] is None else f"{b['mean_change']:+.1f} ± {b['mean_change_se']:.1f}"
-        lines.append(f"| {strategy} | " + " | ".join(cells) + f" | {mean} |")
+        means = [(b["mean_change"], b["mean_change_se"])] + [mean_change(b["change"], near)] * bool(near)
+        cells += ["–" if m is None else f"{m:+.1f} ± {se:.1f}" for m, se in means]
+        lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -181,7 +187,8 @@ def markdown(results: dict) -> str:
            "Zero-shot ranked classification as OLMES scores it (`trace-ft eval`), on each benchmark's "
            "primary metric (acc or acc per character), from the start to the end of each strategy's "
            "run: start → end (change ± paired standard error, in points). bench Δ above: the mean "
-           "change.", "", bench_table(results), ""] if bench_table(results) else []),
+           "change. Without: the mean change leaving out the benchmarks that ask the kind of question one "
+           "of the tasks trains (from another source), which that training lifts by transfer.", "", bench_table(results), ""] if bench_table(results) else []),
         "## Accuracy matrices",
         "",
     ]

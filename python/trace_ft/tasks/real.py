@@ -20,7 +20,9 @@ generated tokens each, so no gain shows in ~100 steps here); MBPP (pass@1 of a 1
 is a few percent and each answer is a whole function to generate and run); the code task
 is instead OLMES's code completion (the expression after `return`), scored like Py150's
 exact match. None of these datasets is a general-ability benchmark (`DATASETS` names
-their sources; a run refuses a benchmark that shares one).
+their sources; a run refuses a benchmark that shares one). A task may still ask the kind of
+question some benchmarks ask (SciQ and ARC are both science exams): `RealTask.near` names
+those, and the reports give the benchmarks' change without them as well.
 """
 
 from __future__ import annotations
@@ -49,17 +51,24 @@ class RealTask:
     # budget of the longest reference answer, the default, cuts "The value is 42." before
     # its number and scores the base model on its format instead of its skill)
     max_new_tokens: int
+    # standard benchmarks that ask the same kind of question from other sources: training
+    # on this task lifts them by transfer (SciQ lifts ARC-Easy by 10-13 points for every
+    # method at 100 steps), so a report gives the benchmarks' change without them too
+    near: tuple[str, ...] = ()
 
 
 REAL = {t.name: t for t in (
     RealTask("squad", "reading comprehension", "squad", "squad/bpb_5shot", "f1",
-             "SQuAD v1.1 questions on a Wikipedia passage; token F1 against every annotator's answer", 32),
+             "SQuAD v1.1 questions on a Wikipedia passage; token F1 against every annotator's answer", 32,
+             near=("boolq",)),  # questions on a Wikipedia passage
     RealTask("sciq", "science", "sciq", "sciq/mc_5shot", "em",
              "SciQ science exam questions with their four options listed; the correct option "
-             "written out, exact match after SQuAD's normalisation", 16),
+             "written out, exact match after SQuAD's normalisation", 16,
+             near=("arc_easy", "arc_challenge", "openbookqa")),  # grade-school science exams
     RealTask("medmcqa", "medicine", "medmcqa", "medmcqa/mc_5shot", "letter",
              "MedMCQA medical entrance exam questions, four options; the letter of the answer "
-             "(not in the suite: SmolLM2-135M stays at chance after 100 steps)", 16),
+             "(not in the suite: SmolLM2-135M stays at chance after 100 steps)", 16,
+             near=("mmlu",)),  # MMLU's medical subjects (the whole of MMLU is set aside)
     RealTask("code", "code", "basic_skills_coding", "basic_skills_coding/rc_5shot", "code",
              "Python functions with a docstring; the expression after `return`, exact match "
              "ignoring whitespace", 48),
@@ -72,6 +81,16 @@ REAL = {t.name: t for t in (
 # 24, bench/results/real_sizing_smollm2_100steps); SciQ is the science task instead
 REAL_SUITE: tuple[str, ...] = ("squad", "sciq", "code", "arith", "jeopardy")
 DATASETS = {t.name: t.dataset for t in REAL.values()}
+
+
+def near_benchmarks(task_names: Iterable[str], scored: Iterable[str]) -> list[str]:
+    """The benchmarks of `scored` near any of `task_names` (that ask the kind of question a
+    task trains; names that are not real tasks have none), in `scored`'s order; none when
+    they are all of `scored` (nothing would be left to set them against)."""
+    scored = list(scored)
+    near = {b for t in task_names if t in REAL for b in REAL[t].near}
+    out = [b for b in scored if b in near]
+    return out if len(out) < len(scored) else []
 
 
 def _squad(doc: dict) -> Example | None:

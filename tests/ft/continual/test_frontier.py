@@ -2,7 +2,7 @@
 
 import pytest
 
-from trace_ft.continual.frontier import (envelope_gap, grid_points, pareto, parse_grid,
+from trace_ft.continual.frontier import (envelope_gap, grid_points, near_scored, pareto, parse_grid,
                                          side_by_side, summarise_point)
 
 
@@ -73,3 +73,27 @@ def test_the_side_by_side_table_shows_each_benchmark_and_the_standard_error_per_
     # one seed: a single standard error, no range
     one = summarise_point([entry(0, -4.0, -1.0, 1.42)], "exact")
     assert "| -2.5 ± 0.0 | 1.4 |" in "\n".join(side_by_side({"seqft": [one]}, ppl=True, bench=True))
+
+
+def test_the_benchmarks_change_without_those_near_the_tasks():
+    def entry(seed, arc, piqa, hella):
+        change = {"arc_easy": {"acc": {"delta": arc, "se": 3.0}, "primary": "acc"},
+                  "piqa": {"acc_per_char": {"delta": piqa, "se": 2.0}, "primary": "acc_per_char"},
+                  "hellaswag": {"acc_per_char": {"delta": hella, "se": 1.0}, "primary": "acc_per_char"}}
+        return {"seed": seed, "params": {"lr": 1e-4}, "bench_delta": (arc + piqa + hella) / 3,
+                "bench_delta_se": 14 ** 0.5 / 3, "bench_change": change,
+                "metrics_by": {"exact": {"plasticity": 90.0, "bwt": -10.0, "ap": 1.0, "fwt": None, "base_delta": -1.0}}}
+
+    entries = [entry(0, 12.0, -1.0, -3.0), entry(1, 10.0, -3.0, -3.0)]
+    s = summarise_point(entries, "exact", near=["arc_easy"])
+    assert s["bench_far_delta"] == pytest.approx(-2.5) and s["bench_far_delta_std"] == pytest.approx(1 / 2 ** 0.5)
+    assert s["bench_far_delta_se"] == (pytest.approx(5 ** 0.5 / 2),) * 2  # piqa's and hellaswag's, independent
+    assert s["bench_delta"] == pytest.approx(2.0)                         # the mean of all is unchanged
+    assert summarise_point(entries, "exact")["bench_far_delta"] is None   # nothing near: no column
+    text = "\n".join(side_by_side({"seqft": [s]}, ppl=False, bench=True, near=["arc_easy"]))
+    assert "| without the tasks' kind Δ | SE per run |" in text and "| -2.5 ± 0.7 | 1.1 |" in text
+    assert "leaving out arc_easy" in text
+    # the report finds the near benchmarks from the run's tasks: SciQ's are the ARCs
+    results = {"config": {"tasks": ["sciq", "arith"]}, "frontier": {"seqft": entries}}
+    assert near_scored(results) == ["arc_easy"]
+    assert near_scored({**results, "config": {"tasks": ["arith"]}}) == []

@@ -42,3 +42,26 @@ def test_outputs_are_written(tmp_path):
     assert (tmp_path / "out" / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["accuracy.png", "report.md",
                                                                      "results.json"]
+
+
+def test_the_benchmark_table_gives_the_mean_without_those_near_the_tasks():
+    from trace_ft.benchmarks.results import mean_change
+    from trace_ft.continual.report import bench_table
+
+    change = {"arc_easy": {"acc": {"delta": 12.0, "se": 3.0}, "primary": "acc"},
+              "piqa": {"acc_per_char": {"delta": -1.0, "se": 2.0}, "primary": "acc_per_char"},
+              "hellaswag": {"acc_per_char": {"delta": -3.0, "se": 1.0}, "primary": "acc_per_char"}}
+    row = {"arc_easy": {"acc": 40.0, "primary": "acc"}, "piqa": {"acc_per_char": 60.0, "primary": "acc_per_char"},
+           "hellaswag": {"acc_per_char": 35.0, "primary": "acc_per_char"}}
+    mean, se = mean_change(change)
+    assert mean == pytest.approx(8 / 3) and se == pytest.approx(14 ** 0.5 / 3)
+    assert mean_change(change, ["arc_easy"]) == (pytest.approx(-2.0), pytest.approx(5 ** 0.5 / 2))
+    assert mean_change(change, list(change)) == (None, None)
+    res = _results()
+    res["strategies"]["seqft"]["general_bench"] = {"rows": [row, row, row], "change": change,
+                                                   "mean_change": mean, "mean_change_se": se}
+    res["config"]["tasks"] = ["sciq", "arith"]   # SciQ trains science exams: ARC-Easy is near
+    table = bench_table(res)
+    assert "| mean Δ | without arc_easy |" in table and "| +2.7 ± 1.2 | -2.0 ± 1.1 |" in table
+    res["config"]["tasks"] = ["arith", "jeopardy"]
+    assert "without" not in bench_table(res) and "| +2.7 ± 1.2 |" in bench_table(res)

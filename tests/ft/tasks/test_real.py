@@ -1,15 +1,16 @@
 """The real suite's tasks (tasks.real) built from OLMES-style docs the test writes: each
 task's framing and gold answers, the fixed split (the same for every run seed, test and
 train disjoint, duplicates dropped), SQuAD's passage window rule, the scorers each task
-uses, and a benchmark that shares a task's dataset refused."""
+uses, a benchmark that shares a task's dataset refused, and the benchmarks near a task."""
 
 import pytest
 
+from trace_ft.benchmarks.data import BENCHMARKS
 from trace_ft.config import RunConfig
 from trace_ft.config import run_config as RC
 from trace_ft.tasks import SCORERS, SUITES, Task
 from trace_ft.tasks.files import resolve_tasks
-from trace_ft.tasks.real import REAL, REAL_SUITE, SQUAD_WORDS, answer_window, real_task
+from trace_ft.tasks.real import REAL, REAL_SUITE, SQUAD_WORDS, answer_window, near_benchmarks, real_task
 
 
 def real_docs(n: int = 12) -> dict[str, list[dict]]:
@@ -117,3 +118,16 @@ def test_a_benchmark_sharing_a_tasks_dataset_is_refused(monkeypatch):
     RunConfig(model="smollm2-135m", suite="real", general_bench=["arc_easy"], device="cpu").validate()
     with pytest.raises(ValueError, match="suite real is for a pretrained chat model"):
         RunConfig(suite="real").validate()
+
+
+def test_near_benchmarks_are_those_a_task_trains_the_kind_of():
+    headline = ["arc_easy", "arc_challenge", "hellaswag", "piqa"]
+    # SciQ (science exams) is near both ARCs; arithmetic and trivia are near none
+    assert near_benchmarks(["sciq", "arith", "jeopardy"], headline) == ["arc_easy", "arc_challenge"]
+    assert near_benchmarks(["arith", "jeopardy", "not-a-real-task"], headline) == []
+    assert near_benchmarks(["squad", "sciq"], ["boolq", "piqa", "openbookqa"]) == ["boolq", "openbookqa"]
+    # every scored benchmark near a task: nothing is left to set them against
+    assert near_benchmarks(["sciq"], ["arc_easy", "arc_challenge"]) == []
+    # each named neighbour is a benchmark, and none is the task's own source (that is refused)
+    for task in REAL.values():
+        assert set(task.near) <= set(BENCHMARKS) and task.dataset not in task.near
