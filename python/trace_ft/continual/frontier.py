@@ -259,8 +259,9 @@ def markdown(results: dict, metric: str) -> str:
     other = [m for m in METRICS if m != metric]
     lines += ["## The other metrics", "", "| strategy | point | " + " | ".join(
         f"{m} plasticity | {m} BWT" for m in other) + " |", "|---|---|" + "---|" * (2 * len(other))]
+    by_metric = {m: summaries(results, m) for m in other}  # (once per metric, not per strategy)
     for name in points:
-        per = {m: summaries(results, m)[name] for m in other}
+        per = {m: by_metric[m][name] for m in other}
         for k, p in enumerate(per[other[0]]):
             cells = " | ".join(f"{_fmt(per[m][k]['plasticity'])} | {_fmt(per[m][k]['bwt'])}" for m in other)
             lines.append(f"| {name} | {point_label(p['params'])} | {cells} |")

@@ -144,6 +144,7 @@ def matrix_table(results: dict, name: str) -> str:
 
 def markdown(results: dict) -> str:
     cfg = results["config"]
+    bench = bench_table(results)
     v = results["versions"]
     parts = [
         "# trace-ft run",
@@ -188,7 +189,7 @@ def markdown(results: dict) -> str:
            "primary metric (acc or acc per character), from the start to the end of each strategy's "
            "run: start → end (change ± paired standard error, in points). bench Δ above: the mean "
            "change. Without: the mean change leaving out the benchmarks that ask the kind of question one "
-           "of the tasks trains (from another source), which that training lifts by transfer.", "", bench_table(results), ""] if bench_table(results) else []),
+           "of the tasks trains (from another source), which that training lifts by transfer.", "", bench, ""] if bench else []),
         "## Accuracy matrices",
         "",
     ]
