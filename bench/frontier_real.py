@@ -3,7 +3,7 @@ model: SmolLM2-135M-Instruct, three tasks of the instruct suite, general ability
 at the start and the end. Writes bench/results/frontier_smollm2/{results.json,report.md,frontier.png}.
 
     python bench/frontier_real.py [--regime gentle|hot|hot-bench|hot-bench-gemma[-lower]|real|real-short|real-100] [--out DIR]
-        [--stage 1|2|all|levers|continue] [--seeds N] [--strategies seqft,trace,...]
+        [--stage 1|2|all|levers|continue] [--seeds N] [--strategies seqft,trace,...] [--levers K=V,...]
 
 Stage 1: every point of each strategy's real-model grid (`continual.frontier.REAL_GRIDS`:
 seqft and lora lr, trace and trace_guard core lr), seed 0. Stage 2: seeds 1..N-1 at each
@@ -12,7 +12,8 @@ points), into the same results with `--resume`. Both stages are the `trace-ft fr
 command a user runs; this script only picks stage 2's points. Resumable: run it again.
 
 Stage "levers": the method's levers at trace's stage-2 core lr, seed 0, into the same results:
-the guard on general text (trace_guard), a smaller budget (2 %) and row granularity.
+the guard on general text (trace_guard), then each of `--levers` (default: a smaller budget,
+2 %, and row granularity; any `trace_<field>=value`, one run each).
 Stage "continue": trace at the same core lr with `--probe-continue` (the probe's steps count
 toward the task, core training goes on from the probe's state), `--seeds` seeds, into the
 same results: does continuing change forgetting and general ability?
@@ -126,6 +127,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--regime", default="gentle", choices=tuple(REGIMES))
     ap.add_argument("--out", default=None, help="default: bench/results/<the regime's directory>")
+    ap.add_argument("--levers", default="trace_budget=0.02,trace_granularity=row",
+                    help="--stage levers: trace's settings to try, one run each (KEY=VALUE,...)")
     ap.add_argument("--stage", default="all", choices=("1", "2", "all", "levers", "continue"))
     ap.add_argument("--seeds", type=int, default=3, help="stage 2: seeds at each chosen point (seed 0 is stage 1's)")
     ap.add_argument("--strategies", default=None, help="stage 1: the strategies run, in this order (default all)")
@@ -161,7 +164,7 @@ def main() -> None:
     if args.stage == "levers":
         frontier(out, args.regime, "--seeds", "1", "--frontier-strategies", "trace_guard",
                  "--grid", f"trace_guard:trace_lr={lr:g}")
-        for knob in ("trace_budget=0.02", "trace_granularity=row"):
+        for knob in args.levers.split(","):
             frontier(out, args.regime, "--seeds", "1", "--frontier-strategies", "trace",
                      "--grid", f"trace:trace_lr={lr:g}", "--grid", f"trace:{knob}")
     if args.stage == "continue":
