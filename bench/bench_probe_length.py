@@ -44,7 +44,7 @@ def measure(args) -> dict:
     from trace_ft.lm.train import causal_lm_loss
 
     torch.set_num_threads(args.threads)
-    cfg = RunConfig.from_dict(dict(model=args.model, suite=args.suite, tasks=args.tasks.split(","),
+    cfg = RunConfig.from_dict(dict(model=args.model, size=args.size, suite=args.suite, tasks=args.tasks.split(","),
                                    batch_size=args.batch_size, lr=args.lr, n_train=args.n_train, n_test=20,
                                    trace_budget=args.budget, seed=0))
     setup = RunSetup.open(cfg, progress=False)
@@ -98,6 +98,7 @@ def markdown(results: dict, args) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--size", default="medium", help="with --model builtin")
     ap.add_argument("--suite", default="real")
     ap.add_argument("--tasks", default="sciq,arith,jeopardy")
     ap.add_argument("--lengths", default="2,4,8", help="probe lengths to compare (steps)")
