@@ -141,7 +141,8 @@ def test_local_model_directory_and_task_directories(tmp_path):
     # trace_guard guards general prose: its selection saw a Fisher of that text
     guard = res["strategies"]["trace_guard"]
     assert guard["config"]["protect_general"] == "general-text" and guard["config"]["select"]["protect"] == 1.0
-    assert guard["costs"]["phases"]["guard fisher"]["calls"] == 1 + 2  # the prose, then each task
+    # the prose, then each task but the last (no later selection reads its Fisher)
+    assert guard["costs"]["phases"]["guard fisher"]["calls"] == 1 + 1
     # --general-every end: task 0 and the perplexity at the start and after the last task
     # only, the tasks after each; the metrics a frontier point needs are all there
     assert main(["run", "--model", str(model_dir), "--tasks", f"{task},rev", "--strategies", "seqft",

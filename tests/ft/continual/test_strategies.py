@@ -127,6 +127,9 @@ def test_trace_guard_records_fisher_and_protects_the_general_task():
     assert all(float(f.float().sum()) >= 0 for f in strat.history[1].fisher.values())
     assert sum(float(f.float().sum()) for f in strat.history[1].fisher.values()) > 0
     assert strat.config()["protect_general"] == "base"
+    # the run's last task (ctx.num_tasks = 2): no later selection reads its Fisher, none is taken
+    strat.learn(ctx, 2, TASKS[1], TASKS[:1])
+    assert len(strat.history) == 3 and strat.history[2].core is not None and not strat.history[2].fisher
 
 
 def test_trace_trains_row_cores_from_core_rows_gradients(monkeypatch):

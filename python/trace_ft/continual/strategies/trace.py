@@ -179,8 +179,11 @@ class Trace(Strategy):
 
     def remember(self, ctx: Context, index: int, task, found: FoundCore) -> EarlierTask:
         """Record the task for later tasks' selection: its update (as `find_core` kept it),
-        its core and, with the guard on, its Fisher after training."""
-        fisher = self.trained_fisher(ctx, index, task)
+        its core and, with the guard on, its Fisher after training: not after a run's last
+        task (`ctx.num_tasks`; 0: not known), which no later selection reads (a run keeps
+        no history past its end; `trace-ft adapt` takes it through `trained_fisher`)."""
+        last = 0 < ctx.num_tasks <= index
+        fisher = {} if last else self.trained_fisher(ctx, index, task)
         core = found.core
         with ctx.phase("history"):
             earlier = self.pipeline.remember(core, found.updates, fisher)
