@@ -49,3 +49,22 @@ def test_a_continued_probe_counts_among_the_tasks_steps():
     separate = estimate(setup, [Trace(probe_steps=8, keep_routes=False)], **args)
     continued = estimate(setup, [Trace(probe_steps=8, keep_routes=False, continue_probe=True)], **args)
     assert separate - continued == pytest.approx(8 * TRACE_STEP * (2.0 + 3.0))
+
+
+def test_the_guard_counts_its_fisher_passes():
+    # --protect: a Fisher pass of fisher_batches after each task but the last (no later task
+    # reads the last one's), and over the guarded prose once with --protect-base
+    from trace_ft.method.select import SelectConfig
+
+    task = _task("t", 20)
+    setup = SimpleNamespace(
+        cfg=SimpleNamespace(batch_size=4, max_len=512, n_test=4, steps=24, score_unseen="next", general_every="end"),
+        tasks=[task, task, task], general=SimpleNamespace(test=[]), perplexity=None, benchmarks=None)
+    args = dict(step_s=2.0, tokens=100, task_steps=[2.0, 3.0, 5.0])
+    plain = estimate(setup, [Trace(probe_steps=8, keep_routes=False)], **args)
+    guarded = SelectConfig(protect=1.0)
+    earlier = estimate(setup, [Trace(guarded, probe_steps=8, keep_routes=False, fisher_batches=20)], **args)
+    assert earlier - plain == pytest.approx(20 * (2.0 + 3.0))
+    prose = estimate(setup, [Trace(guarded, probe_steps=8, keep_routes=False, fisher_batches=20,
+                                   general=_task("prose", 20))], **args)
+    assert prose - earlier == pytest.approx(20 * 2.0)

@@ -90,6 +90,10 @@ def estimate(setup: RunSetup, strategies: Sequence[Strategy], step_s: float, tok
     for s in strategies:
         if isinstance(s, Trace):  # its probe at a full step's cost, then the core's steps
             total += (s.core_steps(cfg.steps) * TRACE_STEP + s.pipeline.probe_steps) * sum(task_steps)
+            if s.pipeline.guarded:  # the guard's Fisher passes, about a step a batch: after each
+                # task but the last, and over the guarded prose once (a first task's step)
+                fisher = sum(task_steps[:-1]) + (task_steps[0] if s.general is not None else 0.0)
+                total += s.pipeline.fisher_batches * fisher
             if s.routes is not None:
                 total += T * task_scoring
         else:
