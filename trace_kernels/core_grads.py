@@ -31,6 +31,7 @@ layer of a model (a copy's, say).
 
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass
 
@@ -260,12 +261,13 @@ class PathCosts:
       operands read once, then one strided dot product per element).
 
     A compact path is taken only where it costs at most `margin` of the full product. The
-    element path's constants differ fivefold between machines (`bench/bench_core_grad_paths.py`,
-    512–1024 tokens, SmolLM2-135M's shapes: 2-core Intel Xeon floor ≈ 160, factor ≈ 14;
-    2-core AMD EPYC floor 39, factor 2.9, bench/results/core_grad_paths_cpu.md); the
-    defaults are the slower machine's, so the element path is never chosen where it loses
-    (on the faster one it would also pay for denser cores: pass your own `PathCosts`). The
-    choice depends on shapes and cores only, never on a timing, so a run repeats bit for bit."""
+    element path's constants differ fivefold between CPUs (`bench/bench_core_grad_paths.py`,
+    SmolLM2-135M's shapes): its dot products are bound by the L2's latency, the full product
+    by the FMA units. The defaults are the slower machine's (a 2-core Intel Xeon, floor ≈
+    160, factor ≈ 14), so the element path is never chosen where it loses; `for_device`
+    gives the constants measured on a CPU like the one running. The choice depends on shapes,
+    cores and the CPU's make only, never on a timing, so a run repeats bit for bit on a
+    machine."""
 
     row_factor: float = 1.2
     element_floor: float = 160.0
@@ -282,24 +284,51 @@ class PathCosts:
         path = min(costs, key=costs.get)
         return path if costs[path] <= self.margin * full else "full"
 
+    @staticmethod
+    def for_device(device: torch.device | str) -> PathCosts:
+        """The constants measured on a CPU of this make (`MEASURED`, by the vendor in
+        /proc/cpuinfo), else the conservative defaults (other CPUs, other devices)."""
+        if torch.device(device).type != "cpu":
+            return COSTS
+        return MEASURED.get(cpu_vendor(), COSTS)
+
 
 COSTS = PathCosts()
+# Fitted by bench/bench_core_grad_paths.py (bench/results/core_grad_paths_cpu.md) on 2 cores,
+# 512–1024 tokens: the EPYC twice (floor 39 and 27, factor 2.9 and 3.0; the larger floor kept).
+# Its element path at 4 % of up_proj costs 0.16–0.19× the full product, where the defaults
+# predict 0.94×; with them a SmolLM2 trace step took the full product in 147 of 210 layers,
+# with these none, at 0.91× the step's time (one process, interleaved).
+MEASURED: dict[str, PathCosts] = {"AuthenticAMD": PathCosts(element_floor=40.0, element_factor=3.0)}
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_vendor() -> str:
+    """The CPU's vendor string (``GenuineIntel``, ``AuthenticAMD``, …); "" where unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
 
 
 def install_core_grads(model: nn.Module, core: CoreMask, *, max_row_fraction: float | None = None,
-                       max_element_fraction: float | None = None, costs: PathCosts = COSTS) -> CoreGrads:
+                       max_element_fraction: float | None = None, costs: PathCosts | None = None) -> CoreGrads:
     """Give every `nn.Linear` of `model` whose core makes it cheaper a backward that computes
     only its core rows' weight gradient, or only its core elements' (see the module's
     docstring); which one, or neither, is chosen per layer by the estimated cost of each path
-    (`PathCosts`). Given `max_row_fraction` and/or `max_element_fraction`, fixed rules decide
+    (`costs`; None: `PathCosts.for_device` of each weight's device). Given `max_row_fraction` and/or `max_element_fraction`, fixed rules decide
     instead: rows where the core lies in at most that fraction of the rows (default 0.5),
     else elements where it is at most that fraction of the elements (default 0.04). Weights
     shared between modules and sharded (DTensor) weights keep the full gradient. Returns the
     handle that removes it.
 
-    Measured on 2 Intel Xeon cores, 512 tokens, against the full product of the same weight:
-    the element path on 1536 × 576 at 1 / 2 / 4 / 8 % of the elements 0.49 / 0.57 / 0.71 /
-    1.42×, 576 × 1536 0.54 / 0.67 / 1.06 / 1.80×, 192 × 576 1.25× at 1 % (too small to pay)."""
+    Measured with 512 tokens against the full product of the same weight, the element path on
+    1536 × 576 at 1 / 2 / 4 / 8 % of the elements: 0.49 / 0.57 / 0.71 / 1.42× on 2 Intel Xeon
+    cores, 0.09 / 0.11 / 0.16 / 0.26× on 2 AMD EPYC cores (`PathCosts.for_device`)."""
     fixed = max_row_fraction is not None or max_element_fraction is not None
     max_row_fraction = 0.5 if max_row_fraction is None else max_row_fraction
     max_element_fraction = 0.04 if max_element_fraction is None else max_element_fraction
@@ -330,8 +359,8 @@ def install_core_grads(model: nn.Module, core: CoreMask, *, max_row_fraction: fl
                 path = ("rows" if found is not None and found[0].numel() <= max_row_fraction * out
                         else "elements" if entry.density <= max_element_fraction else "full")
             else:
-                path = costs.choose(out, cols, None if found is None else int(found[0].numel()),
-                                    entry.numel_selected)
+                path = (costs or PathCosts.for_device(weight.device)).choose(
+                    out, cols, None if found is None else int(found[0].numel()), entry.numel_selected)
             if path == "rows":
                 rows = found[0].to(weight.device)
                 pick = rows.new_empty((0,))

@@ -29,3 +29,25 @@ def test_the_cost_model_takes_the_cheapest_path_or_the_full_product():
         assert sorted(handle.names) == ["0.weight", "2.weight", "4.weight"]
     with install_core_grads(net, spread, costs=PathCosts(element_floor=1e9)) as handle:
         assert handle.names == []
+
+
+def test_the_constants_follow_the_cpu_measured_and_are_conservative_elsewhere(monkeypatch):
+    from trace_kernels import core_grads
+
+    assert PathCosts.for_device("meta") == core_grads.COSTS  # not a CPU: the defaults
+    for vendor, expected in [("AuthenticAMD", core_grads.MEASURED["AuthenticAMD"]),
+                             ("GenuineIntel", core_grads.COSTS), ("", core_grads.COSTS)]:
+        monkeypatch.setattr(core_grads, "cpu_vendor", lambda v=vendor: v)
+        assert PathCosts.for_device("cpu") == expected
+    # the measured CPU's element path pays at 5 % of an MLP matrix; the defaults keep the full product
+    amd = core_grads.MEASURED["AuthenticAMD"]
+    assert amd.choose(1536, 576, rows=1500, elements=44_000) == "elements"
+    assert core_grads.COSTS.choose(1536, 576, rows=1500, elements=44_000) == "full"
+    # install_core_grads without `costs` asks for the weight's device's constants
+    net = model()
+    shapes = {n: tuple(p.shape) for n, p in net.named_parameters() if n.endswith("weight")}
+    spread = CoreMask.from_indices({n: ((r, col), 1, torch.arange(r) * col + torch.arange(r) % col)
+                                    for n, (r, col) in shapes.items()})
+    monkeypatch.setattr(PathCosts, "for_device", staticmethod(lambda d: PathCosts(element_floor=0.0, element_factor=1.0)))
+    with install_core_grads(net, spread) as handle:
+        assert sorted(handle.names) == ["0.weight", "2.weight", "4.weight"]
