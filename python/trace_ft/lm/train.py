@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .batches import IGNORE, label_logits
+from .batches import IGNORE, labelled_logits
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -52,10 +52,9 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 def causal_lm_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     """The mean cross-entropy of the labelled tokens given what precedes them, as
     ``model(**batch).loss`` computes it, with logits made only where a label is predicted
-    when a large vocabulary would make the full ones costly (`label_logits`)."""
-    logits, labels = label_logits(model, batch)
-    return nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                       ignore_index=IGNORE)
+    when a large vocabulary would make the full ones costly (`labelled_logits`)."""
+    logits, labels = labelled_logits(model, batch)
+    return nn.functional.cross_entropy(logits.float(), labels, ignore_index=IGNORE)
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, parallel=None,

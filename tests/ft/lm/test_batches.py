@@ -64,3 +64,52 @@ def test_label_only_logits_give_the_models_own_loss_and_gradient(monkeypatch):
     (g_got,) = torch.autograd.grad(got, model.model.layers[0].mlp.up_proj.weight)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-7)
+
+
+def test_the_head_runs_on_the_labelled_positions_only(monkeypatch):
+    """`labelled_logits` gathers the hidden states of the positions that predict a label
+    before the output head: as many rows as labels, each the model's own logits there; the
+    loss and gradient are the model's. Without a head module, or with one the model does
+    not call: the same numbers, cut from the logits."""
+    import pytest
+
+    pytest.importorskip("transformers")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trace_ft.lm import batches as B
+    from trace_ft.lm.train import causal_lm_loss
+
+    torch.manual_seed(0)
+    tok = CharTokenizer()
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2))
+    enc = EncodedSet([Example("a long prompt here=", "xy"), Example("short=", "answer z"),
+                      Example("mid prompt=", "q")], tok)
+    batch = enc.batch([0, 1, 2])
+    want = model(**batch).loss
+    (g_want,) = torch.autograd.grad(want, model.model.layers[0].mlp.up_proj.weight)
+    full_logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    where = labels != B.IGNORE
+    monkeypatch.setattr(B, "FULL_LOGITS_BYTES", 0)
+    rows = []
+    hook = model.lm_head.register_forward_hook(lambda m, a, out: rows.append(a[0].shape))
+    logits, got_labels = B.labelled_logits(model, batch)
+    hook.remove()
+    assert rows == [torch.Size([int(where.sum()), 32])]  # the head saw the labelled positions only
+    assert torch.equal(got_labels, labels[where])
+    torch.testing.assert_close(logits, full_logits[where], rtol=1e-5, atol=1e-6)
+    got = causal_lm_loss(model, batch)
+    (g_got,) = torch.autograd.grad(got, model.model.layers[0].mlp.up_proj.weight)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-7)
+    # a module the model never calls: its logits from the first label on, cut to the labelled rows
+    monkeypatch.setattr(B, "_output_head", lambda m: torch.nn.Identity())
+    cut, cut_labels = B.labelled_logits(model, batch)
+    assert torch.equal(cut_labels, got_labels)
+    torch.testing.assert_close(cut, logits, rtol=1e-5, atol=1e-6)
+    # no output-embeddings module: label_logits' rows, flattened (IGNORE among the labels)
+    monkeypatch.setattr(B, "_output_head", lambda m: None)
+    flat, flat_labels = B.labelled_logits(model, batch)
+    torch.testing.assert_close(flat[flat_labels != B.IGNORE], logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(causal_lm_loss(model, batch), want, rtol=1e-6, atol=1e-7)
