@@ -7,8 +7,8 @@ position from the batch's first label on, against the head on the labelled posit
 Per task, on its training batches as a run frames them: the share of the batch's tokens
 that are labels and the share from the first label on (where `label_logits` makes
 logits); then the loss and backward of a full fine-tuning step (every weight's gradient,
-the tied head's too) and of a trace step's shape (the head and embeddings frozen, the
-eligible weights' gradients) with each way of making the logits, paired in one process
+the tied head's too) and of a probe step's (the head and embeddings frozen, every
+eligible weight's gradient) with each way of making the logits, paired in one process
 (the ratio of adjacent runs, median over rounds; `common.paired_ratios`), and the largest
 difference between the two losses. The optimizer step is the same either way and is left
 out. Writes bench/results/head_positions_<model>.{json,md}.
@@ -49,7 +49,7 @@ def measure(args) -> dict:
                                            ignore_index=IGNORE)
 
     eligible = {id(p) for _, p in eligible_parameters(model)}
-    settings = {"full": lambda p: True, "trace": lambda p: id(p) in eligible}
+    settings = {"full": lambda p: True, "probe": lambda p: id(p) in eligible}
     out = {}
     for task in setup.tasks:
         batches = list(ctx.batches([task], args.rounds + 2, salt=5))
@@ -91,11 +91,11 @@ def table(results: dict, args, machine: dict) -> list[str]:
              "on every position from the batch's first label on (`label_logits`); after: on the labelled positions "
              "only (`labelled_logits`, what `causal_lm_loss` uses).", "",
              "| task | labels / tokens | from the first label / tokens | full step before → after s | ratio (range) "
-             "| trace-shaped step before → after s | ratio (range) | loss |Δ| max |",
+             "| probe step before → after s | ratio (range) | loss |Δ| max |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
         cells = [f"{r['labelled'] / r['tokens']:.0%}", f"{r['from_first_label'] / r['tokens']:.0%}"]
-        for s in ("full", "trace"):
+        for s in ("full", "probe"):
             x = r[s]
             cells += [f"{x['before_s']:.2f} → {x['after_s']:.2f}",
                       f"**{x['ratio']:.2f}×** ({x['ratio_min']:.2f}–{x['ratio_max']:.2f})"]
