@@ -320,15 +320,16 @@ def install_core_grads(model: nn.Module, core: CoreMask, *, max_row_fraction: fl
     """Give every `nn.Linear` of `model` whose core makes it cheaper a backward that computes
     only its core rows' weight gradient, or only its core elements' (see the module's
     docstring); which one, or neither, is chosen per layer by the estimated cost of each path
-    (`costs`; None: `PathCosts.for_device` of each weight's device). Given `max_row_fraction` and/or `max_element_fraction`, fixed rules decide
-    instead: rows where the core lies in at most that fraction of the rows (default 0.5),
-    else elements where it is at most that fraction of the elements (default 0.04). Weights
-    shared between modules and sharded (DTensor) weights keep the full gradient. Returns the
-    handle that removes it.
+    (`costs`; None: `PathCosts.for_device` of each weight's device). Given `max_row_fraction`
+    and/or `max_element_fraction`, fixed rules decide instead: rows where the core lies in at
+    most that fraction of the rows (default 0.5), else elements where it is at most that
+    fraction of the elements (default 0.04). Weights shared between modules and sharded
+    (DTensor) weights keep the full gradient. Returns the handle that removes it.
 
-    Measured with 512 tokens against the full product of the same weight, the element path on
-    1536 × 576 at 1 / 2 / 4 / 8 % of the elements: 0.49 / 0.57 / 0.71 / 1.42× on 2 Intel Xeon
-    cores, 0.09 / 0.11 / 0.16 / 0.26× on 2 AMD EPYC cores (`PathCosts.for_device`)."""
+    Measured against the full product of the same weight, the element path on 1536 × 576 at
+    1 / 2 / 4 / 8 % of the elements: 0.49 / 0.57 / 0.71 / 1.42× on 2 Intel Xeon cores (512
+    tokens, before round 5's faster kernel), 0.09 / 0.11 / 0.16 / 0.26× on 2 AMD EPYC cores
+    (1024 tokens; `PathCosts.for_device`)."""
     fixed = max_row_fraction is not None or max_element_fraction is not None
     max_row_fraction = 0.5 if max_row_fraction is None else max_row_fraction
     max_element_fraction = 0.04 if max_element_fraction is None else max_element_fraction
