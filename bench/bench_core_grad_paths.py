@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleaved_medians, machine, write_report  # noqa: E402
 
 from trace_kernels.core_grads import PathCosts  # noqa: E402
+from trace_kernels.ops.sampled_dot import sampled_dot_trusted  # noqa: E402
 
 COSTS = PathCosts.for_device("cpu")  # what install_core_grads uses on this CPU
-from trace_kernels.ops.sampled_dot import sampled_dot_trusted  # noqa: E402
 
 # SmolLM2-135M: q/o 576x576, k/v 192x576, gate/up 1536x576, down 576x1536
 SHAPES = {"q_proj": (576, 576), "k_proj": (192, 576), "up_proj": (1536, 576), "down_proj": (576, 1536)}

@@ -31,7 +31,7 @@ def measure(args) -> dict:
     from common import paired_ratios
     from trace_ft.config import RunConfig, RunSetup
     from trace_ft.continual.strategies.base import Context
-    from trace_ft.lm.batches import IGNORE, label_logits
+    from trace_ft.lm.batches import IGNORE, _first_label, label_logits
     from trace_ft.lm.train import causal_lm_loss
     from trace_ft.method.probe import eligible_parameters
 
@@ -55,10 +55,9 @@ def measure(args) -> dict:
         batches = list(ctx.batches([task], args.rounds + 2, salt=5))
         tokens = sum(b["labels"].numel() for b in batches)
         labelled = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
-        span = 0
-        for b in batches:
-            active = (b["labels"][:, 1:] != IGNORE).any(0).nonzero()
-            span += b["labels"].shape[0] * (b["labels"].shape[1] - int(active[0]))
+        # where label_logits starts the logits (None: every position)
+        span = sum(b["labels"].shape[0] * (b["labels"].shape[1] - (_first_label(model, b["labels"][:, 1:]) or 0))
+                   for b in batches)
         with torch.no_grad():
             diff = max(abs(float(before(model, b)) - float(causal_lm_loss(model, b))) for b in batches)
         row = {"tokens": tokens, "labelled": labelled, "from_first_label": span, "loss_max_abs_diff": diff}
