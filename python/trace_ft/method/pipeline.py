@@ -182,14 +182,16 @@ class TracePipeline:
     """The TRACE method for one task after another.
 
     select: the selection rule (`SelectConfig`); probe_steps / probe_lr: the warm-start
-    probe (None: the lr its caller passes, the run's); sketch_dim: keep earlier updates as count
+    probe (None: the lr its caller passes, the run's); probe_autocast: the dtype the probe's
+    products run in (`probe(autocast=)`; None: the weights'); sketch_dim: keep earlier updates as count
     sketches of this many values per unit (None: exact); exclude: name patterns that are
     never eligible; fisher_batches: batches of the Fisher estimate the guard stores.
     """
 
     def __init__(self, select: SelectConfig | None = None, *, probe_steps: int = 50,
                  probe_lr: float | None = None, sketch_dim: int | None = None,
-                 exclude: Sequence[str] = DEFAULT_EXCLUDE, fisher_batches: int = 20) -> None:
+                 exclude: Sequence[str] = DEFAULT_EXCLUDE, fisher_batches: int = 20,
+                 probe_autocast: torch.dtype | None = None) -> None:
         self.select_config = select or SelectConfig()  # (checked when it was made)
         if probe_steps < 1:
             raise ValueError(f"probe_steps must be >= 1, got {probe_steps}")
@@ -197,6 +199,7 @@ class TracePipeline:
             raise ValueError(f"sketch_dim must be >= 1, got {sketch_dim}")
         self.probe_steps = probe_steps
         self.probe_lr = probe_lr
+        self.probe_autocast = probe_autocast
         self.sketch_dim = sketch_dim
         self.exclude = tuple(exclude)
         self.fisher_batches = fisher_batches
@@ -204,6 +207,7 @@ class TracePipeline:
 
     def config(self) -> dict:
         return {"probe_steps": self.probe_steps, "probe_lr": self.probe_lr,
+                "probe_autocast": None if self.probe_autocast is None else str(self.probe_autocast).removeprefix("torch."),
                 "sketch_dim": self.sketch_dim, "fisher_batches": self.fisher_batches,
                 "select": asdict(self.select_config)}
 
@@ -235,6 +239,7 @@ class TracePipeline:
         params = [p for _, p in eligible_parameters(model, exclude=self.exclude)]
         large = sum(p.numel() for p in params) > LARGE_MODEL
         kw.setdefault("fisher", "adam" if large else "mean")
+        kw.setdefault("autocast", self.probe_autocast)
         if "offload_device" not in kw and large and all(local_tensor(p).device.type == "cpu" for p in params):
             kw["offload_device"] = "disk"
         return probe(model, batches, self.probe_steps, self.probe_lr or lr, exclude=self.exclude, **kw)

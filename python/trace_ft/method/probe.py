@@ -30,6 +30,9 @@ DEFAULT_EXCLUDE: tuple[str, ...] = (
     r"embed", r"(^|\.)wte\.", r"(^|\.)wpe\.", r"lm_head", r"norm", r"(^|\.)ln_?\w*\.", r"\.bias$",
 )
 
+# the probe's products by name (settings, flags): under autocast to this dtype, or "off"
+PROBE_AUTOCAST: dict[str, torch.dtype | None] = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 @dataclass
 class ProbeMoments:
@@ -139,6 +142,7 @@ def probe(
     sync_grads: Callable[[list[Tensor]], None] | None = None,
     fisher: str = "mean",
     keep_moments: bool = False,
+    autocast: torch.dtype | None = None,
 ) -> ProbeResult:
     """Warm-start probe of `steps` AdamW steps on the eligible parameters.
 
@@ -163,9 +167,15 @@ def probe(
         fourth model-sized buffer. The update, Δ, is identical either way.
     keep_moments: keep the optimizer's state at the end (`ProbeResult.moments`), so training
         can continue from it; Δ then takes a buffer of its own instead of the first moment's.
+    autocast: run each forward and backward under `torch.autocast` to this dtype (bf16: on
+        hardware with native bf16 products a probe step of an fp32 model costs about 0.6 of
+        its fp32 step). Gradients, moments, Δ, Fisher and the weights keep their dtypes;
+        only the products are rounded. None: the weights' own dtype throughout.
     """
     if fisher not in ("mean", "adam"):
         raise ValueError(f"fisher must be 'mean' or 'adam', got {fisher!r}")
+    if autocast not in (None, torch.bfloat16, torch.float16):
+        raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, got {autocast!r}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if not lr > 0:
@@ -180,6 +190,12 @@ def probe(
         seed = int(torch.randint(0, 2**62, ()).item())
     eligible = {id(p) for _, p in named}
     params = [p for _, p in named]
+    device_type = local_tensor(params[0]).device.type
+    if autocast is not None and not torch.amp.is_autocast_available(device_type):
+        raise ValueError(f"autocast: torch has no autocast on {device_type!r} parameters")
+
+    def rounded():  # (a fresh context per step: torch.autocast is not reentrant)
+        return torch.autocast(device_type, dtype=autocast, enabled=autocast is not None)
     # each parameter's element indices for stochastic rounding: in the whole parameter (a
     # shard's offset), in a range of its own (its name), as MaskedAdamW keys them
     bases_of = [ops.element_base(n, shard_layout(p, n).lo if is_dtensor(p) else 0) for n, p in named]
@@ -207,7 +223,8 @@ def probe(
         bar = tqdm(total=steps, desc=progress if isinstance(progress, str) else "probe",
                    disable=not progress, leave=False, dynamic_ncols=True)
         for _, batch in zip(range(steps), itertools.cycle(batches)):
-            loss = loss_fn(model, batch)
+            with rounded():
+                loss = loss_fn(model, batch)
             loss.backward()
             losses.append(float(loss.detach()))
             bar.update(1)

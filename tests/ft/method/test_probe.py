@@ -151,6 +151,47 @@ def test_probe_offload_and_bf16_deltas(gen):
     assert torch.equal(r16.fisher["proj.weight"], r32.fisher["proj.weight"])
 
 
+def test_probe_with_its_products_in_bf16_is_the_autocast_probe(gen):
+    """autocast=bf16: every step's forward and backward run under torch.autocast (the
+    products in bf16), the state and the result stay fp32; Δ and Fisher are those of AdamW
+    and mean g² on autocast gradients, and θ⁰ comes back bit for bit."""
+    model = Tiny()
+    twin = copy.deepcopy(model)
+    before = copy.deepcopy(model.state_dict())
+    batches = tiny_batches(gen, 3)
+    seen = []
+    hook = model.proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    result = probe(model, batches, steps=4, lr=3e-3, loss_fn=loss_fn, autocast=torch.bfloat16)
+    hook.remove()
+    assert seen == [torch.bfloat16] * 4
+    for n, t in model.state_dict().items():
+        assert torch.equal(bits(t), bits(before[n])), n
+    assert all(d.dtype == torch.float32 for d in [*result.deltas.values(), *result.fisher.values()])
+    params = dict(twin.named_parameters())
+    chosen = [params["proj.weight"], params["out.weight"]]
+    for n, p in twin.named_parameters():
+        p.requires_grad_(n in ("proj.weight", "out.weight"))
+    start = [p.detach().clone() for p in chosen]
+    opt = torch.optim.AdamW(chosen, lr=3e-3, weight_decay=0.0)
+    sq = [torch.zeros_like(p) for p in chosen]
+    for step in range(4):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = loss_fn(twin, batches[step % 3])
+        loss.backward()
+        for s, p in zip(sq, chosen):
+            s += p.grad.square()
+        opt.step()
+    for name, p, p0, s in zip(("proj.weight", "out.weight"), chosen, start, sq):
+        delta = p.detach() - p0
+        assert (result.deltas[name] - delta).norm() / delta.norm() < 1e-5
+        torch.testing.assert_close(result.fisher[name], s / 4, rtol=1e-5, atol=1e-12)
+    plain = probe(model, batches, steps=4, lr=3e-3, loss_fn=loss_fn)  # (the same θ⁰: restored)
+    for name in ("proj.weight", "out.weight"):  # rounded products: near the fp32 probe, not it
+        gap = (plain.fisher[name] - result.fisher[name]).norm() / plain.fisher[name].norm()
+        assert 0 < gap < 0.1, (name, gap)
+
+
 def test_probe_errors(gen):
     with pytest.raises(ValueError, match="no eligible parameters"):
         probe(Tiny(), tiny_batches(gen), steps=2, lr=1e-2, loss_fn=loss_fn, include=[r"nothing"])
@@ -158,6 +199,8 @@ def test_probe_errors(gen):
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError, match="ran out"):
         probe(model, [], steps=2, lr=1e-2, loss_fn=loss_fn)
+    with pytest.raises(ValueError, match="autocast must be"):
+        probe(model, tiny_batches(gen), steps=2, lr=1e-2, loss_fn=loss_fn, autocast=torch.float64)
     assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
 
 
