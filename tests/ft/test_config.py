@@ -4,6 +4,7 @@ all at once, and the strategies they build."""
 import argparse
 
 import pytest
+import torch
 
 from trace_ft.config import (EWCSettings, LoRASettings, ReplaySettings, RunConfig, SweepSettings, TraceSettings,
                              add_settings, config_from_args)
@@ -159,3 +160,12 @@ def test_a_yes_no_setting_alone_means_true_and_a_typo_is_refused(capsys):
         _parse(["--probe-continue", "ture"])
     err = capsys.readouterr().err
     assert "--probe-continue" in err and "'ture'" in err
+
+
+def test_the_probe_autocast_setting_reaches_the_probe_and_is_checked():
+    assert _parse([]).trace.probe_autocast == "off"
+    cfg = _parse(["--probe-autocast", "bf16", "--model", "builtin"])
+    assert build_strategy("trace", cfg).pipeline.probe_autocast is torch.bfloat16
+    assert build_strategy("trace", _parse(["--model", "builtin"])).pipeline.probe_autocast is None
+    with pytest.raises(ValueError, match="trace_probe_autocast must be one of off, bf16, fp16, got 'bf8'"):
+        RunConfig.from_dict({"trace_probe_autocast": "bf8"})

@@ -90,6 +90,8 @@ RUN_FLAGS = {
     "--probe-continue": ("trace_continue_probe", _flag, "trace: the probe's steps count toward the task: the "
                          "core trains on from the probe's values and moments on it for the rest of the "
                          "task's steps, instead of from the task's start with fresh moments (true/false)"),
+    "--probe-autocast": ("trace_probe_autocast", str, "trace: the probe's products in bf16 or fp16 "
+                         "(torch.autocast; its gradients, Δ and Fisher stay in the weights' dtype), or off"),
     "--trace-lr": ("trace_lr", float, "trace: learning rate on the core (default: --lr times 10 for the "
                    "built-in model, times 3 for a pretrained one)"),
     "--threshold": ("trace_specificity_threshold", float, "trace: specificity threshold (max cosine)"),

@@ -19,6 +19,9 @@ from .setup import RunSetup
 # a trace step (core-only gradients) and a LoRA step; decoding runs about half as many tokens a
 # second as a training step's forward pass
 TRACE_STEP, LORA_STEP, DECODE_SLOWDOWN = 0.8, 0.85, 2.0
+# a probe step with its products in bf16 (`--probe-autocast bf16`; AMD EPYC, avx512_bf16:
+# bench/results/probe_length_smollm2-135m_bfloat16.md) against one in fp32
+PROBE_AUTOCAST_STEP = 0.7
 # a benchmark question costs about as much as 60 tokens of a training step's forward pass (its
 # context runs once, its choices share it through the KV cache): SmolLM2's headline four at 500
 # questions each took 238 s at 2.9 s a step of ~500 tokens (bench/results/benchmarks_smollm2.md);
@@ -89,7 +92,8 @@ def estimate(setup: RunSetup, strategies: Sequence[Strategy], step_s: float, tok
     total = (T + 1) * task_scoring + general  # the base, once
     for s in strategies:
         if isinstance(s, Trace):  # its probe at a full step's cost, then the core's steps
-            total += (s.core_steps(cfg.steps) * TRACE_STEP + s.pipeline.probe_steps) * sum(task_steps)
+            probe = PROBE_AUTOCAST_STEP if s.pipeline.probe_autocast is not None else 1.0
+            total += (s.core_steps(cfg.steps) * TRACE_STEP + s.pipeline.probe_steps * probe) * sum(task_steps)
             if s.pipeline.guarded:  # the guard's Fisher passes, about a step a batch: after each
                 # task but the last, and over the guarded prose once (a first task's step)
                 fisher = sum(task_steps[:-1]) + (task_steps[0] if s.general is not None else 0.0)

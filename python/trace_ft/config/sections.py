@@ -9,6 +9,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from ..method.probe import PROBE_AUTOCAST
 from ..method.select import GRANULARITIES, SelectConfig
 
 
@@ -42,6 +43,8 @@ class TraceSettings:
     protect_base: bool = False        # guard general ability too (the Fisher of the base skill / general text)
     # the probe's steps count toward the task: the core trains on from the probe's state on it
     continue_probe: bool = False
+    # the dtype of the probe's products ("bf16", "fp16": under autocast; "off": the weights')
+    probe_autocast: str = "off"
     select: SelectConfig = field(default_factory=SelectConfig)
 
     def __post_init__(self) -> None:
@@ -52,6 +55,9 @@ class TraceSettings:
         self.select = dataclasses.replace(self.select, granularity=granularity(self.select.granularity))
         if self.probe_steps is not None and self.probe_steps < 1:
             raise ValueError(f"trace_probe_steps must be >= 1, got {self.probe_steps}")
+        if self.probe_autocast not in PROBE_AUTOCAST:
+            raise ValueError(f"trace_probe_autocast must be one of {', '.join(PROBE_AUTOCAST)}, "
+                             f"got {self.probe_autocast!r}")
         check_positive("trace", probe_lr=self.probe_lr, lr=self.lr)
         if self.sketch_dim is not None and self.sketch_dim < 1:
             raise ValueError(f"trace_sketch_dim must be >= 1, got {self.sketch_dim}")

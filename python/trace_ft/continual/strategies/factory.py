@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ...method.probe import DEFAULT_EXCLUDE
+from ...method.probe import DEFAULT_EXCLUDE, PROBE_AUTOCAST
 from ...tasks import Task
 from ...method.select import GRANULARITIES, SelectConfig
 from . import EWC, MTL, LoRA, Replay, SeqFT, Strategy, Trace, strategy_names_ok
@@ -21,7 +21,8 @@ def _trace_kwargs(cfg, general: Task | None, name: str) -> dict:
                 master_weights=t.master_weights, core_grads=t.core_grads,
                 general=general if t.protect_base else None,
                 keep_routes=cfg.routed and name == "trace", lora_rank=cfg.lora.rank,
-                continue_probe=t.continue_probe)
+                continue_probe=t.continue_probe,
+                probe_autocast=PROBE_AUTOCAST[t.probe_autocast])
 
 
 def build_strategy(name: str, cfg, general: Task | None = None) -> Strategy:

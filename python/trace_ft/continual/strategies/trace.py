@@ -37,7 +37,8 @@ class Trace(Strategy):
                  sketch_dim: int | None = None, exclude=DEFAULT_EXCLUDE,
                  fisher_batches: int = 20, general=None, name: str = "trace",
                  master_weights: bool | None = None, core_grads: bool = False,
-                 keep_routes: bool = True, lora_rank: int = 8, continue_probe: bool = False) -> None:
+                 keep_routes: bool = True, lora_rank: int = 8, continue_probe: bool = False,
+                 probe_autocast: torch.dtype | None = None) -> None:
         super().__init__(lr)
         # the probe's steps count toward the task: the core trains on from the probe's state
         # on it (its values and moments) for the rest of the task's steps
@@ -46,7 +47,7 @@ class Trace(Strategy):
         self.core_grads = core_grads
         self.pipeline = TracePipeline(select, probe_steps=probe_steps, probe_lr=probe_lr,
                                       sketch_dim=sketch_dim, exclude=exclude,
-                                      fisher_batches=fisher_batches)
+                                      fisher_batches=fisher_batches, probe_autocast=probe_autocast)
         self.general = general   # a Task of general ability whose Fisher is protected too
         self.name = name
         self.selections: list[dict] = []
