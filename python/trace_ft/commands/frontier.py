@@ -100,8 +100,10 @@ def frontier(cfg: RunConfig, out: str | Path | None = None, *, seeds: int = 3, q
         # adds trace's routed row, to the runs that have it: a study may ask for it later)
         free = {"grids", "seeds", "quick", "threads", "metric", "routed", *(k for n in names for k in table[n])}
         ours = json.loads(json.dumps(results["config"]))  # as JSON has it (tuples are lists)
+        # a setting added since the saved runs were made is theirs at its default value
+        before = {**json.loads(json.dumps(type(cfg)().flat())), **saved["config"]}
         differ = sorted(k for k in set(saved["config"]) | set(ours)
-                        if k not in free and saved["config"].get(k) != ours.get(k))
+                        if k not in free and before.get(k) != ours.get(k))
         if differ:
             raise ValueError(f"--resume: {results_file} was run with other settings ({', '.join(differ)})")
         for name, entries in saved["frontier"].items():

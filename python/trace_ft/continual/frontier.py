@@ -203,10 +203,12 @@ def _fmt(v, std=None, digits: int = 1) -> str:
 
 def markdown(results: dict, metric: str) -> str:
     cfg = results["config"]
+    # the seeds the runs hold (a resumed frontier's last call may have asked for fewer)
+    seeds = len({e["seed"] for runs in results.get("frontier", {}).values() for e in runs}) or cfg["seeds"]
     lines = ["# trace-ft frontier", "",
              f"Model `{results.get('model')}`; suite `{cfg['suite']}` "
              f"({', '.join(results.get('columns', [])[results.get('first_task_column', 0):])}); "
-             f"{cfg['steps']} steps per task, batch {cfg['batch_size']}; {cfg['seeds']} seed(s); "
+             f"{cfg['steps']} steps per task, batch {cfg['batch_size']}; {seeds} seed(s); "
              f"metric `{metric}`; {results.get('seconds', 0) / 60:.0f} min of training and scoring.",
              "",
              "Each point is a full continual run; values are the mean ± sample std over seeds. "

@@ -53,6 +53,14 @@ def test_frontier_points_seeds_and_outputs(builtin_cache, tmp_path, capsys):
     assert json.loads((out / "results.json").read_text())["frontier"] == json.loads(before)["frontier"]
     assert main(_args(builtin_cache, out, "--resume", "--steps", "5")) == 2
     assert "was run with other settings (steps)" in capsys.readouterr().err
+    # results made before a setting existed were made at its default: they resume
+    saved = json.loads((out / "results.json").read_text())
+    del saved["config"]["trace_probe_autocast"]
+    (out / "results.json").write_text(json.dumps(saved))
+    assert main(_args(builtin_cache, out, "--resume", "--seeds", "1")) == 0  # (the last --seeds wins)
+    assert "; 2 seed(s);" in (out / "report.md").read_text()  # the seeds the results hold
+    assert main(_args(builtin_cache, out, "--resume", "--probe-autocast", "bf16")) == 2
+    assert "was run with other settings (trace_probe_autocast)" in capsys.readouterr().err
 
 
 def test_bad_frontier_settings_are_refused(builtin_cache, tmp_path, capsys):
