@@ -2,7 +2,7 @@
 the core of a longer probe on other batches, with the noise floor of the probe's own data.
 
     python bench/bench_probe_length.py [--model smollm2-135m] [--suite real] [--tasks sciq,arith,jeopardy]
-        [--lengths 2,4,8] [--reference 16] [--budget 0.05] [--batch-size 8] [--lr 1e-4]
+        [--lengths 2,4,8] [--reference 16] [--budget 0.05] [--batch-size 8] [--lr 1e-4] [--autocast bf16]
 
 Per task, from the base model (no earlier task, so importance alone decides): probes of
 each of `--lengths` steps on stream A of the task's batches (a shorter probe sees the
@@ -13,8 +13,11 @@ element level, ranks of |Δ| and Fisher). Reported per length: the share of the
 reference's core it recovers, the share of its own core that the same-length probe on
 stream B also chose (its stability), and its seconds. The probe is the fixed cost a short
 task pays (#38): a length whose core matches the longer probe's as well as the longer
-probe matches itself on other data costs nothing in what is selected. Writes
-bench/results/probe_length_<model>.{json,md}.
+probe matches itself on other data costs nothing in what is selected. With `--autocast
+bf16`, each length's probe on stream A runs once more with its products in bf16 (the
+reference and stream B stay in the weights' dtype): its share of the reference core, its
+agreement with the same probe unrounded, and its seconds. Writes
+bench/results/probe_length_<model>[_<autocast>].{json,md}.
 """
 
 from __future__ import annotations
@@ -52,10 +55,11 @@ def measure(args) -> dict:
                   max_len=cfg.max_len)
     pipe = setup.strategy("trace").pipeline
     lengths = sorted(int(x) for x in args.lengths.split(","))
+    rounded = getattr(torch, args.autocast) if args.autocast else None
     out = {}
     for task in setup.tasks:
-        def core(steps: int, stream: str):
-            pipe.probe_steps = steps
+        def core(steps: int, stream: str, autocast=None):
+            pipe.probe_steps, pipe.probe_autocast = steps, autocast
             batches = list(ctx.batches([task], steps, salt=STREAM[stream]))
             t0 = time.perf_counter()
             train = ctx.train  # as the run's probe steps (`Trace.find_core`)
@@ -74,6 +78,13 @@ def measure(args) -> dict:
                          "stable": recovered(mask, other), "selected": mask.numel_selected})
             print(f"{task.name}: {n} steps, {seconds:.0f} s: {rows[-1]['recovered']:.1%} of the reference core, "
                   f"{rows[-1]['stable']:.1%} stable", flush=True)
+            if rounded is not None:
+                low, low_s = core(n, "A", rounded)
+                rows[-1].update(rounded_seconds=low_s, rounded_recovered=recovered(low, reference),
+                                rounded_agrees=recovered(low, mask))
+                print(f"{task.name}: {n} steps in {args.autocast}, {low_s:.0f} s: "
+                      f"{rows[-1]['rounded_recovered']:.1%} of the reference core, "
+                      f"{rows[-1]['rounded_agrees']:.1%} of the unrounded probe's", flush=True)
         out[task.name] = {"rows": rows, "reference_steps": args.reference, "reference_seconds": ref_s}
     return out
 
@@ -92,6 +103,19 @@ def markdown(results: dict, args) -> str:
         lines.append(f"| {name} | " + " | ".join(f"{x['recovered']:.1%} ({x['stable']:.1%})" for x in r["rows"]) + " |")
     secs = [sum(r["rows"][i]["seconds"] for r in results.values()) / len(results) for i in range(len(lengths))]
     lines.append("| probe seconds (mean) | " + " | ".join(f"{s:.0f}" for s in secs) + " |")
+    if not getattr(args, "autocast", None):
+        return "\n".join(lines)
+    lines += ["", f"The same probes on stream A with their products in {args.autocast} (`probe(autocast=)`): "
+              "the share of the reference core recovered, and, in brackets, the share of the unrounded "
+              "probe's core it chose too:", "",
+              "| task | " + " | ".join(f"{n} steps" for n in lengths) + " |",
+              "|---|" + "---:|" * len(lengths)]
+    for name, r in results.items():
+        lines.append(f"| {name} | " + " | ".join(f"{x['rounded_recovered']:.1%} ({x['rounded_agrees']:.1%})"
+                                                   for x in r["rows"]) + " |")
+    low = [sum(r["rows"][i]["rounded_seconds"] for r in results.values()) / len(results) for i in range(len(lengths))]
+    lines.append(f"| probe seconds (mean), {args.autocast} | " + " | ".join(f"{s:.0f}" for s in low) + " |")
+    lines.append(f"| {args.autocast} / unrounded seconds | " + " | ".join(f"{a / b:.2f}×" for a, b in zip(low, secs)) + " |")
     return "\n".join(lines)
 
 
@@ -108,6 +132,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--n-train", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--autocast", choices=["bfloat16", "float16"], default=None,
+                    help="also run each length's stream-A probe with its products in this dtype")
     ap.add_argument("--out", default=None, help="default bench/results/probe_length_<model>")
     ap.add_argument("--render", help="re-render a saved JSON result (no run)")
     args = ap.parse_args()
@@ -119,7 +145,8 @@ def main() -> None:
 
     args.machine = machine()["cpu"]
     results = measure(args)
-    stem = args.out or str(ROOT / "bench" / "results" / f"probe_length_{args.model}")
+    suffix = f"_{args.autocast}" if args.autocast else ""
+    stem = args.out or str(ROOT / "bench" / "results" / f"probe_length_{args.model}{suffix}")
     Path(stem + ".json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
     text = markdown(results, args)
     print(text)

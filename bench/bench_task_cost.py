@@ -1,7 +1,7 @@
 """Where a TRACE task's time and memory go, phase by phase, against a sequential full
 fine-tuning (seqft) task on the same model, tasks and settings.
 
-    python bench/bench_task_cost.py --model smollm2-135m [--tasks json,keyval] [--steps 30,100] [--probe-continue]
+    python bench/bench_task_cost.py --model smollm2-135m [--tasks json,keyval] [--steps 30,100] [--probe-continue] [--probe-autocast bf16]
     python bench/bench_task_cost.py --model builtin --size medium
 
 Each strategy runs in its own process (its peak resident memory is its own) through the
@@ -45,7 +45,8 @@ def one(args) -> dict:
         model=args.model, size=args.size, tasks=args.tasks.split(","), steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, trace_lr=args.trace_lr, trace_probe_steps=args.probe_steps,
         n_train=args.n_train, n_test=args.n_test, trace_core_grads=args.core_grads, trace_budget=args.budget,
-        trace_granularity=args.granularity, trace_continue_probe=args.probe_continue, seed=0))
+        trace_granularity=args.granularity, trace_continue_probe=args.probe_continue,
+        trace_probe_autocast=args.probe_autocast, seed=0))
     rss_start = _rss()
     setup = RunSetup.open(cfg, progress=False)
     base, path, tasks = setup.base, setup.model_dir, setup.tasks
@@ -171,6 +172,12 @@ def projection(P: float = 8.03e9, E: float = 6.98e9, k: float = 0.05, ranks: int
     return "\n".join(out)
 
 
+def _autocast(args) -> str:
+    """How the probe's products ran, for the table's heading (empty: the weights' dtype)."""
+    mode = getattr(args, "probe_autocast", "off")  # (results saved before the flag: off)
+    return "" if mode == "off" else f" (products in {mode})"
+
+
 def table(results: dict, args) -> str:
     seq, tr = results["seqft"], results["trace"]
     step = {k: r["phases"]["train steps"]["seconds"] / r["train_steps"] for k, r in results.items()
@@ -179,7 +186,7 @@ def table(results: dict, args) -> str:
     lines = [f"Model `{args.model}`{f' ({args.size})' if args.model == 'builtin' else ''}, "
              f"{seq['params']:,} parameters; tasks {args.tasks}; {args.steps} steps per task, batch "
              f"{args.batch_size}; trace: {args.granularity} level, budget {args.budget}, probe "
-             f"{args.probe_steps} steps, core-only gradients {args.core_grads}. "
+             f"{args.probe_steps} steps{_autocast(args)}, core-only gradients {args.core_grads}. "
              f"Machine: {getattr(args, 'machine', None) or 'not recorded'}, {args.threads} threads. Peak: resident memory above the loaded "
              "base model (the base itself: "
              f"{seq['rss_model_bytes'] / gib:.2f} GiB).", "",
@@ -271,6 +278,8 @@ def main() -> None:
     ap.add_argument("--probe-steps", type=int, default=10)
     ap.add_argument("--probe-continue", action="store_true", help="trace continues from its probe (the probe's "
                                                                     "steps count toward the task)")
+    ap.add_argument("--probe-autocast", default="off", choices=["off", "bf16", "fp16"],
+                    help="trace's probe products in this dtype (trace-ft's --probe-autocast)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=None, help="default: the model's (trace-ft run's)")
     ap.add_argument("--trace-lr", type=float, default=None, help="default: the model's (trace-ft run's)")
