@@ -17,10 +17,15 @@ def load():
     return module
 
 
+def _args(**kw):
+    return argparse.Namespace(**{**dict(model="builtin", size="tiny", suite="skills", tasks="rev", lengths="4,2",
+                                        reference=4, budget=0.05, batch_size=8, lr=1e-3, n_train=200, threads=1,
+                                        machine="test", autocast=None), **kw})
+
+
 def test_probe_length_on_the_builtin_model(monkeypatch):
     bench = load()
-    args = argparse.Namespace(model="builtin", size="tiny", suite="skills", tasks="rev", lengths="4,2", reference=4,
-                              budget=0.05, batch_size=8, lr=1e-3, n_train=200, threads=1, machine="test")
+    args = _args()
     opened = {}
     from trace_ft.config import RunSetup
 
@@ -46,6 +51,19 @@ def test_probe_length_on_the_builtin_model(monkeypatch):
     assert all(torch.equal(after[k], v) for k, v in opened["before"].items())
     text = bench.markdown(out, args)
     assert "| rev |" in text and "2 steps" in text and "4 steps" in text
+    assert "rounded_recovered" not in rows[0] and "bfloat16" not in text
+
+
+def test_probe_length_with_the_products_in_bf16():
+    """--autocast: each stream-A probe again with its products in bf16, compared with the
+    same probe unrounded (mostly the same core, not all of it) and with the reference."""
+    bench = load()
+    args = _args(lengths="3", autocast="bfloat16")
+    row = bench.measure(args)["rev"]["rows"][0]
+    assert 0.0 <= row["rounded_recovered"] <= 1.0 and row["rounded_seconds"] > 0
+    assert 0.5 < row["rounded_agrees"] <= 1.0
+    text = bench.markdown({"rev": {"rows": [row]}}, args)
+    assert "products in bfloat16" in text and "bfloat16 / unrounded seconds" in text
 
 
 def test_recovered_counts_the_reference_elements_chosen_again():
