@@ -1,7 +1,8 @@
 """Where a TRACE task's time and memory go, phase by phase, against a sequential full
 fine-tuning (seqft) task on the same model, tasks and settings.
 
-    python bench/bench_task_cost.py --model smollm2-135m [--tasks json,keyval] [--steps 30,100] [--probe-continue] [--probe-autocast bf16]
+    python bench/bench_task_cost.py --model smollm2-135m [--tasks json,keyval] [--steps 30,100] [--probe-continue]
+        [--probe-autocast bf16]
     python bench/bench_task_cost.py --model builtin --size medium
 
 Each strategy runs in its own process (its peak resident memory is its own) through the

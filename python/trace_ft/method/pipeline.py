@@ -183,9 +183,10 @@ class TracePipeline:
 
     select: the selection rule (`SelectConfig`); probe_steps / probe_lr: the warm-start
     probe (None: the lr its caller passes, the run's); probe_autocast: the dtype the probe's
-    products run in (`probe(autocast=)`; None: the weights'); sketch_dim: keep earlier updates as count
-    sketches of this many values per unit (None: exact); exclude: name patterns that are
-    never eligible; fisher_batches: batches of the Fisher estimate the guard stores.
+    products run in (`probe(autocast=)`; None: the weights'); sketch_dim: keep earlier
+    updates as count sketches of this many values per unit (None: exact); exclude: name
+    patterns that are never eligible; fisher_batches: batches of the Fisher estimate the
+    guard stores.
     """
 
     def __init__(self, select: SelectConfig | None = None, *, probe_steps: int = 50,
@@ -207,7 +208,7 @@ class TracePipeline:
 
     def config(self) -> dict:
         return {"probe_steps": self.probe_steps, "probe_lr": self.probe_lr,
-                "probe_autocast": None if self.probe_autocast is None else str(self.probe_autocast).removeprefix("torch."),
+                "probe_autocast": str(self.probe_autocast).removeprefix("torch.") if self.probe_autocast else None,
                 "sketch_dim": self.sketch_dim, "fisher_batches": self.fisher_batches,
                 "select": asdict(self.select_config)}
 

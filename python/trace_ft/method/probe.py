@@ -168,8 +168,8 @@ def probe(
     keep_moments: keep the optimizer's state at the end (`ProbeResult.moments`), so training
         can continue from it; Δ then takes a buffer of its own instead of the first moment's.
     autocast: run each forward and backward under `torch.autocast` to this dtype (bf16: on
-        hardware with native bf16 products a probe step of an fp32 model costs about 0.6 of
-        its fp32 step). Gradients, moments, Δ, Fisher and the weights keep their dtypes;
+        a CPU with native bf16 products a probe of an fp32 model costs about 0.7 of its fp32
+        time, docs/performance.md round 14). Gradients, moments, Δ, Fisher and the weights keep their dtypes;
         only the products are rounded. None: the weights' own dtype throughout.
     """
     if fisher not in ("mean", "adam"):
