@@ -101,7 +101,10 @@ def markdown(results: dict, args) -> str:
              "|---|" + "---:|" * len(lengths)]
     for name, r in results.items():
         lines.append(f"| {name} | " + " | ".join(f"{x['recovered']:.1%} ({x['stable']:.1%})" for x in r["rows"]) + " |")
-    secs = [sum(r["rows"][i]["seconds"] for r in results.values()) / len(results) for i in range(len(lengths))]
+    def mean_seconds(key: str) -> list[float]:  # per length, over the tasks
+        return [sum(r["rows"][i][key] for r in results.values()) / len(results) for i in range(len(lengths))]
+
+    secs = mean_seconds("seconds")
     lines.append("| probe seconds (mean) | " + " | ".join(f"{s:.0f}" for s in secs) + " |")
     if not getattr(args, "autocast", None):
         return "\n".join(lines)
@@ -113,7 +116,7 @@ def markdown(results: dict, args) -> str:
     for name, r in results.items():
         lines.append(f"| {name} | " + " | ".join(f"{x['rounded_recovered']:.1%} ({x['rounded_agrees']:.1%})"
                                                    for x in r["rows"]) + " |")
-    low = [sum(r["rows"][i]["rounded_seconds"] for r in results.values()) / len(results) for i in range(len(lengths))]
+    low = mean_seconds("rounded_seconds")
     lines.append(f"| probe seconds (mean), {args.autocast} | " + " | ".join(f"{s:.0f}" for s in low) + " |")
     ratios = " | ".join(f"{a / b:.2f}×" for a, b in zip(low, secs))
     lines.append(f"| {args.autocast} / unrounded seconds | {ratios} |")

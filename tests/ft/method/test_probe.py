@@ -61,28 +61,38 @@ def test_probe_restores_the_model_exactly(gen):
     assert all(d.abs().sum() > 0 for d in result.deltas.values())
 
 
+def assert_is_torch_adamw_probe(result, twin, batches, steps, lr, autocast=None):
+    """`result` is `steps` of torch's AdamW on Tiny's eligible weights of `twin` (a copy of
+    the probed model, trained here), each loss under autocast to `autocast` when given: Δ
+    within 1e-5 and the Fisher the mean of g² over the steps."""
+    eligible = ("proj.weight", "out.weight")
+    params = dict(twin.named_parameters())
+    chosen = [params[n] for n in eligible]
+    for n, p in twin.named_parameters():
+        p.requires_grad_(n in eligible)
+    start = [p.detach().clone() for p in chosen]
+    opt = torch.optim.AdamW(chosen, lr=lr, weight_decay=0.0)
+    sq = [torch.zeros_like(p) for p in chosen]
+    for step in range(steps):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            loss = loss_fn(twin, batches[step % len(batches)])
+        loss.backward()
+        for s, p in zip(sq, chosen):
+            s += p.grad.square()
+        opt.step()
+    for name, p, p0, s in zip(eligible, chosen, start, sq):
+        delta = p.detach() - p0
+        assert (result.deltas[name] - delta).norm() / delta.norm() < 1e-5
+        torch.testing.assert_close(result.fisher[name], s / steps, rtol=1e-5, atol=1e-12)
+
+
 def test_probe_matches_torch_adamw_and_mean_squared_grads(gen):
     model = Tiny()
     twin = copy.deepcopy(model)
     batches = tiny_batches(gen, 3)
     result = probe(model, batches, steps=5, lr=3e-3, weight_decay=0.0, loss_fn=loss_fn)
-    params = dict(twin.named_parameters())
-    chosen = [params["proj.weight"], params["out.weight"]]
-    for n, p in twin.named_parameters():
-        p.requires_grad_(n in ("proj.weight", "out.weight"))
-    start = [p.detach().clone() for p in chosen]
-    opt = torch.optim.AdamW(chosen, lr=3e-3, weight_decay=0.0)
-    sq = [torch.zeros_like(p) for p in chosen]
-    for step in range(5):
-        opt.zero_grad()
-        loss_fn(twin, batches[step % 3]).backward()
-        for s, p in zip(sq, chosen):
-            s += p.grad.square()
-        opt.step()
-    for name, p, p0, s in zip(("proj.weight", "out.weight"), chosen, start, sq):
-        delta = p.detach() - p0
-        assert (result.deltas[name] - delta).norm() / delta.norm() < 1e-5
-        torch.testing.assert_close(result.fisher[name], s / 5, rtol=1e-5, atol=1e-12)
+    assert_is_torch_adamw_probe(result, twin, batches, steps=5, lr=3e-3)
 
 
 def test_probe_state_is_one_buffer_per_device(gen):
@@ -167,25 +177,7 @@ def test_probe_with_its_products_in_bf16_is_the_autocast_probe(gen):
     for n, t in model.state_dict().items():
         assert torch.equal(bits(t), bits(before[n])), n
     assert all(d.dtype == torch.float32 for d in [*result.deltas.values(), *result.fisher.values()])
-    params = dict(twin.named_parameters())
-    chosen = [params["proj.weight"], params["out.weight"]]
-    for n, p in twin.named_parameters():
-        p.requires_grad_(n in ("proj.weight", "out.weight"))
-    start = [p.detach().clone() for p in chosen]
-    opt = torch.optim.AdamW(chosen, lr=3e-3, weight_decay=0.0)
-    sq = [torch.zeros_like(p) for p in chosen]
-    for step in range(4):
-        opt.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = loss_fn(twin, batches[step % 3])
-        loss.backward()
-        for s, p in zip(sq, chosen):
-            s += p.grad.square()
-        opt.step()
-    for name, p, p0, s in zip(("proj.weight", "out.weight"), chosen, start, sq):
-        delta = p.detach() - p0
-        assert (result.deltas[name] - delta).norm() / delta.norm() < 1e-5
-        torch.testing.assert_close(result.fisher[name], s / 4, rtol=1e-5, atol=1e-12)
+    assert_is_torch_adamw_probe(result, twin, batches, steps=4, lr=3e-3, autocast=torch.bfloat16)
     plain = probe(model, batches, steps=4, lr=3e-3, loss_fn=loss_fn)  # (the same θ⁰: restored)
     for name in ("proj.weight", "out.weight"):  # rounded products: near the fp32 probe, not it
         gap = (plain.fisher[name] - result.fisher[name]).norm() / plain.fisher[name].norm()
