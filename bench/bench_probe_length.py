@@ -44,6 +44,7 @@ def measure(args) -> dict:
 
     from trace_ft.config import RunConfig, RunSetup
     from trace_ft.continual.strategies.base import Context
+    from trace_ft.lm.precision import with_fp32_attention
     from trace_ft.lm.train import causal_lm_loss
 
     torch.set_num_threads(args.threads)
@@ -64,7 +65,8 @@ def measure(args) -> dict:
             t0 = time.perf_counter()
             train = ctx.train  # as the run's probe steps (`Trace.find_core`)
             result = pipe.probe(setup.base, batches, lr=cfg.lr, betas=train.betas, weight_decay=train.weight_decay,
-                                max_grad_norm=train.max_grad_norm, loss_fn=causal_lm_loss)
+                                max_grad_norm=train.max_grad_norm,
+                                loss_fn=with_fp32_attention(causal_lm_loss))  # (as `Trace.find_core`)
             seconds = time.perf_counter() - t0
             return pipe.select(result).mask, seconds
 

@@ -19,6 +19,7 @@ import torch
 
 from trace_kernels import CoreMask, MaskedAdamW
 
+from ...lm.precision import with_fp32_attention
 from ...lm.train import causal_lm_loss, load_optimizer_state, train_loop
 from ...method.pipeline import CoreStart, FoundCore, TracePipeline, continue_from
 from ...method.probe import DEFAULT_EXCLUDE
@@ -114,8 +115,8 @@ class Trace(Strategy):
         The probe runs at the run's lr unless `probe_lr` is set."""
         cfg = self.train_config(ctx)
         par = ctx.parallel
-        dp = ({"loss_fn": causal_lm_loss} if par is None
-              else {"loss_fn": par.loss(causal_lm_loss), "sync_grads": par.sync_grads})
+        loss = with_fp32_attention(causal_lm_loss)  # (under a bf16 probe on a CPU: the faster kernel)
+        dp = ({"loss_fn": loss} if par is None else {"loss_fn": par.loss(loss), "sync_grads": par.sync_grads})
         batches = ctx.batches([task], self.pipeline.probe_steps, salt=10_000 + index)
         t0 = time.perf_counter()
         found = self.pipeline.find_core(
