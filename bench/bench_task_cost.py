@@ -2,7 +2,7 @@
 fine-tuning (seqft) task on the same model, tasks and settings.
 
     python bench/bench_task_cost.py --model smollm2-135m [--tasks json,keyval] [--steps 30,100] [--probe-continue]
-        [--probe-autocast bf16]
+        [--probe-autocast off|bf16|auto]
     python bench/bench_task_cost.py --model builtin --size medium
 
 Each strategy runs in its own process (its peak resident memory is its own) through the
@@ -67,6 +67,7 @@ def one(args) -> dict:
             "rss_model_bytes": rss_base - rss_start,
             "train_steps": len(tasks) * (strategy.core_steps(args.steps) if is_trace else args.steps),
             "probe_steps": len(tasks) * strategy.pipeline.probe_steps if is_trace else 0,
+            "probe_autocast": cfg.trace.probe_autocast if is_trace else None,  # (as "auto" resolved here)
             "state_bytes": c["state_bytes"]}
 
 
@@ -173,9 +174,11 @@ def projection(P: float = 8.03e9, E: float = 6.98e9, k: float = 0.05, ranks: int
     return "\n".join(out)
 
 
-def _autocast(args) -> str:
+def _autocast(results: dict, args) -> str:
     """How the probe's products ran, for the table's heading (empty: the weights' dtype)."""
-    mode = getattr(args, "probe_autocast", "off")  # (results saved before the flag: off)
+    # as the trace run resolved it; results saved before it was recorded: the flag (before
+    # the flag: off)
+    mode = results["trace"].get("probe_autocast") or getattr(args, "probe_autocast", None) or "off"
     return "" if mode == "off" else f" (products in {mode})"
 
 
@@ -187,7 +190,7 @@ def table(results: dict, args) -> str:
     lines = [f"Model `{args.model}`{f' ({args.size})' if args.model == 'builtin' else ''}, "
              f"{seq['params']:,} parameters; tasks {args.tasks}; {args.steps} steps per task, batch "
              f"{args.batch_size}; trace: {args.granularity} level, budget {args.budget}, probe "
-             f"{args.probe_steps} steps{_autocast(args)}, core-only gradients {args.core_grads}. "
+             f"{args.probe_steps} steps{_autocast(results, args)}, core-only gradients {args.core_grads}. "
              f"Machine: {getattr(args, 'machine', None) or 'not recorded'}, {args.threads} threads. Peak: resident memory above the loaded "
              "base model (the base itself: "
              f"{seq['rss_model_bytes'] / gib:.2f} GiB).", "",
@@ -279,8 +282,9 @@ def main() -> None:
     ap.add_argument("--probe-steps", type=int, default=10)
     ap.add_argument("--probe-continue", action="store_true", help="trace continues from its probe (the probe's "
                                                                     "steps count toward the task)")
-    ap.add_argument("--probe-autocast", default="off", choices=["off", "bf16", "fp16"],
-                    help="trace's probe products in this dtype (trace-ft's --probe-autocast)")
+    ap.add_argument("--probe-autocast", choices=["off", "bf16", "fp16", "auto"],
+                    help="trace's probe products in this dtype (trace-ft's --probe-autocast; default: "
+                         "the run's, auto for a pretrained model)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=None, help="default: the model's (trace-ft run's)")
     ap.add_argument("--trace-lr", type=float, default=None, help="default: the model's (trace-ft run's)")

@@ -167,5 +167,27 @@ def test_the_probe_autocast_setting_reaches_the_probe_and_is_checked():
     cfg = _parse(["--probe-autocast", "bf16", "--model", "builtin"])
     assert build_strategy("trace", cfg).pipeline.probe_autocast is torch.bfloat16
     assert build_strategy("trace", _parse(["--model", "builtin"])).pipeline.probe_autocast is None
-    with pytest.raises(ValueError, match="trace_probe_autocast must be one of off, bf16, fp16, got 'bf8'"):
+    with pytest.raises(ValueError, match="trace_probe_autocast must be one of off, bf16, fp16, auto, got 'bf8'"):
         RunConfig.from_dict({"trace_probe_autocast": "bf8"})
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_probe_autocast_default_is_bf16_where_the_device_multiplies_it_natively(monkeypatch, native):
+    import trace_ft.config.run_config as run_config
+
+    seen = []
+    monkeypatch.setattr(run_config, "native_bf16", lambda device: seen.append(device) or native)
+    resolved = "bf16" if native else "off"
+    cfg = RunConfig.from_dict({"model": "smollm2-135m", "device": "cpu"})
+    assert (cfg.trace.probe_autocast, seen) == (resolved, ["cpu"])
+    assert cfg.flat()["trace_probe_autocast"] == resolved            # what results.json records
+    assert RunConfig.from_dict({"model": "smollm2-135m", "trace_probe_autocast": "auto"}).trace.probe_autocast \
+        == resolved                                                     # asked for by name: the same
+    # given: kept; 16-bit weights: already products in their dtype; the built-in model: off
+    assert RunConfig.from_dict({"model": "smollm2-135m", "trace_probe_autocast": "off"}).trace.probe_autocast == "off"
+    assert RunConfig.from_dict({"model": "smollm2-135m", "dtype": "bfloat16"}).trace.probe_autocast == "off"
+    assert RunConfig.from_dict({"model": "builtin"}).trace.probe_autocast == "off"
+    # a replaced config (a frontier point) resolves the default again, a given value stays
+    cfg = RunConfig.from_dict({"model": "smollm2-135m"})
+    assert cfg.replaced(dtype="bfloat16").trace.probe_autocast == "off"
+    assert cfg.replaced(trace_probe_autocast="fp16").replaced(dtype="bfloat16").trace.probe_autocast == "fp16"

@@ -24,13 +24,14 @@ class ModelDefaults:
     general_every: str     # general ability scored after every "task", or at the "end"
     routed: bool           # trace's task-routed row (a rescoring of every task after the run)
     score_unseen: str      # tasks not yet trained, scored after each task: "all" or the "next" only
+    probe_autocast: str    # the probe's products: "off" (the weights' dtype) or "auto" (`RunConfig`)
 
 
 DEFAULTS = {
     # the built-in model's frontier (bench/results/trace_ft_frontier.md)
     "builtin": ModelDefaults(lr=1e-3, core_lr_factor=10.0, steps=200, batch_size=32, probe_steps=50,
                              n_train=2000, n_test=200, general_every="task", routed=True,
-                             score_unseen="all"),
+                             score_unseen="all", probe_autocast="off"),
     # SmolLM2-135M's real-model studies (docs/results.md): json, keyval and intro are learned
     # to 100 % in 16 steps of batch 8 at lr 1e-4, card (long upper-case answers) to 34-72 %
     # in 16 and 81-84 % in 24 (trace, seqft), so 24; a probe of 8 steps at that lr finds a
@@ -39,10 +40,13 @@ DEFAULTS = {
     # general ability at the start and the end; the routed row (an extra analysis that
     # rescored every task, 10 % of a run) only when asked; of the tasks not yet trained only
     # the next is scored after each task (what FWT needs; the rest of the upper triangle is
-    # a third of a real run's scoring and no metric reads it).
+    # a third of a real run's scoring and no metric reads it). The probe's products in bf16
+    # where the device multiplies bf16 natively ("auto"): 0.7 of the fp32 probe's time, and
+    # over three seeds of the real sequence the same retention and general ability
+    # (docs/performance.md, rounds 14-15).
     "pretrained": ModelDefaults(lr=1e-4, core_lr_factor=3.0, steps=24, batch_size=8, probe_steps=8,
                                 n_train=400, n_test=32, general_every="end", routed=False,
-                                score_unseen="next"),
+                                score_unseen="next", probe_autocast="auto"),
 }
 
 

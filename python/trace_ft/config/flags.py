@@ -91,7 +91,10 @@ RUN_FLAGS = {
                          "core trains on from the probe's values and moments on it for the rest of the "
                          "task's steps, instead of from the task's start with fresh moments (true/false)"),
     "--probe-autocast": ("trace_probe_autocast", str, "trace: the probe's products in bf16 or fp16 "
-                         "(torch.autocast; its gradients, Δ and Fisher stay in the weights' dtype), or off"),
+                         "(torch.autocast; its gradients, Δ and Fisher stay in the weights' dtype), off, "
+                         "or auto: bf16 where the device multiplies bf16 natively (CUDA sm80+, a CPU "
+                         "with AVX-512 BF16 or AMX) and the weights are fp32, else off (default: auto "
+                         "for a pretrained model, off for the built-in one; results record which)"),
     "--trace-lr": ("trace_lr", float, "trace: learning rate on the core (default: --lr times 10 for the "
                    "built-in model, times 3 for a pretrained one)"),
     "--threshold": ("trace_specificity_threshold", float, "trace: specificity threshold (max cosine)"),

@@ -19,9 +19,10 @@ from .setup import RunSetup
 # a trace step (core-only gradients) and a LoRA step; decoding runs about half as many tokens a
 # second as a training step's forward pass
 TRACE_STEP, LORA_STEP, DECODE_SLOWDOWN = 0.8, 0.85, 2.0
-# a probe step with its products in bf16 (`--probe-autocast bf16`; AMD EPYC, avx512_bf16:
+# a probe step with its products in bf16 and attention in fp32 (`--probe-autocast bf16`, the
+# default where bf16 is native; AMD EPYC, avx512_bf16:
 # bench/results/probe_length_smollm2-135m_bfloat16.md) against one in fp32
-PROBE_AUTOCAST_STEP = 0.7
+PROBE_AUTOCAST_STEP = 0.65
 # a benchmark question costs about as much as 60 tokens of a training step's forward pass (its
 # context runs once, its choices share it through the KV cache): SmolLM2's headline four at 500
 # questions each took 238 s at 2.9 s a step of ~500 tokens (bench/results/benchmarks_smollm2.md);

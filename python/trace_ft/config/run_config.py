@@ -15,6 +15,7 @@ import torch
 from ..benchmarks.data import benchmark_names
 from ..continual.strategies import strategy_names_ok
 from ..lm.parallel import MODES as PARALLEL_MODES, check_launch
+from ..lm.precision import native_bf16
 from ..lm.train import TrainConfig
 from ..tasks import SUITES
 from ..tasks.builtin import PRETRAINED_SUITES
@@ -29,7 +30,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 FSDP2_REFUSED = {"lora": "lora inserts adapter modules into the model after it is sharded"}
 # the flat names `RunConfig` fills in from the model's defaults when they are unset
 RESOLVED = ("lr", "steps", "batch_size", "n_train", "n_test", "general_every", "routed", "score_unseen", "trace_lr",
-            "trace_probe_lr", "trace_probe_steps", "trace_core_grads")
+            "trace_probe_lr", "trace_probe_steps", "trace_core_grads", "trace_probe_autocast")
 
 
 @dataclass
@@ -97,6 +98,11 @@ class RunConfig:
         if t.core_grads is None:
             unset.add("trace_core_grads")
             t.core_grads = self.parallel != "fsdp2"  # fsdp2 shards the weights
+        if t.probe_autocast is None:
+            unset.add("trace_probe_autocast")
+            t.probe_autocast = d.probe_autocast
+        if t.probe_autocast == "auto":  # recorded as what it resolved to, on this machine
+            t.probe_autocast = "bf16" if self.dtype == "float32" and native_bf16(self.device) else "off"
         self.defaulted = frozenset(unset) | self.defaulted
 
     @property

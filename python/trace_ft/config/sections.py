@@ -43,8 +43,10 @@ class TraceSettings:
     protect_base: bool = False        # guard general ability too (the Fisher of the base skill / general text)
     # the probe's steps count toward the task: the core trains on from the probe's state on it
     continue_probe: bool = False
-    # the dtype of the probe's products ("bf16", "fp16": under autocast; "off": the weights')
-    probe_autocast: str = "off"
+    # the dtype of the probe's products ("bf16", "fp16": under autocast; "off": the weights';
+    # "auto": bf16 where the device multiplies it natively and the weights are fp32, else off;
+    # None: the model's default, resolved by `RunConfig`)
+    probe_autocast: str | None = None
     select: SelectConfig = field(default_factory=SelectConfig)
 
     def __post_init__(self) -> None:
@@ -55,8 +57,8 @@ class TraceSettings:
         self.select = dataclasses.replace(self.select, granularity=granularity(self.select.granularity))
         if self.probe_steps is not None and self.probe_steps < 1:
             raise ValueError(f"trace_probe_steps must be >= 1, got {self.probe_steps}")
-        if self.probe_autocast not in PROBE_AUTOCAST:
-            raise ValueError(f"trace_probe_autocast must be one of {', '.join(PROBE_AUTOCAST)}, "
+        if self.probe_autocast is not None and self.probe_autocast not in (*PROBE_AUTOCAST, "auto"):
+            raise ValueError(f"trace_probe_autocast must be one of {', '.join(PROBE_AUTOCAST)}, auto, "
                              f"got {self.probe_autocast!r}")
         check_positive("trace", probe_lr=self.probe_lr, lr=self.lr)
         if self.sketch_dim is not None and self.sketch_dim < 1:
