@@ -49,7 +49,10 @@ KNOB = {"seqft": "lr", "lora": "lora_lr", "trace": "trace_lr", "trace_guard": "t
 # 5-9 minutes on 2 CPU cores
 SETTINGS = ["--model", "smollm2-135m", "--suite", "instruct", "--tasks", "json,keyval,intro",
             "--steps", "12", "--batch-size", "8", "--n-train", "400", "--n-test", "16",
-            "--probe-steps", "8", "--probe-lr", "3e-5", "--lr", "3e-5", "--general-every", "end", "--quiet"]
+            "--probe-steps", "8", "--probe-lr", "3e-5", "--lr", "3e-5", "--general-every", "end", "--quiet",
+            # every study here was run with the probe in the weights' dtype (before round 15's
+            # bf16 default), so it resumes so; the bf16 probe is a lever (trace_probe_autocast=bf16)
+            "--probe-autocast", "off"]
 
 
 # per regime: settings that replace SETTINGS' values, the stage-1 grids (None: the

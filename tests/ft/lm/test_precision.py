@@ -20,6 +20,20 @@ def tiny_llama():
     return LlamaForCausalLM(cfg)
 
 
+def tiny_gemma3():
+    """Gemma 3's text model: a sliding-window layer (window 4, so the window masks too) and a
+    global one, each with its own mask."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=32,
+                           sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+                           query_pre_attn_scalar=8)
+    cfg._attn_implementation = "sdpa"
+    return Gemma3ForCausalLM(cfg)
+
+
 def padded_batch():
     ids = torch.randint(1, 64, (3, 11), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
@@ -48,8 +62,9 @@ def record_sdpa(monkeypatch):
     return calls
 
 
-def test_attention_runs_in_fp32_under_cpu_autocast_with_the_same_inputs_and_mask(monkeypatch):
-    model, batch = tiny_llama(), padded_batch()
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gemma3])
+def test_attention_runs_in_fp32_under_cpu_autocast_with_the_same_inputs_and_mask(monkeypatch, make):
+    model, batch = make(), padded_batch()
     calls = record_sdpa(monkeypatch)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         plain = causal_lm_loss(model, batch)
@@ -58,21 +73,23 @@ def test_attention_runs_in_fp32_under_cpu_autocast_with_the_same_inputs_and_mask
             kept = causal_lm_loss(model, batch)
     assert model.config._attn_implementation == "sdpa"  # restored on leaving
     assert len(calls) == 4  # two layers, twice
-    plain_call, fp32_call = calls[0], calls[2]  # layer 0: the same projections feed both
-    # plain: autocast casts q, k, v to bf16 inside the op; kept: fp32 in, autocast off around it
-    assert plain_call["autocast"] and plain_call["v"].dtype == torch.bfloat16
-    assert not fp32_call["autocast"] and fp32_call["q"].dtype == fp32_call["v"].dtype == torch.float32
-    assert torch.equal(fp32_call["v"].bfloat16(), plain_call["v"]) and torch.equal(fp32_call["q"], plain_call["q"])
-    assert plain_call["causal"] == fp32_call["causal"]
-    m16, m32 = plain_call["mask"], fp32_call["mask"]  # the model's own mask, as sdpa gets it
-    assert (m16 is None) == (m32 is None)
-    if m16 is not None:
+    for plain_call, fp32_call in zip(calls[:2], calls[2:]):  # layer by layer
+        # plain: autocast casts q, k, v to bf16 inside the op; kept: fp32 in, autocast off around it
+        assert plain_call["autocast"] and plain_call["v"].dtype == torch.bfloat16
+        assert not fp32_call["autocast"] and fp32_call["q"].dtype == fp32_call["v"].dtype == torch.float32
+        assert plain_call["causal"] == fp32_call["causal"]
+        m16, m32 = plain_call["mask"], fp32_call["mask"]  # the model's own mask, as sdpa gets it
+        assert m16 is not None  # (left padding: a mask the kernel must apply)
         assert torch.equal(m16, m32) if m16.dtype == torch.bool else torch.equal(m16.float(), m32)
+    # layer 0's inputs: the same projections feed both
+    plain_call, fp32_call = calls[0], calls[2]
+    assert torch.equal(fp32_call["v"].bfloat16(), plain_call["v"]) and torch.equal(fp32_call["q"], plain_call["q"])
+    if make is tiny_gemma3:  # the sliding layer's mask is not the global one's
+        assert not torch.equal(calls[0]["mask"], calls[1]["mask"])
     # the loss of fp32 attention is nearer the fp32 model's than a loss with the mask ignored
     with torch.no_grad():
         ref = causal_lm_loss(model, batch)
         unmasked = causal_lm_loss(model, {**batch, "attention_mask": torch.ones_like(batch["attention_mask"])})
-    assert m16 is not None  # (left padding: a mask the kernel must apply)
     assert abs(float(kept.detach()) - float(ref)) < 0.5 * abs(float(unmasked) - float(ref))
     assert kept.dtype == plain.dtype == torch.float32
 
