@@ -133,3 +133,18 @@ def test_a_model_rank_0_cannot_open_stops_every_rank(tmp_path):
     assert out.returncode != 0
     assert "not a Hugging Face model directory" in out.stderr
     assert "rank 0 failed: ValueError" in out.stderr
+
+
+@pytest.mark.slow
+def test_a_bf16_probe_on_sharded_weights_matches_one_process(builtin_cache, tmp_path):
+    """The probe under autocast with FSDP2's shards (each rank's products in bf16 on half the
+    batch): the same probe losses as one process, to bf16's rounding, and both record it."""
+    argv = ["run", "--size", "tiny", "--cache-dir", str(builtin_cache), "--quiet", "--tasks", "rev,sub",
+            "--steps", "8", "--probe-steps", "3", "--n-train", "64", "--n-test", "16", "--batch-size", "8",
+            "--threads", "1", "--strategies", "trace", "--probe-autocast", "bf16"]
+    assert main([*argv, "--out", str(tmp_path / "one")]) == 0
+    _torchrun(["-m", "trace_ft", *argv, "--out", str(tmp_path / "two"), "--parallel", "fsdp2"])
+    a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert a["config"]["trace_probe_autocast"] == b["config"]["trace_probe_autocast"] == "bf16"
+    losses = [[s["probe_loss"] for s in r["strategies"]["trace"]["selections"]] for r in (a, b)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-2)
