@@ -105,7 +105,9 @@ def frontier(cfg: RunConfig, out: str | Path | None = None, *, seeds: int = 3, q
         differ = sorted(k for k in set(saved["config"]) | set(ours)
                         if k not in free and before.get(k) != ours.get(k))
         if differ:
-            raise ValueError(f"--resume: {results_file} was run with other settings ({', '.join(differ)})")
+            was = "; ".join(f"{k} {before.get(k)!r}, now {ours.get(k)!r}" for k in differ)
+            raise ValueError(f"--resume: {results_file} was run with other settings ({', '.join(differ)}): "
+                             f"{was}; give them as they were to resume it")
         for name, entries in saved["frontier"].items():
             results["frontier"].setdefault(name, []).extend(entries)
         results["seconds"] = saved.get("seconds", 0.0)  # the kept runs' time counts too

@@ -60,7 +60,8 @@ def test_frontier_points_seeds_and_outputs(builtin_cache, tmp_path, capsys):
     assert main(_args(builtin_cache, out, "--resume", "--seeds", "1")) == 0  # (the last --seeds wins)
     assert "; 2 seed(s);" in (out / "report.md").read_text()  # the seeds the results hold
     assert main(_args(builtin_cache, out, "--resume", "--probe-autocast", "bf16")) == 2
-    assert "was run with other settings (trace_probe_autocast)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "was run with other settings (trace_probe_autocast): trace_probe_autocast 'off', now 'bf16'" in err
 
 
 def test_bad_frontier_settings_are_refused(builtin_cache, tmp_path, capsys):
