@@ -41,7 +41,7 @@ DEFAULTS = {
     # rescored every task, 10 % of a run) only when asked; of the tasks not yet trained only
     # the next is scored after each task (what FWT needs; the rest of the upper triangle is
     # a third of a real run's scoring and no metric reads it). The probe's products in bf16
-    # where the device multiplies bf16 natively ("auto"): 0.7 of the fp32 probe's time, and
+    # where the device multiplies bf16 natively ("auto"): 0.65 of the fp32 probe's time, and
     # over three seeds of the real sequence the same retention and general ability
     # (docs/performance.md, rounds 14-15).
     "pretrained": ModelDefaults(lr=1e-4, core_lr_factor=3.0, steps=24, batch_size=8, probe_steps=8,
