@@ -10,7 +10,9 @@
 #include <vector>
 
 #include "../cpu/delta_stats.h"
+#include "../cpu/element_cosine.h"
 #include "../cpu/masked_adamw.h"
+#include "../cpu/rank_scores.h"
 #include "../cpu/sampled_dot.h"
 #include "trace_kernels/rounding.h"
 #include "table_layout.h"
@@ -177,6 +179,40 @@ void sampled_dot_token_major(int64_t a, int64_t a_width, int64_t b, int64_t b_wi
                                num_threads);
 }
 
+// Checked by the caller (trace_kernels/ops/rank_scores.py): dtypes, lengths, table sizes;
+// index and value have room for n entries. Returns (finite scores, candidates written).
+std::pair<int64_t, int64_t> rank_scores(int64_t x, int64_t y, int64_t x_ranks, int64_t y_ranks, int bits,
+                                        int64_t factor0, int64_t factor1, int64_t excluded, int64_t n,
+                                        double floor, int64_t index, int64_t value, int num_threads) {
+  if (bits < 1 || bits > 31) layout::fail("rank_scores: bits must be in [1, 31]");
+  tkc::RankScoresArgs a{layout::as_ptr<const float>(x), layout::as_ptr<const float>(y),
+                        layout::as_ptr<const double>(x_ranks), layout::as_ptr<const double>(y_ranks), bits,
+                        {layout::as_ptr<const double>(factor0), layout::as_ptr<const double>(factor1)},
+                        layout::as_ptr<const uint8_t>(excluded), n, floor};
+  int64_t kept = 0;
+  py::gil_scoped_release release;
+  const int64_t finite = tkc::rank_scores(a, layout::as_ptr<int64_t>(index), layout::as_ptr<double>(value),
+                                          &kept, num_threads);
+  return {finite, kept};
+}
+
+// Checked by the caller: x fp32, counts int64 of 2^bits entries.
+void rank_counts(int64_t x, int64_t n, int bits, int64_t counts) {
+  if (bits < 1 || bits > 31) layout::fail("rank_counts: bits must be in [1, 31]");
+  py::gil_scoped_release release;
+  tkc::rank_counts(layout::as_ptr<const float>(x), n, bits, layout::as_ptr<int64_t>(counts));
+}
+
+// Checked by the caller: d and each ref fp32 of n elements, out fp64 of n.
+void element_max_cosine(int64_t d, const std::vector<int64_t>& refs, int64_t n, int64_t out, int num_threads) {
+  if (refs.empty()) layout::fail("element_max_cosine: no reference");
+  std::vector<const float*> ptrs;
+  for (int64_t r : refs) ptrs.push_back(layout::as_ptr<const float>(r));
+  py::gil_scoped_release release;
+  tkc::element_max_cosine(layout::as_ptr<const float>(d), ptrs.data(), static_cast<int>(ptrs.size()), n,
+                          layout::as_ptr<double>(out), num_threads);
+}
+
 bool openmp_enabled() {
 #ifdef _OPENMP
   return true;
@@ -219,6 +255,15 @@ PYBIND11_MODULE(_C, m) {
         py::arg("b_width"), py::arg("length"), py::arg("rows"), py::arg("cols"), py::arg("count"),
         py::arg("out"), py::arg("num_threads"),
         "out[i] = sum_t a[t, rows[i]] b[t, cols[i]] for token-major (length x width) a and b.");
+  m.def("rank_scores", &rank_scores, py::arg("x"), py::arg("y"), py::arg("x_ranks"), py::arg("y_ranks"),
+        py::arg("bits"), py::arg("factor0"), py::arg("factor1"), py::arg("excluded"), py::arg("n"),
+        py::arg("floor"), py::arg("index"), py::arg("value"), py::arg("num_threads"),
+        "Binned-rank scores (x_ranks[bin x] + y_ranks[bin y]) / 2, scaled, masked; the finite ones "
+        ">= floor written with their positions. Returns (finite, written).");
+  m.def("rank_counts", &rank_counts, py::arg("x"), py::arg("n"), py::arg("bits"), py::arg("counts"),
+        "counts[bin(x[i])] += 1: the histogram behind binned percentile ranks.");
+  m.def("element_max_cosine", &element_max_cosine, py::arg("d"), py::arg("refs"), py::arg("n"), py::arg("out"),
+        py::arg("num_threads"), "out[i] = max_r cos(d[i], refs[r][i]) of one-element blocks (fp64).");
   m.def("openmp_enabled", &openmp_enabled);
   m.def("isa_levels", []() {
     std::vector<std::string> levels;

@@ -115,3 +115,31 @@ def sampled_dot(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, cols: torc
     _ext().sampled_dot(a.data_ptr(), b.data_ptr(), a.shape[1], rows.data_ptr(), cols.data_ptr(),
                        rows.numel(), out.data_ptr(), torch.get_num_threads())
     return out
+
+
+@register_kernel("rank_scores", "cpu")
+def rank_scores(x: torch.Tensor, y: torch.Tensor, x_ranks: torch.Tensor, y_ranks: torch.Tensor, bits: int,
+                factors: tuple[torch.Tensor, ...], excluded: torch.Tensor | None, floor: float):
+    from ..ops.rank_scores import RankScores
+
+    n = x.numel()
+    index = torch.empty(n, dtype=torch.int64)   # room for every element; trimmed below
+    value = torch.empty(n, dtype=torch.float64)
+    f = [t.data_ptr() for t in factors] + [0] * (2 - len(factors))
+    finite, kept = _ext().rank_scores(x.data_ptr(), y.data_ptr(), x_ranks.data_ptr(), y_ranks.data_ptr(), bits,
+                                      f[0], f[1], 0 if excluded is None else excluded.data_ptr(), n, floor,
+                                      index.data_ptr(), value.data_ptr(), torch.get_num_threads())
+    return RankScores(finite, index[:kept].clone(), value[:kept].clone())
+
+
+@register_kernel("rank_counts", "cpu")
+def rank_counts(x: torch.Tensor, bits: int, counts: torch.Tensor) -> None:
+    _ext().rank_counts(x.data_ptr(), x.numel(), bits, counts.data_ptr())
+
+
+@register_kernel("element_max_cosine", "cpu")
+def element_max_cosine(d: torch.Tensor, refs: list[torch.Tensor]) -> torch.Tensor:
+    out = torch.empty(d.numel(), dtype=torch.float64)
+    _ext().element_max_cosine(d.data_ptr(), [r.data_ptr() for r in refs], d.numel(), out.data_ptr(),
+                              torch.get_num_threads())
+    return out

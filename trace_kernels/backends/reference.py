@@ -8,6 +8,8 @@ back, so the native kernels (compiled without FMA contraction) match it bit for 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -135,3 +137,52 @@ def sampled_dot(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, cols: torc
         r, c = rows[s:s + chunk], cols[s:s + chunk]
         out[s:s + chunk] = (a.index_select(0, r) * b.index_select(0, c)).sum(1)
     return out
+
+
+@register_kernel("rank_scores", "reference")
+def rank_scores(x: torch.Tensor, y: torch.Tensor, x_ranks: torch.Tensor, y_ranks: torch.Tensor, bits: int,
+                factors: tuple[torch.Tensor, ...], excluded: torch.Tensor | None, floor: float,
+                chunk: int = 1 << 20):
+    """The torch ops, in chunks of `chunk` elements (no element-sized fp64 temporary)."""
+    from ..ops.rank_scores import RankScores, rank_bin
+
+    finite, index, value = 0, [], []
+    for a in range(0, x.numel(), chunk):
+        s = x_ranks[rank_bin(x[a:a + chunk], bits)]
+        s += y_ranks[rank_bin(y[a:a + chunk], bits)]
+        s.mul_(0.5)
+        for f in factors:
+            s.mul_(f[a:a + chunk])
+        if excluded is not None:
+            s[excluded[a:a + chunk]] = -math.inf
+        ok = torch.isfinite(s)
+        finite += int(torch.count_nonzero(ok))
+        keep = torch.nonzero(ok.logical_and_(s >= floor)).reshape(-1)
+        index.append(keep + a)
+        value.append(s[keep])
+    empty = torch.zeros(0, dtype=torch.int64, device=x.device)
+    return RankScores(finite, torch.cat(index) if index else empty,
+                      torch.cat(value) if value else empty.double())
+
+
+@register_kernel("rank_counts", "reference")
+def rank_counts(x: torch.Tensor, bits: int, counts: torch.Tensor, chunk: int = 1 << 20) -> None:
+    """bincount over each chunk's span of bins."""
+    from ..ops.rank_scores import rank_bin
+
+    for a in range(0, x.numel(), chunk):
+        key = rank_bin(x[a:a + chunk], bits)
+        lo, hi = int(key.min()), int(key.max())
+        counts[lo:hi + 1] += torch.bincount(key.sub_(lo), minlength=hi - lo + 1)
+
+
+@register_kernel("element_max_cosine", "reference")
+def element_max_cosine(d: torch.Tensor, refs: list[torch.Tensor]) -> torch.Tensor:
+    """The torch ops of the block path at one element per block."""
+    ss = (d * d).double()
+    best = None
+    for r in refs:
+        den = (ss * (r * r).double()).sqrt()
+        c = torch.where(den > 0, (d * r).double() / den.clamp_min(1e-300), torch.zeros_like(den))
+        best = c if best is None else torch.maximum(best, c)
+    return best

@@ -11,8 +11,8 @@ from collections.abc import Callable
 # "plan_masked_adamw" is a backend's prepared launch of a masked step (built once from the
 # step's lists, then stepped with only the gradients): the reference has none, and a backend
 # without one runs the op at every step.
-OPS = ("masked_adamw_", "adamw_fisher_", "delta_stats", "sampled_dot", "check_block_indices",
-       "plan_masked_adamw")
+OPS = ("masked_adamw_", "adamw_fisher_", "delta_stats", "sampled_dot", "rank_scores", "rank_counts",
+       "element_max_cosine", "check_block_indices", "plan_masked_adamw")
 NAMES = ("reference", "cpu", "cuda", "triton")  # the backends, each `backends/<name>`
 _KERNELS: dict[tuple[str, str], Callable] = {}
 

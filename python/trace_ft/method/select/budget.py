@@ -10,6 +10,8 @@ import math
 import torch
 from torch import Tensor
 
+from trace_kernels import ops
+
 from . import ranks
 from .ranks import RANK_BITS, order_key
 
@@ -88,33 +90,52 @@ def take_budget(scores: Tensor, block_elems: Tensor | int, budget_elems: float) 
 class TopScores:
     """The scores that can still be among the k largest, with their positions, kept in scan
     order: each tensor's scores at or above a floor are added, and once more than 2k are
-    kept the floor rises to the k-th largest kept (no score below it can be among the k
-    largest of all) and those below it go. At most 2k plus one tensor's are held."""
+    kept the floor rises (no score below it can be among the k largest of all) and those
+    below it go. At most 2k plus one tensor's are held.
+
+    The floor comes from a histogram of the kept scores' fp32 bins (`ops.rank_counts`), not
+    a selection over them: the lowest bin edge with at least k kept scores at or above it,
+    less one fp32 step (a double that rounds into a bin is above the fp32 value below the
+    bin's edge). It is at most the k-th largest kept score, so it drops nothing that can be
+    chosen; the exact k-th largest is found once, at the end (`chosen`)."""
 
     def __init__(self, k: int) -> None:
         self.k, self.floor = k, -math.inf
         self.where: list[tuple[str, Tensor]] = []   # (tensor, its kept indices)
         self.values: list[Tensor] = []
+        self.kept = 0
+        # kept scores per fp32 bin (a bin's count is zeroed when the floor passes it)
+        self.counts = torch.zeros(1 << RANK_BITS if k else 1, dtype=torch.int64)
 
-    def add(self, name: str, s: Tensor) -> int:
-        """Keep `s`'s candidates; returns how many of its scores are finite."""
-        finite = torch.isfinite(s)
-        count = int(torch.count_nonzero(finite))
+    def add(self, name: str, idx: Tensor, values: Tensor, finite: int) -> int:
+        """Keep a tensor's finite scores at or above `floor`, `values` at positions `idx`
+        (increasing; `trace_kernels.ops.rank_scores` gives them so); returns `finite`, how
+        many of its scores are finite."""
         if self.k == 0:
-            return count
-        keep = finite.logical_and_(s >= self.floor)
-        idx = torch.nonzero(keep).reshape(-1)
+            return finite
         self.where.append((name, idx))
-        self.values.append(s[idx])
-        if sum(v.numel() for v in self.values) > 2 * self.k:
-            allv = torch.cat(self.values)
-            self.floor = float(torch.kthvalue(allv, allv.numel() - self.k + 1).values)
-            del allv
-            for i, v in enumerate(self.values):
-                up = v >= self.floor
-                self.where[i] = (self.where[i][0], self.where[i][1][up])
-                self.values[i] = v[up]
-        return count
+        self.values.append(values)
+        self.kept += values.numel()
+        ops.rank_counts(values.float(), self.counts)
+        if self.kept > 2 * self.k:
+            self._raise_floor()
+        return finite
+
+    def _raise_floor(self) -> None:
+        at_or_above = self.counts.flip(0).cumsum(0).flip(0)
+        b = int(torch.nonzero(at_or_above >= self.k).reshape(-1)[-1])  # the highest such bin
+        key = (b - (1 << (RANK_BITS - 1))) << (32 - RANK_BITS)           # its lowest order key
+        edge = torch.tensor([key if key >= 0 else key ^ 0x7FFFFFFF], dtype=torch.int32).view(torch.float32)
+        below = torch.nextafter(edge, edge.new_tensor([-math.inf]))
+        if not torch.isfinite(below).all() or float(below) <= self.floor:
+            return
+        self.floor = float(below)
+        self.counts[:b] = 0
+        for i, v in enumerate(self.values):
+            up = v >= self.floor
+            self.where[i] = (self.where[i][0], self.where[i][1][up])
+            self.values[i] = v[up]
+        self.kept = sum(v.numel() for v in self.values)
 
     def chosen(self, k: int) -> dict[str, tuple[Tensor, Tensor]]:
         """Per tensor, the indices and scores of the k largest (all > t, then the first of

@@ -59,16 +59,26 @@ class TensorScorer:
         columns: list[Tensor] = []
         best = None
 
-        def add(cos: Tensor) -> None:  # cos: (units × tasks) fp64
+        def add_max(top: Tensor) -> None:  # top: (units,) fp64, the largest over some tasks
             nonlocal best
+            top = top.to(self.cos_dtype)
+            best = top if best is None else torch.maximum(best, top)
+
+        def add(cos: Tensor) -> None:  # cos: (units × tasks) fp64
             if not max_only:
                 columns.append(cos)
                 return
-            top = cos.to(self.cos_dtype).max(1).values
-            best = top if best is None else torch.maximum(best, top)
+            add_max(cos.max(1).values)
 
-        for g0 in range(0, len(self.exact), ops.MAX_REFS):
-            refs = [self._ref(t, name) for t in self.exact[g0:g0 + ops.MAX_REFS]]
+        exact = self.exact
+        if max_only and unit == 1 and exact:  # one element a unit: one native pass, every task
+            refs = [self._ref(t, name) for t in exact]
+            if _plain_fp32(d, refs):
+                add_max(ops.element_max_cosine(d.reshape(-1), refs))
+                exact = []
+            del refs
+        for g0 in range(0, len(exact), ops.MAX_REFS):
+            refs = [self._ref(t, name) for t in exact[g0:g0 + ops.MAX_REFS]]
             ss, _, dots, ref_sq = (t.double() for t in block_stats(d, None, refs, unit, name))
             denom = (ss.unsqueeze(1) * ref_sq).sqrt()
             add(torch.where(denom > 0, dots / denom.clamp_min(1e-300), torch.zeros_like(denom)))
@@ -98,25 +108,33 @@ class TensorScorer:
             hit = dense if hit is None else hit | dense
         return hit
 
-    def exclude(self, s: Tensor, name: str, spec: Tensor | None) -> dict[str, int]:
-        """The trace rule's exclusions on scores `s`, in place: blocks whose max cosine
-        `spec` reaches the threshold (excluded, or down-weighted) and blocks core for an
-        earlier task (unless cores are shared); how many of each the report counts."""
+    def exclusions(self, name: str, spec: Tensor | None) -> tuple[Tensor | None, Tensor | None, dict[str, int]]:
+        """The trace rule's exclusions, given the blocks' max cosines `spec`: (the blocks set
+        to -inf, or None; the factor scores are multiplied by first, or None; the report's
+        counts). Blocks whose cosine reaches the threshold are excluded ("exclude") or
+        down-weighted by 1 − cos ("downweight"); blocks core for an earlier task are
+        excluded unless cores are shared."""
         cfg = self.cfg
         hit = None if cfg.share_earlier_cores else self.earlier_cores(name)
-        shared = torch.zeros(s.numel(), dtype=torch.bool)
+        shared = factor = None
         if spec is not None:
-            shared = spec >= cfg.specificity_threshold
             if cfg.shared_rule == "exclude":
-                s[shared] = -math.inf
+                shared = spec >= cfg.specificity_threshold
             else:
-                s.mul_(1 - spec.clamp_min(0))
-        core_hit = torch.zeros(s.numel(), dtype=torch.bool)
-        if hit is not None:
-            core_hit = hit
-            s[hit] = -math.inf
-        return {"shared": int((shared & ~core_hit).sum()) if cfg.shared_rule == "exclude" else 0,
-                "earlier_core": int(core_hit.sum())}
+                factor = 1 - spec.clamp_min(0)
+        excluded = shared if hit is None else hit if shared is None else shared | hit
+        info = {"shared": 0 if shared is None else int(shared.sum() if hit is None else (shared & ~hit).sum()),
+                "earlier_core": 0 if hit is None else int(hit.sum())}
+        return excluded, factor, info
+
+    def exclude(self, s: Tensor, name: str, spec: Tensor | None) -> dict[str, int]:
+        """`exclusions` applied to scores `s` in place; returns the report's counts."""
+        excluded, factor, info = self.exclusions(name, spec)
+        if factor is not None:
+            s.mul_(factor)
+        if excluded is not None:
+            s[excluded] = -math.inf
+        return info
 
 
 class FisherGuard:
@@ -161,6 +179,12 @@ class FisherGuard:
         mine = fisher_sum.double() / self.new_total
         denom = mine + self.protect * old
         return torch.where(denom > 0, mine / denom.clamp_min(1e-300), torch.ones_like(mine))
+
+
+def _plain_fp32(d: Tensor, refs: list[Tensor]) -> bool:
+    """Whether `element_max_cosine` reads these as they are: unsharded fp32 on one device."""
+    return (not is_dtensor(d) and d.dtype == torch.float32
+            and all(not is_dtensor(r) and r.dtype == torch.float32 and r.device == d.device for r in refs))
 
 
 def tensor_summary(sum_sq: Tensor, fisher_sum: Tensor, spec: Tensor | None) -> dict[str, float]:

@@ -7,7 +7,9 @@ for SmolLM2-135M, 160 GB at 8B. Every score is a function of one tensor's Δ, Fi
 earlier updates and of two rank tables (2^RANK_BITS bins each), so here it is computed
 tensor by tensor through the same scorer (`scorer.TensorScorer`) instead of kept:
 1. histograms of the binned Σ Δ² and Σ F, giving each bin's mean percentile rank;
-2. the scores, of which only those that can still be among the k largest are kept
+2. the scores, by one native pass per tensor (`trace_kernels.ops.rank_scores`: the rank
+   lookups, the guard's and the down-weighting's factors, the exclusions), of which only
+   those that can still be among the k largest come back and are kept
    (`budget.TopScores`: at most 2k and one tensor's, with their positions); the k-th
    largest of those is the threshold, and the chosen blocks are those above it, then the
    first of those equal to it in tensor order.
@@ -22,7 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
-from trace_kernels import CoreMask
+from trace_kernels import CoreMask, ops
 from trace_kernels.sharding import is_dtensor
 
 from ..probe import ProbeResult
@@ -71,16 +73,16 @@ def select_streamed(probe: ProbeResult, earlier: Sequence[EarlierTask], sizes: d
     finite_total, info, summary = 0, {}, {}
     for name in names:
         sum_sq, fisher = scorer.sums(name)
-        s = sq_ranks[bins(sum_sq)]
-        s += f_ranks[bins(fisher)]
-        s.mul_(0.5)
-        if guard is not None:
-            s.mul_(guard.factor(name, fisher))
+        factors = [guard.factor(name, fisher)] if guard is not None else []
         spec = scorer.cosines(name)
-        info[name] = scorer.exclude(s, name, spec)
+        excluded, down, info[name] = scorer.exclusions(name, spec)
+        if down is not None:
+            factors.append(down.double())
+        found = ops.rank_scores(sum_sq, fisher, sq_ranks, f_ranks, factors=tuple(factors), excluded=excluded,
+                                floor=top.floor)
         summary[name] = tensor_summary(sum_sq, fisher, spec)
-        finite_total += top.add(name, s)
-        del s, spec
+        finite_total += top.add(name, found.index, found.value, found.finite)
+        del found, spec, excluded, factors
     k = min(budget, finite_total)
     picked = top.chosen(k) if k else {}
     chosen, report = {}, []
