@@ -191,3 +191,10 @@ def test_the_probe_autocast_default_is_bf16_where_the_device_multiplies_it_nativ
     cfg = RunConfig.from_dict({"model": "smollm2-135m"})
     assert cfg.replaced(dtype="bfloat16").trace.probe_autocast == "off"
     assert cfg.replaced(trace_probe_autocast="fp16").replaced(dtype="bfloat16").trace.probe_autocast == "fp16"
+    # given as "auto": resolved again for the replaced dtype, and still "auto" after that
+    asked = RunConfig.from_dict({"model": "smollm2-135m", "trace_probe_autocast": "auto"})
+    assert asked.trace.probe_autocast == resolved and asked.flat()["trace_probe_autocast"] == resolved
+    as_bf16 = asked.replaced(dtype="bfloat16")
+    assert as_bf16.trace.probe_autocast == "off"
+    assert as_bf16.replaced(dtype="float32").trace.probe_autocast == resolved
+    assert asked.replaced(trace_probe_autocast="off").replaced(dtype="float32").trace.probe_autocast == "off"

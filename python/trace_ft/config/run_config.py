@@ -75,6 +75,9 @@ class RunConfig:
     sweep: SweepSettings = field(default_factory=SweepSettings)
     # the flat names that were unset and took the model's defaults (`replaced` sets them anew)
     defaulted: frozenset = field(default=frozenset(), compare=False, repr=False)
+    # the flat names given as "auto" and resolved for this machine and dtype (`replaced`
+    # resolves them anew, as it does the defaulted ones)
+    auto: frozenset = field(default=frozenset(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
         d = defaults_for(self.kind, self.suite, self.model)
@@ -102,6 +105,8 @@ class RunConfig:
             unset.add("trace_probe_autocast")
             t.probe_autocast = d.probe_autocast
         if t.probe_autocast == "auto":  # recorded as what it resolved to, on this machine
+            if "trace_probe_autocast" not in unset:  # given as "auto": `replaced` asks again
+                self.auto = self.auto | {"trace_probe_autocast"}
             t.probe_autocast = "bf16" if self.dtype == "float32" and native_bf16(self.device) else "off"
         self.defaulted = frozenset(unset) | self.defaulted
 
@@ -194,7 +199,8 @@ class RunConfig:
     def flat(self) -> dict:
         """Every setting under its flat name (``trace_budget``), as the run uses it: what
         result files record."""
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in SECTIONS and f.name != "defaulted"}
+        out = {f.name: getattr(self, f.name) for f in fields(self)
+               if f.name not in SECTIONS and f.name not in ("defaulted", "auto")}
         for section in SECTIONS:
             out.update(section_flat(section, getattr(self, section)))
         return out
@@ -203,7 +209,7 @@ class RunConfig:
         """A copy with settings replaced by flat name (a frontier point, a sweep). Settings
         that took the model's defaults take them again (so a point's lr moves its core lr and
         probe lr, unless those were given)."""
-        given = {k: v for k, v in self.flat().items() if k not in self.defaulted}
+        given = {k: "auto" if k in self.auto else v for k, v in self.flat().items() if k not in self.defaulted}
         return RunConfig.from_dict({**given, **flat})
 
     @classmethod
@@ -214,7 +220,7 @@ class RunConfig:
     def from_dict(cls, data: dict) -> RunConfig:
         """Flat names (``trace_budget``), or TOML tables of a section (``[trace] budget``);
         each section validates its values as it is built."""
-        top = {f.name for f in fields(cls)} - set(SECTIONS) - {"defaulted"}
+        top = {f.name for f in fields(cls)} - set(SECTIONS) - {"defaulted", "auto"}
         given: dict = {}
         nested: dict[str, dict] = {s: {} for s in (*SECTIONS, "trace.select")}
         unknown = []
