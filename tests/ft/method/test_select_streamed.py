@@ -112,3 +112,23 @@ def test_top_scores_keep_exactly_the_k_largest_across_tensors(gen):
             idx, vals = got.get(name, (torch.zeros(0, dtype=torch.int64), None))
             assert torch.equal(idx, w), (k, name)
             at += v.numel()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("streamed", [True, False])
+def test_selection_of_a_probe_on_the_gpu_is_the_cpus(monkeypatch, streamed):
+    """A probe whose Δ and Fisher stay on the GPU (a single-GPU run) is selected as the same
+    probe on the CPU is: the per-block sums come to the CPU, the selection runs there."""
+    gen = torch.Generator().manual_seed(11)
+    probe, earlier = _probe(gen), _earlier(gen, "block", torch.float32)
+    monkeypatch.setattr(ranks, "EXACT_RANKS_UP_TO", 64)
+    if not streamed:
+        monkeypatch.setattr(core, "streamable", lambda *a: False)
+    on_gpu = ProbeResult(deltas={n: d.cuda() for n, d in probe.deltas.items()},
+                         fisher={n: f.cuda() for n, f in probe.fisher.items()}, steps=probe.steps)
+    for cfg in (dict(budget=0.1), dict(budget=0.3, protect=2.0, shared_rule="downweight")):
+        want = select_core(probe, earlier, granularity="element", **cfg)
+        got = select_core(on_gpu, earlier, granularity="element", **cfg)
+        for name in SHAPES:
+            assert torch.equal(got.mask[name].indices.cpu(), want.mask[name].indices), name
+        assert same_report_rows(got.report, want.report)

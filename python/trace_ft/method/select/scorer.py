@@ -32,9 +32,10 @@ class TensorScorer:
         self.cos_dtype = cos_dtype
 
     def sums(self, name: str) -> tuple[Tensor, Tensor]:
-        """Σ Δ² and Σ F per block (fp32 as delta_stats gives them; fp64 when sharded)."""
+        """Σ Δ² and Σ F per block (fp32 as delta_stats gives them; fp64 when sharded), on
+        the CPU: whatever device the probe ran on, the selection's per-block work is here."""
         s = block_stats(self.probe.deltas[name], self.probe.fisher[name], [], self.sizes[name], name)
-        return s[0], s[1]
+        return s[0].cpu(), s[1].cpu()
 
     def _ref(self, task: EarlierTask, name: str) -> Tensor:
         """An earlier task's exact update of `name` as delta_stats reads it (zeros where it
@@ -95,6 +96,7 @@ class TensorScorer:
         out = best if max_only else (torch.cat(columns, 1) if columns else None)
         if out is None:
             return None
+        out = out.cpu()  # (as `sums`)
         k = unit // self.sizes[name]  # one value per unit -> one per block
         return out if k == 1 else out.repeat_interleave(k, 0)
 
