@@ -212,7 +212,9 @@ def greedy_decode(model, enc: EncodedSet, batch_size: int = 256, max_new_tokens:
     """Greedy continuation of every prompt (left-padded batches, KV cache), stopping at eos
     or `max_new_tokens` (default: the longest reference answer + 1). Batches hold at most
     `batch_size` prompts and `SCORING_BYTES` of KV cache; the prompt pass keeps the last
-    position's logits only. `on_batch(n)`: called with each batch's number of prompts."""
+    position's logits only. A row that reached eos leaves the batch (its cache rows too,
+    where the cache can drop rows): a probe's few long answers no longer carry every short
+    one to the last step. `on_batch(n)`: called with each batch's number of prompts."""
     if max_new_tokens is None:
         max_new_tokens = max(len(a) for a in enc.answers) + 1
     device = next(model.parameters()).device
@@ -234,20 +236,31 @@ def greedy_decode(model, enc: EncodedSet, batch_size: int = 256, max_new_tokens:
             ids, mask = ids.to(device), mask.to(device)
             pos = (mask.cumsum(1) - 1).clamp_min(0)
             out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **last_only)
-            gen = torch.empty((len(prompts), 0), dtype=torch.long, device=device)
+            # gen[r, t]: row r's t-th token (-1 once it has left the batch); `rows`: those still in it
+            gen = torch.full((len(prompts), max_new_tokens), -1, dtype=torch.long, device=device)
+            rows = torch.arange(len(prompts), device=device)
             done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-            for _ in range(max_new_tokens):
+            for t in range(max_new_tokens):
                 nxt = out.logits[:, -1].argmax(-1)
-                gen = torch.cat([gen, nxt[:, None]], 1)
+                gen[rows, t] = nxt
+                cache = returned_cache(out)
                 if eos_id is not None:
-                    done |= nxt == eos_id
+                    done[rows] |= nxt == eos_id
                     if bool(done.all()):
                         break
-                mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], 1)
+                    going = ~done[rows]
+                    if not bool(going.all()) and hasattr(cache, "batch_select_indices"):
+                        keep = going.nonzero().reshape(-1)
+                        cache.batch_select_indices(keep)
+                        rows, nxt, mask, pos = rows[keep], nxt[keep], mask[keep], pos[keep]
+                if t + 1 == max_new_tokens:
+                    break
+                mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
                 pos = pos[:, -1:] + 1
                 out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
-                            use_cache=True, **{cache_kw: returned_cache(out)})
+                            use_cache=True, **{cache_kw: cache})
             for row in gen.tolist():
+                row = row[:row.index(-1)] if -1 in row else row
                 if eos_id is not None and eos_id in row:
                     row = row[:row.index(eos_id)]
                 outs.append(row)

@@ -1,6 +1,7 @@
 """trace_ft.lm.batches: answers are the only labelled tokens, the set is a dataset, and the
 seeded sampler repeats."""
 
+import pytest
 import torch
 
 from trace_ft.lm.batches import IGNORE, EncodedSet, sample_batches
@@ -113,3 +114,47 @@ def test_the_head_runs_on_the_labelled_positions_only(monkeypatch):
     flat, flat_labels = B.labelled_logits(model, batch)
     torch.testing.assert_close(flat[flat_labels != B.IGNORE], logits, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(causal_lm_loss(model, batch), want, rtol=1e-6, atol=1e-7)
+
+
+class _Prompts:
+    """What greedy_decode reads of an encoded set: prompts of token ids and a pad id."""
+
+    def __init__(self, prompts, pad_id=0):
+        self.prompts, self.answers, self.pad_id = prompts, [[1]] * len(prompts), pad_id
+
+    def __len__(self):
+        return len(self.prompts)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_greedy_decode_drops_rows_at_eos_and_keeps_every_rows_tokens(family):
+    """A row that reaches eos leaves the batch (and the KV cache, sliding-window layers too):
+    every row's tokens are those of decoding without eos, cut at its first eos, and the
+    forward passes shrink as rows end."""
+    pytest.importorskip("transformers")
+    from trace_ft.lm.batches import greedy_decode
+
+    from .test_precision import tiny_gemma3, tiny_llama
+
+    model = tiny_llama() if family == "llama" else tiny_gemma3()
+    gen = torch.Generator().manual_seed(3)
+    enc = _Prompts([torch.randint(1, 64, (int(n),), generator=gen).tolist()
+                    for n in torch.randint(2, 9, (10,), generator=gen)])
+    free = greedy_decode(model, enc, max_new_tokens=12)   # no eos: every row 12 tokens
+    assert [len(r) for r in free] == [12] * 10
+
+    def ends(v):  # each row's first step emitting v (None: never)
+        return [r.index(v) if v in r else None for r in free]
+
+    # an eos at which rows end at different steps and one row never does
+    eos = max(range(64), key=lambda v: (None in ends(v)) * len({e for e in ends(v) if e is not None}))
+    steps = ends(eos)
+    assert None in steps and len({e for e in steps if e is not None}) >= 2
+    sizes = []
+    hook = model.lm_head.register_forward_hook(lambda m, a, out: sizes.append(a[0].shape[0]))
+    got = greedy_decode(model, enc, max_new_tokens=12, eos_id=eos)
+    hook.remove()
+    assert got == [r[:e] if e is not None else r for r, e in zip(free, steps)]
+    # the prompt pass and one pass a step, each with the rows not yet ended
+    live = [sum(1 for e in steps if e is None or e >= t) for t in range(12)]
+    assert sizes == [10] + live[1:]
