@@ -168,7 +168,7 @@ class FisherGuard:
                              f"has {self.numels[name]}")
         B = self.sizes[name]
         if is_dtensor(f):  # sharded like the parameter: block sums over the ranks
-            return block_stats(f, f, [], B, name)[1].double()
+            return block_stats(f, f, [], B, name)[1].double().cpu()
         return f.detach().reshape(-1, B).double().sum(1).cpu()
 
     def factor(self, name: str, fisher_sum: Tensor) -> Tensor:

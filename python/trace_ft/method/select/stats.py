@@ -32,8 +32,11 @@ def _shard_stats(d: Tensor, fisher: Tensor | None, refs: list[Tensor], B: int, n
     a block across a shard boundary is the sum of the ranks' fp32 partial sums."""
     shard = shard_layout(d, repr(name))
     lo, hi, nb, R = shard.lo, shard.hi, d.numel() // B, len(refs)
-    out = [torch.zeros(nb, dtype=torch.float64), torch.zeros(nb, dtype=torch.float64),
-           torch.zeros(nb, R, dtype=torch.float64), torch.zeros(nb, R, dtype=torch.float64)]
+    # the sums live where the shard and the process group's backend are (NCCL: the GPU)
+    device = local_tensor(d).device
+    out = [torch.zeros(nb, dtype=torch.float64, device=device), torch.zeros(nb, dtype=torch.float64, device=device),
+           torch.zeros(nb, R, dtype=torch.float64, device=device),
+           torch.zeros(nb, R, dtype=torch.float64, device=device)]
     n = hi - lo
     if n:
         b = math.gcd(B, math.gcd(lo, n))
@@ -42,7 +45,7 @@ def _shard_stats(d: Tensor, fisher: Tensor | None, refs: list[Tensor], B: int, n
                      for r in refs]
         f = local_tensor(fisher).reshape(-1).float().contiguous() if fisher is not None else None
         s = ops.delta_stats([local], None, [f] if f is not None else None, [ref_local] if R else None, [b])
-        where = (lo + torch.arange(n // b, dtype=torch.int64) * b) // B
+        where = (lo + torch.arange(n // b, dtype=torch.int64, device=device) * b) // B
         for acc, part in zip(out, s[:4]):
             acc.index_add_(0, where, part.double())
     for acc in out:
