@@ -91,7 +91,8 @@ class TopScores:
     """The scores that can still be among the k largest, with their positions, kept in scan
     order: each tensor's scores at or above a floor are added, and once more than 2k are
     kept the floor rises (no score below it can be among the k largest of all) and those
-    below it go. At most 2k plus one tensor's are held.
+    below it go. At most 2k plus one tensor's are held (more only where many scores share
+    the floor's fp32 bin).
 
     The floor comes from a histogram of the kept scores' fp32 bins (`ops.rank_counts`), not
     a selection over them: the lowest bin edge with at least k kept scores at or above it,
