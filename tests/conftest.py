@@ -43,9 +43,17 @@ def gen(request):
 NATIVE_BACKENDS = ["cpu"] if _native.load("_C") is not None else []
 
 
-@pytest.fixture(params=NATIVE_BACKENDS or [pytest.param("cpu", marks=pytest.mark.skip(
-    reason="trace_kernels._C not built"))])
+_NATIVE_PARAMS = NATIVE_BACKENDS or [pytest.param("cpu", marks=pytest.mark.skip(reason="trace_kernels._C not built"))]
+
+
+@pytest.fixture(params=_NATIVE_PARAMS)
 def native_backend(request):
+    return request.param
+
+
+@pytest.fixture(params=["reference", *_NATIVE_PARAMS])
+def any_backend(request):
+    """The reference and every native CPU backend built here (ops tested bit for bit on each)."""
     return request.param
 
 

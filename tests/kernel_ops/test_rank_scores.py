@@ -10,10 +10,6 @@ import torch
 
 from trace_kernels import ops
 
-BACKENDS = ["reference", pytest.param("cpu", marks=pytest.mark.skipif(
-    __import__("trace_kernels._native", fromlist=["load"]).load("_C") is None, reason="trace_kernels._C not built"))]
-
-
 def _bins(v: torch.Tensor, bits: int) -> torch.Tensor:
     key = (v + 0.0).view(torch.int32).to(torch.int64)
     key = torch.where(key < 0, key ^ 0x7FFFFFFF, key)        # negative floats mirrored
@@ -41,9 +37,8 @@ def _values(gen, n: int) -> torch.Tensor:
     return v
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n,bits", [(0, 21), (1, 21), (7, 3), (1025, 24), (200_003, 21), (70_001, 5)])
-def test_rank_scores_equal_the_torch_ops_bit_for_bit(backend, n, bits, gen):
+def test_rank_scores_equal_the_torch_ops_bit_for_bit(any_backend, n, bits, gen):
     x, y = _values(gen, n), _values(gen, n)
     xr = torch.rand(1 << bits, generator=gen, dtype=torch.float64)
     yr = torch.rand(1 << bits, generator=gen, dtype=torch.float64)
@@ -58,7 +53,7 @@ def test_rank_scores_equal_the_torch_ops_bit_for_bit(backend, n, bits, gen):
     before = [t.clone() for t in inputs]
     for factors, exc in (((), None), ((guard,), excluded), ((guard, down), excluded), ((down,), None)):
         for floor in (-math.inf, 0.4, 0.9, math.inf):
-            got = ops.rank_scores(x, y, xr, yr, factors=factors, excluded=exc, floor=floor, backend=backend)
+            got = ops.rank_scores(x, y, xr, yr, factors=factors, excluded=exc, floor=floor, backend=any_backend)
             finite, index, value = _want(x, y, xr, yr, bits, factors, exc, floor)
             assert got.finite == finite
             assert torch.equal(got.index, index)
@@ -68,9 +63,7 @@ def test_rank_scores_equal_the_torch_ops_bit_for_bit(backend, n, bits, gen):
         assert torch.equal(t.view(torch.uint8), b.view(torch.uint8))
 
 
-@pytest.mark.skipif(__import__("trace_kernels._native", fromlist=["load"]).load("_C") is None,
-                    reason="trace_kernels._C not built")
-def test_rank_scores_native_bits_do_not_depend_on_the_thread_count(gen):
+def test_rank_scores_native_bits_do_not_depend_on_the_thread_count(native_backend, gen):
     n = 300_007
     x, y = _values(gen, n), _values(gen, n)
     xr, yr = (torch.rand(1 << 21, generator=gen, dtype=torch.float64) for _ in range(2))
@@ -78,9 +71,9 @@ def test_rank_scores_native_bits_do_not_depend_on_the_thread_count(gen):
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = ops.rank_scores(x, y, xr, yr, factors=(f,), floor=0.3, backend="cpu")
+        one = ops.rank_scores(x, y, xr, yr, factors=(f,), floor=0.3, backend=native_backend)
         torch.set_num_threads(max(2, threads))
-        many = ops.rank_scores(x, y, xr, yr, factors=(f,), floor=0.3, backend="cpu")
+        many = ops.rank_scores(x, y, xr, yr, factors=(f,), floor=0.3, backend=native_backend)
     finally:
         torch.set_num_threads(threads)
     assert one.finite == many.finite and torch.equal(one.index, many.index)
@@ -110,13 +103,12 @@ def test_rank_scores_refuse_bad_input_by_name():
             ops.rank_scores(**args)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n,bits", [(0, 21), (1, 4), (1025, 24), (200_003, 21)])
-def test_rank_counts_equal_a_bincount_of_the_bins(backend, n, bits, gen):
+def test_rank_counts_equal_a_bincount_of_the_bins(any_backend, n, bits, gen):
     x = _values(gen, n)
     before = x.clone()
     start = torch.randint(0, 5, (1 << bits,), generator=gen)     # counts are added to
-    got = ops.rank_counts(x, start.clone(), backend=backend)
+    got = ops.rank_counts(x, start.clone(), backend=any_backend)
     want = start + torch.bincount(_bins(x, bits), minlength=1 << bits)
     assert torch.equal(got, want)
     assert torch.equal(x.view(torch.int32), before.view(torch.int32))
