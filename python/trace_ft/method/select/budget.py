@@ -104,7 +104,6 @@ class TopScores:
         self.k, self.floor = k, -math.inf
         self.where: list[tuple[str, Tensor]] = []   # (tensor, its kept indices)
         self.values: list[Tensor] = []
-        self.kept = 0
         # kept scores per fp32 bin (a bin's count is zeroed when the floor passes it)
         self.counts = torch.zeros(1 << RANK_BITS if k else 1, dtype=torch.int64)
 
@@ -116,9 +115,8 @@ class TopScores:
             return finite
         self.where.append((name, idx))
         self.values.append(values)
-        self.kept += values.numel()
         ops.rank_counts(values.float(), self.counts)
-        if self.kept > 2 * self.k:
+        if sum(v.numel() for v in self.values) > 2 * self.k:
             self._raise_floor()
         return finite
 
@@ -136,7 +134,6 @@ class TopScores:
             up = v >= self.floor
             self.where[i] = (self.where[i][0], self.where[i][1][up])
             self.values[i] = v[up]
-        self.kept = sum(v.numel() for v in self.values)
 
     def chosen(self, k: int) -> dict[str, tuple[Tensor, Tensor]]:
         """Per tensor, the indices and scores of the k largest (all > t, then the first of

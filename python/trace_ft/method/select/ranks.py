@@ -35,9 +35,10 @@ RANK_BITS = 21
 
 def rank_bins(dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
     """The function giving the bins (0 … 2^RANK_BITS − 1, in the values' order) of fp32 or
-    fp64 values: their top `RANK_BITS` bits."""
-    width = 32 if dtype == torch.float32 else 64
-    shift, half = width - RANK_BITS, 1 << (RANK_BITS - 1)
+    fp64 values: their top `RANK_BITS` bits (fp32: the native passes' own, `ops.rank_bin`)."""
+    if dtype == torch.float32:
+        return lambda part: ops.rank_bin(part, RANK_BITS)
+    shift, half = 64 - RANK_BITS, 1 << (RANK_BITS - 1)
 
     def bins(part: Tensor) -> Tensor:
         return (order_key(part) >> shift).to(torch.int64).add_(half)
@@ -47,11 +48,12 @@ def rank_bins(dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
 
 def bin_counts(bins: Callable[[Tensor], Tensor], values: Tensor, chunk: int = 1 << 20,
                into: Tensor | None = None) -> Tensor:
-    """How many of `values` (flat) fall in each bin, added to `into` (default: new zeros).
-    Each chunk is counted over the span of bins it reaches (a tensor's values span a few
+    """How many of `values` (flat) fall in each bin, added to `into` (default: new zeros):
+    fp32 values by `ops.rank_counts` (one native pass on the CPU); fp64 values chunk by
+    chunk, each counted over the span of bins it reaches (a tensor's values span a few
     thousand of the 2^RANK_BITS), not all of them."""
     counts = torch.zeros(1 << RANK_BITS, dtype=torch.int64) if into is None else into
-    if values.dtype == torch.float32 and values.device.type == "cpu":  # one native pass
+    if values.dtype == torch.float32:
         return ops.rank_counts(values.reshape(-1), counts)
     for a in range(0, values.numel(), chunk):
         key = bins(values[a:a + chunk])
