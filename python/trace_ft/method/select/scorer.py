@@ -71,15 +71,14 @@ class TensorScorer:
                 return
             add_max(cos.max(1).values)
 
-        exact = self.exact
-        if max_only and unit == 1 and exact:  # one element a unit: one native pass, every task
-            refs = [self._ref(t, name) for t in exact]
-            if _plain_fp32(d, refs):
-                add_max(ops.element_max_cosine(d.reshape(-1), refs))
-                exact = []
-            del refs
-        for g0 in range(0, len(exact), ops.MAX_REFS):
-            refs = [self._ref(t, name) for t in exact[g0:g0 + ops.MAX_REFS]]
+        # one element a unit: every task's update read once, one native pass if all are plain fp32
+        loaded = [self._ref(t, name) for t in self.exact] if max_only and unit == 1 and self.exact else None
+        native = loaded is not None and _plain_fp32(d, loaded)
+        if native:
+            add_max(ops.element_max_cosine(d.reshape(-1), loaded))
+        for g0 in range(0, 0 if native else len(self.exact), ops.MAX_REFS):
+            refs = (loaded[g0:g0 + ops.MAX_REFS] if loaded is not None
+                    else [self._ref(t, name) for t in self.exact[g0:g0 + ops.MAX_REFS]])
             ss, _, dots, ref_sq = (t.double() for t in block_stats(d, None, refs, unit, name))
             denom = (ss.unsqueeze(1) * ref_sq).sqrt()
             add(torch.where(denom > 0, dots / denom.clamp_min(1e-300), torch.zeros_like(denom)))
