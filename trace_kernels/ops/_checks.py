@@ -18,6 +18,13 @@ def _fail(kind: type[Exception], op: str, msg: str) -> None:
     raise kind(f"{op}: {msg}")
 
 
+def check_float32(op: str, name: str, t: Tensor, dims: int) -> None:
+    """ValueError naming `name` unless `t` is a `dims`-D float32 tensor."""
+    if not isinstance(t, Tensor) or t.dim() != dims or t.dtype != torch.float32:
+        _fail(ValueError, op, f"{name} must be a {dims}-D float32 tensor, got "
+              f"{getattr(t, 'dtype', type(t))} of shape {tuple(getattr(t, 'shape', ()))}")
+
+
 def _check_tensor_list(op: str, name: str, tensors: Sequence[Tensor], n: int) -> None:
     if not isinstance(tensors, (list, tuple)):
         _fail(TypeError, op, f"{name} must be a list of tensors, got {type(tensors).__name__}")

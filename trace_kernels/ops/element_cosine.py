@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from ._checks import check_float32
 
 
 def element_max_cosine(d: Tensor, refs: list[Tensor], *, backend: str | None = None) -> Tensor:
@@ -21,9 +22,7 @@ def element_max_cosine(d: Tensor, refs: list[Tensor], *, backend: str | None = N
     and ref_r² rounded to fp32 (delta_stats' element sums), the rest in fp64; NaN where any
     c_r is NaN."""
     op = "element_max_cosine"
-    if not isinstance(d, Tensor) or d.dim() != 1 or d.dtype != torch.float32:
-        raise ValueError(f"{op}: d must be a 1-D float32 tensor, got "
-                         f"{getattr(d, 'dtype', type(d))} of shape {tuple(getattr(d, 'shape', ()))}")
+    check_float32(op, "d", d, 1)
     if not refs:
         raise ValueError(f"{op}: refs must hold at least one reference")
     for i, r in enumerate(refs):

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from ._checks import check_float32
 
 # the rank tables' index width, at most (a table has 2^bits fp64 entries)
 MAX_RANK_BITS = 24
@@ -46,10 +47,8 @@ def rank_scores(x: Tensor, y: Tensor, x_ranks: Tensor, y_ranks: Tensor, *,
     the finite s ≥ `floor`. `x_ranks`, `y_ranks`: fp64 tables of 2^bits entries (bits ≤
     `MAX_RANK_BITS`); `bin` is `rank_bin`. Exactly the torch ops' bits on every backend."""
     op = "rank_scores"
-    for name, t in (("x", x), ("y", y)):
-        if not isinstance(t, Tensor) or t.dim() != 1 or t.dtype != torch.float32:
-            raise ValueError(f"{op}: {name} must be a 1-D float32 tensor, got "
-                             f"{getattr(t, 'dtype', type(t))} of shape {tuple(getattr(t, 'shape', ()))}")
+    check_float32(op, "x", x, 1)
+    check_float32(op, "y", y, 1)
     n, device = x.numel(), x.device
     if y.numel() != n or y.device != device:
         raise ValueError(f"{op}: y has {y.numel()} elements on {y.device}, x {n} on {device}")
@@ -82,9 +81,7 @@ def rank_counts(x: Tensor, counts: Tensor, *, backend: str | None = None) -> Ten
     """Add to int64 `counts` (2^bits entries, bits ≤ `MAX_RANK_BITS`) how many of 1-D fp32 `x`
     fall in each bin (`rank_bin`); returns `counts`. The histogram binned ranks are made of."""
     op = "rank_counts"
-    if not isinstance(x, Tensor) or x.dim() != 1 or x.dtype != torch.float32:
-        raise ValueError(f"{op}: x must be a 1-D float32 tensor, got "
-                         f"{getattr(x, 'dtype', type(x))} of shape {tuple(getattr(x, 'shape', ()))}")
+    check_float32(op, "x", x, 1)
     bits = counts.numel().bit_length() - 1 if isinstance(counts, Tensor) else 0
     if (not isinstance(counts, Tensor) or counts.dtype != torch.int64 or counts.dim() != 1
             or counts.numel() != 1 << bits or not 1 <= bits <= MAX_RANK_BITS or not counts.is_contiguous()

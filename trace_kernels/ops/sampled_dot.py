@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from ._checks import check_float32
 
 
 def sampled_dot(a: Tensor, b: Tensor, rows: Tensor, cols: Tensor, *, backend: str | None = None) -> Tensor:
@@ -19,10 +20,8 @@ def sampled_dot(a: Tensor, b: Tensor, rows: Tensor, cols: Tensor, *, backend: st
     and int64 index vectors `rows`, `cols` of one length. The native CPU kernel sums each
     product in a fixed order whatever the thread count; other devices use torch ops."""
     op = "sampled_dot"
-    for name, t in (("a", a), ("b", b)):
-        if not isinstance(t, Tensor) or t.dim() != 2 or t.dtype != torch.float32:
-            raise ValueError(f"{op}: {name} must be a 2-D float32 tensor, got "
-                             f"{getattr(t, 'dtype', type(t))} of shape {tuple(getattr(t, 'shape', ()))}")
+    check_float32(op, "a", a, 2)
+    check_float32(op, "b", b, 2)
     if a.shape[1] != b.shape[1] or a.device != b.device:
         raise ValueError(f"{op}: a {tuple(a.shape)} on {a.device} and b {tuple(b.shape)} on {b.device} "
                          "must share their second dimension and device")
