@@ -16,7 +16,7 @@ constexpr int64_t kChunk = 1 << 16;
 // Elements scored at a time into a stack buffer before the candidates are picked out.
 constexpr int64_t kTile = 1024;
 
-// The bin of v: the top `bits` bits of its order key (as trace_ft's ranks.order_key).
+// The bin of v: the top `bits` bits of its order key (as ops.rank_bin gives it).
 inline int64_t bin_of(float v, int shift, int64_t half) {
   v = v + 0.0f;  // -0 → +0 (not folded away: -ffp-contract=off and no fast-math)
   int32_t key;
