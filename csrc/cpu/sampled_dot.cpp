@@ -69,9 +69,14 @@ __attribute__((always_inline)) inline Vec16 load16(const float* p) {
   return v;
 }
 
+typedef int32_t Int16 __attribute__((vector_size(64)));
+
 // Σ x[t]·ys[g][t] for t < len and g < n (n ≤ kGroup), each in a fixed order whatever the
-// ISA or the grouping: lane l sums t ≡ l (mod kLanes) in order, the lanes are folded in
-// halves, the tail added last in order.
+// ISA or the grouping: lane l sums t ≡ l (mod kLanes) in order, tail tokens included, then
+// the lanes are folded in halves. The tail (len mod kLanes tokens) is added in lanes under a
+// mask, not one token after another: a scalar chain of up to 63 dependent adds cost more than
+// the whole vector loop (a 688-token batch ends in a 48-token tail). Its loads may read up to
+// kLanes − 1 floats past len: the callers' buffers leave that slack; what lies there is masked.
 // `next`: the columns the following call reads, fetched into cache meanwhile (a column is a
 // few dozen lines: too short for the hardware prefetcher to warm up on).
 template <int N>
@@ -88,6 +93,15 @@ __attribute__((always_inline)) inline void dots_fixed(const float* x, const floa
       for (int g = 0; g < N; ++g) part[g][v] += xv * load16(ys[g] + t + 16 * v);
     }
   }
+  if (whole < len) {
+    const Int16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    const int32_t rest = static_cast<int32_t>(len - whole);
+    for (int v = 0; v < kVecs; ++v) {
+      const Int16 in = lane + 16 * v < rest;
+      const Vec16 xv = load16(x + whole + 16 * v);
+      for (int g = 0; g < N; ++g) part[g][v] = in ? part[g][v] + xv * load16(ys[g] + whole + 16 * v) : part[g][v];
+    }
+  }
   for (int g = 0; g < N; ++g) {
     // the halves fold 32 and 16 lanes apart as whole vectors, then 8, 4, 2, 1 within one
     Vec16 v = (part[g][0] + part[g][2]) + (part[g][1] + part[g][3]);
@@ -95,9 +109,7 @@ __attribute__((always_inline)) inline void dots_fixed(const float* x, const floa
     v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7);
     v += __builtin_shufflevector(v, v, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3);
     v += __builtin_shufflevector(v, v, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1);
-    float acc = v[0];
-    for (int64_t t = whole; t < len; ++t) acc += x[t] * ys[g][t];
-    res[g] = acc;
+    res[g] = v[0];
   }
 }
 
@@ -151,11 +163,12 @@ void sampled_dot_token_major(const float* a, int64_t a_width, const float* b, in
   for (int64_t i = 0; i < count; ++i) out[i] = 0.0f;
   if (count == 0 || length == 0) return;
   const int64_t block = token_block(b_width, length);
-  std::vector<float> packed(static_cast<size_t>(b_width * block));
+  // kLanes floats of slack after the last column and tile row: a tail's masked loads
+  std::vector<float> packed(static_cast<size_t>(b_width * block + kLanes));
   int team = num_threads;
   if (count * length < (int64_t{1} << 16)) team = 1;  // waking a team costs more than the work
   auto work = [&](int64_t tid, int64_t nt) {
-    std::vector<float> tile(static_cast<size_t>(kTileRows * block));
+    std::vector<float> tile(static_cast<size_t>(kTileRows * block + kLanes));
     for (int64_t t0 = 0; t0 < length; t0 += block) {
       const int64_t len = t0 + block < length ? block : length - t0;
       pack_columns(b, b_width, t0, len, b_width * tid / nt, b_width * (tid + 1) / nt, block, packed.data());

@@ -2,6 +2,7 @@
 product on odd sizes and both operand layouts, the same bits for an entry whatever its
 neighbours, a registered op torch.compile traces, refusals by name."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -57,6 +58,40 @@ def test_sampled_dot_token_major_gives_each_entry_the_same_bits_in_any_order():
     assert torch.equal(ops.sampled_dot(a, b, rows[perm], cols[perm], backend="cpu"), want[perm])
     for lo, hi in ((0, 1), (5, 8), (100, 1103)):   # alone, a short group, a slice
         assert torch.equal(ops.sampled_dot(a, b, rows[lo:hi], cols[lo:hi], backend="cpu"), want[lo:hi])
+
+
+def _token_major_order(a: np.ndarray, b: np.ndarray, rows, cols) -> np.ndarray:
+    """The CPU kernel's summation order written out in float32 numpy (csrc/cpu/sampled_dot.cpp):
+    tokens in blocks of ~1 MiB of b (a multiple of 64 tokens, or all of them); per block, lane
+    l of 64 sums tokens t ≡ l (mod 64) in order, the tail's too; the lanes fold 32 and 16
+    apart, then 8, 4, 2, 1; the blocks' sums are added in order from 0."""
+    n = a.shape[1]
+    block = (1 << 20) // (4 * b.shape[0])
+    block = min(64 if block < 64 else block - block % 64, n)
+    x, y = a[rows], b[cols]
+    out = np.zeros(len(rows), np.float32)
+    for t0 in range(0, n, block):
+        part = np.zeros((len(rows), 64), np.float32)
+        for t in range(t0, min(t0 + block, n)):
+            part[:, (t - t0) % 64] += x[:, t] * y[:, t]
+        v = (part[:, 0:16] + part[:, 32:48]) + (part[:, 16:32] + part[:, 48:64])
+        for half in (8, 4, 2, 1):
+            v = v[:, :half] + v[:, half:2 * half]
+        out += v[:, 0]
+    return out
+
+
+@pytest.mark.parametrize("R,C,n", [(45, 70, 517), (37, 2053, 300), (9, 33, 37), (20, 4100, 640)])
+def test_sampled_dot_token_major_sums_in_its_stated_order(R, C, n):
+    """Bit for bit the order the kernel states (whatever the ISA clone): one block with a
+    5-token tail, 64-token blocks ending in a 44-token tail, all tail, whole lanes only."""
+    gen = torch.Generator().manual_seed(R + C + n)
+    a, b = _operand(gen, R, n, "tokens"), _operand(gen, C, n, "tokens")
+    rows = torch.randint(0, R, (701,), generator=gen).sort().values
+    cols = torch.randint(0, C, (701,), generator=gen)
+    got = ops.sampled_dot(a, b, rows, cols, backend="cpu")
+    want = _token_major_order(a.contiguous().numpy(), b.contiguous().numpy(), rows.numpy(), cols.numpy())
+    assert torch.equal(got, torch.from_numpy(want))
 
 
 def test_sampled_dot_is_a_registered_op_torch_compile_traces():
