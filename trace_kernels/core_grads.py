@@ -298,7 +298,9 @@ COSTS = PathCosts()
 # 512–1024 tokens: the EPYC twice (floor 39 and 27, factor 2.9 and 3.0; the larger floor kept).
 # Its element path at 4 % of up_proj costs 0.16–0.19× the full product, where the defaults
 # predict 0.94×; with them a SmolLM2 trace step took the full product in 147 of 210 layers,
-# with these none, at 0.91× the step's time (one process, interleaved).
+# with these none, at 0.91× the step's time (one process, interleaved). Refitted at 1000
+# tokens (a 40-token tail, round 17, another EPYC): floor 72, factor 3.4; on a real SmolLM2
+# core no layer's full product beat its element path, so the choices stand.
 MEASURED: dict[str, PathCosts] = {"AuthenticAMD": PathCosts(element_floor=40.0, element_factor=3.0)}
 
 
