@@ -1,7 +1,7 @@
 """What a linear layer's weight gradient costs on each path `install_core_grads` can take,
 against the full product gy^T x, and the fit of `trace_kernels.core_grads.PathCosts` to it.
 
-    python bench/bench_core_grad_paths.py [--tokens 512] [--rounds 7]
+    python bench/bench_core_grad_paths.py [--tokens 1000] [--rounds 7]
 
 For SmolLM2-135M's linear shapes, at several core sizes: the full weight gradient, the row
 path (k rows: gy[:, R]^T x) and the element path (n strided dot products,
@@ -75,7 +75,7 @@ def fit(points: list[dict]) -> PathCosts:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tokens", type=int, default=512)
+    ap.add_argument("--tokens", type=int, default=1000, help="not a multiple of 64: a real batch of 8 rows ends its last token block in a tail")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
