@@ -75,7 +75,8 @@ def fit(points: list[dict]) -> PathCosts:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tokens", type=int, default=1000, help="not a multiple of 64: a real batch of 8 rows ends its last token block in a tail")
+    ap.add_argument("--tokens", type=int, default=1000,
+                    help="not a multiple of 64: a real batch of 8 rows ends its last token block in a tail")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()

@@ -69,6 +69,7 @@ __attribute__((always_inline)) inline Vec16 load16(const float* p) {
   return v;
 }
 
+// Sixteen int32 lanes, as Vec16 has sixteen floats: a tail's lane numbers and mask.
 typedef int32_t Int16 __attribute__((vector_size(64)));
 
 // Σ x[t]·ys[g][t] for t < len and g < n (n ≤ kGroup), each in a fixed order whatever the
