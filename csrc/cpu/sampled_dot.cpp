@@ -40,21 +40,6 @@ int64_t token_block(int64_t b_width, int64_t length) {
   return t < length ? t : length;
 }
 
-// Columns [c0, c1) of tokens [t0, t0 + len) of b, transposed into packed (column c at
-// packed + c·block).
-TK_CPU_CLONES
-void pack_columns(const float* b, int64_t b_width, int64_t t0, int64_t len, int64_t c0, int64_t c1,
-                  int64_t block, float* packed) {
-  constexpr int64_t kTile = 16;
-  for (int64_t cb = c0; cb < c1; cb += kTile) {
-    const int64_t ce = cb + kTile < c1 ? cb + kTile : c1;
-    for (int64_t t = 0; t < len; ++t) {
-      const float* src = b + (t0 + t) * b_width;
-      for (int64_t c = cb; c < ce; ++c) packed[c * block + t] = src[c];
-    }
-  }
-}
-
 // Sixteen floats: kLanes partial sums are four of these, held in registers (GCC's generic
 // vectors: one zmm on AVX-512, two ymm on AVX2, lowered to scalars on the default clone;
 // each lane's arithmetic is the same on all of them).
@@ -71,6 +56,60 @@ __attribute__((always_inline)) inline Vec16 load16(const float* p) {
 
 // Sixteen int32 lanes, as Vec16 has sixteen floats: a tail's lane numbers and mask.
 typedef int32_t Int16 __attribute__((vector_size(64)));
+
+// One stage of a 16 × 16 transpose: the off-diagonal B × B blocks of rows i and i + B swap
+// (stages B = 8, 4, 2, 1 make the whole transpose). The lanes of the new rows i and i + B,
+// taken from row i (0–15) or row i + B (16–31):
+constexpr int lo_lane(int j, int B) { return (j & B) ? 16 + j - B : j; }
+constexpr int hi_lane(int j, int B) { return (j & B) ? 16 + j : j + B; }
+#define TK_LANES(f, B)                                                                                   \
+  f(0, B), f(1, B), f(2, B), f(3, B), f(4, B), f(5, B), f(6, B), f(7, B), f(8, B), f(9, B), f(10, B), \
+      f(11, B), f(12, B), f(13, B), f(14, B), f(15, B)
+template <int B>
+__attribute__((always_inline)) inline void transpose_stage(Vec16* v) {
+  for (int i = 0; i < 16; ++i) {
+    if (i & B) continue;
+    const Vec16 x = v[i], y = v[i + B];
+    v[i] = __builtin_shufflevector(x, y, TK_LANES(lo_lane, B));
+    v[i + B] = __builtin_shufflevector(x, y, TK_LANES(hi_lane, B));
+  }
+}
+#undef TK_LANES
+
+// dst[c·dst_stride + t] = src[t·src_stride + c] for t < len, c < width (≤ 16). Whole 16 × 16
+// blocks go through registers: sixteen lines loaded at once (rows of a token-major matrix lie
+// a few KiB apart, so one line after another was bound by each miss's latency: over half the
+// element path's time at low densities) and stored as sixteen whole vectors. Only data moves.
+__attribute__((always_inline)) inline void transpose_strip(const float* src, int64_t src_stride, int64_t len,
+                                                           int64_t width, float* dst, int64_t dst_stride) {
+  int64_t t = 0;
+  if (width == 16) {
+    for (; t + 16 <= len; t += 16) {
+      Vec16 v[16];
+      for (int k = 0; k < 16; ++k) v[k] = load16(src + (t + k) * src_stride);
+      transpose_stage<8>(v);
+      transpose_stage<4>(v);
+      transpose_stage<2>(v);
+      transpose_stage<1>(v);
+      for (int c = 0; c < 16; ++c) __builtin_memcpy(dst + c * dst_stride + t, &v[c], sizeof(Vec16));
+    }
+  }
+  for (; t < len; ++t) {
+    const float* row = src + t * src_stride;
+    for (int64_t c = 0; c < width; ++c) dst[c * dst_stride + t] = row[c];
+  }
+}
+
+// Columns [c0, c1) of tokens [t0, t0 + len) of b, transposed into packed (column c at
+// packed + c·block), sixteen columns at a time.
+TK_CPU_CLONES
+void pack_columns(const float* b, int64_t b_width, int64_t t0, int64_t len, int64_t c0, int64_t c1,
+                  int64_t block, float* packed) {
+  for (int64_t cb = c0; cb < c1; cb += 16) {
+    const int64_t width = cb + 16 < c1 ? 16 : c1 - cb;
+    transpose_strip(b + t0 * b_width + cb, b_width, len, width, packed + cb * block, block);
+  }
+}
 
 // Σ x[t]·ys[g][t] for t < len and g < n (n ≤ kGroup), each in a fixed order whatever the
 // ISA or the grouping: lane l sums t ≡ l (mod kLanes) in order, tail tokens included, then
@@ -116,6 +155,7 @@ __attribute__((always_inline)) inline void dots_fixed(const float* x, const floa
 
 // Rows of a transposed per tile: kTileRows rows' token blocks, read 64 bytes per token.
 constexpr int64_t kTileRows = 16;
+static_assert(kTileRows == 16, "a tile is filled by transpose_strip, at most 16 rows");
 
 // Entries [begin, end) over one token block. a's rows come from a tile of kTileRows rows
 // transposed once (entries arrive sorted by row: a tile serves many entries; any order is
@@ -131,10 +171,7 @@ void block_dots(const float* a, int64_t a_width, int64_t t0, int64_t len, const 
     if (row - row % kTileRows != tile_row) {
       tile_row = row - row % kTileRows;
       const int64_t n = tile_row + kTileRows < a_width ? kTileRows : a_width - tile_row;
-      for (int64_t t = 0; t < len; ++t) {
-        const float* src = a + (t0 + t) * a_width + tile_row;
-        for (int64_t r = 0; r < n; ++r) tile[r * block + t] = src[r];
-      }
+      transpose_strip(a + t0 * a_width + tile_row, a_width, len, n, tile, block);
     }
     const float* x = tile + (row - tile_row) * block;
     int64_t run = i + 1;
