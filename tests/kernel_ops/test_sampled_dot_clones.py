@@ -4,6 +4,7 @@ installed extension dispatches to the widest clone the CPU has; here the kernel'
 built once per clone, each forced (a copy of it beside an `isa_dispatch.h` naming one
 target), and every build the CPU can run must give the installed op's bits."""
 
+import ast
 import ctypes
 import platform
 import shutil
@@ -19,24 +20,36 @@ pytest.importorskip("trace_kernels._C")
 pytestmark = pytest.mark.skipif(
     platform.machine() != "x86_64" or shutil.which("g++") is None, reason="needs x86-64 and g++")
 
-CPU_SOURCES = Path(__file__).resolve().parents[2] / "csrc" / "cpu"
-# setup.py's flags that decide the arithmetic (no FMA contraction above all)
-FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-shared",
-         "-Wno-psabi"]
+ROOT = Path(__file__).resolve().parents[2]
+CPU_SOURCES = ROOT / "csrc" / "cpu"
+
+
+def setup_compile_args() -> list[str]:
+    """`compile_args` of setup.py's CPU extension (read, not copied: the flags that decide the
+    arithmetic, no FMA contraction above all, are the build's)."""
+    for node in ast.walk(ast.parse((ROOT / "setup.py").read_text())):
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "compile_args" for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise AssertionError("setup.py has no compile_args list")
+
+
 TARGETS = {"x86-64-v4": '__attribute__((target("arch=x86-64-v4")))',
            "x86-64-v3": '__attribute__((target("arch=x86-64-v3")))',
            "default": ""}
 ENTRY = """
-extern "C" void forced_sampled_dot(const float* a, long aw, const float* b, long bw, long len,
-                                   const long* rows, const long* cols, long count, float* out, int nt) {
+extern "C" __attribute__((visibility("default")))
+void forced_sampled_dot(const float* a, long aw, const float* b, long bw, long len, const long* rows,
+                        const long* cols, long count, float* out, int nt) {
   trace_kernels::cpu::sampled_dot_token_major(a, aw, b, bw, len, rows, cols, count, out, nt);
 }
 """
-RUNS_HERE = 'extern "C" int runs_here() {{ return {}; }}\n'  # (the builtin takes a literal only)
+# whether the CPU runs the clone (`__builtin_cpu_supports` takes a literal only)
+RUNS_HERE = 'extern "C" __attribute__((visibility("default"))) int runs_here() {{ return {}; }}\n'
 
 
 @pytest.fixture(scope="module")
 def forced_builds(tmp_path_factory):
+    flags = [*setup_compile_args(), "-std=c++17", "-fPIC", "-shared", "-Wno-psabi"]
     builds = {}
     for name, attribute in TARGETS.items():
         src = tmp_path_factory.mktemp(name.replace("-", "_"))
@@ -46,7 +59,7 @@ def forced_builds(tmp_path_factory):
         check = "1" if name == "default" else f'__builtin_cpu_supports("{name}")'
         (src / "forced.cpp").write_text((CPU_SOURCES / "sampled_dot.cpp").read_text() + ENTRY
                                         + RUNS_HERE.format(check))
-        built = subprocess.run(["g++", *FLAGS, f"-I{src}", str(src / "forced.cpp"), "-o", str(src / "forced.so")],
+        built = subprocess.run(["g++", *flags, f"-I{src}", str(src / "forced.cpp"), "-o", str(src / "forced.so")],
                                capture_output=True, text=True)
         if built.returncode != 0:  # an arch name an older g++ does not know: that clone untested here
             assert name != "default", built.stderr
