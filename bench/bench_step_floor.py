@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,8 +47,6 @@ def floor_model(base):
 def measure(args) -> dict:
     import torch
 
-    import statistics
-    import time
     from trace_ft.config import RunConfig, RunSetup
     from trace_ft.continual.strategies.base import Context
     from trace_ft.lm.train import causal_lm_loss
@@ -94,22 +94,22 @@ def measure(args) -> dict:
         opt = ts.optimizer
         trace_step = stepper(model, opt, lambda: opt.clip_grad_norm_(train.max_grad_norm))
         cases = {"full": full_step, "trace": trace_step, "floor": floor_step, "forward": forward}
-        steps: dict[str, list[float]] = {name: [] for name in cases}  # each round's median step
+        per_round: dict[str, list[float]] = {name: [] for name in cases}  # each turn's median step
         for _ in range(args.rounds):
             for name, fn in cases.items():
-                ts_ = []
+                turn = []
                 for _ in range(args.steps + 1):
                     t0 = time.perf_counter()
                     fn()
-                    ts_.append(time.perf_counter() - t0)
-                steps[name].append(statistics.median(ts_[1:]))
+                    turn.append(time.perf_counter() - t0)
+                per_round[name].append(statistics.median(turn[1:]))
         paths = ts.core_grads.names if ts.core_grads is not None else []
     return {"model": args.model, "task": task.name, "tokens": int(batch["input_ids"].numel()),
             "core_elements": core.numel_selected, "eligible_elements": core.numel,
             "core_grad_layers": len(paths), "rounds": args.rounds, "steps_per_turn": args.steps,
-            "cases": {name: {"median_s": statistics.median(ts_), "round_medians_s": ts_,
-                             "ratios": [t / f for t, f in zip(ts_, steps["full"])]}
-                      for name, ts_ in steps.items()}}
+            "cases": {name: {"median_s": statistics.median(medians), "round_medians_s": medians,
+                             "ratios": [t / f for t, f in zip(medians, per_round["full"])]}
+                      for name, medians in per_round.items()}}
 
 
 def main() -> None:
@@ -126,8 +126,6 @@ def main() -> None:
     res = measure(args)
     info = machine()
     cases = res["cases"]
-    import statistics
-
     for c in cases.values():
         c["ratio"] = statistics.median(c["ratios"])
     full_s = cases["full"]["median_s"]
