@@ -2,19 +2,14 @@
 same base model every time, and its measures mean what its report says."""
 
 import argparse
-import importlib.util
-from pathlib import Path
 
 import torch
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "bench_probe_length.py"
+from . import load_bench
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("bench_probe_length", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("bench_probe_length")
 
 
 def _args(**kw):

@@ -3,19 +3,14 @@ gradient, no weight gradient), the steps train copies, and the report's ratios a
 full fine-tuning step of the same rounds."""
 
 import argparse
-import importlib.util
-from pathlib import Path
 
 import torch
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "bench_step_floor.py"
+from . import load_bench
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("bench_step_floor", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("bench_step_floor")
 
 
 def _setup():
