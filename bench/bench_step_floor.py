@@ -107,9 +107,14 @@ def measure(args) -> dict:
     return {"model": args.model, "task": task.name, "tokens": int(batch["input_ids"].numel()),
             "core_elements": core.numel_selected, "eligible_elements": core.numel,
             "core_grad_layers": len(paths), "rounds": args.rounds, "steps_per_turn": args.steps,
-            "cases": {name: {"median_s": statistics.median(medians), "round_medians_s": medians,
-                             "ratios": [t / f for t, f in zip(medians, per_round["full"])]}
-                      for name, medians in per_round.items()}}
+            "cases": {name: _case(medians, per_round["full"]) for name, medians in per_round.items()}}
+
+
+def _case(medians: list[float], full: list[float]) -> dict:
+    """A case's round medians, each round's ratio to the full step and their median."""
+    ratios = [t / f for t, f in zip(medians, full)]
+    return {"median_s": statistics.median(medians), "round_medians_s": medians, "ratios": ratios,
+            "ratio": statistics.median(ratios)}
 
 
 def main() -> None:
@@ -126,8 +131,6 @@ def main() -> None:
     res = measure(args)
     info = machine()
     cases = res["cases"]
-    for c in cases.values():
-        c["ratio"] = statistics.median(c["ratios"])
     full_s = cases["full"]["median_s"]
     lines = [f"# Trace's training step against its floor: {res['model']}", "",
              f"Task {res['task']}, one batch of {res['tokens']} tokens; the core of the run's probe and "

@@ -59,7 +59,7 @@ def test_measure_on_the_builtin_model(monkeypatch):
     cases = out["cases"]
     assert set(cases) == {"full", "trace", "floor", "forward"}
     assert all(len(c["round_medians_s"]) == 2 and min(c["round_medians_s"]) > 0 for c in cases.values())
-    assert cases["full"]["ratios"] == [1.0, 1.0]
+    assert cases["full"]["ratios"] == [1.0, 1.0] and cases["full"]["ratio"] == 1.0
     assert all(r == t / f for r, t, f in zip(cases["trace"]["ratios"], cases["trace"]["round_medians_s"],
                                              cases["full"]["round_medians_s"]))
     assert 0 < out["core_elements"] < out["eligible_elements"]
