@@ -14,9 +14,10 @@ command a user runs; this script only picks stage 2's points. Resumable: run it 
 Stage "levers": the method's levers at trace's stage-2 core lr, seed 0, into the same results:
 the guard on general text (trace_guard), then each of `--levers` (default: a smaller budget,
 2 %, and row granularity; any `trace_<field>=value`, one run each).
-Stage "continue": trace at the same core lr with `--probe-continue` (the probe's steps count
-toward the task, core training goes on from the probe's state), `--seeds` seeds, into the
-same results: does continuing change forgetting and general ability?
+Stage "continue": trace at the same core lr (the regime's point where it has no stage 1), with
+and without `--probe-continue` (the probe's steps count toward the task, core training goes
+on from the probe's state), `--seeds` seeds, seed by seed, into the same results: does
+continuing change forgetting and general ability?
 
 Regimes: "gentle" (lr 3e-5, 12 steps per task: full fine-tuning keeps general ability),
 "hot" (lr 1e-4, 16 steps: the regime where full fine-tuning loses it, and where TRACE's
@@ -28,7 +29,9 @@ on Gemma 3 270M ("hot-bench-gemma-lower": each knob a notch lower, into the same
 strategy, seed 0 in stage 1 and `--seeds` at the points of `--stage2-strategies` in stage 2
 (with trace's routed row);
 "real-short": the same with MedMCQA, arithmetic and Jeopardy only (~11 min a point);
-"real-100": SciQ, arithmetic and Jeopardy at 100 steps and 200 test examples (~20 min a point).
+"real-100": SciQ, arithmetic and Jeopardy at 100 steps and 200 test examples (~20 min a point);
+"real-30": the same tasks at 30 steps (~11 min a point), where the probe's 8 steps are a
+quarter of the task: the middle length for probe continuation.
 """
 
 from __future__ import annotations
@@ -97,6 +100,10 @@ REGIMES = {
     # points); ~20 min a point here
     "real-100": ({**REAL, "--tasks": "sciq,arith,jeopardy", "--steps": "100", "--n-test": "200"},
                  REAL_POINTS, "frontier_smollm2_real_100"),
+    # the same tasks at 30 steps, the cost tables' short length, for probe continuation at a
+    # middle task length (the probe's 8 steps are 8 % of a real-100 task, half a hot one)
+    "real-30": ({**REAL, "--tasks": "sciq,arith,jeopardy", "--steps": "30", "--n-test": "200"},
+                REAL_POINTS, "frontier_smollm2_real_30"),
 }
 
 
@@ -162,17 +169,22 @@ def main() -> None:
         print("stage 2 points:", points, flush=True)
         frontier(out, args.regime, "--seeds", str(args.seeds), "--frontier-strategies", ",".join(points),
                  *[a for s, v in points.items() for a in ("--grid", f"{s}:{KNOB[s]}={v:g}")])
-    if args.stage in ("levers", "continue"):  # at trace's stage-2 core lr
-        lr = stage2_points(json.loads((out / "results.json").read_text()))["trace"]
+    if args.stage in ("levers", "continue"):  # at trace's stage-2 core lr, or the regime's point
+        results = out / "results.json"
+        points = stage2_points(json.loads(results.read_text())) if results.exists() else {}
+        lr = points["trace"] if "trace" in points else float(grids["trace"].split("=")[1])
     if args.stage == "levers":
         frontier(out, args.regime, "--seeds", "1", "--frontier-strategies", "trace_guard",
                  "--grid", f"trace_guard:trace_lr={lr:g}")
         for knob in args.levers.split(","):
             frontier(out, args.regime, "--seeds", "1", "--frontier-strategies", "trace",
                      "--grid", f"trace:trace_lr={lr:g}", "--grid", f"trace:{knob}")
-    if args.stage == "continue":
-        frontier(out, args.regime, "--seeds", str(args.seeds), "--frontier-strategies", "trace",
-                 "--grid", f"trace:trace_lr={lr:g}", "--grid", "trace:trace_continue_probe=true")
+    if args.stage == "continue":  # both arms seed by seed, so a stopped study stays paired (--resume skips done runs)
+        for n in range(1, args.seeds + 1):
+            frontier(out, args.regime, "--seeds", str(n), "--frontier-strategies", "trace",
+                     "--grid", f"trace:trace_lr={lr:g}")
+            frontier(out, args.regime, "--seeds", str(n), "--frontier-strategies", "trace",
+                     "--grid", f"trace:trace_lr={lr:g}", "--grid", "trace:trace_continue_probe=true")
 
 
 if __name__ == "__main__":
