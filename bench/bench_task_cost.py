@@ -1,7 +1,7 @@
 """Where a TRACE task's time and memory go, phase by phase, against a sequential full
 fine-tuning (seqft) task on the same model, tasks and settings.
 
-    python bench/bench_task_cost.py --model smollm2-135m [--tasks json,keyval] [--steps 30,100] [--probe-continue]
+    python bench/bench_task_cost.py --model smollm2-135m [--tasks json,keyval] [--steps 30,100] [--probe-continue true|false]
         [--probe-autocast off|bf16|auto]
     python bench/bench_task_cost.py --model builtin --size medium
 
@@ -68,6 +68,7 @@ def one(args) -> dict:
             "train_steps": len(tasks) * (strategy.core_steps(args.steps) if is_trace else args.steps),
             "probe_steps": len(tasks) * strategy.pipeline.probe_steps if is_trace else 0,
             "probe_autocast": cfg.trace.probe_autocast if is_trace else None,  # (as "auto" resolved here)
+            "probe_continued": strategy.continue_probe if is_trace else None,  # (as the default resolved it)
             "state_bytes": c["state_bytes"]}
 
 
@@ -102,7 +103,7 @@ def paired_steps(args) -> dict:
     batches = [{"input_ids": ids, "labels": ids} for ids in
                (torch.randint(0, vocab, (args.batch_size, args.seq_len)) for _ in range(4))]
     pipe = TracePipeline(SelectConfig(budget=args.budget, granularity=args.granularity),
-                         probe_steps=args.probe_steps)
+                         probe_steps=args.probe_steps or resolved.trace.probe_steps)
     core = pipe.select(pipe.probe(base, batches, lr=lr)).mask
 
     full = copy.deepcopy(base)
@@ -190,7 +191,9 @@ def table(results: dict, args) -> str:
     lines = [f"Model `{args.model}`{f' ({args.size})' if args.model == 'builtin' else ''}, "
              f"{seq['params']:,} parameters; tasks {args.tasks}; {args.steps} steps per task, batch "
              f"{args.batch_size}; trace: {args.granularity} level, budget {args.budget}, probe "
-             f"{args.probe_steps} steps{_autocast(results, args)}, core-only gradients {args.core_grads}. "
+             f"{tr['probe_steps'] // max(1, tr['tasks'])} steps{_autocast(results, args)}"
+             f"{', counted toward the task' if tr.get('probe_continued') else ''}, core-only gradients "
+             f"{args.core_grads}. "
              f"Machine: {getattr(args, 'machine', None) or 'not recorded'}, {args.threads} threads. Peak: resident memory above the loaded "
              "base model (the base itself: "
              f"{seq['rss_model_bytes'] / gib:.2f} GiB).", "",
@@ -279,9 +282,10 @@ def main() -> None:
     ap.add_argument("--tasks", default=None, help="default: json,keyval (real model), rev,sub (builtin)")
     ap.add_argument("--steps", default="10", help="steps per task; several (30,100): one pair of runs each, "
                                                   "the whole-run ratio at each and the crossover")
-    ap.add_argument("--probe-steps", type=int, default=10)
-    ap.add_argument("--probe-continue", action="store_true", help="trace continues from its probe (the probe's "
-                                                                    "steps count toward the task)")
+    ap.add_argument("--probe-steps", type=int, default=None, help="default: the model's (trace-ft run's)")
+    ap.add_argument("--probe-continue", type=lambda s: s.lower() in ("1", "true", "yes"), default=None,
+                    help="trace continues from its probe, its steps counted toward the task (true/false; "
+                         "default: the run's, by the probe's share of the task)")
     ap.add_argument("--probe-autocast", choices=["off", "bf16", "fp16", "auto"],
                     help="trace's probe products in this dtype (trace-ft's --probe-autocast; default: "
                          "the run's, auto for a pretrained model)")

@@ -55,7 +55,11 @@ SETTINGS = ["--model", "smollm2-135m", "--suite", "instruct", "--tasks", "json,k
             "--probe-steps", "8", "--probe-lr", "3e-5", "--lr", "3e-5", "--general-every", "end", "--quiet",
             # every study here was run with the probe in the weights' dtype (before round 15's
             # bf16 default), so it resumes so; the bf16 probe is a lever (trace_probe_autocast=bf16)
-            "--probe-autocast", "off"]
+            "--probe-autocast", "off",
+            # and with core training from the task's start (before round 20's default, which
+            # continues from the probe where it is at most a tenth of the task); continuing is
+            # the lever of stage "continue"
+            "--probe-continue", "false"]
 
 
 # per regime: settings that replace SETTINGS' values, the stage-1 grids (None: the

@@ -162,6 +162,29 @@ def test_a_yes_no_setting_alone_means_true_and_a_typo_is_refused(capsys):
     assert "--probe-continue" in err and "'ture'" in err
 
 
+def test_the_probe_counts_toward_the_task_by_default_where_it_is_a_small_share_of_it():
+    def continues(**kw):
+        return RunConfig.from_dict({"model": "smollm2-135m", **kw}).trace.continue_probe
+
+    # a pretrained model: 8 probe steps are 33 % of the default 24 and 27 % of 30 (off), 8 % of 100 (on)
+    assert continues() is False and continues(steps=30) is False and continues(steps=100) is True
+    assert continues(steps=100, trace_probe_steps=11) is False and continues(steps=79) is False
+    assert continues(steps=80) is True                       # 8 <= 0.1 * 80
+    assert continues(steps=100, trace_continue_probe=False) is False  # given: kept
+    assert continues(steps=10, trace_continue_probe=True) is True
+    assert continues(steps=100, parallel="fsdp2", trace_core_grads=False) is False  # sharded: cannot
+    # the built-in model: never by default (no study of it there)
+    assert RunConfig.from_dict({"steps": 1000}).trace.continue_probe is False
+    # resolved again for a replaced config (a frontier point, a sweep's probe length); a given value stays
+    cfg = RunConfig.from_dict({"model": "smollm2-135m"})
+    assert "trace_continue_probe" in cfg.defaulted and cfg.flat()["trace_continue_probe"] is False
+    assert cfg.replaced(steps=100).trace.continue_probe is True
+    assert cfg.replaced(trace_continue_probe=False).replaced(steps=100).trace.continue_probe is False
+    one = dict(steps=100, sweep_granularity=["element"], sweep_budget=[0.05], sweep_probe_steps=[8, 16])
+    assert [s.continue_probe for s in sweep_strategies(cfg.replaced(**one))] == [True, False]
+    assert [s.continue_probe for s in sweep_strategies(cfg.replaced(**one, trace_continue_probe=True))] == [True, True]
+
+
 def test_the_probe_autocast_setting_reaches_the_probe_and_is_checked():
     assert _parse([]).trace.probe_autocast == "off"
     cfg = _parse(["--probe-autocast", "bf16", "--model", "builtin"])

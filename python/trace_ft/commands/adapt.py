@@ -80,7 +80,9 @@ def _adapt(cfg: RunConfig, model, task, history, out, *, eval_history, resume, c
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
     if cfg.trace.continue_probe and core is not None:
-        raise ValueError("--probe-continue continues from the probe, and --core skips it: pass one of them")
+        if "trace_continue_probe" not in cfg.defaulted:
+            raise ValueError("--probe-continue continues from the probe, and --core skips it: pass one of them")
+        cfg = cfg.replaced(trace_continue_probe=False)  # (the default's: no probe to continue from)
     if cfg.trace.continue_probe and parallel is not None and parallel.sharded:
         raise ValueError("--probe-continue needs unsharded weights: use --parallel ddp, or leave it off")
     if cfg.trace.protect_base:

@@ -25,13 +25,16 @@ class ModelDefaults:
     routed: bool           # trace's task-routed row (a rescoring of every task after the run)
     score_unseen: str      # tasks not yet trained, scored after each task: "all" or the "next" only
     probe_autocast: str    # the probe's products: "off" (the weights' dtype) or "auto" (`RunConfig`)
+    # the probe's steps count toward the task (trace_continue_probe) when they are at most
+    # this share of the task's steps (0: never)
+    continue_probe_share: float
 
 
 DEFAULTS = {
     # the built-in model's frontier (bench/results/trace_ft_frontier.md)
     "builtin": ModelDefaults(lr=1e-3, core_lr_factor=10.0, steps=200, batch_size=32, probe_steps=50,
                              n_train=2000, n_test=200, general_every="task", routed=True,
-                             score_unseen="all", probe_autocast="off"),
+                             score_unseen="all", probe_autocast="off", continue_probe_share=0.0),
     # SmolLM2-135M's real-model studies (docs/results.md): json, keyval and intro are learned
     # to 100 % in 16 steps of batch 8 at lr 1e-4, card (long upper-case answers) to 34-72 %
     # in 16 and 81-84 % in 24 (trace, seqft), so 24; a probe of 8 steps at that lr finds a
@@ -43,10 +46,14 @@ DEFAULTS = {
     # a third of a real run's scoring and no metric reads it). The probe's products in bf16
     # where the device multiplies bf16 natively ("auto"): 0.65 of the fp32 probe's time, and
     # over three seeds of the real sequence the same retention and general ability
-    # (docs/performance.md, rounds 14-15).
+    # (docs/performance.md, rounds 14-15). The probe's steps count toward the task where
+    # they are at most a tenth of it: on SmolLM2's real tasks continuing changed neither
+    # retention nor general ability with a probe of 8 steps in tasks of 100 (three seeds) and
+    # saved those steps; in tasks of 30 it cost plasticity (arithmetic, still learning, took
+    # the loss), as at 8 of 24 and of 16 (docs/results.md)
     "pretrained": ModelDefaults(lr=1e-4, core_lr_factor=3.0, steps=24, batch_size=8, probe_steps=8,
                                 n_train=400, n_test=32, general_every="end", routed=False,
-                                score_unseen="next", probe_autocast="auto"),
+                                score_unseen="next", probe_autocast="auto", continue_probe_share=0.1),
 }
 
 

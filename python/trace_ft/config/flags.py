@@ -89,7 +89,9 @@ RUN_FLAGS = {
                    "full fine-tuning)"),
     "--probe-continue": ("trace_continue_probe", _flag, "trace: the probe's steps count toward the task: the "
                          "core trains on from the probe's values and moments on it for the rest of the "
-                         "task's steps, instead of from the task's start with fresh moments (true/false)"),
+                         "task's steps, instead of from the task's start with fresh moments (true/false; "
+                         "default: for a pretrained model, true where the probe is at most 10 %% of the "
+                         "task's steps, e.g. 8 of 80 or more)"),
     "--probe-autocast": ("trace_probe_autocast", str, "trace: the probe's products in bf16 or fp16 "
                          "(torch.autocast; its gradients, Δ and Fisher stay in the weights' dtype), off, "
                          "or auto: bf16 where the device multiplies bf16 natively (CUDA sm80+, a CPU "

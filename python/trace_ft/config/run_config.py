@@ -30,7 +30,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 FSDP2_REFUSED = {"lora": "lora inserts adapter modules into the model after it is sharded"}
 # the flat names `RunConfig` fills in from the model's defaults when they are unset
 RESOLVED = ("lr", "steps", "batch_size", "n_train", "n_test", "general_every", "routed", "score_unseen", "trace_lr",
-            "trace_probe_lr", "trace_probe_steps", "trace_core_grads", "trace_probe_autocast")
+            "trace_probe_lr", "trace_probe_steps", "trace_core_grads", "trace_probe_autocast",
+            "trace_continue_probe")
 
 
 @dataclass
@@ -104,11 +105,23 @@ class RunConfig:
         if t.probe_autocast is None:
             unset.add("trace_probe_autocast")
             t.probe_autocast = d.probe_autocast
+        if t.continue_probe is None:
+            unset.add("trace_continue_probe")
+            t.continue_probe = self.probe_continues(t.probe_steps, d)
         if t.probe_autocast == "auto":  # recorded as what it resolved to, on this machine
             if "trace_probe_autocast" not in unset:  # given as "auto": `replaced` asks again
                 self.auto = self.auto | {"trace_probe_autocast"}
             t.probe_autocast = "bf16" if self.dtype == "float32" and native_bf16(self.device) else "off"
         self.defaulted = frozenset(unset) | self.defaulted
+
+    def probe_continues(self, probe_steps: int, d=None) -> bool:
+        """Whether a probe of `probe_steps` counts toward the task: as given, or by the
+        model's default (`continue_probe_share` of the task's steps; never with sharded
+        weights, which continuing cannot restrict to the core)."""
+        if "trace_continue_probe" not in self.defaulted and self.trace.continue_probe is not None:
+            return self.trace.continue_probe
+        d = d or defaults_for(self.kind, self.suite, self.model)
+        return self.parallel != "fsdp2" and probe_steps <= d.continue_probe_share * self.steps
 
     @property
     def kind(self) -> str:

@@ -42,7 +42,8 @@ class TraceSettings:
     sketch_dim: int | None = None
     protect_base: bool = False        # guard general ability too (the Fisher of the base skill / general text)
     # the probe's steps count toward the task: the core trains on from the probe's state on it
-    continue_probe: bool = False
+    # (None: the model's default, by the probe's share of the task; see `RunConfig`)
+    continue_probe: bool | None = None
     # the dtype of the probe's products ("bf16", "fp16": under autocast; "off": the weights';
     # "auto": bf16 where the device multiplies it natively and the weights are fp32, else off;
     # None: the model's default, resolved by `RunConfig`)

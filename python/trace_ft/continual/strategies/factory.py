@@ -58,6 +58,7 @@ def sweep_strategies(cfg, general: Task | None = None) -> list[Strategy]:
         for b in cfg.sweep.budget:
             for ps in cfg.sweep.probe_steps:
                 name = f"trace[{g},{b:g},p{ps}]"
-                kw = {**_trace_kwargs(cfg, general, name), "probe_steps": ps}
+                kw = {**_trace_kwargs(cfg, general, name), "probe_steps": ps,
+                      "continue_probe": cfg.probe_continues(ps)}
                 out.append(Trace(dataclasses.replace(cfg.trace.select, granularity=g, budget=b), name=name, **kw))
     return out
