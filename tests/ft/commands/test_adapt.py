@@ -169,6 +169,35 @@ def test_probe_continuation_refuses_a_given_core(builtin_cache, tmp_path):
     assert not (tmp_path / "h").exists() and not (tmp_path / "m").exists()
 
 
+def test_a_given_core_turns_the_default_continuation_off(builtin_cache, tmp_path, monkeypatch):
+    """Where the model's default would continue from the probe, a given core (no probe to
+    continue from) trains the task's steps from its start instead of refusing."""
+    import dataclasses
+    import re
+
+    import torch
+
+    from trace_ft.config import defaults
+    from trace_ft.lm.model import model_shapes
+    from trace_ft.method.probe import DEFAULT_EXCLUDE
+    from trace_kernels import CoreMask
+
+    monkeypatch.setitem(defaults.DEFAULTS, "builtin",
+                        dataclasses.replace(defaults.DEFAULTS["builtin"], continue_probe_share=1.0))
+    cfg = config(builtin_cache)
+    assert cfg.trace.continue_probe and "trace_continue_probe" in cfg.defaulted
+    shapes = {n: s for n, s in model_shapes("builtin", "tiny").items()
+              if not any(re.search(p, n) for p in DEFAULT_EXCLUDE)}
+    torch.manual_seed(0)
+    core = CoreMask.from_dense({n: torch.rand(s) < 0.05 for n, s in shapes.items()})
+    core.save(tmp_path / "core.safetensors")
+    out = adapt(cfg, "builtin", "rev", tmp_path / "h", tmp_path / "m", core=tmp_path / "core.safetensors",
+                progress=False, log=print)
+    assert out["core_elements"] == core.numel_selected
+    entry = TaskHistory.open(tmp_path / "h").entries[-1]
+    assert entry["hyperparameters"]["trace"]["continue_probe"] is False
+
+
 @pytest.mark.slow
 def test_resume_after_the_process_is_killed(builtin_cache, tmp_path):
     m1, A, hA, B, hB = _resume_setup(builtin_cache, tmp_path)
