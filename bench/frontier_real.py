@@ -30,7 +30,7 @@ strategy, seed 0 in stage 1 and `--seeds` at the points of `--stage2-strategies`
 (with trace's routed row);
 "real-short": the same with MedMCQA, arithmetic and Jeopardy only (~11 min a point);
 "real-100": SciQ, arithmetic and Jeopardy at 100 steps and 200 test examples (~20 min a point);
-"real-30": the same tasks at 30 steps (~11 min a point), where the probe's 8 steps are a
+"real-30": the same tasks at 30 steps (~16-17 min a point here), where the probe's 8 steps are a
 quarter of the task: the middle length for probe continuation.
 """
 
